@@ -1,0 +1,1 @@
+"""lungcore kernel and training-step microbenchmarks (``python -m benchmarks.run --help``)."""

@@ -1,0 +1,105 @@
+"""Timing harness shared by every ``benchmarks/bench_*.py`` module.
+
+A benchmark module defines
+
+    NAME = "concordance"                 # the op, used by ``--only``
+    def cases(device: str, quick: bool) -> list[Case]: ...
+
+Each :class:`Case` is one input shape with several providers (callables taking no argument),
+one of which is the baseline that speedups are quoted against ("eager" for kernels, the peer
+library where there is no eager PyTorch equivalent). Providers that are unavailable on a machine
+are simply left out of the dict (never faked). ``check`` (optional) verifies that the providers
+agree before anything is timed, so a fast wrong answer is never reported.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median, ms); on CPU a warm-up call then the median
+of repeats within a time budget. Peak memory: CUDA max allocated; on CPU tracemalloc is not
+meaningful for torch, so it is reported as None. Ratios are only quoted within one run.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Case:
+    """One benchmark input: a label, its size for plots, and the providers to time."""
+
+    shape: str
+    providers: dict[str, Callable[[], Any]]
+    baseline: str = "eager"
+    size: float | None = None          # x-axis value for the plots (e.g. n subjects, tokens)
+    check: Callable[[], None] | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # FLOPs, bytes, ... for the table
+
+
+@dataclass
+class Result:
+    op: str
+    shape: str
+    provider: str
+    median_ms: float
+    speedup: float | None              # baseline median / this median, same run
+    peak_mb: float | None
+    repeats: int
+    size: float | None
+    baseline: str
+    note: str = ""
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cpu(fn: Callable[[], Any], budget_s: float = 2.0, min_repeats: int = 3,
+             max_repeats: int = 50) -> tuple[float, int]:
+    """(median ms, repeats) of ``fn`` on CPU after one warm-up call."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def time_cuda(fn: Callable[[], Any]) -> tuple[float, int]:
+    """(median ms, repeats) with ``triton.testing.do_bench`` (it flushes L2 between calls)."""
+    from triton.testing import do_bench
+
+    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return float(ms), 0
+
+
+def run_case(op: str, case: Case, device: str, budget_s: float = 2.0) -> list[Result]:
+    """Check then time every provider of ``case``; speedups against ``case.baseline``."""
+    if case.check is not None:
+        case.check()
+    measured: dict[str, tuple[float, int, float | None]] = {}
+    for name, fn in case.providers.items():
+        gc.collect()
+        peak = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            ms, reps = time_cuda(fn)
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            ms, reps = time_cpu(fn, budget_s=budget_s)
+        measured[name] = (ms, reps, peak)
+    base = measured.get(case.baseline, (None,))[0]
+    return [
+        Result(op=op, shape=case.shape, provider=name, median_ms=ms,
+               speedup=(base / ms) if base else None, peak_mb=peak, repeats=reps, size=case.size,
+               baseline=case.baseline, note=case.note)
+        for name, (ms, reps, peak) in measured.items()
+    ]

@@ -1,0 +1,155 @@
+"""Run lungcore's benchmarks: one table per op, plus JSON, Markdown and PNG plots.
+
+    python -m benchmarks.run [--only NAME ...] [--device cpu|cuda] [--quick] [--out DIR]
+
+Every ``benchmarks/bench_*.py`` module is discovered (see ``benchmarks/harness.py`` for what a
+module defines). Results go to ``benchmarks/results/<device>-<date>/`` by default (committed runs
+keep the device name, date and commit in ``results.json``); ``--out`` writes elsewhere (the demo
+writes under ``runs/``, which git ignores).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Result, run_case
+
+HERE = Path(__file__).resolve().parent
+
+
+def discover() -> list[str]:
+    """Names of the benchmark modules (``bench_<name>.py``), sorted."""
+    return sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=HERE, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=HERE).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| op | shape | provider | median ms | speedup | vs | peak MiB |",
+             "|---|---|---|---:|---:|---|---:|"]
+    for r in results:
+        lines.append(f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
+                     f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
+    return "\n".join(lines)
+
+
+def plot(op: str, results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    providers = list(dict.fromkeys(r.provider for r in results))
+    sized = all(r.size is not None for r in results)
+    shapes = list(dict.fromkeys(r.shape for r in results))
+    for p in providers:
+        rows = [r for r in results if r.provider == p]
+        xs = [r.size if sized else shapes.index(r.shape) for r in rows]
+        ax.plot(xs, [r.median_ms for r in rows], marker="o", label=p)
+    if sized:
+        ax.set_xscale("log")
+        ax.set_xlabel("size")
+    else:
+        ax.set_xticks(range(len(shapes)), shapes, rotation=20, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = discover()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=names, help="run only these benchmarks")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (seconds, for smoke tests)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--budget", type=float, default=2.0, help="CPU timing budget per provider, seconds")
+    args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    dev_name = device_name(device)
+    today = _dt.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower()).strip("-")[:40]
+    out = args.out or HERE / "results" / f"{slug}-{today}{'-quick' if args.quick else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device, "device_name": dev_name, "date": today, "commit": git_commit(),
+        "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    print(f"lungcore benchmarks on {dev_name} ({device}), commit {meta['commit']}, {today}")
+
+    all_results: list[Result] = []
+    for name in args.only or names:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        op = getattr(module, "NAME", name)
+        results: list[Result] = []
+        for case in module.cases(device, args.quick):
+            results.extend(run_case(op, case, device, budget_s=args.budget))
+        print(f"\n## {op}\n{markdown_table(results)}", flush=True)
+        plot(op, results, out / f"{op}.png", f"{op} on {dev_name}")
+        all_results.extend(results)
+
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in all_results]}, indent=1))
+    header = (f"# lungcore benchmarks\n\nDevice: {dev_name} ({device}); date {today}; commit {meta['commit']}; "
+              f"torch {meta['torch']}; triton {meta['triton']}.\n"
+              "Speedup = baseline median / provider median, measured in the same run.\n\n")
+    (out / "results.md").write_text(header + markdown_table(all_results) + "\n")
+    print(f"\nwrote {out}/results.json, results.md and one PNG per op")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

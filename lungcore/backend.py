@@ -1,0 +1,200 @@
+"""Backend selection: which implementation of an op runs for a given device.
+
+Backends:
+    ``reference``  the plain-PyTorch / Python oracle beside every op (always available)
+    ``triton``     the fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)
+    ``cpu``        the C++/OpenMP core in ``lungcore._C``
+    ``cupy``       CUDA C++ compiled at run time through CuPy (volume ops)
+
+Automatic choice: CUDA tensors -> Triton (or CuPy for volumes); CPU tensors -> the C++ core where
+the op has one, else the reference. ``LUNGCORE_BACKEND=reference|triton|cpu|cupy`` (or the
+:func:`use_backend` context manager) forces a backend for every op that implements it; ops that
+do not implement the forced backend keep their automatic choice, and :func:`count_launches`
+tells a test which kernels really ran.
+
+Example:
+    >>> import lungcore
+    >>> lungcore.backend.backend_for("concordance_index", "cpu")
+    'cpu'
+    >>> with lungcore.backend.use_backend("reference"):
+    ...     lungcore.backend.backend_for("concordance_index", "cpu")
+    'reference'
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+from lungcore.triton_kernels import _launch
+
+BACKENDS = ("reference", "triton", "cpu", "cupy")
+_DEFAULT_PREFERENCE = {"cuda": ("triton", "cupy", "reference"), "cpu": ("cpu", "reference")}
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What an op implements and the order in which the automatic choice tries its backends."""
+
+    name: str
+    backends: frozenset[str]
+    preference: dict[str, tuple[str, ...]]
+
+
+_OPS: dict[str, OpInfo] = {}
+_override = threading.local()
+
+
+def register_op(name: str, backends: tuple[str, ...] | list[str],
+                preference: dict[str, tuple[str, ...]] | None = None) -> OpInfo:
+    """Declare op ``name`` with the backends it implements (``reference`` is implied).
+
+    ``preference`` maps a device type (``"cpu"``, ``"cuda"``) to the order in which the automatic
+    choice tries backends; the default is Triton/CuPy first on CUDA, C++ first on CPU.
+    """
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"register_op({name!r}): unknown backends {sorted(unknown)}; known: {BACKENDS}")
+    info = OpInfo(name, frozenset(backends) | {"reference"}, dict(preference or _DEFAULT_PREFERENCE))
+    _OPS[name] = info
+    return info
+
+
+def registered_ops() -> dict[str, OpInfo]:
+    """All registered ops by name (ops register when their module is imported)."""
+    return dict(_OPS)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_available() -> bool:
+    """True when the compiled extension ``lungcore._C`` imports."""
+    try:
+        import lungcore._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+        return False
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or ``LUNGCORE_BACKEND`` (None = automatic)."""
+    value = getattr(_override, "value", None) or os.environ.get("LUNGCORE_BACKEND", "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"LUNGCORE_BACKEND={value!r} is not one of {('auto',) + BACKENDS}")
+    return value
+
+
+def _available(backend: str, device_type: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        return triton_importable() and (device_type == "cuda" or interpreting())
+    if backend == "cpu":
+        return cpp_available()
+    if backend == "cupy":
+        return device_type == "cuda" and cupy_available()
+    return False
+
+
+def _device_type(device: object) -> str:
+    text = str(getattr(device, "type", device))
+    return "cuda" if text.startswith("cuda") else "cpu"
+
+
+def backend_for(op: str, device: object = "cpu") -> str:
+    """The backend op ``op`` will use for inputs on ``device`` (a torch.device or its string).
+
+    Raises ``RuntimeError`` when a forced backend cannot run there (Triton on CPU tensors
+    without ``TRITON_INTERPRET=1``), so a benchmark or test never measures the wrong path.
+    """
+    if op not in _OPS:
+        raise KeyError(f"unknown op {op!r}; registered: {sorted(_OPS)}")
+    info = _OPS[op]
+    device_type = _device_type(device)
+    forced = forced_backend()
+    if forced is not None and forced in info.backends:
+        if not _available(forced, device_type):
+            raise RuntimeError(
+                f"backend {forced!r} was forced for op {op!r} but cannot run on {device_type} here"
+                + (" (set TRITON_INTERPRET=1 before importing lungcore to run Triton on CPU)"
+                   if forced == "triton" else "")
+            )
+        return forced
+    for backend in info.preference.get(device_type, ("reference",)):
+        if backend in info.backends and _available(backend, device_type):
+            return backend
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force ``name`` (or ``None``/``"auto"`` for automatic) in this thread, e.g. in a test.
+
+    Example:
+        >>> with use_backend("reference"):
+        ...     pass
+    """
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {('auto',) + BACKENDS}, got {name!r}")
+    previous = getattr(_override, "value", None)
+    _override.value = name if name not in (None, "auto") else None
+    try:
+        yield
+    finally:
+        _override.value = previous
+
+
+record_launch = _launch.record
+
+
+def launch_counts() -> Counter[str]:
+    """Launches of every kernel since the process started, by kernel name."""
+    return _launch.snapshot()
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[Counter[str]]:
+    """Count kernel launches inside the block; the yielded Counter is filled on exit.
+
+    Example:
+        >>> with count_launches() as launches:
+        ...     pass
+        >>> sum(launches.values())
+        0
+    """
+    before = _launch.snapshot()
+    result: Counter[str] = Counter()
+    try:
+        yield result
+    finally:
+        after = _launch.snapshot()
+        for kernel, n in after.items():
+            if n - before.get(kernel, 0):
+                result[kernel] = n - before.get(kernel, 0)

@@ -1,0 +1,330 @@
+"""Survival metrics: Harrell's and Uno's C-index, cumulative/dynamic time-dependent AUC.
+
+Conventions used everywhere in lungcore:
+    * argument order ``(risk, time, event)``, all usable as keywords;
+    * higher ``risk`` = earlier event (pass ``-predicted_survival_time`` for time predictions);
+    * inputs may be numpy arrays, CPU or CUDA torch tensors, CuPy arrays or sequences.
+
+Tie rules (identical to lifelines' ``concordance_index`` and scikit-survival's
+``concordance_index_censored``): a pair is comparable when the earlier time is an event; an
+event and a censoring at the same time are comparable (the event counts as earlier); two events
+at the same time are not compared; tied risks (exact equality) count one half.
+
+Harrell's C runs in O(n log n) in the C++ core (``lungcore._C.concordance_counts``, a Fenwick
+tree over risk ranks); :func:`concordance_index_reference` is the O(n^2) oracle beside it.
+
+Example:
+    >>> from lungcore.metrics import concordance_index
+    >>> concordance_index(risk=[3.0, 2.0, 1.0], time=[1.0, 2.0, 3.0], event=[1, 1, 0])
+    1.0
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from lungcore import backend, checks
+from lungcore.checks import ArrayLike
+
+backend.register_op("concordance_index", ("cpu",),
+                    preference={"cpu": ("cpu", "reference"), "cuda": ("cpu", "reference")})
+
+__all__ = [
+    "Concordance",
+    "concordance_index",
+    "concordance_index_reference",
+    "concordance_index_ipcw",
+    "cumulative_dynamic_auc",
+    "kaplan_meier",
+    "censoring_survival",
+]
+
+
+@dataclass(frozen=True)
+class Concordance:
+    """A C-index with the pair counts behind it (for confidence intervals or pooling).
+
+    ``cindex = (concordant + tied_risk / 2) / comparable`` for Harrell's C (weighted for Uno's);
+    ``tied_time`` counts the comparable (event, censored-at-the-same-time) pairs, as
+    scikit-survival does.
+    """
+
+    cindex: float
+    concordant: int
+    discordant: int
+    tied_risk: int
+    tied_time: int
+    comparable: int
+
+    def __float__(self) -> float:
+        return self.cindex
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+NoPairs = Literal["raise", "nan"]
+
+
+def _finish(numerator: float, denominator: float, counts: dict, no_pairs: NoPairs) -> Concordance:
+    if counts["comparable"] == 0 or denominator == 0:
+        if no_pairs == "raise":
+            raise ValueError(
+                "no comparable pairs: the C-index is undefined (every subject censored, or all events "
+                "at one time with nothing later); pass no_pairs='nan' to get NaN instead"
+            )
+        cindex = math.nan
+    else:
+        cindex = numerator / denominator
+    return Concordance(cindex=float(cindex), concordant=int(counts["concordant"]),
+                       discordant=int(counts["discordant"]), tied_risk=int(counts["tied_risk"]),
+                       tied_time=int(counts["tied_time"]), comparable=int(counts["comparable"]))
+
+
+def _counts_reference(risk: np.ndarray, time: np.ndarray, event: np.ndarray,
+                      weight: np.ndarray | None = None, tied_tol: float = 0.0) -> dict:
+    """O(n^2) counting, one vectorised row per event: the oracle for the C++ core."""
+    out = dict(numerator=0.0, denominator=0.0, concordant=0, discordant=0, tied_risk=0,
+               tied_time=0, comparable=0)
+    for i in np.flatnonzero(event):
+        later = (time > time[i]) | ((time == time[i]) & ~event)
+        r = risk[later]
+        tied = np.abs(r - risk[i]) <= tied_tol
+        less = int((r[~tied] < risk[i]).sum())
+        tie = int(tied.sum())
+        size = int(later.sum())
+        w = 1.0 if weight is None else float(weight[i])
+        out["concordant"] += less
+        out["tied_risk"] += tie
+        out["discordant"] += size - less - tie
+        out["comparable"] += size
+        out["tied_time"] += int(((time == time[i]) & ~event).sum())
+        out["numerator"] += w * (less + 0.5 * tie)
+        out["denominator"] += w * size
+    return out
+
+
+def _counts(risk: np.ndarray, time: np.ndarray, event: np.ndarray, weight: np.ndarray | None,
+            device: object, tied_tol: float) -> dict:
+    if not (np.isfinite(tied_tol) and tied_tol >= 0):
+        raise ValueError(f"tied_tol must be finite and >= 0, got {tied_tol}")
+    choice = backend.backend_for("concordance_index", device)
+    if choice == "cpu":
+        from lungcore import _C
+
+        backend.record_launch("concordance.cpu")
+        return _C.concordance_counts(risk, time, event.astype(np.uint8), weight, float(tied_tol))
+    return _counts_reference(risk, time, event, weight, tied_tol)
+
+
+def _device_of(*values: object) -> str:
+    for v in values:
+        dev = getattr(v, "device", None)
+        if dev is not None and "cuda" in str(dev):
+            return "cuda"
+    return "cpu"
+
+
+def concordance_index(risk: ArrayLike, time: ArrayLike, event: ArrayLike, *,
+                      return_counts: bool = False, no_pairs: NoPairs = "raise",
+                      tied_tol: float = 0.0) -> float | Concordance:
+    """Harrell's concordance index (C-index) of risk scores against right-censored times.
+
+    Args:
+        risk: (n,) risk scores; higher = earlier event.
+        time: (n,) follow-up times, finite and >= 0.
+        event: (n,) 1/True = event observed, 0/False = censored.
+        return_counts: return a :class:`Concordance` with the pair counts instead of a float.
+        no_pairs: ``"raise"`` (default) raises ``ValueError`` when no pair is comparable;
+            ``"nan"`` returns NaN instead (handy for tiny validation batches).
+        tied_tol: risks within this distance count as tied. 0 (default) = exact equality, as
+            lifelines; scikit-survival uses 1e-8.
+
+    Returns:
+        The C-index in [0, 1] (0.5 = random), or a :class:`Concordance`.
+
+    Equals ``lifelines.utils.concordance_index(time, -risk, event)`` and
+    ``sksurv.metrics.concordance_index_censored(event, time, risk)[0]``. O(n log n): 200,000
+    subjects take a few tens of milliseconds on one core.
+
+    Example:
+        >>> c = concordance_index([0.9, 0.1, 0.5], [2.0, 5.0, 3.0], [1, 0, 1], return_counts=True)
+        >>> c.cindex, c.comparable
+        (1.0, 3)
+    """
+    checks.one_of("no_pairs", no_pairs, ("raise", "nan"))
+    device = _device_of(risk, time, event)
+    r, t, e = checks.survival_arrays(risk, time, event)
+    counts = _counts(r, t, e, None, device, tied_tol)
+    result = _finish(counts["numerator"], counts["denominator"], counts, no_pairs)
+    return result if return_counts else result.cindex
+
+
+def concordance_index_reference(risk: ArrayLike, time: ArrayLike, event: ArrayLike, *,
+                                tied_tol: float = 0.0) -> Concordance:
+    """Pure-Python O(n^2) Harrell's C with its counts: the oracle for :func:`concordance_index`.
+
+    Example:
+        >>> concordance_index_reference([2.0, 1.0], [1.0, 2.0], [1, 1]).cindex
+        1.0
+    """
+    r, t, e = checks.survival_arrays(risk, time, event)
+    counts = _counts_reference(r, t, e, tied_tol=tied_tol)
+    return _finish(counts["numerator"], counts["denominator"], counts, "raise")
+
+
+def kaplan_meier(time: ArrayLike, event: ArrayLike, *, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Kaplan-Meier estimate: (unique times, survival probability just after each time).
+
+    With ``reverse=True`` it estimates the censoring distribution G(t) = P(C > t): censorings are
+    the "events" and the subjects with an event at t are no longer at risk of censoring at t.
+
+    Example:
+        >>> kaplan_meier([1.0, 2.0, 2.0, 3.0], [1, 1, 0, 1])[1].round(3).tolist()
+        [0.75, 0.5, 0.0]
+    """
+    t = checks.nonnegative("time", checks.finite("time", checks.host_1d("time", time)))
+    e = checks.binary("event", event)
+    checks.same_length(time=t, event=e)
+    if t.size == 0:
+        raise ValueError("time is empty: cannot estimate a survival function")
+    uniq, inverse = np.unique(t, return_inverse=True)
+    n_total = np.bincount(inverse, minlength=uniq.size)
+    n_event = np.bincount(inverse, weights=e.astype(float), minlength=uniq.size)
+    at_risk = t.size - np.concatenate(([0], np.cumsum(n_total)[:-1]))
+    if reverse:
+        at_risk = at_risk - n_event
+        n_event = n_total - n_event
+    ratio = np.divide(n_event, at_risk, out=np.zeros(uniq.size), where=n_event != 0)
+    return uniq, np.cumprod(1.0 - ratio)
+
+
+def _step(uniq: np.ndarray, prob: np.ndarray, at: np.ndarray, what: str) -> np.ndarray:
+    """Right-continuous step function (prob[k] on [uniq[k], uniq[k+1])), 1 before the first time."""
+    if prob[-1] > 0 and (at > uniq[-1]).any():
+        raise ValueError(f"{what}: time {at.max()} lies beyond the largest training time {uniq[-1]} "
+                         "where the estimate is undefined")
+    idx = np.searchsorted(uniq, at, side="right") - 1
+    out = np.where(idx >= 0, prob[np.clip(idx, 0, None)], 1.0)
+    out[at > uniq[-1]] = 0.0
+    return out
+
+
+def censoring_survival(train_time: ArrayLike, train_event: ArrayLike, at: ArrayLike) -> np.ndarray:
+    """G(t) = P(censoring > t), the reverse Kaplan-Meier of the training data, at times ``at``.
+
+    Example:
+        >>> censoring_survival([1.0, 2.0, 3.0], [1, 0, 1], [2.5]).tolist()
+        [0.5]
+    """
+    e = checks.binary("train_event", train_event)
+    at = checks.host_1d("at", at)
+    if e.all():
+        return np.ones_like(at)
+    uniq, prob = kaplan_meier(train_time, e, reverse=True)
+    return _step(uniq, prob, at, "censoring_survival")
+
+
+def _ipcw(time: np.ndarray, event: np.ndarray, train_time: ArrayLike | None,
+          train_event: ArrayLike | None) -> np.ndarray:
+    """1 / G(t_i) for events (0 for censored), G fitted on the training data."""
+    if (train_time is None) != (train_event is None):
+        raise ValueError("give both train_time and train_event, or neither (then the test data is used)")
+    if train_time is None:
+        train_time, train_event = time, event
+    g = censoring_survival(train_time, train_event, time[event])
+    if (g == 0).any():
+        raise ValueError("the censoring survival G(t) is 0 at an event time of the test data: "
+                         "IPCW weights are undefined (use tau to truncate before the last follow-up)")
+    weights = np.zeros(time.size)
+    weights[event] = 1.0 / g
+    return weights
+
+
+def concordance_index_ipcw(risk: ArrayLike, time: ArrayLike, event: ArrayLike, *,
+                           train_time: ArrayLike | None = None, train_event: ArrayLike | None = None,
+                           tau: float | None = None, return_counts: bool = False,
+                           no_pairs: NoPairs = "raise", tied_tol: float = 0.0) -> float | Concordance:
+    """Uno's truncated IPCW C-index: each event i weighs 1 / G(t_i)^2, only t_i < tau counts.
+
+    The censoring distribution G is the reverse Kaplan-Meier of the training split
+    (``train_time``/``train_event``; the test data itself when omitted). Equals
+    ``sksurv.metrics.concordance_index_ipcw(train, test, risk, tau)`` when ``tied_tol=1e-8``
+    (scikit-survival's default; lungcore's default 0 means exact ties, like lifelines). Comparable pairs and counts follow Harrell's rules.
+
+    Example:
+        >>> round(concordance_index_ipcw([3.0, 2.0, 1.0, 0.5], [1.0, 2.0, 3.0, 4.0], [1, 0, 1, 0]), 3)
+        1.0
+    """
+    checks.one_of("no_pairs", no_pairs, ("raise", "nan"))
+    device = _device_of(risk, time, event)
+    r, t, e = checks.survival_arrays(risk, time, event)
+    if not e.any():
+        raise ValueError("event: every test subject is censored; Uno's C-index is undefined")
+    in_window = np.ones(t.size, dtype=bool) if tau is None else t < float(tau)
+    weights = np.zeros(t.size)
+    weights[in_window] = _ipcw(t[in_window], e[in_window], train_time, train_event)
+    counts = _counts(r, t, e, np.square(weights), device, tied_tol)
+    result = _finish(counts["numerator"], counts["denominator"], counts, no_pairs)
+    return result if return_counts else result.cindex
+
+
+def cumulative_dynamic_auc(risk: ArrayLike, time: ArrayLike, event: ArrayLike, times: ArrayLike, *,
+                           train_time: ArrayLike | None = None, train_event: ArrayLike | None = None,
+                           tied_tol: float = 0.0) -> tuple[np.ndarray, float]:
+    """Cumulative/dynamic time-dependent AUC at each of ``times`` and its weighted mean.
+
+    At time tau, cases are subjects with an event at or before tau (weighted 1 / G(t_i), G the
+    censoring survival of the training data), controls are subjects still event-free after tau;
+    AUC(tau) = P(risk_case > risk_control), ties (within ``tied_tol``) counting one half. ``risk`` is (n,) or
+    (n, len(times)) (a time-dependent risk). ``times`` are sorted and de-duplicated and must lie
+    in [min(time), max(time)). The mean is the integral of AUC over the Kaplan-Meier estimate of
+    the test data, as scikit-survival's ``cumulative_dynamic_auc`` computes it.
+
+    Returns:
+        (auc per sorted unique time, mean AUC)
+
+    Example:
+        >>> auc, mean = cumulative_dynamic_auc([3.0, 2.0, 1.0, 0.5], [1.0, 2.0, 3.0, 4.0], [1, 1, 1, 0], [1.5, 2.5])
+        >>> auc.tolist(), mean
+        ([1.0, 1.0], 1.0)
+    """
+    t = checks.nonnegative("time", checks.finite("time", checks.host_1d("time", time)))
+    e = checks.binary("event", event)
+    tau = np.unique(checks.finite("times", checks.host_1d("times", np.atleast_1d(
+        times.detach().cpu().numpy() if hasattr(times, "detach") else times))))
+    if tau.size == 0:
+        raise ValueError("times is empty")
+    if tau.max() >= t.max() or tau.min() < t.min():
+        raise ValueError(f"times must lie within the follow-up of the test data: [{t.min()}, {t.max()})")
+    if hasattr(risk, "detach"):
+        risk = risk.detach().cpu().numpy()
+    risk_arr = np.asarray(risk, dtype=np.float64)
+    if risk_arr.ndim == 1:
+        risk_arr = np.broadcast_to(risk_arr[:, None], (risk_arr.size, tau.size))
+    elif risk_arr.ndim != 2 or risk_arr.shape[1] != tau.size:
+        raise ValueError(f"risk must be (n,) or (n, {tau.size}) for {tau.size} unique times; got {risk_arr.shape}")
+    checks.same_length(risk=risk_arr, time=t, event=e)
+    checks.finite("risk", risk_arr.ravel())
+    w = _ipcw(t, e, train_time, train_event)
+
+    auc = np.empty(tau.size)
+    for k, tk in enumerate(tau):
+        r = risk_arr[:, k]
+        cases = e & (t <= tk)
+        controls = np.sort(r[t > tk])
+        if not cases.any():
+            raise ValueError(f"times[{k}] = {tk}: no event at or before it, AUC undefined")
+        less = np.searchsorted(controls, r[cases] - tied_tol, side="left")
+        tie = np.searchsorted(controls, r[cases] + tied_tol, side="right") - less
+        wc = w[cases]
+        auc[k] = float(np.sum(wc * (less + 0.5 * tie)) / (wc.sum() * controls.size))
+    if tau.size == 1:
+        return auc, float(auc[0])
+    uniq, prob = kaplan_meier(t, e)
+    s = _step(uniq, prob, tau, "cumulative_dynamic_auc")
+    d = -np.diff(np.concatenate(([1.0], s)))
+    return auc, float((auc * d).sum() / (1.0 - s[-1]))

@@ -1,0 +1,92 @@
+"""Build lungcore and its C++ extension ``lungcore._C``.
+
+The extension is plain pybind11 over the numpy buffer protocol: it is never linked against
+libtorch, so one build serves every torch version. Every ``csrc/**/*.cpp`` file is compiled in;
+a file registers its Python bindings itself (``LUNGCORE_BINDINGS`` in ``csrc/bindings.h``), so
+adding an op never edits a shared list. CUDA sources under ``csrc/cuda`` are not built here: they
+are compiled at run time through CuPy (NVRTC).
+
+    pip install -e .            # g++ (with OpenMP) is all it needs; no CUDA toolkit, no GPU
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    text = (ROOT / "lungcore" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def _sources() -> list[str]:
+    files = sorted(p for p in (ROOT / "csrc").rglob("*.cpp") if "cuda" not in p.parts)
+    return [str(p.relative_to(ROOT)) for p in files]
+
+
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    if os.environ.get("LUNGCORE_NO_OPENMP") == "1":
+        return [], []
+    if sys.platform == "darwin":  # Apple clang: needs libomp from Homebrew
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+omp_compile, omp_link = _openmp_flags()
+ext = Pybind11Extension(
+    "lungcore._C",
+    _sources(),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", *omp_compile],
+    extra_link_args=omp_link,
+)
+
+setup(
+    name="lungcore",
+    version=_version(),
+    description="GPU-first multimodal lung-CT deep learning: fused Triton kernels, C++ core, CMML and CSF-Net",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "lungcore",
+        "lungcore.ops",
+        "lungcore.nn",
+        "lungcore.models",
+        "lungcore.data",
+        "lungcore.train",
+        "lungcore.triton_kernels",
+    ],
+    package_dir={"lungcore.triton_kernels": "triton_kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.3; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "pandas>=2.0",
+        "lifelines>=0.27",
+        "monai>=1.3",
+        "nibabel>=5.0",
+        "pydicom>=2.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "cuda": ["cupy-cuda12x>=13.0"],
+        "cuda13": ["cupy-cuda13x>=13.0"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "scikit-survival>=0.22", "scipy>=1.10"],
+        "bench": ["scikit-survival>=0.22", "scipy>=1.10"],
+    },
+    entry_points={"console_scripts": ["lungcore = lungcore.cli:main"]},
+)

@@ -1,0 +1,50 @@
+"""Test setup shared by every test.
+
+* Without a CUDA GPU, ``TRITON_INTERPRET=1`` is set *before* any kernel module is imported, so
+  Triton kernels run on CPU tensors in the interpreter (tiny grids: ~1 ms per program).
+  With a GPU the same tests compile the kernels for real on ``device == "cuda"``.
+* ``@pytest.mark.cuda`` tests skip without a GPU.
+* Fixtures: ``device`` (``"cuda"`` when present, else ``"cpu"``), ``backend`` (a context
+  manager factory forcing a backend), ``rng`` (a fresh seeded numpy Generator per test).
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lungcore.backend import use_backend  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def backend():
+    return use_backend
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    # a different but reproducible stream per test
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
