@@ -83,6 +83,8 @@ AxisTable<Acc> axis_table(int64_t start, int64_t size, int64_t grid, int64_t n, 
     }
     t.lo = hi >= 0 ? lo : 0;
     t.hi = hi;
+    for (int64_t k = 0; k < size; ++k)  // fill positions read a sampled voxel (never stale row data)
+        if (!t.valid[k]) t.i0[k] = t.i1[k] = t.lo;
     return t;
 }
 
@@ -111,24 +113,31 @@ struct Params {
     double lo = 0.0, hi = 1.0;
 };
 
-// Returns true when every written value is finite.
-template <typename In, typename Out, typename Acc>
+// Returns true when every written value is finite. Window and the finiteness check (float input
+// only: integers cannot make NaN) are template flags so the inner loops carry no dead branches.
+template <typename In, typename Out, typename Acc, bool Window, bool Check>
 bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t nbox, const Params& p) {
     std::vector<std::array<AxisTable<Acc>, 3>> tables(nbox);
-    for (int64_t b = 0; b < nbox; ++b)
+    std::vector<uint8_t> all_x(nbox);
+    for (int64_t b = 0; b < nbox; ++b) {
         for (int a = 0; a < 3; ++a)
             tables[b][a] = axis_table<Acc>(starts[3 * b + a], p.size[a], p.grid[a], p.n[a], p.scale[a],
                                            p.offset[a], p.order);
+        const auto& v = tables[b][2].valid;
+        all_x[b] = std::all_of(v.begin(), v.end(), [](uint8_t x) { return x != 0; });
+    }
     const Acc wlo = static_cast<Acc>(p.lo), whi = static_cast<Acc>(p.hi);
-    const Acc winv = static_cast<Acc>(p.window ? 1.0 / (p.hi - p.lo) : 1.0);
-    const bool window = p.window;
+    const Acc winv = static_cast<Acc>(Window ? 1.0 / (p.hi - p.lo) : 1.0);
     auto post = [=](Acc v) -> Acc {
-        if (!window) return v;
-        v = v < wlo ? wlo : (v > whi ? whi : v);
-        return (v - wlo) * winv;
+        if constexpr (Window) {
+            v = v < wlo ? wlo : (v > whi ? whi : v);
+            return (v - wlo) * winv;
+        } else {
+            return v;
+        }
     };
-    const Out fill_out = store<Out, Acc>(post(static_cast<Acc>(p.fill)));
     const Acc fill_acc = post(static_cast<Acc>(p.fill));
+    const Out fill_out = store<Out, Acc>(fill_acc);
     const int64_t D = p.size[0], H = p.size[1], W = p.size[2];
     const int64_t rows = nbox * D * H;
     const int64_t sx = p.stride[2], sy = p.stride[1], sz = p.stride[0];
@@ -137,6 +146,7 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
 #pragma omp parallel reduction(| : bad)
     {
         std::vector<Acc> row(static_cast<size_t>(p.n[2]) + 1);
+        std::vector<Acc> vals(static_cast<size_t>(W));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t b = r / (D * H);
@@ -148,17 +158,15 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
             Out* out = dst + r * W;
             if (!tz.valid[kz] || !ty.valid[ky] || tx.hi < 0) {
                 for (int64_t kx = 0; kx < W; ++kx) out[kx] = fill_out;
-                if (!std::isfinite(static_cast<double>(fill_acc))) bad |= 1;
                 continue;
             }
-            Acc acc_check = 0;
+            const int64_t* i0 = tx.i0.data();
+            const int64_t* i1 = tx.i1.data();
+            const Acc* wx = tx.w.data();
+            Acc* v = vals.data();
             if (p.order == 0) {
                 const In* base = src + tz.i0[kz] * sz + ty.i0[ky] * sy;
-                for (int64_t kx = 0; kx < W; ++kx) {
-                    Acc v = tx.valid[kx] ? post(static_cast<Acc>(base[tx.i0[kx] * sx])) : fill_acc;
-                    acc_check += v * Acc(0);
-                    out[kx] = store<Out, Acc>(v);
-                }
+                for (int64_t kx = 0; kx < W; ++kx) v[kx] = static_cast<Acc>(base[i0[kx] * sx]);
             } else {
                 const Acc wz = tz.w[kz], wy = ty.w[ky];
                 const Acc c00 = (1 - wz) * (1 - wy), c01 = (1 - wz) * wy, c10 = wz * (1 - wy), c11 = wz * wy;
@@ -177,16 +185,22 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
                         rw[x] = c00 * static_cast<Acc>(r00[x * sx]) + c01 * static_cast<Acc>(r01[x * sx]) +
                                 c10 * static_cast<Acc>(r10[x * sx]) + c11 * static_cast<Acc>(r11[x * sx]);
                 }
-                const int64_t* i0 = tx.i0.data();
-                const int64_t* i1 = tx.i1.data();
-                const Acc* wx = tx.w.data();
                 for (int64_t kx = 0; kx < W; ++kx) {
-                    const Acc v = tx.valid[kx] ? post(rw[i0[kx]] + wx[kx] * (rw[i1[kx]] - rw[i0[kx]])) : fill_acc;
-                    acc_check += v * Acc(0);  // NaN/inf anywhere -> NaN here
-                    out[kx] = store<Out, Acc>(v);
+                    const Acc a = rw[i0[kx]];
+                    v[kx] = a + wx[kx] * (rw[i1[kx]] - a);
                 }
             }
-            if (!(acc_check == 0)) bad |= 1;
+            if constexpr (Check) {  // OR of (x - x != 0): true for NaN and +-inf; vectorises, no FP chain
+                int flag = 0;
+                for (int64_t kx = 0; kx < W; ++kx) flag |= (v[kx] - v[kx]) != Acc(0);
+                bad |= flag;
+            }
+            if (all_x[b]) {
+                for (int64_t kx = 0; kx < W; ++kx) out[kx] = store<Out, Acc>(post(v[kx]));
+            } else {
+                const uint8_t* ok = tx.valid.data();
+                for (int64_t kx = 0; kx < W; ++kx) out[kx] = ok[kx] ? store<Out, Acc>(post(v[kx])) : fill_out;
+            }
         }
     }
     return bad == 0;
@@ -199,13 +213,11 @@ template <typename In, typename Out>
 bool run_typed(const py::array& vol, py::array& out, const int64_t* starts, int64_t nbox, const Params& p) {
     const In* src = static_cast<const In*>(vol.data());
     Out* dst = static_cast<Out*>(out.mutable_data());
-    bool ok;
+    using Acc = std::conditional_t<std::is_same_v<In, double> || std::is_same_v<Out, double>, double, float>;
+    constexpr bool check = std::is_floating_point_v<In>;
     py::gil_scoped_release release;
-    if constexpr (std::is_same_v<In, double> || std::is_same_v<Out, double>)
-        ok = resample_boxes_impl<In, Out, double>(src, dst, starts, nbox, p);
-    else
-        ok = resample_boxes_impl<In, Out, float>(src, dst, starts, nbox, p);
-    return ok;
+    if (p.window) return resample_boxes_impl<In, Out, Acc, true, check>(src, dst, starts, nbox, p);
+    return resample_boxes_impl<In, Out, Acc, false, check>(src, dst, starts, nbox, p);
 }
 
 template <typename In>
