@@ -164,9 +164,10 @@ def _crops_case(device: str, shape, ct: np.ndarray, n_boxes: int) -> Case:
     def check():
         a = fused()
         a = a.cpu().numpy() if device == "cuda" else a
-        for other in (lungcore_then_crop(), eager()):
+        # torch computes sample positions in float32 (~1e-5 voxel): 1e-4 of the window width
+        for other, tol in ((lungcore_then_crop(), 1e-6), (eager(), 1e-4)):
             b = other.cpu().numpy() if isinstance(other, torch.Tensor) else other
-            assert a.shape == b.shape and np.abs(a - b).max() < 1e-5, float(np.abs(a - b).max())
+            assert a.shape == b.shape and np.abs(a - b).max() < tol, float(np.abs(a - b).max())
 
     return Case(shape=f"{n_boxes} boxes 16x64x64 from {shape[0]}x{shape[1]}x{shape[2]}", size=float(n_boxes),
                 providers={"lungcore fused": fused, "lungcore then crop": lungcore_then_crop, "eager": eager},
