@@ -318,6 +318,13 @@ bool run_in(const py::array& vol, py::array& out, const int64_t* starts, int64_t
     if (is<float>(out)) return run_typed<In, float>(vol, out, starts, nbox, p);
     if (is<double>(out)) return run_typed<In, double>(vol, out, starts, nbox, p);
     if (py::dtype::of<In>().is(out.dtype())) return run_typed<In, In>(vol, out, starts, nbox, p);
+    if constexpr (std::is_floating_point_v<In>) {  // order 3 samples float coefficients of an integer volume
+        if (is<int16_t>(out)) return run_typed<In, int16_t>(vol, out, starts, nbox, p);
+        if (is<uint8_t>(out)) return run_typed<In, uint8_t>(vol, out, starts, nbox, p);
+        if (is<int8_t>(out)) return run_typed<In, int8_t>(vol, out, starts, nbox, p);
+        if (is<uint16_t>(out)) return run_typed<In, uint16_t>(vol, out, starts, nbox, p);
+        if (is<int32_t>(out)) return run_typed<In, int32_t>(vol, out, starts, nbox, p);
+    }
     throw std::invalid_argument("out dtype must be float32, float64 or the volume's dtype");
 }
 
