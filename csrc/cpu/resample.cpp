@@ -32,6 +32,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace py = pybind11;
 
 namespace lungcore {
@@ -128,7 +132,16 @@ struct Params {
     double fill = -1024.0;
     bool window = false;
     double lo = 0.0, hi = 1.0;
+    int threads = 0;                  // 0: OpenMP's default; the Python side passes torch.get_num_threads()
 };
+
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 
 // Returns true when every written value is finite. Window and the finiteness check (float input
 // only: integers cannot make NaN) are template flags so the inner loops carry no dead branches.
@@ -160,11 +173,15 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
     const int64_t sx = p.stride[2], sy = p.stride[1], sz = p.stride[0];
     int bad = 0;
 
-#pragma omp parallel reduction(| : bad)
+    // Dynamic chunks of rows: a thread that the OS deschedules (data-loader workers share the cores)
+    // does not hold back the others; below ~256k output voxels one thread beats waking the team.
+    const bool parallel = p.threads != 1 && rows * W >= (int64_t(1) << 18);
+    const int team = p.threads > 0 ? p.threads : max_threads();
+#pragma omp parallel reduction(| : bad) if (parallel) num_threads(team)
     {
         std::vector<Acc> row(static_cast<size_t>(p.n[2]) + 1);
         std::vector<Acc> vals(static_cast<size_t>(W));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t b = r / (D * H);
             const int64_t kz = (r / H) % D;
@@ -246,7 +263,7 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
 // boundaries (Unser; Thevenaz et al.), the causal start truncated at |z|^k < 1e-17. Lines are
 // processed 256 at a time along `inner` so every step of the recursion reads contiguous memory.
 template <typename T>
-void prefilter_lines(T* c, int64_t outer, int64_t n, int64_t inner) {
+void prefilter_lines(T* c, int64_t outer, int64_t n, int64_t inner, int threads) {
     if (n < 2) return;
     const T z = static_cast<T>(std::sqrt(3.0) - 2.0);
     const T gain = T(6);
@@ -254,7 +271,8 @@ void prefilter_lines(T* c, int64_t outer, int64_t n, int64_t inner) {
     const int64_t horizon = std::min<int64_t>(n, 30);
     const int64_t chunk = inner > 1 ? 256 : 1;
     const int64_t chunks = (inner + chunk - 1) / chunk;
-#pragma omp parallel for collapse(2) schedule(static)
+    const int team = threads > 0 ? threads : max_threads();
+#pragma omp parallel for collapse(2) schedule(dynamic, 4) num_threads(team) if (threads != 1)
     for (int64_t o = 0; o < outer; ++o) {
         for (int64_t ch = 0; ch < chunks; ++ch) {
             T* base = c + o * n * inner;
@@ -282,15 +300,15 @@ void prefilter_lines(T* c, int64_t outer, int64_t n, int64_t inner) {
     }
 }
 
-void spline_prefilter3(py::array c) {
+void spline_prefilter3(py::array c, int threads) {
     if (c.ndim() != 3) throw std::invalid_argument("coefficients must be 3-D");
     if (!(c.flags() & py::array::c_style) || !c.writeable()) throw std::invalid_argument("coefficients must be C-contiguous and writeable");
     const int64_t n0 = c.shape(0), n1 = c.shape(1), n2 = c.shape(2);
     auto run = [&](auto* data) {
         py::gil_scoped_release release;
-        prefilter_lines(data, 1, n0, n1 * n2);
-        prefilter_lines(data, n0, n1, n2);
-        prefilter_lines(data, n0 * n1, n2, 1);
+        prefilter_lines(data, 1, n0, n1 * n2, threads);
+        prefilter_lines(data, n0, n1, n2, threads);
+        prefilter_lines(data, n0 * n1, n2, 1, threads);
     };
     if (py::dtype::of<float>().is(c.dtype())) run(static_cast<float*>(c.mutable_data()));
     else if (py::dtype::of<double>().is(c.dtype())) run(static_cast<double*>(c.mutable_data()));
@@ -330,7 +348,7 @@ bool run_in(const py::array& vol, py::array& out, const int64_t* starts, int64_t
 
 bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
                     std::array<int64_t, 3> grid, std::array<double, 3> scale, std::array<double, 3> offset,
-                    int order, double fill, py::object window) {
+                    int order, double fill, py::object window, int threads) {
     if (vol.ndim() != 3) throw std::invalid_argument("volume must be 3-D (z, y, x), got ndim " + std::to_string(vol.ndim()));
     if (out.ndim() != 4) throw std::invalid_argument("out must be 4-D (boxes, z, y, x)");
     if (!(out.flags() & py::array::c_style) || !out.writeable()) throw std::invalid_argument("out must be C-contiguous and writeable");
@@ -352,6 +370,7 @@ bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array
     }
     p.order = order;
     p.fill = fill;
+    p.threads = threads;
     if (!window.is_none()) {
         auto w = window.cast<std::array<double, 2>>();
         if (!(std::isfinite(w[0]) && std::isfinite(w[1]) && w[1] > w[0])) throw std::invalid_argument("window must be (low, high) with low < high, finite");
@@ -376,11 +395,11 @@ bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array
 }  // namespace lungcore
 
 LUNGCORE_BINDINGS(resample) {
-    m.def("spline_prefilter3", &lungcore::spline_prefilter3, py::arg("coefficients"),
+    m.def("spline_prefilter3", &lungcore::spline_prefilter3, py::arg("coefficients"), py::arg("threads") = 0,
           "In place: samples -> cubic B-spline coefficients along every axis (mirror boundaries).");
     m.def("resample_boxes", &lungcore::resample_boxes, py::arg("volume"), py::arg("out"), py::arg("starts"),
           py::arg("grid"), py::arg("scale"), py::arg("offset"), py::arg("order"), py::arg("fill"),
-          py::arg("window") = py::none(),
+          py::arg("window") = py::none(), py::arg("threads") = 0,
           "Resample `volume` (order 0/1) into the boxes of `out` (N, D, H, W): box b, voxel k samples "
           "output index starts[b] + k of the full grid `grid` (input index scale * j + offset, clamped to "
           "[0, n-1]; outside [0, grid) -> fill); optional HU window (low, high) -> [0, 1]. Returns False "

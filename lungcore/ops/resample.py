@@ -402,11 +402,12 @@ def _cpu_boxes(vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, o
     if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
         coef_dtype = np.float64 if np.float64 in (vol.dtype, out_dtype) or vol.dtype == np.int32 else np.float32
         vol = np.pad(vol.astype(coef_dtype, copy=False), _SPLINE_PAD, mode="edge")
-        _C.spline_prefilter3(vol)
+        _C.spline_prefilter3(vol, torch.get_num_threads())
         offset = tuple(o + _SPLINE_PAD for o in offset)
     out = np.empty((starts.shape[0], *size), dtype=out_dtype)
     finite = _C.resample_boxes(vol, out, np.ascontiguousarray(starts, dtype=np.int64), tuple(grid),
-                               tuple(scale), tuple(offset), order, fill, window)
+                               tuple(scale), tuple(offset), order, fill, window,
+                               torch.get_num_threads())  # the threads torch uses (1 in DataLoader workers)
     backend.record_launch("resample.cpu_boxes")
     if not finite:
         raise ValueError("volume holds NaN or inf values where it is sampled")
@@ -586,6 +587,8 @@ _resample_boxes_op.register_autograd(_backward, setup_context=_setup_context)
 def _prepare(volume: Any) -> tuple[Any, str, np.dtype]:
     kind = _kind(volume)
     if kind == "torch":
+        if type(volume) is not torch.Tensor:  # e.g. MONAI MetaTensor: its affine would be stale after resampling
+            volume = volume.as_subclass(torch.Tensor)
         if volume.dim() != 3:
             raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(volume.shape)}")
         if volume.dtype in (torch.float16, torch.bfloat16):
@@ -613,7 +616,9 @@ def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int =
     Args:
         volume: 3-D numpy array, torch tensor (CPU or CUDA) or CuPy array; int8/uint8/int16/uint16/
             int32/float16/float32/float64/bool, any strides. The result is of the same kind and
-            device (CUDA: DLPack in and out, no host round trip).
+            device (CUDA: DLPack in and out, no host round trip); a torch subclass such as MONAI's
+            MetaTensor comes back as a plain tensor (its affine would be stale: use
+            :func:`resampled_affine`).
         spacing: (sz, sy, sx) of ``volume`` in mm.
         new_spacing: target (sz, sy, sx) in mm, or one number for isotropic voxels.
         order: 0 nearest, 1 trilinear, 3 cubic B-spline (equal to scipy's order 3, mode "nearest").

@@ -309,3 +309,13 @@ def test_cuda_prefilter_on_host_matches_cpp(cuda_math_on_host, rng):
         recon = (c_m + 4 * recon + c_p) / 6
     inner = (slice(2, -2),) * 3
     np.testing.assert_allclose(recon[inner], data[inner], atol=1e-9)
+
+
+def test_monai_metatensor_comes_back_plain():
+    """A MetaTensor's affine would be stale after resampling: the result is a plain tensor."""
+    pytest.importorskip("monai")
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.zeros(4, 5, 6), affine=torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)))
+    out = resample_volume(image, (2.0, 1.0, 1.0), 1.0)
+    assert type(out) is torch.Tensor and out.shape == (8, 5, 6)
