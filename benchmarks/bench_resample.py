@@ -15,8 +15,9 @@ Case ``crops``: 64 CSF-Net boxes (16 x 64 x 64 at 1 mm, lung window [-1200, 600]
 the same CT: the fused ``resample_crop`` vs resample-everything-then-crop (lungcore, and torch).
 
 On CUDA: lungcore (CuPy kernel, torch tensors via DLPack) vs ``cupyx.scipy.ndimage`` (zoom and
-affine_transform) vs ``F.interpolate`` vs MONAI ``Spacing``; the note gives the bytes moved
-(input read once + output written once), from which GB/s = bytes / median time.
+affine_transform) vs ``F.interpolate`` vs MONAI ``Spacing``, plus a device-to-device copy of the
+output's bytes as the bandwidth yardstick; the note gives the bytes moved (input read once + output
+written once), from which GB/s = bytes / median time.
 """
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def _volume_case(device: str, shape, ct: np.ndarray) -> Case:
         providers["lungcore"] = lungcore32
         providers["lungcore int16"] = lungcore16
         providers["eager"] = lambda: _interpolate(t32)
+        copy_src = torch.empty(out_shape, device="cuda")
+        copy_dst = torch.empty_like(copy_src)
+        providers["device copy (output bytes)"] = lambda: copy_dst.copy_(copy_src)  # the bandwidth yardstick
         if _have("cupy"):
             import cupy
             import cupyx.scipy.ndimage as cndi

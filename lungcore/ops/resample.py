@@ -130,7 +130,7 @@ def resampled_affine(affine: Any, spacing: Any, new_spacing: Any) -> np.ndarray:
     Example:
         >>> import numpy as np
         >>> resampled_affine(np.diag([2.5, 0.7, 0.7, 1.0]), (2.5, 0.7, 0.7), 1.0)[:3, 3]
-        array([ 0.75, -0.15, -0.15])
+        array([-0.75,  0.15,  0.15])
     """
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):
@@ -677,7 +677,7 @@ def resample_crop(volume: Any, spacing: Any, new_spacing: Any, centers: Any, siz
         >>> boxes = resample_crop(ct, (2.5, 0.7, 0.7), 1.0, [[30, 64, 64], [10, 20, 100]],
         ...                       (16, 64, 64), window=(-1200, 600))
         >>> boxes.shape, float(boxes[0, 8, 32, 32])
-        ((2, 16, 64, 64), 0.2222222089767456)
+        ((2, 16, 64, 64), 0.2222222238779068)
     """
     spacing = _spacing3("spacing", spacing, allow_scalar=False)
     new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)

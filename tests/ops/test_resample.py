@@ -393,3 +393,12 @@ def test_cuda_nan_is_an_error():
     volume[1, 1, 1] = float("nan")
     with lc_backend.use_backend("cupy"), pytest.raises(ValueError, match="NaN"):
         resample_volume(volume, (1, 1, 1), 1.0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import lungcore.ops.resample as module
+
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 7 and result.failed == 0
