@@ -16,6 +16,9 @@
 
 #include <algorithm>
 #include <cmath>
+#ifdef _OPENMP
+#include <parallel/algorithm>  // libstdc++ parallel mode (OpenMP): __gnu_parallel::sort
+#endif
 #include <cstdint>
 #include <numeric>
 #include <stdexcept>
@@ -39,6 +42,14 @@ struct Fenwick {
         return s;
     }
 };
+
+template <typename It, typename Cmp>
+void sort_maybe_parallel(It first, It last, Cmp cmp) {
+#ifdef _OPENMP
+    if (last - first > 50000) { __gnu_parallel::sort(first, last, cmp); return; }
+#endif
+    std::sort(first, last, cmp);
+}
 
 struct Counts {
     double numerator = 0.0;
@@ -64,10 +75,11 @@ Counts concordance_counts_impl(const double* risk, const double* time, const uin
     if (!(tied_tol >= 0.0) || !std::isfinite(tied_tol)) throw std::invalid_argument("tied_tol must be finite and >= 0");
     // Sorted distinct risks; rank = position of a subject's risk among them.
     std::vector<double> values(risk, risk + n);
-    std::sort(values.begin(), values.end());
+    sort_maybe_parallel(values.begin(), values.end(), std::less<double>());
     values.erase(std::unique(values.begin(), values.end()), values.end());
     const size_t n_ranks = values.size();
     std::vector<int32_t> rank(n);
+#pragma omp parallel for schedule(static) if (n > 50000)
     for (size_t i = 0; i < n; ++i)
         rank[i] = static_cast<int32_t>(std::lower_bound(values.begin(), values.end(), risk[i]) - values.begin());
     auto below = [&](double v) {  // number of distinct values < v
@@ -77,10 +89,13 @@ Counts concordance_counts_impl(const double* risk, const double* time, const uin
         return static_cast<size_t>(std::upper_bound(values.begin(), values.end(), v) - values.begin());
     };
 
-    // Subjects by time, latest first.
+    // Subjects by time, latest first (sorted as contiguous (time, index) pairs: no indirection).
+    std::vector<std::pair<double, int64_t>> keyed(n);
+    for (size_t i = 0; i < n; ++i) keyed[i] = {time[i], static_cast<int64_t>(i)};
+    sort_maybe_parallel(keyed.begin(), keyed.end(),
+                        [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) { return a.first > b.first; });
     std::vector<int64_t> by_time(n);
-    std::iota(by_time.begin(), by_time.end(), 0);
-    std::sort(by_time.begin(), by_time.end(), [&](int64_t a, int64_t b) { return time[a] > time[b]; });
+    for (size_t k = 0; k < n; ++k) by_time[k] = keyed[k].second;
 
     Fenwick tree(n_ranks);
     int64_t inserted = 0;
