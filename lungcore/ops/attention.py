@@ -68,26 +68,21 @@ def masked_cross_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: 
     return out
 
 
-def _row_alive(key_mask: Optional[Tensor], query_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """(*batch, 1 or Lq) bool: rows that have at least one key and are not query-masked."""
-    alive = None
-    if key_mask is not None:
-        alive = key_mask.any(dim=-1, keepdim=True)
-    if query_mask is not None:
-        alive = query_mask if alive is None else alive & query_mask
-    return alive
-
-
 def _sdpa_path(q, k, v, key_mask, query_mask, scale, dropout_p):
     attn_mask = None
+    alive = query_mask
     if key_mask is not None:
-        # dead rows attend to everything (finite), then get zeroed: no NaN on any torch version
-        safe = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-        attn_mask = safe[..., None, None, :]
+        has_key = key_mask.any(dim=-1, keepdim=True)
+        # eager: skip the dead-row repair when every row has a key (a free check on CPU);
+        # traced (torch.compile): always repair, no data-dependent branch
+        if torch.compiler.is_compiling() or not bool(has_key.all()):
+            # dead rows attend to everything (finite), then get zeroed: no NaN on any torch version
+            key_mask = key_mask | ~has_key
+            alive = has_key if alive is None else alive & has_key
+        attn_mask = key_mask[..., None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    alive = _row_alive(key_mask, query_mask)
     if alive is not None:
-        out = torch.where(alive[..., None, :, None], out, out.new_zeros(()))
+        out = out * alive[..., None, :, None].to(out.dtype)
     return out
 
 
