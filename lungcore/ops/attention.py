@@ -38,7 +38,7 @@ OP = "masked_cross_attention"
 register_op(OP, ("triton",), preference={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 MAX_HEAD_DIM = 128
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: CPU path only
 
 
 # --------------------------------------------------------------------------------- reference
@@ -169,7 +169,8 @@ def masked_cross_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
     """Masked (cross-)attention ``softmax(scale * q @ k^T) @ v`` over the keys ``key_mask`` keeps.
 
     Args:
-        q: (B, H, Lq, D) or (B0, B1, H, Lq, D) queries; float32, float16 or bfloat16; D <= 128.
+        q: (B, H, Lq, D) or (B0, B1, H, Lq, D) queries; float32, float16 or bfloat16 (float64 on
+            the CPU path only, e.g. for gradcheck); D <= 128.
             Any strides (views sliced from a packed projection, groups folded into the batch
             with a second batch axis) are read in place by the Triton kernels.
         k, v: (B, H, Lk, D) or (B0, B1, H, Lk, D), same dtype and device as q. Lq != Lk allowed.
@@ -218,6 +219,8 @@ def masked_cross_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
     if backend_for(OP, q.device) != "triton":
         return _sdpa_path(q, k, v, key_mask, query_mask, scale, dropout_p)
 
+    if q.dtype == torch.float64:
+        raise TypeError("q: the Triton kernels take float32, float16 or bfloat16, got torch.float64")
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=q.device)

@@ -304,3 +304,20 @@ def test_bad_input_raises_clear_errors(case, err, match):
     q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
     with pytest.raises(err, match=match):
         case(q, k, v)
+
+
+def test_float64_is_cpu_path_only(backend):
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    out = masked_cross_attention(q, q, q)  # CPU path: fine (gradcheck-friendly)
+    assert out.dtype == torch.float64
+    with backend("triton"), pytest.raises(TypeError, match="Triton kernels take"):
+        masked_cross_attention(q, q, q)
+
+
+def test_cpu_path_gradcheck_float64_with_dead_rows():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = [t.requires_grad_() for t in make(gen, (2, 1, 4, 3), 3)]
+    km = torch.tensor([[True, False, True], [False, False, False]])
+    qm = torch.tensor([[True, False, True, True], [True] * 4])
+    assert torch.autograd.gradcheck(lambda a, b, c: masked_cross_attention(a, b, c, key_mask=km, query_mask=qm),
+                                    (q, k, v))
