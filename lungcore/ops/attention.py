@@ -9,8 +9,9 @@ Dispatch (``lungcore.backend``, op name ``"masked_cross_attention"``):
                    ``lungcore::masked_cross_attention_fwd`` / ``..._bwd`` (one opaque
                    differentiable op for torch.compile and autocast).
     ``reference``  CPU tensors: ``F.scaled_dot_product_attention`` with the boolean mask. It was
-                   2.6-7x faster than the materialised eager reference on 2 CPU cores at our
-                   network shapes (benchmarks/bench_attention.py). SDPA is an aten op that
+                   about 1.5-7x faster than the materialised eager reference on 2 shared CPU
+                   cores at our network shapes, forward and backward, in every interleaved
+                   measurement (benchmarks/bench_attention.py). SDPA is an aten op that
                    torch.compile and autocast already understand, so no wrapper op is needed.
                    Rows whose keys are all masked are given an all-True mask before SDPA and
                    zeroed after it, so they are finite (and have zero gradient) on every torch
