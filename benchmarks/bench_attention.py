@@ -6,7 +6,8 @@ Providers (each left out when it cannot run here, never faked):
                    on CUDA once a mask is given)
     torch.compile  the eager function compiled with inductor
     flex           ``flex_attention`` compiled, block mask from the key mask built once per case
-                   (outside the timing: a real model rebuilds it per batch)
+                   (outside the timing: a real model rebuilds it per batch); forward only on
+                   CPU, where FlexAttention has no backward
     lungcore       ``lungcore.ops.masked_cross_attention``, automatic dispatch: Triton on CUDA,
                    the SDPA path on CPU (the Triton interpreter is far too slow to time)
 
@@ -90,12 +91,13 @@ def cases(device: str, quick: bool) -> list[Case]:
         long = (1, 8, 1024, 1024, 64) if quick else (1, 8, 2048, 2048, 64)
     shapes = [("net A cross", (32, 8, 512, 16, 32)), ("net B cross", (32, 4, 128, 6, 32)), ("long", long)]
     densities = [0.5] if quick else [0.25, 0.5, 0.9]
-    with_flex = device == "cuda" or not quick
     out = []
     for label, (b, h, lq, lk, d) in shapes:
         for density in densities:
             q, k, v, km = _inputs(b, h, lq, lk, d, density, device, dtype)
             for backward in (False, True):
+                # FlexAttention has no CPU backward (NotImplementedError in torch 2.13)
+                with_flex = device == "cuda" or not backward
                 providers, fns = _providers(q, k, v, km, backward, with_flex)
 
                 def check(fns=fns, q=q, k=k, v=v):
