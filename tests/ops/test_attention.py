@@ -321,3 +321,37 @@ def test_cpu_path_gradcheck_float64_with_dead_rows():
     qm = torch.tensor([[True, False, True, True], [True] * 4])
     assert torch.autograd.gradcheck(lambda a, b, c: masked_cross_attention(a, b, c, key_mask=km, query_mask=qm),
                                     (q, k, v))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,h,lq,lk,d", [(32, 8, 512, 16, 32), (32, 4, 128, 6, 32), (2, 4, 1000, 777, 64)])
+def test_network_shapes_bf16_on_gpu(b, h, lq, lk, d, backend):
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = make(gen, (b, h, lq, d), lk, dtype=torch.float32)
+    km, qm = masks(gen, (b,), lq, lk, density=0.5)
+    with count_launches() as launches:
+        got, want = run_both(q, k, v, km, qm, torch.bfloat16, "cuda", lambda: backend("triton"))
+    assert launches[FWD] == 1
+    for name, a, b_ in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel(a.cpu(), b_) < 2e-2, name
+
+
+@pytest.mark.cuda
+def test_memory_is_linear_in_length_on_gpu(backend):
+    """L = 16384: an L x L fp32 score matrix per head would be 1 GiB; the kernels need O(L)."""
+    b, h, L, d = 1, 4, 16384, 64
+    q, k, v = (torch.randn(b, h, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    km = torch.rand(b, L, device="cuda") < 0.5
+    with backend("triton"):  # warm-up: autotuning allocates its own benchmark buffers
+        masked_cross_attention(q, k, v, key_mask=km).sum().backward()
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with backend("triton"):
+        out = masked_cross_attention(q, k, v, key_mask=km)
+        out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    inputs = 3 * q.numel() * q.element_size()
+    assert extra < 4 * inputs, (extra, inputs)  # out, grads, lse, delta: a few input sizes, not L^2
