@@ -1,1 +1,2 @@
 """lungcore.nn"""
+from lungcore.nn.attention import MaskedCrossAttention  # noqa: F401
