@@ -40,6 +40,11 @@ import triton.language as tl
 from lungcore.triton_kernels._launch import record
 
 
+def _empty(shape, device, dtype) -> torch.Tensor:
+    """Allocation of every buffer a kernel writes in full (tests replace it to poison outputs)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -317,7 +322,7 @@ def forward(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     T = N if visible is None else visible.shape[1]
     M = B * T
     w2 = weight.reshape(E, KDIM).contiguous()
-    out = torch.empty((B, T, E), device=volume.device, dtype=volume.dtype)
+    out = _empty((B, T, E), volume.device, volume.dtype)
     if M == 0 or E == 0:
         return out
     vis, svb, svt = _vis_args(visible, volume)
@@ -361,8 +366,8 @@ def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torc
     split = split or _default_split(M, E, KDIM, volume.device)
     split = max(1, min(split, max(M, 1)))
     rows_per_split = triton.cdiv(max(M, 1), split)
-    dw = torch.empty((split, E, KDIM), device=volume.device, dtype=torch.float32)
-    db = torch.empty((split, E), device=volume.device, dtype=torch.float32) if need_bias else dw
+    dw = _empty((split, E, KDIM), volume.device, torch.float32)
+    db = _empty((split, E), volume.device, torch.float32) if need_bias else dw
     g = grad_out.contiguous()
     vis, svb, svt = _vis_args(visible, volume)
 
@@ -389,7 +394,7 @@ def grad_pos(grad_out: torch.Tensor, visible: torch.Tensor | None, num_tokens: i
     B, T, E = grad_out.shape
     N = num_tokens
     g = grad_out.contiguous()
-    dpos = torch.empty((N, E), device=g.device, dtype=dtype)
+    dpos = _empty((N, E), g.device, dtype)
     if visible is not None:
         inv = torch.full((B, N), -1, device=g.device, dtype=torch.int32)
         inv.scatter_(1, visible.long(), torch.arange(T, device=g.device, dtype=torch.int32).expand(B, T))
@@ -415,8 +420,10 @@ def grad_volume(grad_out: torch.Tensor, weight: torch.Tensor, visible: torch.Ten
     T = grad_out.shape[1]
     M = B * T
     # without ``visible`` every voxel (padded or not) has exactly one writer; masked patches have none
-    alloc = torch.empty if visible is None else torch.zeros
-    dvol = alloc(volume_shape, device=grad_out.device, dtype=weight.dtype)
+    if visible is None:
+        dvol = _empty(volume_shape, grad_out.device, weight.dtype)
+    else:
+        dvol = torch.zeros(volume_shape, device=grad_out.device, dtype=weight.dtype)
     if M == 0:
         return dvol
     g = grad_out.contiguous()
