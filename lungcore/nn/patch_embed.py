@@ -184,8 +184,9 @@ class PatchEmbed3d(nn.Module):
         """Port a MONAI ``PatchEmbeddingBlock`` (spatial_dims=3, proj_type "conv").
 
         ``img_size`` is the one the block was built with (MONAI does not store it). The block's
-        position embedding (learnable, sincos or none) becomes a learnable one here unless
-        ``pos_embed=`` is passed; dropout is not ported (apply it on the tokens if needed).
+        position embedding keeps its kind (learnable -> parameter, sincos -> fixed buffer with the
+        block's values, none -> none) unless ``pos_embed=`` says otherwise; dropout is not ported
+        (apply it on the tokens if needed).
         """
         if not hasattr(block, "patch_embeddings") or not hasattr(block, "position_embeddings"):
             raise TypeError(f"block must be a monai PatchEmbeddingBlock, got {type(block).__name__}")
@@ -195,7 +196,8 @@ class PatchEmbed3d(nn.Module):
                              f"{type(proj).__name__} as patch_embeddings")
         weight, bias = proj.weight, proj.bias
         patch = tuple(proj.kernel_size)
-        kind = kwargs.pop("pos_embed", "none" if block.pos_embed_type == "none" else "learnable")
+        default_kind = {"none": "none", "sincos": "sincos"}.get(block.pos_embed_type, "learnable")
+        kind = kwargs.pop("pos_embed", default_kind)
         module = cls(weight.shape[1], weight.shape[0], patch, img_size, bias=bias is not None, pos_embed=kind,
                      **kwargs)
         if module.num_tokens != int(block.n_patches):
@@ -205,12 +207,16 @@ class PatchEmbed3d(nn.Module):
             module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
-            if kind == "learnable":
+            if kind != "none":  # the block's values (a sincos block may use another temperature)
                 module.pos_embed.copy_(block.position_embeddings.reshape(module.num_tokens, module.embed_dim))
         return module.to(weight.device)
 
     def to_monai(self, num_heads: int = 1) -> nn.Module:
-        """The equivalent MONAI ``PatchEmbeddingBlock`` (proj_type "conv", dropout 0)."""
+        """The equivalent MONAI ``PatchEmbeddingBlock`` (proj_type "conv", dropout 0).
+
+        Any position embedding is copied into the block's ``position_embeddings`` (frozen when it
+        is a sincos table), so this also works for widths that MONAI's own sincos refuses.
+        """
         from monai.networks.blocks import PatchEmbeddingBlock
 
         if self.norm is not None or self.pad:
@@ -227,4 +233,6 @@ class PatchEmbed3d(nn.Module):
                 block.position_embeddings.copy_(self.pos_embed[None])
             else:
                 block.position_embeddings.zero_()
+        # a fixed sincos table stays fixed (what MONAI's pos_embed_type="sincos" does)
+        block.position_embeddings.requires_grad_(self.pos_embed_kind != "sincos")
         return block
