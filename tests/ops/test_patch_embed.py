@@ -273,3 +273,24 @@ def test_model_trains_under_compile_and_autocast(rng, device):
     assert torch.allclose(eager.float(), fused.float(), rtol=1e-2, atol=1e-2)
     assert launches["patch_embed3d.forward"] >= 6 and launches["patch_embed3d.grad_weight"] == 6
     assert launches["patch_embed3d.grad_pos"] == 6
+
+
+@pytest.mark.parametrize("with_visible", [False, True])
+def test_registered_op_passes_opcheck(rng, device, with_visible):
+    """The custom op (what torch.compile sees): schema, fake tensors, autograd registration."""
+    from lungcore.ops.patch_embed import _patch_embed3d_op
+
+    inputs, N = _inputs(rng, 2, 1, (2, 8, 8), (2, 4, 4), 8, device)
+    x, w, b, pos = (t.float().requires_grad_(True) for t in inputs)
+    visible = _visible(rng, 2, N, 2, device) if with_visible else None
+    with use_backend("triton"), count_launches() as launches:
+        torch.library.opcheck(_patch_embed3d_op, (x, w, b, pos, visible, False, True))
+        out = _patch_embed3d_op(x, w, b, pos, visible, False, True)
+        out.sum().backward()
+    assert launches["patch_embed3d.grad_weight"] >= 1 and launches["patch_embed3d.grad_volume"] >= 1
+    ref_in = [t.detach().double().requires_grad_(True) for t in (x, w, b, pos)]
+    ref = conv3d_reference(*ref_in, visible)
+    ref.sum().backward()
+    assert _rel(out, ref) < _tol(torch.float32, device)
+    for k, r in zip((x, w, b, pos), ref_in):
+        assert _rel(k.grad, r.grad) < _tol(torch.float32, device)
