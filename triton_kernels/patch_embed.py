@@ -146,7 +146,7 @@ def _forward_kernel(vol_ptr, w_ptr, bias_ptr, pos_ptr, vis_ptr, out_ptr,
                                                  PD, PH, PW, HAS_VIS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KDIM, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+        k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)
         a, _ = _load_patches(vol_ptr, row_off, d0, h0, w0, row_ok, k, KDIM, D, H, W,
                              stride_c, stride_d, stride_h, stride_w, PD, PH, PW, PAD)
         # weight is (E, K) row-major: the (BLOCK_K, BLOCK_N) tile is W^T
@@ -278,7 +278,7 @@ def _grad_volume_kernel(dout_ptr, w_ptr, vis_ptr, dvol_ptr,
                                                  PD, PH, PW, HAS_VIS)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
+        e = tl.multiple_of(e0, BLOCK_E) + tl.arange(0, BLOCK_E)
         g = tl.load(dout_ptr + m[:, None].to(tl.int64) * E + e[None, :],
                     mask=row_ok[:, None] & (e < E)[None, :], other=0.0)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * KDIM + k[None, :],
