@@ -52,9 +52,20 @@ def _shapes(device: str, quick: bool):
             ("UNETR", 1 if small else 4, 1, (96, 96, 96), (16, 16, 16), 768)]
 
 
+def _compiled_gather_first():
+    # one graph per (shape, ratio, grad mode): 8 or more, past dynamo's default limit of 8
+    # recompiles, after which it would silently run eager
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    return torch.compile(gather_first_path, dynamic=False)
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    compiled = torch.compile(gather_first_path, dynamic=False)
+    compiled = _compiled_gather_first()
     out: list[Case] = []
     for label, B, C, spatial, patch, E in _shapes(device, quick):
         g = torch.Generator().manual_seed(0)

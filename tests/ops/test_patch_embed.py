@@ -294,3 +294,18 @@ def test_registered_op_passes_opcheck(rng, device, with_visible):
     assert _rel(out, ref) < _tol(torch.float32, device)
     for k, r in zip((x, w, b, pos), ref_in):
         assert _rel(k.grad, r.grad) < _tol(torch.float32, device)
+
+
+def test_strided_visible_and_empty_visible(rng, device):
+    inputs, N = _inputs(rng, 2, 1, (4, 8, 8), (2, 4, 4), 16, device)
+    order = torch.rand(2, N, device=device).argsort(dim=1)
+    visible = order[:, :3]                       # a non-contiguous view, as MAE masking makes it
+    assert not visible.is_contiguous()
+    _check_forward_backward(inputs, visible, device)
+    x, w, b, pos = (t.float().requires_grad_(True) for t in inputs)
+    with use_backend("triton"):
+        out = patch_embed3d(x, w, b, pos, order[:, :0])
+        assert out.shape == (2, 0, 16)
+        out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(pos.grad, torch.zeros_like(pos))
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(b.grad, torch.zeros_like(b))
