@@ -309,3 +309,13 @@ def test_strided_visible_and_empty_visible(rng, device):
         out.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(pos.grad, torch.zeros_like(pos))
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_network_a_shape_on_gpu(rng, dtype):
+    """Network A's full shape (B=16, 1x32x128x128, patch 4x16x16, E=256, mask ratio 0.75) on a GPU."""
+    inputs, N = _inputs(rng, 16, 1, (32, 128, 128), (4, 16, 16), 256, "cuda")
+    assert N == 512
+    _check_forward_backward(inputs, _visible(rng, 16, N, 128, "cuda"), "cuda", dtype, need_volume=False)
+    _check_forward_backward(inputs, None, "cuda", dtype, need_volume=False)
