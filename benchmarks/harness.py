@@ -11,8 +11,9 @@ library where there is no eager PyTorch equivalent). Providers that are unavaila
 are simply left out of the dict (never faked). ``check`` (optional) verifies that the providers
 agree before anything is timed, so a fast wrong answer is never reported.
 
-Timing: on CUDA ``triton.testing.do_bench`` (median, ms); on CPU a warm-up call then the median
-of repeats within a time budget. Peak memory: CUDA max allocated; on CPU tracemalloc is not
+Timing: on CUDA ``triton.testing.do_bench`` (median, ms); on CPU a warm-up call each, then the
+providers timed round-robin (so a shared machine's load drift hits them alike) and the median of
+the repeats within a time budget. Peak memory: CUDA max allocated; on CPU tracemalloc is not
 meaningful for torch, so it is reported as None. Ratios are only quoted within one run.
 """
 from __future__ import annotations
@@ -59,17 +60,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_cpu(fn: Callable[[], Any], budget_s: float = 2.0, min_repeats: int = 3,
-             max_repeats: int = 50) -> tuple[float, int]:
-    """(median ms, repeats) of ``fn`` on CPU after one warm-up call."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+def time_cpu_interleaved(providers: dict[str, Callable[[], Any]], budget_s: float = 2.0,
+                         min_repeats: int = 3, max_repeats: int = 50) -> dict[str, tuple[float, int]]:
+    """(median ms, repeats) per provider on CPU, timed round-robin after one warm-up call each.
+
+    Interleaving the providers spreads the load of a shared machine evenly over them, so the
+    ratios of one run stay meaningful even when absolute times drift.
+    """
+    for fn in providers.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), len(times)
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - start < budget_s * len(providers)):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: (statistics.median(ts), len(ts)) for name, ts in times.items()}
 
 
 def time_cuda(fn: Callable[[], Any]) -> tuple[float, int]:
@@ -85,17 +94,17 @@ def run_case(op: str, case: Case, device: str, budget_s: float = 2.0) -> list[Re
     if case.check is not None:
         case.check()
     measured: dict[str, tuple[float, int, float | None]] = {}
-    for name, fn in case.providers.items():
-        gc.collect()
-        peak = None
-        if device == "cuda":
+    if device == "cuda":
+        for name, fn in case.providers.items():
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             ms, reps = time_cuda(fn)
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            ms, reps = time_cpu(fn, budget_s=budget_s)
-        measured[name] = (ms, reps, peak)
+            measured[name] = (ms, reps, torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        gc.collect()
+        for name, (ms, reps) in time_cpu_interleaved(case.providers, budget_s=budget_s).items():
+            measured[name] = (ms, reps, None)
     base = measured.get(case.baseline, (None,))[0]
     return [
         Result(op=op, shape=case.shape, provider=name, median_ms=ms,

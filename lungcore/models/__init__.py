@@ -1,1 +1,9 @@
-"""lungcore.models"""
+"""lungcore.models: the two networks (CMML, CSF-Net), built only from lungcore.nn and torch.nn."""
+from lungcore.models.registry import (  # noqa: F401
+    available_models,
+    create,
+    load_model,
+    read_checkpoint,
+    register_model,
+    save_model,
+)

@@ -235,3 +235,29 @@ def test_uno_and_auc_bad_input():
         cumulative_dynamic_auc([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1, 1, 0], [5.0])
     with pytest.raises(ValueError, match=r"risk must be \(n,\) or"):
         cumulative_dynamic_auc(np.zeros((3, 2)), [1.0, 2.0, 3.0], [1, 1, 0], [1.5])
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-8, 0.05, 0.5])
+def test_tied_tol_cpp_equals_reference_and_sksurv(rng, tol):
+    from sksurv.metrics import concordance_index_censored
+
+    risk, time, event = _tied_data(rng, 300)
+    risk = risk * 0.1 + rng.normal(scale=1e-9, size=risk.size)   # near-ties within 1e-8
+    fast = concordance_index(risk, time, event, tied_tol=tol, return_counts=True)
+    slow = concordance_index_reference(risk, time, event, tied_tol=tol)
+    assert fast.as_dict() == pytest.approx(slow.as_dict(), abs=1e-12)
+    sk = concordance_index_censored(event, time, risk, tied_tol=tol)
+    assert abs(fast.cindex - sk[0]) < 1e-12
+    assert (fast.concordant, fast.discordant, fast.tied_risk) == tuple(int(x) for x in sk[1:4])
+    with pytest.raises(ValueError, match="tied_tol"):
+        concordance_index(risk, time, event, tied_tol=-1.0)
+
+
+def test_large_cohort_cpp_equals_lifelines(rng):
+    n = 20_000
+    time = np.round(rng.exponential(24.0, n), 1)
+    event = rng.random(n) < 0.7
+    risk = np.round(rng.normal(size=n), 2)
+    c = concordance_index(risk, time, event, return_counts=True)
+    assert abs(c.cindex - lifelines_utils.concordance_index(time, -risk, event)) < 1e-12
+    assert c.comparable == c.concordant + c.discordant + c.tied_risk

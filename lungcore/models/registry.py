@@ -1,0 +1,149 @@
+"""Model registry shared by both networks, and safe save/load of weights + configuration.
+
+A network registers itself with :func:`register_model`; it must define ``config_class`` (a
+dataclass whose defaults reproduce its paper) and take that config as its only constructor
+argument. Checkpoints are plain dicts of tensors and primitives saved with ``torch.save`` and
+read with ``torch.load(weights_only=True)``: loading a checkpoint can never run code.
+
+The training contract every registered network follows (``lungcore.train`` relies on it):
+
+    task: str                      # "survival" (risks per endpoint) or "classification" (logits)
+    stages: tuple[str, ...]        # e.g. ("pretrain", "finetune") for CMML, ("train",) for CSF-Net
+    def loss(self, batch: dict, stage: str) -> tuple[Tensor, dict[str, float]]
+        # batch = the dict of tensors of DESIGN.md ("Tensors between the data layer and the
+        # models"), as lungcore.data's CohortDataset collates it; returns the scalar to minimise
+        # and named scalars to log
+    def predict(self, batch: dict) -> dict[str, Tensor]
+        # per-patient outputs in eval mode: {"pfs": (B,), "os": (B,)} risks, or
+        # {"logits": (B, 2), "probability": (B,)}
+
+Example:
+    >>> from lungcore.models import available_models
+    >>> isinstance(available_models(), list)
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+M = TypeVar("M", bound=type[nn.Module])
+CHECKPOINT_FORMAT = 1
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Class decorator: make ``create(name)`` build this network."""
+    def wrap(cls: M) -> M:
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(f"register_model({name!r}): {cls.__name__}.config_class must be a dataclass")
+        _REGISTRY[name] = cls
+        cls.model_name = name
+        return cls
+    return wrap
+
+
+def _import_networks() -> None:
+    # networks register on import; importing here keeps `create` usable without extra imports
+    import importlib
+    import pkgutil
+
+    import lungcore.models as models
+
+    for mod in pkgutil.iter_modules(models.__path__):
+        if mod.name not in ("registry",):
+            importlib.import_module(f"lungcore.models.{mod.name}")
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`create`."""
+    _import_networks()
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    _import_networks()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name]
+
+
+def create(name: str, **overrides: Any) -> nn.Module:
+    """Build network ``name`` with its paper defaults, overriding config fields by keyword.
+
+    Example:
+        >>> create("no-such-net")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown model 'no-such-net'; available: ...
+    """
+    cls = model_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"create({name!r}): unknown config fields {unknown}; known: {sorted(fields)}")
+    return cls(cls.config_class(**overrides))
+
+
+def config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's config as plain JSON-able data."""
+    return dataclasses.asdict(model.config)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write weights + config (+ ``extra``: schema, preprocessing, metrics ...) atomically.
+
+    ``extra`` must hold only tensors and primitives (dict/list/str/int/float/bool/None), so the
+    file loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": getattr(model, "model_name", type(model).__name__),
+        "config": config_dict(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``) with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} is corrupt or not a lungcore checkpoint: {exc}") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "model" not in payload:
+        raise ValueError(f"checkpoint {path} is not a lungcore checkpoint (no model/state_dict)")
+    return payload
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, extra) from a checkpoint written by :func:`save_model`; never executes code.
+
+    Example:
+        >>> # model, extra = load_model("runs/cmml/best.pt")
+    """
+    payload = read_checkpoint(path)
+    cls = model_class(payload["model"])
+    model = cls(cls.config_class(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model, payload.get("extra", {})
