@@ -138,7 +138,7 @@ def read_ct_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray |
         raise ValueError(f"not a 3-D volume: shape {img.shape}")
     if str(path).endswith(".nii"):
         header = img.header
-        needed = int(header.get_data_offset()) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+        needed = int(getattr(img.dataobj, "offset", header.get_data_offset())) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
         size = path.stat().st_size
         if size < needed:
             raise ValueError(f"truncated: {size} bytes, the header needs {needed}")

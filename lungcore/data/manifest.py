@@ -219,8 +219,9 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         else:
             first_seen[ident] = r
         ids.append(ident)
-        patient = cell(record, schema.patient_column) if schema.patient_column in columns else ident
-        if patient == "":
+        own_patient = schema.patient_column in columns and schema.patient_column != schema.id_column
+        patient = cell(record, schema.patient_column) if own_patient else ident
+        if patient == "" and own_patient:
             problems.append(ManifestProblem(r, schema.patient_column, "", "patient id must not be empty"))
         patient_ids.append(patient)
 

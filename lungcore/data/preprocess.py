@@ -133,7 +133,7 @@ class PreprocessStats:
     rebuilt: int = 0
     images_read: int = 0
     resample_calls: int = 0
-    boxes: int = 0
+    boxes_resampled: int = 0
     read_s: float = 0.0
     resample_s: float = 0.0
     hash_s: float = 0.0
@@ -309,7 +309,7 @@ class Preprocessor:
         if use_cuda:
             out = out.float().cpu().numpy()
         self.stats.resample_calls += 1
-        self.stats.boxes += len(centres_zyx)
+        self.stats.boxes_resampled += len(centres_zyx)
         self.stats.resample_s += time.perf_counter() - t0
         return np.asarray(out, dtype=np.float32)
 
@@ -376,3 +376,53 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
+
+
+def shard_from_env(shard: str | None = None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); None -> torchrun's ``RANK``/``WORLD_SIZE`` (or (0, 1))."""
+    if shard is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/n (e.g. 0/4), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
+    return i, n
+
+
+def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tuple[int, int] = (0, 1),
+                        progress: bool = False) -> dict[str, Any]:
+    """Fill the cache for every (image, centre) of ``manifest`` that falls in ``shard``.
+
+    Images are dealt to shards by their sorted path (``k % n == i``), so ``n`` processes on any
+    number of machines sharing the cache folder cover the cohort exactly once. All boxes of an
+    image are cropped in one call. Returns a report: counts, seconds, volumes/s, the time split.
+    """
+    from tqdm import tqdm
+
+    i, n = shard
+    jobs: dict[Path, list[tuple[int, int]]] = {}
+    for r, paths in enumerate(manifest.images):
+        for t, p in enumerate(paths):
+            if p is not None:
+                jobs.setdefault(Path(p), []).append((r, t))
+    images = sorted(jobs, key=str)[i::n]
+    frame = manifest.schema.centre_frame
+    import monai.transforms  # noqa: F401 - import cost (seconds) must not count as file reading
+
+    t0 = time.perf_counter()
+    for path in tqdm(images, desc=f"preprocess {i}/{n}", unit="CT", disable=not progress):
+        boxes = jobs[path]
+        centres = [manifest.centres[r, t] for r, t in boxes]
+        try:
+            preprocessor.crops(path, centres, frame)
+        except ValueError as exc:
+            r, t = boxes[0]
+            raise ValueError(f"row {manifest.rows[r]}, column {manifest.schema.image_columns[t]!r}, "
+                             f"value {str(path)!r}: {exc}") from None
+    wall = time.perf_counter() - t0
+    s = preprocessor.stats
+    return {"shard": f"{i}/{n}", "images": len(images), "boxes": sum(len(jobs[p]) for p in images),
+            "seconds": round(wall, 3), "volumes_per_s": round(len(images) / wall, 2) if wall > 0 else None,
+            **s.as_dict()}
