@@ -413,7 +413,8 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
         sp = _patient_geometry(preset, prng)
         lung_semi = _lungs(preset.shape, sp)[0][1]
         max_d = float(1.0 * lung_semi.min())
-        d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), 4.0, 0.7 * max_d))
+        # a nodule narrower than two voxels is invisible at this spacing: the preset sets the floor
+        d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), max(4.0, 2 * sp.max()), 0.7 * max_d))
         growth = float(rng.normal(0.15, 0.35))  # log volume ratio T1/T0
         logit = (-1.6 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35 + 0.6 * (smoking == "current")
                  + 0.4 * (age - 62) / 6 + 0.3 * (screen == "positive"))
