@@ -376,6 +376,7 @@ def _cpu_boxes(vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, o
     out = np.empty((starts.shape[0], *size), dtype=out_dtype)
     finite = _C.resample_boxes(vol, out, np.ascontiguousarray(starts, dtype=np.int64), tuple(grid),
                                tuple(scale), tuple(offset), order, fill, window)
+    backend.record_launch("resample.cpu_boxes")
     if not finite:
         raise ValueError("volume holds NaN or inf values where it is sampled")
     return out
@@ -404,10 +405,15 @@ def _cuda_module():
     import cupy
 
     source = (cuda_source_dir() / "resample.cu").read_text()
-    names = [_kernel_name(i, o) for i in map(np.dtype, _IN_DTYPES)
-             for o in dict.fromkeys([np.dtype(np.float32), np.dtype(np.float64), i])]
+    names = _kernel_names()
     # CuPy caches the compiled module on disk (~/.cupy/kernel_cache), so NVRTC runs once per machine
     return cupy.RawModule(code=source, options=("--std=c++14",), name_expressions=names)
+
+
+def _kernel_names() -> list[str]:
+    """Every kernel instantiation the CuPy module compiles (the nvcc test compiles the same)."""
+    return [_kernel_name(i, o) for i in map(np.dtype, _IN_DTYPES)
+            for o in dict.fromkeys([np.dtype(np.float32), np.dtype(np.float64), i])]
 
 
 def _kernel_name(in_dtype: np.dtype, out_dtype: np.dtype) -> str:
@@ -466,9 +472,16 @@ def _run_boxes(vol: Any, kind: str, starts: np.ndarray, size, grid, scale, offse
     which = backend.backend_for(op, "cpu")
     if which == "cpu":
         return _cpu_boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype)
-    out = _boxes_reference(torch.from_numpy(vol), starts, size, grid, scale, offset, order, fill, window,
-                           _torch_dtype(out_dtype))
+    out = _checked(_boxes_reference(torch.from_numpy(vol), starts, size, grid, scale, offset, order, fill,
+                                    window, _torch_dtype(out_dtype)), vol.dtype)
     return out.numpy()
+
+
+def _checked(out: torch.Tensor, in_dtype: Any) -> torch.Tensor:
+    """The reference path raises on NaN/inf like the kernels do (float inputs only)."""
+    if np.issubdtype(_np_dtype(in_dtype), np.floating) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise ValueError("volume holds NaN or inf values where it is sampled")
+    return out
 
 
 @torch.library.custom_op("lungcore::resample_boxes", mutates_args=())
@@ -481,7 +494,8 @@ def _resample_boxes_op(volume: torch.Tensor, starts: list[int], size: list[int],
     device_type = volume.device.type
     which = backend.backend_for("resample_crop", device_type)
     if which == "reference":
-        return _boxes_reference(volume, st, size, grid, scale, offset, order, fill, win, out_dtype)
+        return _checked(_boxes_reference(volume, st, size, grid, scale, offset, order, fill, win, out_dtype),
+                        volume.dtype)
     if device_type == "cuda" and which == "cupy":
         import cupy
 
