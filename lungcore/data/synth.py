@@ -350,7 +350,7 @@ def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: i
         world = affine[:3, :3] @ idx + affine[:3, 3]
         no_ct = n >= 6 and i == 3  # one patient without a CT exercises ct_mask
         rel = "" if no_ct else _write_ct(out, pid, _canonical_to_stored(vol, flip), affine,
-                                         dicom_every > 0 and i % dicom_every == 1, seed, i)
+                                         dicom_every > 0 and i % dicom_every == 1 % dicom_every, seed, i)
         row = {"patient_id": pid, "ct": rel, "centre_x": _fmt(world[0]) if rel else "",
                "centre_y": _fmt(world[1]) if rel else "", "centre_z": _fmt(world[2]) if rel else "",
                "age": _fmt(age), "sex": sex, "ecog": ecog, "stage": stage, "pdl1_tps": _fmt(pdl1), "smoking": smoking,
@@ -437,7 +437,7 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
                 idx[0] = preset.shape[0] - 1 - idx[0]
             world = affine[:3, :3] @ idx + affine[:3, 3]
             rel = _write_ct(out, f"{nid}_t{t}", _canonical_to_stored(vol, flip), affine,
-                            dicom_every > 0 and i % dicom_every == 1 and t == 1, seed, i)
+                            dicom_every > 0 and i % dicom_every == 1 % dicom_every and t == 1, seed, i)
             row[f"ct_t{t}"] = rel
             for k, axis in enumerate("xyz"):
                 row[f"t{t}_centre_{axis}"] = _fmt(world[k])
