@@ -273,7 +273,7 @@ class Preprocessor:
     def read(self, path: str | Path) -> tuple[CTImage, CTImage]:
         """(the image as stored, the image reoriented per the settings), timed in ``stats.read_s``."""
         t0 = time.perf_counter()
-        source = read_ct(path)
+        source = read_ct(path, dtype=None, contiguous=False)
         image = canonical_orientation(source) if self.settings.canonical else source
         self.stats.images_read += 1
         self.stats.read_s += time.perf_counter() - t0

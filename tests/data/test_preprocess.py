@@ -171,3 +171,19 @@ def test_preprocess_command(nodules, tmp_path, capsys):
     assert main(args) == 0
     assert "8 hits, 0 misses" in capsys.readouterr().out
     assert (tmp_path / "report-0-of-1.json").is_file()
+
+
+def test_native_dtype_strided_read_equals_float32_read(nodules):
+    """The hot path reads int16 as stored, as a strided view; same crop as a float32 contiguous read."""
+    from lungcore.data import canonical_orientation
+    from lungcore.ops import resample_crop
+
+    manifest, _ = nodules
+    s = PreprocessSettings.csfnet()
+    for path, centre in ((manifest.images[0][0], manifest.centres[0, 0]), (manifest.images[1][1], manifest.centres[1, 1])):
+        native = read_ct(path, dtype=None, contiguous=False)
+        assert native.array.dtype in (np.int16, np.float32)
+        image = canonical_orientation(read_ct(path))
+        idx = image.world_to_index(centre)[None]
+        expected = resample_crop(image.array, image.spacing, s.spacing, idx, s.crop, window=s.window)[0]
+        np.testing.assert_allclose(Preprocessor(s).crop(path, centre), expected, atol=1e-6)
