@@ -111,24 +111,40 @@ def _parse_float(cell: str) -> float | None:
         return None
 
 
-def _check_image(path: Path, level: str) -> tuple[str, str] | None:
-    """None if fine, else (message, detail)."""
+def _check_image(path: Path, level: str) -> tuple[tuple[str, str] | None, tuple[tuple[int, ...], np.ndarray] | None]:
+    """(None if fine else (message, detail), (shape, affine) when the check learnt them)."""
     if level == "none":
-        return None
+        return None, None
     if not path.exists():
-        return "file not found", ""
+        return ("file not found", ""), None
     if level == "exists":
-        return None
+        return None, None
     from lungcore.data.io import read_ct, read_ct_header
 
     try:
         if level == "full":
-            read_ct(path)
-        else:
-            read_ct_header(path)
+            ct = read_ct(path, dtype=None, contiguous=False)
+            return None, (ct.shape, ct.affine)
+        shape, affine = read_ct_header(path)
+        return None, None if affine is None else (shape, affine)
     except Exception as exc:  # noqa: BLE001 - any reader failure is an unreadable image
-        return "unreadable image (not a NIfTI file or DICOM series lungcore can read)", f"{type(exc).__name__}: {exc}"
-    return None
+        return ("unreadable image (not a NIfTI file or DICOM series lungcore can read)",
+                f"{type(exc).__name__}: {exc}"), None
+
+
+def _centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[int, ...], np.ndarray]) -> str | None:
+    shape, affine = geometry
+    if frame == "voxel":
+        idx = centre_xyz[::-1]
+    else:
+        inv = np.linalg.inv(affine)
+        idx = inv[:3, :3] @ centre_xyz + inv[:3, 3]
+    n = np.asarray(shape, dtype=np.float64)
+    if np.all(idx >= -0.5) and np.all(idx <= n - 0.5):
+        return None
+    hint = " (are the coordinates LPS millimetres? RAS flips the signs of x and y)" if frame == "world" else ""
+    return (f"centre lies outside the image: voxel index (z, y, x) {np.round(idx, 1).tolist()}, "
+            f"image shape {tuple(int(v) for v in shape)}{hint}")
 
 
 def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
@@ -229,12 +245,13 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         row_images: list[Path | None] = []
         for t, col in enumerate(schema.image_columns):
             value = cell(record, col)
+            geometry = None
             if value == "":
                 row_images.append(None)
             else:
                 p = Path(value)
                 p = p if p.is_absolute() else root / p
-                bad = _check_image(p, images)
+                bad, geometry = _check_image(p, images)
                 if bad:
                     problems.append(ManifestProblem(r, col, value, *bad))
                 row_images.append(p)
@@ -253,6 +270,10 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
                         problems.append(ManifestProblem(r, c, text, "centre coordinate must be a finite number"))
                     else:
                         centres[i, t, k] = x
+                if value != "" and geometry is not None and np.all(np.isfinite(centres[i, t])):
+                    outside = _centre_outside(centres[i, t], schema.centre_frame, geometry)
+                    if outside:
+                        problems.append(ManifestProblem(r, cols[0], cells[0], outside))
         image_paths.append(row_images)
 
         # clinical

@@ -136,3 +136,13 @@ def test_validate_command(cohort, capsys):
     good = cohort("P1,good.nii.gz,61,former,3,1,10,0")
     assert main(["validate", "--manifest", str(good)]) == 0
     assert "OK, 1 rows" in capsys.readouterr().out
+
+
+def test_centre_outside_the_image(cohort, tmp_path):
+    header = HEADER + ",centre_x,centre_y,centre_z"
+    # good.nii.gz: 4 x 6 x 6 voxels, affine diag(2, 1, 1): depth runs along world x (2 mm), height along y
+    assert not check_manifest(cohort("P1,good.nii.gz,61,former,3,1,10,0,2,3,4", header=header))[1]
+    p = _only(cohort("P1,good.nii.gz,61,former,3,1,10,0,-2,-3,4", header=header))
+    assert (p.row, p.column, p.value) == (2, "centre_x", "-2")
+    assert p.message == ("centre lies outside the image: voxel index (z, y, x) [-1.0, -3.0, 4.0], image shape "
+                         "(4, 6, 6) (are the coordinates LPS millimetres? RAS flips the signs of x and y)")
