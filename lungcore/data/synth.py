@@ -13,7 +13,7 @@ with a table offset (and, for some patients, slices stored from head to feet). T
 - ``nodules`` (CSF-Net shape): a nodule at T0 and T1 (a rescan months later, patient shifted on
   the table); malignant-leaning nodules are larger, grow between the scans and smokers/older
   patients carry more risk; the label is drawn from a known logistic model (oracle AUC known).
-  Several nodules may belong to one patient.
+  Several nodules may belong to one patient: they sit in the same T0 and T1 scans.
 
 Some patients have missing clinical values, a missing endpoint or (survival) no CT; every fourth
 patient's CT is a DICOM series (uint16, RescaleIntercept -1024) instead of a NIfTI file. Output is
@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,14 @@ def _lungs(shape: tuple[int, int, int], spacing: np.ndarray) -> list[tuple[np.nd
 
 
 def chest_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator, *,
-                  lesion_centre_mm: np.ndarray | None = None, lesion_radius_mm: float = 0.0,
-                  lesion_texture: float = 0.0, noise_hu: float = 20.0, anatomy_seed: int = 0) -> np.ndarray:
+                  lesions: Sequence[tuple[np.ndarray, float, float]] = (), noise_hu: float = 20.0,
+                  anatomy_seed: int = 0) -> np.ndarray:
     """A chest-like HU volume (z, y, x) float32 in canonical orientation (y posterior, x left).
 
-    ``lesion_centre_mm`` is relative to the volume centre (z, y, x); the lesion is a slightly
-    lobulated sphere with partial-volume edges whose heterogeneity grows with ``lesion_texture``.
-    ``anatomy_seed`` fixes body, lungs and vessels (a rescan of the same patient reuses it);
-    ``rng`` draws the noise and the lesion texture.
+    ``lesions``: (centre in mm from the volume centre (z, y, x), radius mm, texture in [0, 1]) per
+    lesion; each is a slightly lobulated sphere with partial-volume edges whose heterogeneity
+    grows with its texture. ``anatomy_seed`` fixes body, lungs and vessels (a rescan of the same
+    patient reuses it); ``rng`` draws the noise and the lesion texture.
     """
     sp = np.asarray(spacing, dtype=np.float64)
     z, y, x = _grid(shape, sp)
@@ -118,8 +119,9 @@ def chest_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, floa
             branch = end + anat.normal(size=3) * semi * 0.25
             _paint_segment(vol, lung_mask, sp, mid, branch, radius=anat.uniform(0.8, 1.5), hu=SOFT_HU)
 
-    if lesion_centre_mm is not None and lesion_radius_mm > 0:
-        _paint_lesion(vol, sp, np.asarray(lesion_centre_mm, dtype=np.float64), lesion_radius_mm, lesion_texture, rng)
+    for centre, radius, texture in lesions:
+        if radius > 0:
+            _paint_lesion(vol, sp, np.asarray(centre, dtype=np.float64), float(radius), float(texture), rng)
 
     inside = vol > AIR_HU
     vol[inside] += rng.normal(0.0, noise_hu, size=int(inside.sum())).astype(np.float32)
@@ -341,8 +343,8 @@ def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: i
         obs_pfs, ev_pfs = min(t_pfs, censor), int(t_pfs <= censor)
         obs_os, ev_os = min(t_os, censor), int(t_os <= censor)
 
-        vol = chest_phantom(preset.shape, sp, rng, lesion_centre_mm=site, lesion_radius_mm=diameter / 2,
-                            lesion_texture=texture, anatomy_seed=seed * 100003 + i)
+        vol = chest_phantom(preset.shape, sp, rng, lesions=[(site, diameter / 2, texture)],
+                            anatomy_seed=seed * 100003 + i)
         idx_canonical = site / sp + (np.asarray(preset.shape) - 1) / 2
         idx = idx_canonical.copy()
         if flip:
@@ -390,73 +392,80 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
     header = ["nodule_id", "patient_id", "ct_t0", "ct_t1", "t0_centre_x", "t0_centre_y", "t0_centre_z",
               "t1_centre_x", "t1_centre_y", "t1_centre_z", *schema.clinical_names, "label"]
     rows, truth, logits, labels = [], [], [], []
-    bar = _progress(verbose, 2 * n, "synth nodules")
+    bar = _progress(verbose, n, "synth nodules")
     patient = 0
-    nodule_in_patient = 0
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        # about one patient in four has a second nodule (same patient id, same clinical values)
-        if i > 0 and nodule_in_patient == 0 and rng.uniform() < 0.25:
-            nodule_in_patient = 1
-        else:
-            patient += 1
-            nodule_in_patient = 0
+    while len(rows) < n:
         prng = np.random.default_rng([seed, 10_000 + patient])
-        pid = f"S{patient:04d}"
-        nid = f"{pid}_N{nodule_in_patient + 1}"
+        pid = f"S{patient + 1:04d}"
+        # about one patient in four has a second nodule: both are in the same T0 and T1 scans
+        count = min(2 if prng.uniform() < 0.25 else 1, n - len(rows))
         age = float(np.clip(prng.normal(62, 6), 55, 80))
         gender = prng.choice(["F", "M"], p=[0.42, 0.58])
         race = prng.choice(["white", "black", "asian", "other"], p=[0.8, 0.1, 0.06, 0.04])
         smoking = prng.choice(["former", "current"], p=[0.5, 0.5])
         screen = prng.choice(["negative", "positive"], p=[0.4, 0.6])
         isolation = prng.choice(["no", "yes"], p=[0.7, 0.3])
+        clinical = {"age": _fmt(age), "gender": gender, "race": race, "smoking": smoking, "screen_result": screen,
+                    "isolation": isolation}
+        for name in schema.clinical_names:
+            if _blank(prng, missing) or (n >= 4 and patient == 2 and name == "smoking"):
+                clinical[name] = ""
         sp = _patient_geometry(preset, prng)
         lung_semi = _lungs(preset.shape, sp)[0][1]
         max_d = float(1.0 * lung_semi.min())
-        # a nodule narrower than two voxels is invisible at this spacing: the preset sets the floor
-        d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), max(4.0, 2 * sp.max()), 0.7 * max_d))
-        growth = float(rng.normal(0.15, 0.35))  # log volume ratio T1/T0
-        logit = (-1.6 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35 + 0.6 * (smoking == "current")
-                 + 0.4 * (age - 62) / 6 + 0.3 * (screen == "positive"))
-        label = int(rng.uniform() < 1 / (1 + math.exp(-logit)))
-        d1 = float(np.clip(d0 * math.exp(max(growth, -0.3) / 3), 3.0, max_d))
-        site = _lesion_site(preset.shape, sp, d1 / 2, rng)
-        shift = rng.normal(0, 6, size=3)  # the patient lies differently on the table at T1
+        nodules = []
+        for k in range(count):
+            rng = np.random.default_rng([seed, patient, k])
+            # a nodule narrower than two voxels is invisible at this spacing: the preset sets the floor
+            d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), max(4.0, 2 * sp.max()), 0.7 * max_d))
+            growth = float(rng.normal(0.15, 0.35))  # log volume ratio T1/T0
+            logit = (-1.6 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35 + 0.6 * (smoking == "current")
+                     + 0.4 * (age - 62) / 6 + 0.3 * (screen == "positive"))
+            label = int(rng.uniform() < 1 / (1 + math.exp(-logit)))
+            d1 = float(np.clip(d0 * math.exp(max(growth, -0.3) / 3), 3.0, max_d))
+            for _ in range(50):  # keep two nodules of a scan apart
+                site = _lesion_site(preset.shape, sp, d1 / 2, rng)
+                if all(np.linalg.norm(site - other["site"]) > (d1 + other["d1"]) / 2 + 4.0 for other in nodules):
+                    break
+            nodules.append({"d0": d0, "d1": d1, "growth": growth, "logit": logit, "label": label, "site": site})
         flip = patient % 3 == 2
-        anatomy = seed * 100003 + patient
-        row: dict[str, str] = {"nodule_id": nid, "patient_id": pid}
-        idx_t = []
-        for t, (d, sh) in enumerate(((d0, None), (d1, shift))):
-            trng = np.random.default_rng([seed, i, t])
-            affine = _affine(preset.shape, sp, np.random.default_rng([seed, 10_000 + patient, 7]), flip_z=flip,
-                             shift_mm=sh)
-            vol = chest_phantom(preset.shape, sp, trng, lesion_centre_mm=site, lesion_radius_mm=d / 2,
-                                lesion_texture=0.2, anatomy_seed=anatomy)
-            idx = site / sp + (np.asarray(preset.shape) - 1) / 2
-            if flip:
-                idx[0] = preset.shape[0] - 1 - idx[0]
-            world = affine[:3, :3] @ idx + affine[:3, 3]
-            rel = _write_ct(out, f"{nid}_t{t}", _canonical_to_stored(vol, flip), affine,
-                            dicom_every > 0 and i % dicom_every == 1 % dicom_every and t == 1, seed, i)
-            row[f"ct_t{t}"] = rel
-            for k, axis in enumerate("xyz"):
-                row[f"t{t}_centre_{axis}"] = _fmt(world[k])
-            idx_t.append(idx)
+        base = np.random.default_rng([seed, 10_000 + patient, 7])
+        shift = base.normal(0, 6, size=3)  # the patient lies differently on the table at T1
+        affine_seed = int(base.integers(2**31))
+        idx = [n_["site"] / sp + (np.asarray(preset.shape) - 1) / 2 for n_ in nodules]
+        if flip:
+            for v in idx:
+                v[0] = preset.shape[0] - 1 - v[0]
+        paths, worlds = [], []
+        for t in (0, 1):
+            affine = _affine(preset.shape, sp, np.random.default_rng(affine_seed), flip_z=flip,
+                             shift_mm=None if t == 0 else shift)
+            lesions = [(n_["site"], n_["d0" if t == 0 else "d1"] / 2, 0.2) for n_ in nodules]
+            vol = chest_phantom(preset.shape, sp, np.random.default_rng([seed, patient, 100 + t]), lesions=lesions,
+                                anatomy_seed=seed * 100003 + patient)
+            dicom = dicom_every > 0 and patient % dicom_every == 1 % dicom_every and t == 1
+            paths.append(_write_ct(out, f"{pid}_t{t}", _canonical_to_stored(vol, flip), affine, dicom, seed, patient))
+            worlds.append([affine[:3, :3] @ v + affine[:3, 3] for v in idx])
+        for k, nod in enumerate(nodules):
+            nid = f"{pid}_N{k + 1}"
+            row: dict[str, str] = {"nodule_id": nid, "patient_id": pid, "ct_t0": paths[0], "ct_t1": paths[1]}
+            for t in (0, 1):
+                for a, axis in enumerate("xyz"):
+                    row[f"t{t}_centre_{axis}"] = _fmt(worlds[t][k][a])
+            row.update(clinical)
+            row["label"] = str(nod["label"])
+            rows.append(row)
+            truth.append({"nodule_id": nid, "logit": _fmt(nod["logit"]), "label": str(nod["label"]),
+                          "diameter_t0_mm": _fmt(nod["d0"]), "diameter_t1_mm": _fmt(nod["d1"]),
+                          "log_growth": _fmt(nod["growth"]),
+                          "t0_index_z": _fmt(idx[k][0]), "t0_index_y": _fmt(idx[k][1]), "t0_index_x": _fmt(idx[k][2]),
+                          "t1_index_z": _fmt(idx[k][0]), "t1_index_y": _fmt(idx[k][1]), "t1_index_x": _fmt(idx[k][2]),
+                          "spacing_z": _fmt(sp[0]), "spacing_y": _fmt(sp[1]), "spacing_x": _fmt(sp[2]),
+                          "flip_z": str(int(flip))})
+            logits.append(nod["logit"])
+            labels.append(nod["label"])
             bar.update()
-        row.update({"age": _fmt(age), "gender": gender, "race": race, "smoking": smoking, "screen_result": screen,
-                    "isolation": isolation, "label": str(label)})
-        for name in schema.clinical_names:
-            if _blank(rng, missing) or (n >= 4 and i == 2 and name == "smoking"):
-                row[name] = ""
-        rows.append(row)
-        truth.append({"nodule_id": nid, "logit": _fmt(logit), "label": str(label), "diameter_t0_mm": _fmt(d0),
-                      "diameter_t1_mm": _fmt(d1), "log_growth": _fmt(growth),
-                      "t0_index_z": _fmt(idx_t[0][0]), "t0_index_y": _fmt(idx_t[0][1]), "t0_index_x": _fmt(idx_t[0][2]),
-                      "t1_index_z": _fmt(idx_t[1][0]), "t1_index_y": _fmt(idx_t[1][1]), "t1_index_x": _fmt(idx_t[1][2]),
-                      "spacing_z": _fmt(sp[0]), "spacing_y": _fmt(sp[1]), "spacing_x": _fmt(sp[2]),
-                      "flip_z": str(int(flip))})
-        logits.append(logit)
-        labels.append(label)
+        patient += 1
     bar.close()
     _write_csv(out / "manifest.csv", header, rows)
     _write_csv(out / "truth.csv", list(truth[0]), truth)

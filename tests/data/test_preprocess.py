@@ -187,3 +187,17 @@ def test_native_dtype_strided_read_equals_float32_read(nodules):
         idx = image.world_to_index(centre)[None]
         expected = resample_crop(image.array, image.spacing, s.spacing, idx, s.crop, window=s.window)[0]
         np.testing.assert_allclose(Preprocessor(s).crop(path, centre), expected, atol=1e-6)
+
+
+def test_nodules_of_one_scan_are_cropped_from_one_read(tmp_path):
+    m = read_manifest(synth_cohort("nodules", tmp_path / "c", n=12, preset="tiny", seed=4, dicom_every=0)["manifest"])
+    unique = {p for row in m.images for p in row}
+    assert len(unique) < 2 * len(m), "the cohort should have a patient with two nodules in the same scans"
+    pre = Preprocessor(PreprocessSettings.csfnet(), cache_dir=tmp_path / "cache")
+    report = preprocess_manifest(m, pre)
+    assert report["images"] == report["images_read"] == report["resample_calls"] == len(unique)
+    assert report["boxes"] == report["boxes_resampled"] == 2 * len(m)
+    # each nodule's crop is centred on its own nodule, not its neighbour's
+    for i in range(len(m)):
+        hu = _hu(pre.crop(m.images[i][0], m.centres[i, 0]))
+        assert -150 < hu[8, 31:34, 31:34].mean() < 200
