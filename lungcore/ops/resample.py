@@ -27,10 +27,12 @@ Grid convention (DESIGN.md "Spatial conventions"), per array axis (z, y, x) with
   ``fill`` (then windowed, when a window is given): the crop equals resample-then-crop with the
   resampled volume padded by ``fill``. A box whose centre lies outside the volume is an error.
 
-Orders: 0 (nearest; ties round up, as scipy) and 1 (trilinear). Cubic B-spline (order 3) is not
-implemented. Backends (``lungcore.backend``): ``cpu`` = the OpenMP C++ core ``lungcore._C``,
-``cupy`` = CUDA C++ (``csrc/cuda/resample.cu``) compiled at run time through CuPy NVRTC (CUDA
-torch tensors go through DLPack, no host round trip), ``reference`` = the PyTorch oracle.
+Orders: 0 (nearest; ties round up, as scipy), 1 (trilinear) and 3 (cubic B-spline, scipy's recipe
+for mode="nearest": edge-pad by 12 voxels, prefilter with mirror ends, sample the padded spline;
+it overshoots at sharp edges like scipy's, so HU may leave the input range).
+Backends (``lungcore.backend``): ``cpu`` = the OpenMP C++ core ``lungcore._C``, ``cupy`` = CUDA C++
+(``csrc/cuda/resample.cu``) compiled at run time through CuPy NVRTC (CUDA torch tensors go through
+DLPack, no host round trip), ``reference`` = the PyTorch oracle.
 
 Example:
     >>> import numpy as np
@@ -264,9 +266,9 @@ def _window(window: Any) -> tuple[float, float] | None:
 
 
 def _order(order: Any) -> int:
-    if order == 3:
-        raise ValueError("order must be 0 (nearest) or 1 (trilinear); cubic B-spline (order 3) is not implemented")
-    return int(checks.one_of("order", order, (0, 1)))
+    if isinstance(order, bool):
+        raise ValueError(f"order must be one of (0, 1, 3), got {order!r}")
+    return int(checks.one_of("order", order, (0, 1, 3)))
 
 
 def _fill(fill: Any) -> float:
@@ -280,46 +282,70 @@ def _fill(fill: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- reference
+_SPLINE_PAD = 12  # scipy's pad for mode="nearest" before the spline prefilter (|z|^12 ~ 1e-7)
+
+
 def _axis_table(start: int, size: int, grid: int, n: int, scale: float, offset: float, order: int):
+    """(idx (size, K), weights (size, K), valid (size,)) for one axis; K = 1, 2, 4 taps for order 0, 1, 3."""
     j = np.arange(start, start + size, dtype=np.int64)
     valid = (j >= 0) & (j < grid)
     x = scale * j.astype(np.float64) + offset
     if order == 0:
         i0 = np.clip(np.floor(x + 0.5), 0, n - 1).astype(np.int64)
-        return i0, i0, np.zeros(size), valid
+        return i0[:, None], np.ones((size, 1)), valid
     f = np.floor(x)
-    w = x - f
-    i0 = f.astype(np.int64)
-    w = np.where((i0 < 0) | (i0 >= n - 1), 0.0, w)
-    i0 = np.clip(i0, 0, n - 1)
-    i1 = np.minimum(i0 + 1, n - 1)
-    return i0, i1, w, valid
+    u = x - f
+    a = f.astype(np.int64)
+    if order == 1:
+        u = np.where((a < 0) | (a >= n - 1), 0.0, u)
+        i0 = np.clip(a, 0, n - 1)
+        return np.stack([i0, np.minimum(i0 + 1, n - 1)], 1), np.stack([1 - u, u], 1), valid
+    w = np.stack([(1 - u) ** 3 / 6, (4 - 6 * u ** 2 + 3 * u ** 3) / 6, (1 + 3 * u + 3 * u ** 2 - 3 * u ** 3) / 6,
+                  u ** 3 / 6], 1)
+    return np.clip(a[:, None] + np.arange(-1, 3), 0, n - 1), w, valid
+
+
+def _spline_coefficients_reference(vol: torch.Tensor) -> torch.Tensor:
+    """Edge-pad by 12, then solve (c[k-1] + 4 c[k] + c[k+1]) / 6 = x[k] (mirror ends) per axis, densely."""
+    for axis in range(3):
+        n = vol.shape[axis]
+        idx = torch.clamp(torch.arange(-_SPLINE_PAD, n + _SPLINE_PAD, device=vol.device), 0, n - 1)
+        vol = vol.index_select(axis, idx)
+        m = vol.shape[axis]
+        mat = torch.zeros(m, m, dtype=torch.float64, device=vol.device)
+        k = torch.arange(m, device=vol.device)
+        mat[k, k] = 4 / 6
+        mat[k[1:], k[:-1]] = 1 / 6
+        mat[k[:-1], k[1:]] = 1 / 6
+        mat[0, 1] = mat[m - 1, m - 2] = 2 / 6  # mirror: c[-1] = c[1], c[m] = c[m-2]
+        inv = torch.linalg.inv(mat)
+        vol = torch.movedim(torch.tensordot(inv, torch.movedim(vol, axis, 0), dims=1), 0, axis)
+    return vol
 
 
 def _boxes_reference(volume: torch.Tensor, starts: np.ndarray, size: Sequence[int], grid: Sequence[int],
                      scale: Sequence[float], offset: Sequence[float], order: int, fill: float,
                      window: tuple[float, float] | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Gather formulation in float64 (differentiable in ``volume``)."""
+    """Gather formulation in float64 (differentiable in ``volume``): sum over the K^3 taps."""
     vol = volume.to(torch.float64)
     dev = volume.device
+    if order == 3:
+        vol = _spline_coefficients_reference(vol)
+        offset = [o + _SPLINE_PAD for o in offset]
     outs = []
     for b in range(starts.shape[0]):
-        tabs = [_axis_table(int(starts[b, a]), int(size[a]), int(grid[a]), int(volume.shape[a]),
+        tabs = [_axis_table(int(starts[b, a]), int(size[a]), int(grid[a]), int(vol.shape[a]),
                             scale[a], offset[a], order) for a in range(3)]
-        idx = [(torch.as_tensor(t[0], device=dev), torch.as_tensor(t[1], device=dev),
-                torch.as_tensor(t[2], device=dev, dtype=torch.float64)) for t in tabs]
-        (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = idx
-        wz, wy, wx = wz[:, None, None], wy[None, :, None], wx[None, None, :]
-        z0, z1 = z0[:, None, None], z1[:, None, None]
-        y0, y1 = y0[None, :, None], y1[None, :, None]
-        x0, x1 = x0[None, None, :], x1[None, None, :]
-        out = ((1 - wz) * (1 - wy) * (1 - wx) * vol[z0, y0, x0] + (1 - wz) * (1 - wy) * wx * vol[z0, y0, x1]
-               + (1 - wz) * wy * (1 - wx) * vol[z0, y1, x0] + (1 - wz) * wy * wx * vol[z0, y1, x1]
-               + wz * (1 - wy) * (1 - wx) * vol[z1, y0, x0] + wz * (1 - wy) * wx * vol[z1, y0, x1]
-               + wz * wy * (1 - wx) * vol[z1, y1, x0] + wz * wy * wx * vol[z1, y1, x1])
-        valid = (torch.as_tensor(tabs[0][3], device=dev)[:, None, None]
-                 & torch.as_tensor(tabs[1][3], device=dev)[None, :, None]
-                 & torch.as_tensor(tabs[2][3], device=dev)[None, None, :])
+        (iz, wz, vz), (iy, wy, vy), (ix, wx, vx) = [
+            (torch.as_tensor(i, device=dev), torch.as_tensor(w, device=dev, dtype=torch.float64),
+             torch.as_tensor(v, device=dev)) for i, w, v in tabs]
+        out = torch.zeros(tuple(int(v) for v in size), dtype=torch.float64, device=dev)
+        for qz in range(iz.shape[1]):
+            for qy in range(iy.shape[1]):
+                for qx in range(ix.shape[1]):
+                    weight = wz[:, qz, None, None] * wy[None, :, qy, None] * wx[None, None, :, qx]
+                    out = out + weight * vol[iz[:, qz, None, None], iy[None, :, qy, None], ix[None, None, :, qx]]
+        valid = vz[:, None, None] & vy[None, :, None] & vx[None, None, :]
         out = torch.where(valid, out, torch.full_like(out, fill))
         if window is not None:
             out = (out.clamp(window[0], window[1]) - window[0]) / (window[1] - window[0])
@@ -373,9 +399,15 @@ def _cpu_boxes(vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, o
                out_dtype: np.dtype) -> np.ndarray:
     from lungcore import _C
 
+    if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
+        coef_dtype = np.float64 if np.float64 in (vol.dtype, out_dtype) or vol.dtype == np.int32 else np.float32
+        vol = np.pad(vol.astype(coef_dtype, copy=False), _SPLINE_PAD, mode="edge")
+        _C.spline_prefilter3(vol, torch.get_num_threads())
+        offset = tuple(o + _SPLINE_PAD for o in offset)
     out = np.empty((starts.shape[0], *size), dtype=out_dtype)
     finite = _C.resample_boxes(vol, out, np.ascontiguousarray(starts, dtype=np.int64), tuple(grid),
-                               tuple(scale), tuple(offset), order, fill, window)
+                               tuple(scale), tuple(offset), order, fill, window,
+                               torch.get_num_threads())  # the threads torch uses (1 in DataLoader workers)
     backend.record_launch("resample.cpu_boxes")
     if not finite:
         raise ValueError("volume holds NaN or inf values where it is sampled")
@@ -412,8 +444,11 @@ def _cuda_module():
 
 def _kernel_names() -> list[str]:
     """Every kernel instantiation the CuPy module compiles (the nvcc test compiles the same)."""
-    return [_kernel_name(i, o) for i in map(np.dtype, _IN_DTYPES)
-            for o in dict.fromkeys([np.dtype(np.float32), np.dtype(np.float64), i])]
+    names = [_kernel_name(i, o) for i in map(np.dtype, _IN_DTYPES)
+             for o in dict.fromkeys([np.dtype(np.float32), np.dtype(np.float64), i])]
+    names += [_kernel_name(np.dtype(c), np.dtype(o)) for c in (np.float32, np.float64) for o in _IN_DTYPES
+              if not np.issubdtype(o, np.floating)]  # order 3: float coefficients -> integer output
+    return names + [f"lungcore_spline_prefilter3<{t}>" for t in ("float", "double")]
 
 
 def _kernel_name(in_dtype: np.dtype, out_dtype: np.dtype) -> str:
@@ -431,7 +466,18 @@ def _cupy_boxes(vol, starts: np.ndarray, size, grid, scale, offset, order, fill,
         return out
     if h > 65535:
         raise ValueError(f"size: the CUDA kernel supports at most 65535 rows per slice, got {h}")
-    kernel = _cuda_module().get_function(_kernel_name(in_dtype, out_dtype))
+    module = _cuda_module()
+    if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
+        coef = np.float64 if np.float64 in (in_dtype, out_dtype) or in_dtype == np.int32 else np.float32
+        vol = cupy.pad(vol.astype(coef, copy=False), _SPLINE_PAD, mode="edge")
+        prefilter = module.get_function(f"lungcore_spline_prefilter3<{_C_TYPES[np.dtype(coef)]}>")
+        n0, n1, n2 = vol.shape
+        for outer, n, inner in ((1, n0, n1 * n2), (n0, n1, n2), (n0 * n1, n2, 1)):
+            prefilter(((outer * inner + 255) // 256,), (256,), (vol, np.int64(outer), np.int64(n), np.int64(inner)))
+        backend.record_launch("resample.cupy_prefilter")
+        offset = tuple(o + _SPLINE_PAD for o in offset)
+        in_dtype = np.dtype(coef)
+    kernel = module.get_function(_kernel_name(in_dtype, out_dtype))
     starts_dev = cupy.asarray(np.ascontiguousarray(starts, dtype=np.int64))
     bad = cupy.zeros(1, dtype=np.int32)
     bx = 32
@@ -541,6 +587,8 @@ _resample_boxes_op.register_autograd(_backward, setup_context=_setup_context)
 def _prepare(volume: Any) -> tuple[Any, str, np.dtype]:
     kind = _kind(volume)
     if kind == "torch":
+        if type(volume) is not torch.Tensor:  # e.g. MONAI MetaTensor: its affine would be stale after resampling
+            volume = volume.as_subclass(torch.Tensor)
         if volume.dim() != 3:
             raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(volume.shape)}")
         if volume.dtype in (torch.float16, torch.bfloat16):
@@ -568,10 +616,12 @@ def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int =
     Args:
         volume: 3-D numpy array, torch tensor (CPU or CUDA) or CuPy array; int8/uint8/int16/uint16/
             int32/float16/float32/float64/bool, any strides. The result is of the same kind and
-            device (CUDA: DLPack in and out, no host round trip).
+            device (CUDA: DLPack in and out, no host round trip); a torch subclass such as MONAI's
+            MetaTensor comes back as a plain tensor (its affine would be stale: use
+            :func:`resampled_affine`).
         spacing: (sz, sy, sx) of ``volume`` in mm.
         new_spacing: target (sz, sy, sx) in mm, or one number for isotropic voxels.
-        order: 0 nearest, 1 trilinear.
+        order: 0 nearest, 1 trilinear, 3 cubic B-spline (equal to scipy's order 3, mode "nearest").
         fill: value outside the input (HU); the full grid never needs it (edge voxels are
             extended by half a voxel), crops hanging over the edge do.
         out_dtype: float32, float64 or the input dtype (integers round to nearest and saturate).

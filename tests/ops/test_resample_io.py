@@ -162,3 +162,160 @@ def test_monai_spacing_peer_agrees_on_extent(rng):
     monai_out = Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear", padding_mode="border")(image)
     assert tuple(monai_out.shape[1:]) == (15, 10, 10)  # MONAI keeps the first voxel centre: one slice fewer
     assert out.shape == (16, 10, 10)
+
+
+HOST_HARNESS = r"""
+#define __host__
+#define __device__
+#define __forceinline__ inline
+#define LC_HOST_ONLY
+#include "SOURCE"
+
+template <typename In, typename Out>
+static int run(const void* src_, void* dst_, const long long* starts, long long nbox, long long D, long long H,
+               long long W, const long long* n, const long long* st, const long long* m, const double* s,
+               const double* o, int order, double fill, int window, double lo, double hi) {
+    typedef typename lc_acc<In, Out>::type Acc;
+    const In* src = (const In*)src_;
+    Out* dst = (Out*)dst_;
+    int bad = 0;
+    for (long long b = 0; b < nbox; ++b)
+        for (long long kz = 0; kz < D; ++kz)
+            for (long long ky = 0; ky < H; ++ky)
+                for (long long kx = 0; kx < W; ++kx) {
+                    Acc v = lc_sample<In, Out>(src, starts, b, kz, ky, kx, n[0], n[1], n[2], st[0], st[1], st[2],
+                                               m[0], m[1], m[2], s[0], s[1], s[2], o[0], o[1], o[2], order, fill,
+                                               window, lo, hi);
+                    if (!std::isfinite((double)v)) bad = 1;
+                    dst[((b * D + kz) * H + ky) * W + kx] = lc_store<Out, Acc>::apply(v);
+                }
+    return bad;
+}
+#define LC_ENTRY(name, In, Out)                                                                              \
+    extern "C" int name(const void* src, void* dst, const long long* starts, long long nbox, long long D,      \
+                        long long H, long long W, const long long* n, const long long* st, const long long* m, \
+                        const double* s, const double* o, int order, double fill, int window, double lo,     \
+                        double hi) {                                                                         \
+        return run<In, Out>(src, dst, starts, nbox, D, H, W, n, st, m, s, o, order, fill, window, lo, hi);   \
+    }
+LC_ENTRY(lc_i16_f32, short, float)
+LC_ENTRY(lc_f32_f32, float, float)
+LC_ENTRY(lc_f64_f64, double, double)
+LC_ENTRY(lc_i16_i16, short, short)
+LC_ENTRY(lc_f32_i16, float, short)
+extern "C" void lc_prefilter(double* c, long long outer, long long n, long long inner) {
+    for (long long line = 0; line < outer * inner; ++line)
+        lc_prefilter_line<double>(c + (line / inner) * n * inner + line % inner, n, inner);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_math_on_host(tmp_path_factory):
+    """csrc/cuda/resample.cu's per-voxel code (lc_sample, lc_prefilter_line) built for the CPU with g++."""
+    import ctypes
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    folder = tmp_path_factory.mktemp("cuda_host")
+    cpp = folder / "harness.cpp"
+    cpp.write_text(HOST_HARNESS.replace("SOURCE", str(cuda_source_dir() / "resample.cu")))
+    lib = folder / "harness.so"
+    result = subprocess.run(["g++", "-O1", "-std=c++14", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+                             str(cpp), "-o", str(lib)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _host_boxes(lib, fn: str, vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, order, fill, window,
+                out_dtype) -> tuple[np.ndarray, int]:
+    import ctypes
+
+    out = np.full((len(starts), *size), np.nan if np.issubdtype(out_dtype, np.floating) else 7, dtype=out_dtype)
+    ll = lambda v: np.ascontiguousarray(v, dtype=np.int64)  # noqa: E731
+    dd = lambda v: np.ascontiguousarray(v, dtype=np.float64)  # noqa: E731
+    starts, n, st, m = ll(starts), ll(vol.shape), ll([s // vol.itemsize for s in vol.strides]), ll(grid)
+    s, o = dd(scale), dd(offset)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    lo, hi = window if window is not None else (0.0, 1.0)
+    bad = getattr(lib, fn)(ptr(vol), ptr(out), ptr(starts), ctypes.c_longlong(len(starts)),
+                           *(ctypes.c_longlong(v) for v in size), ptr(n), ptr(st), ptr(m), ptr(s), ptr(o),
+                           ctypes.c_int(order), ctypes.c_double(fill), ctypes.c_int(window is not None),
+                           ctypes.c_double(lo), ctypes.c_double(hi))
+    return out, bad
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize("fn,in_dtype,out_dtype,window", [
+    ("lc_i16_f32", np.int16, np.float32, None),
+    ("lc_i16_f32", np.int16, np.float32, (-1200.0, 600.0)),
+    ("lc_f64_f64", np.float64, np.float64, None),
+    ("lc_i16_i16", np.int16, np.int16, None),
+])
+def test_cuda_kernel_math_on_host_matches_cpp(cuda_math_on_host, rng, order, fn, in_dtype, out_dtype, window):
+    """The CUDA kernel's per-voxel code, run on the CPU, equals the C++ core (same grid, fill, window, rounding)."""
+    from lungcore import backend as lc_backend
+    from lungcore import _C
+    from lungcore.ops import crop_starts, resample_crop
+    from lungcore.ops.resample import _SPLINE_PAD, _scale_offset
+
+    volume = (rng.normal(size=(7, 12, 10)) * 400 - 200).astype(in_dtype)
+    old, new, size = (2.5, 0.7, 0.9), (1.0, 1.0, 0.6), (6, 9, 11)
+    n = np.asarray(volume.shape)
+    centers = np.concatenate([rng.uniform(-0.5, n - 0.5, size=(5, 3)), [[0.0, 0.0, 0.0]]])
+    if order == 3 and not np.issubdtype(in_dtype, np.floating):
+        fn = fn.replace("i16_", "f32_")
+    with lc_backend.use_backend("cpu"):
+        expected = resample_crop(volume, old, new, centers, size, order=order, window=window, out_dtype=out_dtype)
+    starts = crop_starts(centers, volume.shape, old, new, size)
+    scale, offset = _scale_offset(old, new)
+    data = volume
+    if order == 3:
+        data = np.pad(volume.astype(np.float64 if in_dtype == np.float64 else np.float32), _SPLINE_PAD, mode="edge")
+        _C.spline_prefilter3(data)
+        offset = tuple(o + _SPLINE_PAD for o in offset)
+    strided = np.empty((data.shape[2], data.shape[1], data.shape[0]), data.dtype).transpose(2, 1, 0)
+    strided[...] = data  # non-contiguous source: the kernel's stride arithmetic is exercised
+    got, bad = _host_boxes(cuda_math_on_host, fn, strided, starts, size, resampled_shape(volume.shape, old, new),
+                           scale, offset, order, -1024.0, window, out_dtype)
+    assert bad == 0
+    if order == 0 or not np.issubdtype(out_dtype, np.floating):
+        tol = 0 if order == 0 else 1
+        assert np.abs(got.astype(np.int64 if tol else got.dtype) - expected.astype(np.int64 if tol else got.dtype)).max() <= tol
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 if window is None else 1e-6)
+
+
+def test_cuda_prefilter_on_host_matches_cpp(cuda_math_on_host, rng):
+    import ctypes
+
+    from lungcore import _C
+
+    data = rng.normal(size=(26, 29, 31))
+    ours = data.copy()
+    _C.spline_prefilter3(ours)
+    theirs = data.copy()
+    p = theirs.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+    n0, n1, n2 = theirs.shape
+    for outer, n, inner in ((1, n0, n1 * n2), (n0, n1, n2), (n0 * n1, n2, 1)):
+        cuda_math_on_host.lc_prefilter(p, ctypes.c_longlong(outer), ctypes.c_longlong(n), ctypes.c_longlong(inner))
+    np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12)
+    # and it is the B-spline interpolation condition: (c[k-1] + 4 c[k] + c[k+1]) / 6 = x[k] inside
+    c = ours
+    recon = c.copy()
+    for axis in range(3):
+        c_m = np.roll(recon, 1, axis)
+        c_p = np.roll(recon, -1, axis)
+        recon = (c_m + 4 * recon + c_p) / 6
+    inner = (slice(2, -2),) * 3
+    np.testing.assert_allclose(recon[inner], data[inner], atol=1e-9)
+
+
+def test_monai_metatensor_comes_back_plain():
+    """A MetaTensor's affine would be stale after resampling: the result is a plain tensor."""
+    pytest.importorskip("monai")
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.zeros(4, 5, 6), affine=torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)))
+    out = resample_volume(image, (2.0, 1.0, 1.0), 1.0)
+    assert type(out) is torch.Tensor and out.shape == (8, 5, 6)
