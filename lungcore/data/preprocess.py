@@ -49,7 +49,7 @@ CACHE_VERSION = 1
 @dataclass(frozen=True)
 class PreprocessSettings:
     """Target grid and crop. ``spacing`` (sz, sy, sx) mm; ``crop`` (D, H, W) output voxels;
-    ``window`` (low, high) HU mapped to [0, 1]; ``order`` 0 nearest / 1 trilinear; ``fill`` HU
+    ``window`` (low, high) HU mapped to [0, 1]; ``order`` 0 nearest / 1 trilinear / 3 cubic; ``fill`` HU
     outside the scan; ``canonical`` reorients to the canonical axial frame first."""
 
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -69,8 +69,8 @@ class PreprocessSettings:
         window = tuple(float(w) for w in self.window)
         if len(window) != 2 or not window[0] < window[1]:
             raise ValueError(f"window must be (low, high) HU with low < high, got {self.window!r}")
-        if self.order not in (0, 1):
-            raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {self.order!r}")
+        if self.order not in (0, 1, 3):
+            raise ValueError(f"order must be 0 (nearest), 1 (trilinear) or 3 (cubic B-spline), got {self.order!r}")
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "crop", crop)
         object.__setattr__(self, "window", window)
