@@ -201,3 +201,13 @@ def test_nodules_of_one_scan_are_cropped_from_one_read(tmp_path):
     for i in range(len(m)):
         hu = _hu(pre.crop(m.images[i][0], m.centres[i, 0]))
         assert -150 < hu[8, 31:34, 31:34].mean() < 200
+
+
+@pytest.mark.parametrize("order", [0, 3])
+def test_other_interpolation_orders(nodules, order):
+    manifest, _ = nodules
+    s = PreprocessSettings(order=order)
+    crop = Preprocessor(s).crop(manifest.images[0][0], manifest.centres[0, 0])
+    linear = Preprocessor(PreprocessSettings()).crop(manifest.images[0][0], manifest.centres[0, 0])
+    assert crop.shape == (16, 64, 64) and np.isfinite(crop).all()
+    assert np.abs(crop - linear).mean() < 0.05
