@@ -55,8 +55,9 @@ MODE_GRAD = 3    # forward: C scan -> gradient
 def _combine(fs_a, fg_a, m_a, s_a, v1_a, v2_a, v3_a, fs_b, fg_b, m_b, s_b, v1_b, v2_b, v3_b):
     # a precedes b in scan order; a set flag in b cuts everything before it (segmented scan)
     m = tl.where(fs_b != 0, m_b, tl.maximum(m_a, m_b))
-    ea = tl.exp(m_a - m)  # <= 1 wherever it is selected
-    eb = tl.exp(m_b - m)
+    # both <= 1 wherever they are selected; the clamp keeps unselected lanes finite (no inf * 0)
+    ea = tl.exp(tl.minimum(m_a - m, 0.0))
+    eb = tl.exp(tl.minimum(m_b - m, 0.0))
     s = tl.where(fs_b != 0, s_b, s_a * ea + s_b * eb)
     v1 = tl.where(fg_b != 0, v1_b * eb, v1_a * ea + v1_b * eb)
     v2 = tl.where(fg_b != 0, v2_b, v2_a + v2_b)
@@ -65,9 +66,11 @@ def _combine(fs_a, fg_a, m_a, s_a, v1_a, v2_a, v3_a, fs_b, fg_b, m_b, s_b, v1_b,
 
 
 @triton.jit
-def _load_row(offs, valid, risk_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W: tl.constexpr, ACC: tl.constexpr):
+def _load_row(offs, valid, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W: tl.constexpr, ACC: tl.constexpr):
     idx = tl.load(perm_ptr + offs, mask=valid, other=0)
-    eta = tl.load(risk_ptr + idx, mask=valid, other=0.0).to(ACC)
+    # subtracting the batch's largest live risk first keeps eta - log S exact in fp32 whatever
+    # the offset of the risks (the loss and gradient are invariant to it)
+    eta = tl.load(risk_ptr + idx, mask=valid, other=0.0).to(ACC) - tl.load(shift_ptr)
     if HAS_W:
         w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(ACC)
     else:
@@ -78,11 +81,11 @@ def _load_row(offs, valid, risk_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W: tl.constexp
 
 
 @triton.jit
-def _state(offs, valid, N, risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
+def _state(offs, valid, N, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
            stats_ptr, sums_ptr, g_ptr,
            MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_STRATA: tl.constexpr,
            EFRON: tl.constexpr, G_VEC: tl.constexpr, ACC: tl.constexpr):
-    idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
+    idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
     zero = tl.zeros(offs.shape, ACC)
     if MODE == 3:
         # forward scan: segment flags at the first member of a stratum / group
@@ -165,7 +168,7 @@ def _last(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scan_aggregate_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
+def _scan_aggregate_kernel(risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
                            stats_ptr, sums_ptr, g_ptr, agg_ptr, N, NB,
                            MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_W: tl.constexpr,
                            HAS_STRATA: tl.constexpr, EFRON: tl.constexpr, G_VEC: tl.constexpr,
@@ -173,7 +176,7 @@ def _scan_aggregate_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart
     pid = tl.program_id(0)
     offs = _offsets(pid, BLOCK, REVERSE)
     valid = offs < N
-    st = _state(offs, valid, N, risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
+    st = _state(offs, valid, N, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
                 stats_ptr, sums_ptr, g_ptr, MODE, HAS_W, HAS_STRATA, EFRON, G_VEC, ACC)
     fs, fg, m, s, v1, v2, v3 = tl.associative_scan(st, 0, _combine)
     tl.store(agg_ptr + 0 * NB + pid, _last(fs, BLOCK).to(ACC))
@@ -231,7 +234,7 @@ def _scan_carry_kernel(agg_ptr, incl_ptr, NB, REVERSE: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
-def _scan_apply_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
+def _scan_apply_kernel(risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
                        stats_ptr, sums_ptr, g_ptr, incl_ptr, out_ptr, N, NB,
                        MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_W: tl.constexpr,
                        HAS_STRATA: tl.constexpr, EFRON: tl.constexpr, G_VEC: tl.constexpr,
@@ -239,7 +242,7 @@ def _scan_apply_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr
     pid = tl.program_id(0)
     offs = _offsets(pid, BLOCK, REVERSE)
     valid = offs < N
-    st = _state(offs, valid, N, risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
+    st = _state(offs, valid, N, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr, start_ptr,
                 stats_ptr, sums_ptr, g_ptr, MODE, HAS_W, HAS_STRATA, EFRON, G_VEC, ACC)
     fs, fg, m, s, v1, v2, v3 = tl.associative_scan(st, 0, _combine)
     if REVERSE:
@@ -270,7 +273,7 @@ def _scan_apply_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr
     elif MODE == 2:
         tl.store(out_ptr + offs, v1, mask=valid)
     else:
-        idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
+        idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
         j = tl.load(start_ptr + offs, mask=valid, other=0)
         log_sg = tl.load(stats_ptr + j, mask=valid, other=0.0)
         b_g = tl.load(sums_ptr + N + j, mask=valid, other=0.0)
@@ -290,13 +293,13 @@ def _scan_apply_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr, sstart_ptr
 
 
 @triton.jit
-def _loss_kernel(risk_ptr, perm_ptr, w_ptr, ev_ptr, start_ptr, stats_ptr, usum_ptr, out_ptr, N, NB,
+def _loss_kernel(risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, start_ptr, stats_ptr, usum_ptr, out_ptr, N, NB,
                  HAS_W: tl.constexpr, EFRON: tl.constexpr, REDUCE: tl.constexpr,
                  ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
-    idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
+    idx, eta, w, e, ev = _load_row(offs, valid, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W, ACC)
     j = tl.load(start_ptr + offs, mask=valid, other=0)
     log_sg = tl.load(stats_ptr + j, mask=ev, other=0.0)
     d_g = tl.load(stats_ptr + 2 * N + j, mask=ev, other=1.0)
@@ -325,6 +328,15 @@ def _acc_dtype(risk: torch.Tensor):
     return (tl.float64, torch.float64) if risk.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+def _shift(risk: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    acc = _acc_dtype(risk)[1]
+    live = risk.detach().to(acc)
+    if weight is not None:
+        live = torch.where(weight > 0, live, torch.full_like(live, -torch.inf))
+    top = live.max().reshape(1)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 def default_block(n: int, device: torch.device) -> int:
     """Subjects per program: big blocks on a GPU, small grids in the interpreter."""
     if device.type != "cuda":
@@ -338,7 +350,7 @@ def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: di
     acc_tl, acc_torch = flags["ACC"], tensors["acc_torch"]
     agg = torch.empty(7, nb, device=tensors["perm"].device, dtype=acc_torch)
     incl = torch.empty_like(agg)
-    args = (tensors["risk"], tensors["perm"], tensors["w"], tensors["ev"], tensors["gstart"],
+    args = (tensors["risk"], tensors["shift"], tensors["perm"], tensors["w"], tensors["ev"], tensors["gstart"],
             tensors["sstart"], tensors["start"], tensors["stats"], tensors["sums"], tensors["g"])
     meta = dict(MODE=mode, REVERSE=reverse, HAS_W=flags["HAS_W"], HAS_STRATA=flags["HAS_STRATA"],
                 EFRON=flags["EFRON"], G_VEC=flags.get("G_VEC", False), ACC=acc_tl, BLOCK=block)
@@ -368,7 +380,7 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
     block = block or default_block(n, risk.device)
     acc_tl, acc_torch = _acc_dtype(risk)
     stats = torch.empty(4, n, device=risk.device, dtype=acc_torch)
-    t = dict(risk=risk, perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
+    t = dict(risk=risk, shift=_shift(risk, weight), perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
              sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=stats,
              g=stats, acc_torch=acc_torch)
     flags = dict(ACC=acc_tl, HAS_W=weight is not None, HAS_STRATA=sstart is not None, EFRON=efron)
@@ -379,7 +391,7 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
         usum = torch.empty(n, device=risk.device, dtype=acc_torch)
         _scan(MODE_EFRON, True, t, n, block, flags, out=usum)
     out = torch.empty(2 * nb if reduce else n, device=risk.device, dtype=acc_torch)
-    _loss_kernel[(nb,)](risk, perm, t["w"], event, start_of, stats, usum, out, n, nb,
+    _loss_kernel[(nb,)](risk, t["shift"], perm, t["w"], event, start_of, stats, usum, out, n, nb,
                         HAS_W=weight is not None, EFRON=efron, REDUCE=reduce, ACC=acc_tl, BLOCK=block,
                         num_warps=4 if block <= 1024 else 8)
     record("cox.loss")
@@ -403,7 +415,7 @@ def cox_backward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | 
     acc_tl, acc_torch = _acc_dtype(risk)
     sums = torch.empty(3, n, device=risk.device, dtype=acc_torch)
     g = grad.to(acc_torch).contiguous()
-    t = dict(risk=risk, perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
+    t = dict(risk=risk, shift=_shift(risk, weight), perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
              sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=sums,
              g=g, acc_torch=acc_torch)
     flags = dict(ACC=acc_tl, HAS_W=weight is not None, HAS_STRATA=sstart is not None, EFRON=efron,
