@@ -1,7 +1,7 @@
 // Cox negative log partial likelihood (Breslow / Efron ties, weights, strata) and its gradient,
 // float64 throughout, for CPU tensors.
 //
-// Subjects are sorted once by (stratum, time) (std::sort of indices; the order is returned to
+// Subjects are sorted once by (stratum, time) (std::sort of contiguous keys; the order is returned to
 // Python and handed back to the backward, so it is sorted once per step). Then, per stratum:
 //   reverse pass over tie groups: online log-sum-exp of w e^eta (running max M, scaled sum s,
 //     rescaled when M grows: shift invariant, finite for any finite eta), giving log S_g, the
@@ -50,12 +50,20 @@ struct Group {
 };
 
 std::vector<int64_t> sort_order(const CoxInput& in) {
-    std::vector<int64_t> order(in.n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-        if (in.strata && in.strata[a] != in.strata[b]) return in.strata[a] < in.strata[b];
-        return in.time[a] < in.time[b];
+    // Sort contiguous (stratum, time, row) keys rather than indices through a comparator that
+    // chases pointers: several times faster at 10^5 rows. The row tie-break makes the order
+    // exactly that of a stable sort (and of the Triton path's torch.sort(stable=True)).
+    struct Key { int64_t stratum; double time; int64_t row; };
+    std::vector<Key> keys(in.n);
+    for (size_t i = 0; i < in.n; ++i)
+        keys[i] = {in.strata ? in.strata[i] : 0, in.time[i], static_cast<int64_t>(i)};
+    std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
+        if (a.stratum != b.stratum) return a.stratum < b.stratum;
+        if (a.time != b.time) return a.time < b.time;
+        return a.row < b.row;
     });
+    std::vector<int64_t> order(in.n);
+    for (size_t i = 0; i < in.n; ++i) order[i] = keys[i].row;
     return order;
 }
 
