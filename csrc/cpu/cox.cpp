@@ -1,7 +1,7 @@
 // Cox negative log partial likelihood (Breslow / Efron ties, weights, strata) and its gradient,
 // float64 throughout, for CPU tensors.
 //
-// Subjects are sorted once by (stratum, time) (std::sort of contiguous keys; the order is returned to
+// Subjects are sorted once by (stratum, time) (LSD radix sort of the key bits; the order is returned to
 // Python and handed back to the backward, so it is sorted once per step). Then, per stratum:
 //   reverse pass over tie groups: online log-sum-exp of w e^eta (running max M, scaled sum s,
 //     rescaled when M grows: shift invariant, finite for any finite eta), giving log S_g, the
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <stdexcept>
@@ -49,22 +50,54 @@ struct Group {
     double log_s, rho, d, wsum;
 };
 
+// One stable LSD radix pass over 11-bit digit `shift` of `key`, permuting (key, row) pairs.
+// Returns false (and does nothing) when every key has the same digit, which skips most passes
+// for follow-up times in whole days (their low mantissa bits are all zero).
+bool radix_pass(std::vector<uint64_t>& key, std::vector<int64_t>& row, std::vector<uint64_t>& key_tmp,
+                std::vector<int64_t>& row_tmp, int shift) {
+    constexpr size_t kBuckets = 2048;
+    size_t count[kBuckets] = {0};
+    const size_t n = key.size();
+    for (size_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & (kBuckets - 1)];
+    for (size_t b = 0; b < kBuckets; ++b)
+        if (count[b] == n) return false;
+    size_t sum = 0;
+    for (size_t b = 0; b < kBuckets; ++b) { const size_t c = count[b]; count[b] = sum; sum += c; }
+    for (size_t i = 0; i < n; ++i) {
+        const size_t pos = count[(key[i] >> shift) & (kBuckets - 1)]++;
+        key_tmp[pos] = key[i];
+        row_tmp[pos] = row[i];
+    }
+    key.swap(key_tmp);
+    row.swap(row_tmp);
+    return true;
+}
+
+void radix_sort(std::vector<uint64_t>& key, std::vector<int64_t>& row) {
+    std::vector<uint64_t> key_tmp(key.size());
+    std::vector<int64_t> row_tmp(row.size());
+    for (int shift = 0; shift < 64; shift += 11) radix_pass(key, row, key_tmp, row_tmp, shift);
+}
+
+// Sorted position -> row, by (stratum, time, row): two stable LSD radix sorts (time, then
+// stratum) starting from row order, i.e. exactly the order of torch.sort(stable=True) used by
+// the Triton path. Times are >= 0 (validated), so their IEEE bits order like the values once
+// -0.0 is folded into +0.0; strata flip the sign bit to order as signed integers.
 std::vector<int64_t> sort_order(const CoxInput& in) {
-    // Sort contiguous (stratum, time, row) keys rather than indices through a comparator that
-    // chases pointers: several times faster at 10^5 rows. The row tie-break makes the order
-    // exactly that of a stable sort (and of the Triton path's torch.sort(stable=True)).
-    struct Key { int64_t stratum; double time; int64_t row; };
-    std::vector<Key> keys(in.n);
-    for (size_t i = 0; i < in.n; ++i)
-        keys[i] = {in.strata ? in.strata[i] : 0, in.time[i], static_cast<int64_t>(i)};
-    std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
-        if (a.stratum != b.stratum) return a.stratum < b.stratum;
-        if (a.time != b.time) return a.time < b.time;
-        return a.row < b.row;
-    });
-    std::vector<int64_t> order(in.n);
-    for (size_t i = 0; i < in.n; ++i) order[i] = keys[i].row;
-    return order;
+    std::vector<int64_t> row(in.n);
+    std::iota(row.begin(), row.end(), 0);
+    std::vector<uint64_t> key(in.n);
+    for (size_t i = 0; i < in.n; ++i) {
+        const double t = in.time[i] + 0.0;
+        std::memcpy(&key[i], &t, sizeof(double));
+    }
+    radix_sort(key, row);
+    if (in.strata) {
+        for (size_t i = 0; i < in.n; ++i)
+            key[i] = static_cast<uint64_t>(in.strata[row[i]]) ^ (uint64_t{1} << 63);
+        radix_sort(key, row);
+    }
+    return row;
 }
 
 // Tie groups in sorted order with log S, rho, d, W (reverse online log-sum-exp per stratum).
