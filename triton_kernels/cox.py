@@ -43,7 +43,9 @@ import triton.language as tl
 
 from lungcore.triton_kernels._launch import record
 
-NEG = -1.0e30  # "empty" log-scale: exp(NEG - m) == 0 and exp(NEG - NEG) * 0 == 0, never NaN
+# "empty" log-scale: exp(NEG - m) == 0 and exp(NEG - NEG) * 0 == 0, never NaN (constexpr: jit
+# functions may only read constexpr globals on a real GPU compile)
+NEG: tl.constexpr = tl.constexpr(-1.0e30)
 
 MODE_STATS = 0   # reverse: (log S, rho, d, W) suffix values
 MODE_BWD = 1     # reverse: group suffix sums of (a, b, q)

@@ -187,10 +187,11 @@ def test_reference_equals_brute_force(rng, ties, opts):
 @pytest.mark.parametrize("ties", ["efron", "breslow"])
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
 def test_gradcheck_float64(rng, ties, impl):
-    risk, time, event = tied_data(rng, 13, n_times=4)
-    kw = _options(rng, 13, dict(weights=True, strata=True, mask=True))
+    n = 7 if impl == "triton" else 13          # the interpreter runs every perturbation
+    risk, time, event = tied_data(rng, n, n_times=3)
+    kw = _options(rng, n, dict(weights=True, strata=True, mask=True))
     kw["weights"][kw["weights"] == 0] = 0.5   # finite differences need every row live
-    for reduction in ("sum", "mean", "none"):
+    for reduction in ("mean", "none") if impl == "triton" else ("sum", "mean", "none"):
         def f(r):
             if impl == "reference":
                 return cox_ph_loss_reference(r, time, event, ties=ties, reduction=reduction, **kw)
