@@ -12,7 +12,8 @@ set of group g is everything from g's first member to the end of its stratum. Pe
 
 and the loss is sum_{events i} w_i (L_{g(i)} - eta_i). Every sum is an associative scan whose
 state is (stratum flag, group flag, m, s, v1, v2, v3): (m, s) is an online log-sum-exp
-(value s * e^m, rescaled when m grows, so the result is shift invariant and never overflows),
+(value s * e^m, rescaled when m grows, so the result never overflows; risks are first centred on
+the largest live risk, so eta - log S stays exact in fp32 whatever their offset),
 segmented by stratum; v1 is a group-segmented sum on the same e^m scale, v2/v3 are plain
 group-segmented sums. One scan = three launches (reduce-then-scan): per-block aggregates,
 one program scanning the block aggregates, per-block local scan + carry-in + the mode's outputs.

@@ -85,10 +85,15 @@ def all_gather_no_grad(x: torch.Tensor, group=None, sizes: list[int] | None = No
 
 def gather_batch(risk: torch.Tensor, *labels: torch.Tensor | None, group=None):
     """Gather ``risk`` (with gradient) and any number of optional label tensors (``None`` stays
-    ``None`` on every rank; all ranks must agree on which are given)."""
+    ``None`` on every rank; all ranks must agree on which are given).
+
+    Returns ``(rows, risk, *labels)`` where ``rows`` is the slice of this rank's own samples in
+    the gathered batch (``slice(0, n)`` when not distributed).
+    """
     if not is_distributed():
-        return (risk, *labels)
+        return (slice(0, risk.shape[0]), risk, *labels)
     sizes = _sizes(risk.shape[0], risk.device, group)
+    start = sum(sizes[: dist.get_rank(group)])
     out = [all_gather_with_grad(risk, group, sizes)]
     out += [None if x is None else all_gather_no_grad(x, group, sizes) for x in labels]
-    return tuple(out)
+    return (slice(start, start + risk.shape[0]), *out)

@@ -29,7 +29,8 @@ to every risk (online log-sum-exp) and stays finite for log-hazards of 1000 and 
 
 Distributed (``distributed=True`` with ``torch.distributed`` initialised): risk, time, event,
 weights, strata and mask are all-gathered (risk with gradient; batches may differ in size), so
-every rank computes the loss of the concatenated batch. The gradient reaching a rank's own risk
+every rank computes the loss of the concatenated batch (``"none"`` returns this rank's own rows'
+terms, computed with the global risk sets). The gradient reaching a rank's own risk
 is the sum over ranks of d loss / d risk (each rank holds the same loss), i.e. N x the
 single-process gradient; DistributedDataParallel's mean over ranks then gives parameter
 gradients equal to single-process training on the concatenated batch.
@@ -372,8 +373,13 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, 
     if distributed:
         from lungcore.ops._distributed import gather_batch
 
-        risk, time, event, weights, strata, mask = gather_batch(
+        own, risk, time, event, weights, strata, mask = gather_batch(
             risk, time, event, weights, strata, mask, group=process_group)
+        terms = cox_ph_loss(risk, time, event, ties=ties, reduction=reduction, weights=weights, strata=strata,
+                            mask=mask, validate=False, block=block)
+        # "none": this rank's own rows; summed over ranks they give the global sum (and the
+        # gather's backward adds every rank's share of the gradient)
+        return terms[own] if reduction == "none" else terms
 
     n = risk.numel()
     if n == 0:

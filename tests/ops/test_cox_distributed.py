@@ -45,8 +45,8 @@ def _single(impl: str, ties: str, reduction: str):
     with use_backend(impl):
         loss = cox_ph_loss(risk, time, event, ties=ties, reduction=reduction, strata=strata, mask=mask,
                            weights=weights)
-    loss.backward()
-    return float(loss.detach()), risk.grad.clone(), [p.grad.clone() for p in model.parameters()]
+    loss.sum().backward()
+    return loss.detach().clone(), risk.grad.clone(), [p.grad.clone() for p in model.parameters()]
 
 
 def _worker(rank: int, init_file: str, impl: str, ties: str, reduction: str, queue) -> None:
@@ -63,9 +63,10 @@ def _worker(rank: int, init_file: str, impl: str, ties: str, reduction: str, que
         loss_fn = CoxPHLoss(ties=ties, reduction=reduction, distributed=True)
         with use_backend(impl):
             loss = loss_fn(risk, time[rows], event[rows], weights=weights[rows], strata=strata[rows], mask=mask[rows])
-        loss.backward()
+        loss.sum().backward()   # "none": each rank sums its own rows' terms
         # plain lists: tensors in a Queue travel by shared memory that dies with this process
-        queue.put((rank, float(loss.detach()), risk.grad.tolist(), [p.grad.tolist() for p in model.parameters()], None))
+        queue.put((rank, loss.detach().reshape(-1).tolist(), risk.grad.tolist(),
+                   [p.grad.tolist() for p in model.parameters()], None))
     except Exception as exc:  # report instead of hanging the parent
         queue.put((rank, None, None, None, repr(exc)))
     finally:
@@ -73,7 +74,8 @@ def _worker(rank: int, init_file: str, impl: str, ties: str, reduction: str, que
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("impl,ties,reduction", [("cpu", "efron", "mean"), ("reference", "breslow", "sum")])
+@pytest.mark.parametrize("impl,ties,reduction", [("cpu", "efron", "mean"), ("reference", "breslow", "sum"),
+                                                 ("cpu", "efron", "none")])
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(impl, ties, reduction):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
@@ -90,12 +92,16 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(impl, ties, 
             p.join(timeout=60)
     for rank, loss, risk_grad, param_grads, error in results:
         assert error is None, f"rank {rank}: {error}"
-        assert loss == pytest.approx(ref_loss, rel=1e-12)
         rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        # each rank's own risk receives the sum over ranks of identical losses' gradients
+        want = ref_loss[rows] if reduction == "none" else ref_loss.reshape(1)
+        assert torch.allclose(torch.tensor(loss, dtype=torch.float64), want, rtol=1e-12, atol=1e-12)
+        # sum/mean: every rank holds the same loss, so its own risk receives the sum over ranks
+        # of identical gradients (x WORLD) and DDP's mean over ranks gives the single-process
+        # parameter gradients. "none": ranks hold disjoint terms whose sum is the global sum, so
+        # the risk gradient is the single-process one and DDP's mean divides by WORLD.
+        factor = 1.0 if reduction == "none" else float(WORLD)
         risk_grad = torch.tensor(risk_grad, dtype=torch.float64)
         param_grads = [torch.tensor(g, dtype=torch.float64) for g in param_grads]
-        assert torch.allclose(risk_grad, WORLD * ref_risk_grad[rows], rtol=1e-10, atol=1e-12)
-        # ... so DDP's mean over ranks reproduces single-process parameter gradients
+        assert torch.allclose(risk_grad, factor * ref_risk_grad[rows], rtol=1e-10, atol=1e-12)
         for got, want in zip(param_grads, ref_param_grads):
-            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(got, want * factor / WORLD, rtol=1e-10, atol=1e-12)
