@@ -7,7 +7,13 @@ same loss L from the gathered batch (as ``cox_ph_loss(distributed=True)`` does),
 reaching rank r's own samples is therefore sum_ranks dL/dx_r = world_size * dL/dx_r, and
 DistributedDataParallel's mean over ranks gives parameter gradients equal to a single process
 training on the concatenated batch. (A gather whose backward kept only the local slice would
-give 1/world_size of them.)
+give 1/world_size of them.) When ranks instead hold disjoint parts of the loss (per-row terms
+of their own samples), the same backward gives each rank d(sum of all parts)/dx_r, and DDP's
+mean yields the gradient of (sum of all parts) / world_size: the usual DDP semantics.
+
+Reuse in a training loop: ``all_gather_with_grad(embeddings)`` for any loss whose terms couple
+samples across the global batch; ``gather_batch(risk, time, event, ...)`` returns
+``(own_rows, risk, time, event, ...)`` with ``own_rows`` the slice of this rank's samples.
 
 ``all_gather_no_grad(x)`` is the same gather for labels (time, event, weights, strata, mask).
 Works on every backend that implements ``all_gather`` and ``all_reduce`` (gloo on CPU, NCCL on

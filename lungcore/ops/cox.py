@@ -30,10 +30,11 @@ to every risk (online log-sum-exp) and stays finite for log-hazards of 1000 and 
 Distributed (``distributed=True`` with ``torch.distributed`` initialised): risk, time, event,
 weights, strata and mask are all-gathered (risk with gradient; batches may differ in size), so
 every rank computes the loss of the concatenated batch (``"none"`` returns this rank's own rows'
-terms, computed with the global risk sets). The gradient reaching a rank's own risk
-is the sum over ranks of d loss / d risk (each rank holds the same loss), i.e. N x the
-single-process gradient; DistributedDataParallel's mean over ranks then gives parameter
-gradients equal to single-process training on the concatenated batch.
+terms, computed with the global risk sets). The gather's backward sums every rank's gradient,
+so with "sum"/"mean" (every rank holds the same loss) a rank's own risk receives N x the
+single-process gradient and DistributedDataParallel's mean over ranks gives exactly the
+single-process parameter gradients on the concatenated batch; with "none" (disjoint terms)
+DDP yields the gradient of (global sum) / N, as for any per-rank loss under DDP.
 
 Example:
     >>> import torch
