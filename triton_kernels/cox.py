@@ -360,7 +360,8 @@ def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: di
     warps = 4 if block <= 1024 else 8
     _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps, **meta)
     record("cox.scan_aggregate")
-    cb = min(1024, triton.next_power_of_2(nb)) if tensors["perm"].is_cuda else min(64, triton.next_power_of_2(nb))
+    # padded lanes of the carry scan are identities, so a minimum width costs nothing
+    cb = min(1024, max(32, triton.next_power_of_2(nb))) if tensors["perm"].is_cuda else min(64, triton.next_power_of_2(nb))
     _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4)
     record("cox.scan_carry")
     _scan_apply_kernel[(nb,)](*args, incl, out if out is not None else tensors["stats"], n, nb,
