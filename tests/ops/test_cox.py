@@ -440,3 +440,27 @@ def test_cox_loss_module_matches_function(rng):
         float(cox_ph_loss(risk, time, event, ties="breslow", reduction="sum")), rel=1e-6)
     with pytest.raises(ValueError, match="ties"):
         CoxPHLoss(ties="exact")
+
+
+def test_triton_carry_scan_spans_several_chunks(rng):
+    # block=4 and 300 rows: 75 programs, so the one-program carry scan loops over 2 chunks of 64
+    risk, time, event = tied_data(rng, 300, n_times=30)
+    strata = torch.tensor(rng.integers(0, 3, 300))
+    ref, gref = run("reference", risk, time, event, reduction="mean", strata=strata)
+    out, grad = run("triton", risk, time, event, reduction="mean", strata=strata, block=4)
+    assert rel(out, ref) < 1e-12 and rel(grad, gref) < 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["days", "continuous"])
+def test_triton_large_batch_on_gpu(kind):
+    # about 2,000 programs of 1,024: the carry scan loops, tie groups of ~1,000 span programs
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 21) + 12_345
+    risk = torch.randn(n, generator=g).cuda()
+    time = (torch.randint(0, 2000, (n,), generator=g).float() if kind == "days"
+            else torch.rand(n, generator=g) * 2000).cuda()
+    event = (torch.rand(n, generator=g) < 0.7).cuda()
+    ref, gref = run("reference", risk.double(), time, event, reduction="mean")
+    out, grad = run("triton", risk, time, event, reduction="mean", block=1024)
+    assert rel(out, ref) < 1e-5 and rel(grad.double(), gref) < 1e-5
