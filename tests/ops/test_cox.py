@@ -208,7 +208,7 @@ def test_gradcheck_float64(rng, ties, impl):
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o) or "plain")
 def test_backend_equals_reference(rng, impl, ties, opts):
     # block=8 makes tie groups and strata span several Triton programs
-    for n, n_times in ((1, 1), (7, 2), (45, 5), (45, 40)):
+    for n, n_times in ((1, 1), (7, 2), (40, 5), (23, 20)):
         risk, time, event = tied_data(rng, n, n_times=n_times)
         kw = _options(rng, n, opts)
         for reduction in ("sum", "mean", "none"):
@@ -401,7 +401,7 @@ def test_module_trains_under_torch_compile(rng):
         loss = step()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.05
     assert float(torch.nn.functional.cosine_similarity(model.weight.detach()[0], true, dim=0)) > 0.8
 
