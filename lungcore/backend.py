@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -75,14 +74,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
+# Availability probes run once per process. A plain dict memo (not functools.lru_cache) keeps
+# them transparent to torch.compile, which traces backend_for and guards on what it reads.
+_PROBES: dict[str, bool] = {}
+
+
+def _probe_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
-def cpp_available() -> bool:
-    """True when the compiled extension ``lungcore._C`` imports."""
+def _probe_cpp() -> bool:
     try:
         import lungcore._C  # noqa: F401
     except ImportError:
@@ -90,15 +91,34 @@ def cpp_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def cupy_available() -> bool:
-    """True when CuPy imports and sees a CUDA device."""
+def _probe_cupy() -> bool:
     try:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, CUDARuntimeError without a driver, ...
         return False
+
+
+def _probed(name: str, probe) -> bool:
+    if name not in _PROBES:
+        _PROBES[name] = bool(probe())
+    return _PROBES[name]
+
+
+def triton_importable() -> bool:
+    """True when the ``triton`` package is installed (it may still lack a GPU to run on)."""
+    return _probed("triton", _probe_triton)
+
+
+def cpp_available() -> bool:
+    """True when the compiled extension ``lungcore._C`` imports."""
+    return _probed("cpp", _probe_cpp)
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    return _probed("cupy", _probe_cupy)
 
 
 def forced_backend() -> str | None:
