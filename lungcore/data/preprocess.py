@@ -299,10 +299,6 @@ class Preprocessor:
         s = self.settings
         t0 = time.perf_counter()
         volume: Any = image.array
-        if s.order == 3 and not volume.flags.c_contiguous:
-            # resample_crop's cubic path pads with np.pad, whose output keeps the input's F order
-            # (our transposed view), while its prefilter needs C order: pass a C-ordered copy
-            volume = np.ascontiguousarray(volume)
         use_cuda = self.device == "cuda" or (self.device == "auto" and _cuda_available())
         if use_cuda:
             import torch

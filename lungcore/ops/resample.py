@@ -401,7 +401,9 @@ def _cpu_boxes(vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, o
 
     if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
         coef_dtype = np.float64 if np.float64 in (vol.dtype, out_dtype) or vol.dtype == np.int32 else np.float32
-        vol = np.pad(vol.astype(coef_dtype, copy=False), _SPLINE_PAD, mode="edge")
+        # np.pad keeps the input's memory order (F for a transposed view); the in-place
+        # prefilter needs a C-ordered buffer it owns
+        vol = np.ascontiguousarray(np.pad(vol.astype(coef_dtype, copy=False), _SPLINE_PAD, mode="edge"))
         _C.spline_prefilter3(vol, torch.get_num_threads())
         offset = tuple(o + _SPLINE_PAD for o in offset)
     out = np.empty((starts.shape[0], *size), dtype=out_dtype)
