@@ -13,6 +13,7 @@
 // (numerator = sum_i w_i (con_i + tie_i / 2), denominator = sum_i w_i |S_i|) are float64.
 // Memory: O(n) int64/int32 scratch. Inputs are validated here too (never UB on NaN).
 #include "bindings.h"
+#include "common/radix_sort.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,44 +43,12 @@ struct Fenwick {
     }
 };
 
-// Order-preserving map of a finite double to uint64 (negatives flipped), for radix sorting.
-inline uint64_t sortable_bits(double v) {
-    if (v == 0.0) v = 0.0;  // -0.0 and +0.0 compare equal: give them one key
-    uint64_t u;
-    std::memcpy(&u, &v, sizeof u);
-    return (u >> 63) ? ~u : (u | 0x8000000000000000ULL);
-}
-
-// Indices 0..n-1 ordered by ascending key: stable LSD radix sort, 11-bit digits, passes whose
-// digit is the same for every key skipped (the high bits of similar doubles usually are).
-// O(n) per pass, about 3x fewer instructions than std::sort on 200k doubles.
+// Indices 0..n-1 ordered by ascending value (stable radix sort, common/radix_sort.h).
 std::vector<int32_t> radix_argsort(const double* values, size_t n) {
-    constexpr int kBits = 11;
-    constexpr int kPasses = (64 + kBits - 1) / kBits;
-    constexpr size_t kBuckets = size_t{1} << kBits;
-    std::vector<uint64_t> keys(n), keys_tmp(n);
-    std::vector<int32_t> order(n), order_tmp(n);
-    std::vector<size_t> count(kPasses * kBuckets, 0);  // all digit histograms in one read pass
-    for (size_t i = 0; i < n; ++i) {
-        const uint64_t k = sortable_bits(values[i]);
-        keys[i] = k;
-        order[i] = static_cast<int32_t>(i);
-        for (int p = 0; p < kPasses; ++p) ++count[p * kBuckets + ((k >> (p * kBits)) & (kBuckets - 1))];
-    }
-    for (int p = 0; p < kPasses; ++p) {
-        size_t* c = count.data() + p * kBuckets;
-        const int shift = p * kBits;
-        if (n == 0 || c[(keys[0] >> shift) & (kBuckets - 1)] == n) continue;  // one digit value: no-op pass
-        size_t sum = 0;
-        for (size_t b = 0; b < kBuckets; ++b) { const size_t c0 = c[b]; c[b] = sum; sum += c0; }
-        for (size_t i = 0; i < n; ++i) {
-            const size_t dst = c[(keys[i] >> shift) & (kBuckets - 1)]++;
-            keys_tmp[dst] = keys[i];
-            order_tmp[dst] = order[i];
-        }
-        keys.swap(keys_tmp);
-        order.swap(order_tmp);
-    }
+    std::vector<uint64_t> keys(n);
+    std::vector<int32_t> order(n);
+    for (size_t i = 0; i < n; ++i) { keys[i] = sortable_bits(values[i]); order[i] = static_cast<int32_t>(i); }
+    radix_sort_pairs(keys, order);
     return order;
 }
 

@@ -14,6 +14,7 @@
 //   1/(1 - l rho/d), b_g = 1/d sum_l (l/d)/(1 - l rho/d) (Breslow: a = 1, b = 0).
 // Rows with w == 0 join nothing (masked). Memory: O(n) doubles. Inputs were validated in Python.
 #include "bindings.h"
+#include "common/radix_sort.h"
 
 #include <algorithm>
 #include <cmath>
@@ -50,52 +51,20 @@ struct Group {
     double log_s, rho, d, wsum;
 };
 
-// One stable LSD radix pass over 11-bit digit `shift` of `key`, permuting (key, row) pairs.
-// Returns false (and does nothing) when every key has the same digit, which skips most passes
-// for follow-up times in whole days (their low mantissa bits are all zero).
-bool radix_pass(std::vector<uint64_t>& key, std::vector<int64_t>& row, std::vector<uint64_t>& key_tmp,
-                std::vector<int64_t>& row_tmp, int shift) {
-    constexpr size_t kBuckets = 2048;
-    size_t count[kBuckets] = {0};
-    const size_t n = key.size();
-    for (size_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & (kBuckets - 1)];
-    for (size_t b = 0; b < kBuckets; ++b)
-        if (count[b] == n) return false;
-    size_t sum = 0;
-    for (size_t b = 0; b < kBuckets; ++b) { const size_t c = count[b]; count[b] = sum; sum += c; }
-    for (size_t i = 0; i < n; ++i) {
-        const size_t pos = count[(key[i] >> shift) & (kBuckets - 1)]++;
-        key_tmp[pos] = key[i];
-        row_tmp[pos] = row[i];
-    }
-    key.swap(key_tmp);
-    row.swap(row_tmp);
-    return true;
-}
-
-void radix_sort(std::vector<uint64_t>& key, std::vector<int64_t>& row) {
-    std::vector<uint64_t> key_tmp(key.size());
-    std::vector<int64_t> row_tmp(row.size());
-    for (int shift = 0; shift < 64; shift += 11) radix_pass(key, row, key_tmp, row_tmp, shift);
-}
-
 // Sorted position -> row, by (stratum, time, row): two stable LSD radix sorts (time, then
 // stratum) starting from row order, i.e. exactly the order of torch.sort(stable=True) used by
-// the Triton path. Times are >= 0 (validated), so their IEEE bits order like the values once
-// -0.0 is folded into +0.0; strata flip the sign bit to order as signed integers.
+// the Triton path. Times map to order-preserving bits (common/radix_sort.h); strata flip the
+// sign bit to order as signed integers.
 std::vector<int64_t> sort_order(const CoxInput& in) {
     std::vector<int64_t> row(in.n);
     std::iota(row.begin(), row.end(), 0);
     std::vector<uint64_t> key(in.n);
-    for (size_t i = 0; i < in.n; ++i) {
-        const double t = in.time[i] + 0.0;
-        std::memcpy(&key[i], &t, sizeof(double));
-    }
-    radix_sort(key, row);
+    for (size_t i = 0; i < in.n; ++i) key[i] = sortable_bits(in.time[i]);
+    radix_sort_pairs(key, row);
     if (in.strata) {
         for (size_t i = 0; i < in.n; ++i)
             key[i] = static_cast<uint64_t>(in.strata[row[i]]) ^ (uint64_t{1} << 63);
-        radix_sort(key, row);
+        radix_sort_pairs(key, row);
     }
     return row;
 }
