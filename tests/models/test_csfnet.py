@@ -178,3 +178,22 @@ def test_bad_inputs_are_named():
         create("csfnet", widht=3)
     with pytest.raises(ValueError, match="stage_blocks"):
         CSFNetConfig(stage_blocks=(1, 1))
+
+
+def test_loss_skips_unlabelled_and_predict_keeps_mode(device):
+    net = _model(device).train()
+    for mod in net.modules():  # same statistics for both forwards
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.eval()
+    batch = _batch(4, device)
+    batch["label_mask"][2:] = False
+    batch["label"][2:] = -1
+    loss, logs = net.loss(batch, "train")
+    head = {k: v[:2] for k, v in batch.items()}
+    torch.testing.assert_close(loss, net.loss(head, "train")[0])
+    assert logs["n"] == 2.0
+    none = {**batch, "label_mask": torch.zeros(4, dtype=torch.bool, device=device)}
+    empty, logs = net.loss(none, "train")
+    assert empty.item() == 0.0 and empty.requires_grad and logs["n"] == 0.0
+    net.predict(batch)
+    assert net.training
