@@ -7,8 +7,10 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
   gathers) the visible patches; every block runs pre-norm slice attention (tokens sharing a
   depth index), depth attention (tokens sharing an in-plane position) and an MLP. Both
   attentions are ``lungcore.nn.MaskedCrossAttention`` with the groups folded into the batch:
-  visible tokens are scattered into (B, groups, longest group, C) and ``key_mask``/``query_mask``
-  mark the real ones, so only visible patches are encoded.
+  with every token present the groups are views of the token tensor ((B, D', H'W', C) for slices,
+  its transpose for depth); when masking, the visible tokens are scattered into
+  (B, groups, longest group, C) and ``key_mask``/``query_mask`` mark the real ones, so only
+  visible patches are encoded.
 * Clinical table: a **graph Transformer** (T2G-Former style). Per-variable tokenizer (numeric
   ``w_i x_i + b_i``, categorical embedding), a variable identity embedding, missing variables
   removed from the keys (their token is the variable identity alone, never an imputed value), a
@@ -150,9 +152,15 @@ class SliceDepthBlock(nn.Module):
         self.mlp = _Mlp(dim, mlp_ratio, dropout)
 
     @staticmethod
-    def _grouped(attn: MaskedCrossAttention, x: Tensor, layout: tuple[Tensor, Tensor, int]) -> Tensor:
-        slot, mask, longest = layout
+    def _grouped(attn: MaskedCrossAttention, x: Tensor, layout) -> Tensor:
         b, t, c = x.shape
+        if layout[0] == "slice":  # every token present: a slice group is a contiguous run of tokens
+            _, nd, npl = layout
+            return attn(x.view(b, nd, npl, c)).view(b, t, c)
+        if layout[0] == "depth":  # every token present: a depth group is a strided view
+            _, nd, npl = layout
+            return attn(x.view(b, nd, npl, c).transpose(1, 2)).transpose(1, 2).reshape(b, t, c)
+        slot, mask, longest = layout
         groups = mask.shape[1]
         idx = slot[..., None].expand(b, t, c)
         padded = x.new_zeros(b, groups * longest, c).scatter(1, idx, x).view(b, groups, longest, c)
@@ -178,15 +186,17 @@ class SliceDepthTransformer(nn.Module):
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim)
 
-    def layouts(self, ids: Tensor):
+    def layouts(self, ids: Optional[Tensor]):
+        """Slice and depth groupings of the tokens ``ids`` (B, T); None = every token, in order."""
         nd, nh, nw = self.grid
+        if ids is None:
+            return ("slice", nd, nh * nw), ("depth", nd, nh * nw)
         return _group_layout(ids // (nh * nw), nd), _group_layout(ids % (nh * nw), nh * nw)
 
     def forward(self, ct: Tensor, visible: Optional[Tensor] = None) -> Tensor:
-        b = ct.shape[0]
-        ids = visible if visible is not None else torch.arange(self.num_tokens, device=ct.device).expand(b, -1)
+        """(B, N, E) tokens of every patch, or (B, T, E) of the ``visible`` (B, T) token indices."""
         x = self.embed(ct, visible)
-        slice_layout, depth_layout = self.layouts(ids)
+        slice_layout, depth_layout = self.layouts(visible)
         for blk in self.blocks:
             x = blk(x, slice_layout, depth_layout)
         return self.norm(x)
@@ -517,8 +527,7 @@ class CMML(nn.Module):
         full = self.decoder_mask_token.to(dec_vis.dtype).expand(b, n, -1)
         idx = visible[..., None].expand(-1, -1, dec_vis.shape[-1])
         full = full.scatter(1, idx, dec_vis) + self.decoder_pos
-        ids = torch.arange(n, device=ct.device).expand(b, -1)
-        layouts = self.ct_encoder.layouts(ids)
+        layouts = self.ct_encoder.layouts(None)
         for blk in self.decoder_blocks:
             full = blk(full, *layouts)
         pred = self.decoder_pred(self.decoder_norm(full))

@@ -75,6 +75,19 @@ def test_group_layout_pads_each_group_to_longest():
         assert (slot[b] // longest).tolist() == group[b].tolist()
 
 
+def test_grid_path_equals_padded_path():
+    """All tokens as a view (fast path) == all tokens through the padded-group path."""
+    m = tiny()
+    ct = make_batch(2)["ct"]
+    ids = torch.arange(m.ct_encoder.num_tokens).expand(2, -1)
+    torch.testing.assert_close(m.ct_encoder(ct), m.ct_encoder(ct, ids), rtol=1e-5, atol=1e-6)
+    # a shuffled visible order gives the same tokens, permuted
+    perm = torch.stack([torch.randperm(m.ct_encoder.num_tokens) for _ in range(2)])
+    full = m.ct_encoder(ct)
+    torch.testing.assert_close(m.ct_encoder(ct, perm), torch.gather(full, 1, perm[..., None].expand(-1, -1, 16)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_shapes_and_finite(device):
     m = tiny().to(device)
     batch = make_batch(4, device)
