@@ -7,4 +7,5 @@ from lungcore.models.registry import (  # noqa: F401
     register_model,
     save_model,
 )
-from lungcore.models.csfnet import CSFNet, CSFNetConfig  # noqa: F401,E402
+from lungcore.models.cmml import CMML, CMMLConfig  # noqa: E402,F401
+from lungcore.models.csfnet import CSFNet, CSFNetConfig  # noqa: E402,F401
