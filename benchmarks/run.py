@@ -69,6 +69,38 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def merge_results(path: Path, meta: dict, results: list[Result]) -> dict:
+    """This run's results merged into ``path``'s: ops run now replace their old rows, others stay.
+
+    One folder per device and date then holds every op even when they were run one at a time;
+    each op keeps the meta (commit, versions) of the run that measured it.
+    """
+    merged: dict = {"device_name": meta["device_name"], "device": meta["device"], "runs": {}, "results": []}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if "runs" in old and old.get("device_name") == meta["device_name"]:
+            merged = old
+        elif "meta" in old and old["meta"].get("device_name") == meta["device_name"]:  # one-run format
+            ops = sorted({r["op"] for r in old["results"]})
+            merged["runs"] = {op: old["meta"] for op in ops}
+            merged["results"] = old["results"]
+    ops_now = {r.op for r in results}
+    merged["results"] = [r for r in merged["results"] if r["op"] not in ops_now] + [asdict(r) for r in results]
+    merged["runs"].update({op: meta for op in ops_now})
+    return merged
+
+
+def results_markdown(merged: dict) -> str:
+    lines = [f"# lungcore benchmarks on {merged['device_name']} ({merged['device']})", "",
+             "Speedup = baseline median / provider median, measured in the same run.", ""]
+    for op, meta in sorted(merged["runs"].items()):
+        rows = [Result(**r) for r in merged["results"] if r["op"] == op]
+        lines += [f"## {op}", "",
+                  f"date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}; triton {meta.get('triton')}; "
+                  f"threads {meta.get('threads')}; quick {meta.get('quick')}", "", markdown_table(rows), ""]
+    return "\n".join(lines)
+
+
 def plot(op: str, results: list[Result], path: Path, title: str) -> None:
     import matplotlib
 
@@ -142,11 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(op, results, out / f"{op}.png", f"{op} on {dev_name}")
         all_results.extend(results)
 
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in all_results]}, indent=1))
-    header = (f"# lungcore benchmarks\n\nDevice: {dev_name} ({device}); date {today}; commit {meta['commit']}; "
-              f"torch {meta['torch']}; triton {meta['triton']}.\n"
-              "Speedup = baseline median / provider median, measured in the same run.\n\n")
-    (out / "results.md").write_text(header + markdown_table(all_results) + "\n")
+    merged = merge_results(out / "results.json", meta, all_results)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    (out / "results.md").write_text(results_markdown(merged))
     print(f"\nwrote {out}/results.json, results.md and one PNG per op")
     return 0
 

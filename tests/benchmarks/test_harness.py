@@ -23,8 +23,24 @@ def test_concordance_benchmark_writes_outputs(tmp_path):
     assert bench_run.main(["--only", "concordance", "--quick", "--device", "cpu", "--budget", "0.05",
                            "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["meta"]["device"] == "cpu" and data["meta"]["commit"]
+    assert data["device"] == "cpu" and data["runs"]["concordance"]["commit"]
     providers = {r["provider"] for r in data["results"]}
     assert {"lungcore", "lifelines"} <= providers
     assert (tmp_path / "concordance.png").stat().st_size > 1000
     assert "| concordance |" in (tmp_path / "results.md").read_text()
+
+
+def test_runs_of_single_ops_accumulate_in_one_folder(tmp_path):
+    from benchmarks.harness import Result
+
+    meta = {"device": "cpu", "device_name": "toy cpu", "date": "2026-01-01", "commit": "abc", "torch": "x"}
+    first = [Result("a", "n=1", "eager", 1.0, 1.0, None, 3, 1, "eager")]
+    second = [Result("b", "n=1", "eager", 2.0, 1.0, None, 3, 1, "eager")]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(bench_run.merge_results(path, meta, first)))
+    merged = bench_run.merge_results(path, dict(meta, commit="def"), second)
+    assert {r["op"] for r in merged["results"]} == {"a", "b"}
+    assert merged["runs"]["a"]["commit"] == "abc" and merged["runs"]["b"]["commit"] == "def"
+    rerun = bench_run.merge_results(path, meta, [Result("a", "n=1", "eager", 5.0, 1.0, None, 3, 1, "eager")])
+    assert [r["median_ms"] for r in rerun["results"] if r["op"] == "a"] == [5.0]
+    assert "## a" in bench_run.results_markdown(merged) and "## b" in bench_run.results_markdown(merged)
