@@ -348,4 +348,15 @@ def patch_embed3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                                 "the inputs must share one dtype (or run under torch.autocast)")
     if torch.compiler.is_compiling():
         return _patch_embed3d_op(volume, weight, bias, pos_embed, visible, bool(pad), bool(check_visible))
+    if not _use_triton(volume):
+        # eager reference path: plain autograd through the gather-first oracle is as fast as the
+        # gather-first baseline (the written-out backward exists for the opaque compiled op only)
+        if visible is not None and check_visible:
+            check_visible_set(visible, N)
+        if visible is None and not pad and volume.device.type == "cpu":
+            # every token: oneDNN's strided Conv3d beat reshape/permute + linear by ~1.6x on CPU
+            # (benchmarks/bench_patch_embed.py); cuDNN is the slow one on GPUs, not this
+            out = F.conv3d(volume, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+            return out if pos_embed is None else out + pos_embed
+        return patch_embed3d_reference(volume, weight, bias, pos_embed, visible, pad)
     return _EagerPatchEmbed3d.apply(volume, weight, bias, pos_embed, visible, bool(pad), bool(check_visible))
