@@ -123,6 +123,31 @@ def _cindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_command(name: str):
+    """Lazily import a lungcore.data.commands function (keeps ``lungcore --help`` fast)."""
+    def run(args: argparse.Namespace) -> int:
+        from lungcore.data import commands
+
+        return getattr(commands, name)(args)
+    return run
+
+
+def _data_args(name: str) -> AddArguments:
+    def add(p: argparse.ArgumentParser) -> None:
+        from lungcore.data import commands
+
+        getattr(commands, f"{name}_args")(p)
+    return add
+
+
+subcommand("validate", "check a cohort manifest: report every problem (row, column, value), exit 1 if any",
+           _data_args("validate"))(_data_command("validate"))
+subcommand("synth", "write a synthetic cohort (NIfTI + DICOM series + manifest + schema)",
+           _data_args("synth"))(_data_command("synth"))
+subcommand("preprocess", "resample, window and crop every CT of a manifest into the cache (shardable)",
+           _data_args("preprocess"))(_data_command("preprocess"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungcore",

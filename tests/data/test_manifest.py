@@ -1,0 +1,148 @@
+"""Manifest validation: every error names row, column and value; all problems are reported at once."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungcore.cli import main
+from lungcore.data import ClinicalVariable, CohortSchema, ManifestError, check_manifest, read_manifest, write_nifti
+
+HEADER = "patient_id,ct,age,smoking,pfs_time,pfs_event,os_time,os_event"
+
+
+def _schema() -> CohortSchema:
+    return CohortSchema(kind="survival", clinical=[ClinicalVariable("age", "numeric"),
+                                                   ClinicalVariable("smoking", "categorical",
+                                                                    ["never", "former", "current"])])
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """A folder with one good NIfTI and a writer of manifests beside it."""
+    write_nifti(tmp_path / "good.nii.gz", np.zeros((4, 6, 6)), np.diag([2.0, 1.0, 1.0, 1.0]))
+
+    def write(*rows: str, header: str = HEADER):
+        (tmp_path / "manifest.csv").write_text("\n".join([header, *rows]) + "\n")
+        _schema().save(tmp_path / "manifest.schema.json")
+        return tmp_path / "manifest.csv"
+    return write
+
+
+def _only(path, images="header"):
+    manifest, problems = check_manifest(path, images=images)
+    assert len(problems) == 1, [str(p) for p in problems]
+    return problems[0]
+
+
+def test_valid_manifest_and_masks(cohort):
+    path = cohort("P1,good.nii.gz,61,former,3.5,1,10,0", "P2,,,,,,7.25,1")
+    m = read_manifest(path)
+    assert m.ids == ["P1", "P2"] and m.rows == [2, 3]
+    assert m.images[1] == [None]
+    assert m.endpoints["pfs_mask"].tolist() == [True, False]
+    assert m.endpoints["os_time"].tolist() == [10.0, 7.25]
+    values, mask = m.encode_clinical(m.fit_schema())
+    assert mask.tolist() == [[True, True], [False, False]]
+    assert values.dtype == np.float32 and values[1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("row, column, value, message", [
+    ("P1,missing.nii.gz,61,former,3,1,10,0", "ct", "missing.nii.gz", "file not found"),
+    ("P1,good.nii.gz,61,former,-3,1,10,0", "pfs_time", "-3", "time must be >= 0"),
+    ("P1,good.nii.gz,61,former,nan,1,10,0", "pfs_time", "nan", "time must be a number"),
+    ("P1,good.nii.gz,61,former,soon,1,10,0", "pfs_time", "soon", "time must be a number"),
+    ("P1,good.nii.gz,61,former,inf,1,10,0", "pfs_time", "inf", "time must be finite"),
+    ("P1,good.nii.gz,61,former,3,2,10,0", "pfs_event", "2", "event must be 0 (censored) or 1 (event)"),
+    ("P1,good.nii.gz,61,former,3,yes,10,0", "pfs_event", "yes", "event must be 0 (censored) or 1 (event)"),
+    ("P1,good.nii.gz,61,former,3,,10,0", "pfs_event", "", "pfs_time is given but pfs_event is empty"),
+    ("P1,good.nii.gz,61,sometimes,3,1,10,0", "smoking", "sometimes",
+     "unknown category; expected one of 'never', 'former', 'current'"),
+    ("P1,good.nii.gz,sixty,former,3,1,10,0", "age", "sixty", "not a finite number"),
+    (",good.nii.gz,61,former,3,1,10,0", "patient_id", "", "id must not be empty"),
+])
+def test_each_error_names_row_column_value(cohort, row, column, value, message):
+    p = _only(cohort(row))
+    assert (p.row, p.column, p.value, p.message) == (2, column, value, message)
+    assert str(p) == f"row 2, column {column!r}, value {value!r}: {message}"
+
+
+def test_duplicate_id(cohort):
+    p = _only(cohort("P1,good.nii.gz,61,former,3,1,10,0", "P2,good.nii.gz,61,former,3,1,10,0",
+                     "P1,good.nii.gz,70,never,3,1,10,0"))
+    assert str(p) == "row 4, column 'patient_id', value 'P1': duplicate id (first seen in row 2)"
+
+
+def test_unreadable_image(cohort, tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"this is not an image")
+    p = _only(cohort("P1,bad.nii.gz,61,former,3,1,10,0"))
+    assert (p.row, p.column, p.value) == (2, "ct", "bad.nii.gz")
+    assert p.message == "unreadable image (not a NIfTI file or DICOM series lungcore can read)"
+    assert p.detail  # the reader's own reason is kept
+    # a truncated uncompressed NIfTI passes nibabel's header parse but not lungcore's size check
+    write_nifti(tmp_path / "cut.nii", np.zeros((4, 6, 6)), np.eye(4))
+    data = (tmp_path / "cut.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[:-40])
+    p = _only(cohort("P1,cut.nii,61,former,3,1,10,0"))
+    assert p.message.startswith("unreadable image") and "truncated" in p.detail
+
+
+def test_missing_column(cohort):
+    p = _only(cohort("P1,good.nii.gz,61,3,1,10,0", header="patient_id,ct,age,pfs_time,pfs_event,os_time,os_event"))
+    assert str(p) == "row 1, column 'smoking', value '': required column is missing"
+
+
+def test_every_problem_reported_at_once(cohort):
+    path = cohort("P1,missing.nii.gz,61,former,-3,1,10,0", "P2,good.nii.gz,61,sometimes,3,2,10,0",
+                  "P1,good.nii.gz,61,former,3,1,10,0")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    cells = [(p.row, p.column) for p in info.value.problems]
+    assert cells == [(2, "ct"), (2, "pfs_time"), (3, "smoking"), (3, "pfs_event"), (4, "patient_id")]
+    assert "5 problems" in str(info.value)
+
+
+def test_nodule_manifest(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 6, 6)), np.eye(4))
+    schema = CohortSchema(kind="csfnet", clinical=[ClinicalVariable("gender", "categorical")])
+    header = "nodule_id,patient_id,ct_t0,ct_t1,t0_centre_x,t0_centre_y,t0_centre_z," \
+             "t1_centre_x,t1_centre_y,t1_centre_z,gender,label"
+    (tmp_path / "m.csv").write_text(f"{header}\n"
+                                    "N1,S1,a.nii.gz,a.nii.gz,1,2,3,1,2,3,F,1\n"
+                                    "N2,S1,a.nii.gz,,1,2,3,,,,M,\n"
+                                    "N3,S2,a.nii.gz,a.nii.gz,1,2,,1,2,3,X,3\n")
+    manifest, problems = check_manifest(tmp_path / "m.csv", schema)
+    assert [str(p) for p in problems] == [
+        "row 4, column 't0_centre_z', value '': centre needs all of t0_centre_x, t0_centre_y, t0_centre_z or none",
+        "row 4, column 'label', value '3': label must be 0 (benign) or 1 (malignant)",
+    ]
+    assert manifest.patient_ids == ["S1", "S1", "S2"]
+    assert manifest.label_mask.tolist() == [True, False, False]
+    assert manifest.images[1][1] is None and np.isnan(manifest.centres[1, 1]).all()
+    # categories undeclared in the schema are learned at fit time; an unseen one is an error when coding
+    fitted = manifest.subset([0, 1]).fit_schema()
+    assert fitted.variable("gender").categories == ["F", "M"]
+    with pytest.raises(ValueError, match="unknown category 'X'"):
+        fitted.encode(manifest.clinical_raw)
+
+
+def test_validate_command(cohort, capsys):
+    bad = cohort("P1,missing.nii.gz,61,former,-3,1,10,0", "P1,good.nii.gz,61,former,3,1,10,0")
+    assert main(["validate", "--manifest", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "3 problems" in out
+    assert "row 2, column 'ct', value 'missing.nii.gz': file not found" in out
+    assert "row 2, column 'pfs_time', value '-3': time must be >= 0" in out
+    assert "row 3, column 'patient_id', value 'P1': duplicate id (first seen in row 2)" in out
+    good = cohort("P1,good.nii.gz,61,former,3,1,10,0")
+    assert main(["validate", "--manifest", str(good)]) == 0
+    assert "OK, 1 rows" in capsys.readouterr().out
+
+
+def test_centre_outside_the_image(cohort, tmp_path):
+    header = HEADER + ",centre_x,centre_y,centre_z"
+    # good.nii.gz: 4 x 6 x 6 voxels, affine diag(2, 1, 1): depth runs along world x (2 mm), height along y
+    assert not check_manifest(cohort("P1,good.nii.gz,61,former,3,1,10,0,2,3,4", header=header))[1]
+    p = _only(cohort("P1,good.nii.gz,61,former,3,1,10,0,-2,-3,4", header=header))
+    assert (p.row, p.column, p.value) == (2, "centre_x", "-2")
+    assert p.message == ("centre lies outside the image: voxel index (z, y, x) [-1.0, -3.0, 4.0], image shape "
+                         "(4, 6, 6) (are the coordinates LPS millimetres? RAS flips the signs of x and y)")

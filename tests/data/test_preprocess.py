@@ -1,0 +1,213 @@
+"""Preprocessing: a synthetic cohort on disk round-trips to crops that match the generator; the cache."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+import lungcore.ops
+from lungcore.data import PreprocessSettings, Preprocessor, read_ct, read_manifest, synth_cohort
+from lungcore.data.preprocess import preprocess_manifest, shard_from_env
+
+WINDOW = (-1200.0, 600.0)
+
+
+def _hu(windowed: np.ndarray) -> np.ndarray:
+    return windowed * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+
+
+@pytest.fixture(scope="module")
+def nodules(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nodules")
+    synth_cohort("nodules", d, n=4, preset="tiny", seed=3)
+    truth = {r["nodule_id"]: r for r in csv.DictReader(open(d / "truth.csv"))}
+    return read_manifest(d / "manifest.csv"), truth
+
+
+def test_round_trip_matches_the_generator(nodules, tmp_path):
+    manifest, truth = nodules
+    pre = Preprocessor(PreprocessSettings.csfnet(), cache_dir=tmp_path / "cache")
+    for i, nid in enumerate(manifest.ids):
+        for t in (0, 1):
+            crop = pre.crop(manifest.images[i][t], manifest.centres[i, t])
+            assert crop.shape == (16, 64, 64) and crop.dtype == np.float32
+            assert 0.0 <= crop.min() and crop.max() <= 1.0
+            hu = _hu(crop)
+            # the planted nodule (~30 HU soft tissue) sits at the crop centre
+            assert -150 < hu[8, 31:34, 31:34].mean() < 200
+            # lung parenchyma and air are in the crop at their HU
+            assert (np.abs(hu + 850) < 120).mean() > 0.2
+            # the nodule's extent at 1 mm spacing is its planted diameter (partial volume: +-1 source voxel)
+            d_true = float(truth[nid][f"diameter_t{t}_mm"])
+            solid = hu[8, 32, :] > -400
+            run = solid[32]
+            lo = 32 - np.argmin(solid[32::-1]) if not solid[:33].all() else 0
+            hi = 32 + np.argmin(solid[32:]) if not solid[32:].all() else 64
+            assert run and abs((hi - lo) - d_true) <= 2 * float(truth[nid]["spacing_x"]) + 1
+    assert pre.stats.misses == 2 * len(manifest) and pre.stats.hits == 0
+
+
+def test_voxel_frame_centres_give_the_same_crop(nodules, tmp_path):
+    manifest, truth = nodules
+    path, world = manifest.images[0][0], manifest.centres[0, 0]
+    ct = read_ct(path)
+    voxel_xyz = ct.world_to_index(world)[::-1]
+    pre = Preprocessor(PreprocessSettings.csfnet())
+    np.testing.assert_allclose(pre.crop(path, voxel_xyz, frame="voxel"), pre.crop(path, world), atol=1e-6)
+    row = truth[manifest.ids[0]]
+    stored = [float(row[f"t0_index_{a}"]) for a in "zyx"]
+    np.testing.assert_allclose(ct.world_to_index(world), stored, atol=1e-3)
+
+
+def test_second_pass_does_no_resampling(nodules, tmp_path, monkeypatch):
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    first = Preprocessor(settings, cache_dir=tmp_path)
+    report = preprocess_manifest(manifest, first)
+    assert report["misses"] == report["boxes"] == 8 and first.stats.resample_calls == 8
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("resample_crop ran on a cached pass")
+    monkeypatch.setattr(lungcore.ops, "resample_crop", forbidden)
+    second = Preprocessor(settings, cache_dir=tmp_path)
+    report = preprocess_manifest(manifest, second)
+    assert (report["hits"], report["misses"], report["images_read"], report["resample_calls"]) == (8, 0, 0, 0)
+    assert report["resample_s"] == 0.0 and report["read_s"] == 0.0
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_corrupted_and_stale_entries_are_rebuilt(nodules, tmp_path):
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    path, centre = manifest.images[1][0], manifest.centres[1, 0]
+    reference = Preprocessor(settings, cache_dir=tmp_path).crop(path, centre)
+    entries = sorted(tmp_path.glob("??/*.npz"))
+    assert len(entries) == 1
+    entry = entries[0]
+
+    # a flipped byte inside the stored crop: the zip CRC catches it
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    pre = Preprocessor(settings, cache_dir=tmp_path)
+    np.testing.assert_array_equal(pre.crop(path, centre), reference)
+    assert (pre.stats.rebuilt, pre.stats.resample_calls) == (1, 1)
+
+    # a truncated entry (a crash of a writer that did not rename atomically)
+    entry.write_bytes(entry.read_bytes()[:100])
+    pre = Preprocessor(settings, cache_dir=tmp_path)
+    np.testing.assert_array_equal(pre.crop(path, centre), reference)
+    assert pre.stats.rebuilt == 1
+
+    # an entry whose metadata does not match its name (another scan's crop): stale
+    other = Preprocessor(settings, cache_dir=tmp_path)
+    other.crop(manifest.images[2][0], manifest.centres[2, 0])
+    other_entry = next(p for p in tmp_path.glob("??/*.npz") if p != entry)
+    entry.write_bytes(other_entry.read_bytes())
+    pre = Preprocessor(settings, cache_dir=tmp_path)
+    np.testing.assert_array_equal(pre.crop(path, centre), reference)
+    assert pre.stats.rebuilt == 1 and "stale" in pre.stats.problems[0]
+
+
+def test_changed_source_is_a_miss(tmp_path):
+    from lungcore.data import write_nifti
+
+    affine = np.diag([2.0, 1.5, 1.5, 1.0])
+    write_nifti(tmp_path / "ct.nii.gz", np.full((10, 40, 40), -800.0), affine)
+    settings = PreprocessSettings(spacing=2.0, crop=(4, 8, 8))
+    before = Preprocessor(settings, cache_dir=tmp_path / "cache").crop(tmp_path / "ct.nii.gz")
+    import os
+    import time
+
+    write_nifti(tmp_path / "ct.nii.gz", np.full((10, 40, 40), 0.0), affine)
+    later = time.time() + 5
+    os.utime(tmp_path / "ct.nii.gz", (later, later))
+    pre = Preprocessor(settings, cache_dir=tmp_path / "cache")
+    after = pre.crop(tmp_path / "ct.nii.gz")
+    assert pre.stats.misses == 1 and pre.stats.resample_calls == 1
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, (0.0 - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), atol=1e-6)
+
+
+def test_settings_change_the_key(nodules, tmp_path):
+    manifest, _ = nodules
+    a = Preprocessor(PreprocessSettings.csfnet(), cache_dir=tmp_path)
+    b = Preprocessor(PreprocessSettings(spacing=1.0, crop=(16, 64, 64), window=(-1000.0, 400.0)), cache_dir=tmp_path)
+    a.crop(manifest.images[0][0], manifest.centres[0, 0])
+    b.crop(manifest.images[0][0], manifest.centres[0, 0])
+    assert b.stats.misses == 1 and len(list(tmp_path.glob("??/*.npz"))) == 2
+
+
+def test_shards_cover_the_cohort_once(nodules, tmp_path):
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    reports = [preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path), shard=(i, 3))
+               for i in range(3)]
+    assert sum(r["images"] for r in reports) == 8 and sum(r["misses"] for r in reports) == 8
+    final = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path))
+    assert final["hits"] == 8 and final["misses"] == 0
+    assert shard_from_env("1/4") == (1, 4)
+    with pytest.raises(ValueError, match="shard must look like i/n"):
+        shard_from_env("x")
+
+
+def test_centre_outside_the_image_names_the_row(nodules, tmp_path):
+    manifest, _ = nodules
+    bad = manifest.subset([0])
+    bad.centres[0, 1] = bad.centres[0, 1] + np.array([0.0, 0.0, 5000.0])
+    with pytest.raises(ValueError, match=r"row 2, column 'ct_t1', value .*lies outside the image"):
+        preprocess_manifest(bad, Preprocessor(PreprocessSettings.csfnet()))
+
+
+def test_preprocess_command(nodules, tmp_path, capsys):
+    from lungcore.cli import main
+
+    manifest, _ = nodules
+    args = ["preprocess", "--manifest", str(manifest.path), "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "8 CTs" in out and "volumes/s" in out and "8 misses" in out and "read" in out and "resample" in out
+    assert main(args) == 0
+    assert "8 hits, 0 misses" in capsys.readouterr().out
+    assert (tmp_path / "report-0-of-1.json").is_file()
+
+
+def test_native_dtype_strided_read_equals_float32_read(nodules):
+    """The hot path reads int16 as stored, as a strided view; same crop as a float32 contiguous read."""
+    from lungcore.data import canonical_orientation
+    from lungcore.ops import resample_crop
+
+    manifest, _ = nodules
+    s = PreprocessSettings.csfnet()
+    for path, centre in ((manifest.images[0][0], manifest.centres[0, 0]), (manifest.images[1][1], manifest.centres[1, 1])):
+        native = read_ct(path, dtype=None, contiguous=False)
+        assert native.array.dtype in (np.int16, np.float32)
+        image = canonical_orientation(read_ct(path))
+        idx = image.world_to_index(centre)[None]
+        expected = resample_crop(image.array, image.spacing, s.spacing, idx, s.crop, window=s.window)[0]
+        np.testing.assert_allclose(Preprocessor(s).crop(path, centre), expected, atol=1e-6)
+
+
+def test_nodules_of_one_scan_are_cropped_from_one_read(tmp_path):
+    m = read_manifest(synth_cohort("nodules", tmp_path / "c", n=12, preset="tiny", seed=4, dicom_every=0)["manifest"])
+    unique = {p for row in m.images for p in row}
+    assert len(unique) < 2 * len(m), "the cohort should have a patient with two nodules in the same scans"
+    pre = Preprocessor(PreprocessSettings.csfnet(), cache_dir=tmp_path / "cache")
+    report = preprocess_manifest(m, pre)
+    assert report["images"] == report["images_read"] == report["resample_calls"] == len(unique)
+    assert report["boxes"] == report["boxes_resampled"] == 2 * len(m)
+    # each nodule's crop is centred on its own nodule, not its neighbour's
+    for i in range(len(m)):
+        hu = _hu(pre.crop(m.images[i][0], m.centres[i, 0]))
+        assert -150 < hu[8, 31:34, 31:34].mean() < 200
+
+
+@pytest.mark.parametrize("order", [0, 3])
+def test_other_interpolation_orders(nodules, order):
+    manifest, _ = nodules
+    s = PreprocessSettings(order=order)
+    crop = Preprocessor(s).crop(manifest.images[0][0], manifest.centres[0, 0])
+    linear = Preprocessor(PreprocessSettings()).crop(manifest.images[0][0], manifest.centres[0, 0])
+    assert crop.shape == (16, 64, 64) and np.isfinite(crop).all()
+    assert np.abs(crop - linear).mean() < 0.05

@@ -1,0 +1,395 @@
+"""resample_volume / resample_crop against scipy.ndimage and the PyTorch oracle.
+
+The mapping under test (DESIGN.md): output index j samples input index s * j + (0.5 s - 0.5),
+s = new / old spacing; inside the grid the coordinates clamp to the edge voxels (scipy
+mode="nearest"); crop voxels outside the grid are ``fill``. On a CPU machine the kernel under
+test is the C++ core (forced, launch counted); on a GPU machine the same tests run the CuPy
+kernel on CUDA tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungcore import backend as lc_backend
+from lungcore.ops import crop_starts, resample_crop, resample_volume, resampled_affine, resampled_shape
+from lungcore.ops.resample import resample_crop_reference, resample_volume_reference
+
+ndi = pytest.importorskip("scipy.ndimage")
+
+SPACINGS = [  # (old, new): anisotropic, up- and down-sampling, non-commensurate
+    ((2.5, 0.7, 0.7), (1.0, 1.0, 1.0)),
+    ((1.25, 0.93, 0.61), (0.8, 1.7, 1.0)),
+    ((0.6, 2.0, 1.1), (1.9, 0.45, 1.1)),
+]
+SHAPES = [(7, 11, 13), (5, 9, 16), (1, 6, 5)]
+
+
+def _kernel_backend(device: str) -> str:
+    return "cupy" if device == "cuda" else "cpu"
+
+
+def _run(fn, volume: np.ndarray, device: str, *args, **kwargs) -> np.ndarray:
+    """Call ``fn`` with the kernel backend forced on ``device``; assert the kernel ran."""
+    which = _kernel_backend(device)
+    with lc_backend.use_backend(which), lc_backend.count_launches() as launches:
+        if device == "cuda":
+            out = fn(torch.from_numpy(volume).to(device), *args, **kwargs)
+            assert out.device.type == "cuda"
+            out = out.cpu().numpy()
+        else:
+            out = fn(volume, *args, **kwargs)
+            assert isinstance(out, np.ndarray)
+    assert launches[f"resample.{which}_boxes"] >= 1, dict(launches)
+    return out
+
+
+def _scipy_resample(volume: np.ndarray, old, new, order: int) -> np.ndarray:
+    s = np.asarray(new, dtype=np.float64) / np.asarray(old, dtype=np.float64)
+    shape = resampled_shape(volume.shape, old, new)
+    return ndi.affine_transform(volume.astype(np.float64), np.diag(s), offset=0.5 * s - 0.5,
+                                output_shape=shape, order=order, mode="nearest")
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("old,new", SPACINGS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_matches_scipy_affine_transform(device, rng, old, new, shape, dtype):
+    volume = (rng.normal(size=shape) * 400 - 300).astype(dtype)
+    for order in (0, 1):
+        expected = _scipy_resample(volume, old, new, order)
+        got = _run(resample_volume, volume, device, old, new, order=order, out_dtype=np.float32)
+        assert got.shape == expected.shape == resampled_shape(shape, old, new)
+        assert np.isfinite(got).all()
+        if order == 0:
+            np.testing.assert_array_equal(got, expected.astype(np.float32))
+        else:
+            assert _rel(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize("old,new", SPACINGS)
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_order3_matches_scipy(device, rng, old, new, shape):
+    """Cubic B-spline: scipy pads by 12 edge voxels for mode="nearest", prefilters, samples unclamped."""
+    volume = (rng.normal(size=shape) * 400 - 300).astype(np.int16)
+    expected = _scipy_resample(volume, old, new, 3)
+    got = _run(resample_volume, volume, device, old, new, order=3)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert _rel(got, expected) < 1e-5
+    got64 = _run(resample_volume, volume.astype(np.float64), device, old, new, order=3)
+    assert _rel(got64, expected) < 1e-9
+    ref = resample_volume_reference(torch.from_numpy(volume), old, new, order=3).numpy()
+    assert _rel(ref, expected) < 1e-6
+
+
+def test_matches_scipy_map_coordinates_with_fill(device, rng):
+    """A crop hanging over the edge equals map_coordinates on the same coordinates, fill outside the grid."""
+    volume = rng.normal(size=(6, 10, 9)).astype(np.float32) * 100
+    old, new, size = (2.0, 0.8, 0.9), (1.0, 1.1, 0.6), (9, 8, 11)
+    centers = np.array([[0.2, 9.3, 0.0], [3.0, 5.0, 4.5], [5.4, 0.1, 8.4]])
+    grid = resampled_shape(volume.shape, old, new)
+    starts = crop_starts(centers, volume.shape, old, new, size)
+    s = np.asarray(new) / np.asarray(old)
+    for order in (0, 1):
+        got = _run(resample_crop, volume, device, old, new, centers, size, order=order, fill=-1024.0)
+        for b in range(len(centers)):
+            j = np.stack(np.meshgrid(*[starts[b, a] + np.arange(size[a]) for a in range(3)], indexing="ij"))
+            coords = s[:, None, None, None] * j + (0.5 * s - 0.5)[:, None, None, None]
+            ref = ndi.map_coordinates(volume.astype(np.float64), coords, order=order, mode="nearest")
+            inside = np.all([(j[a] >= 0) & (j[a] < grid[a]) for a in range(3)], axis=0)
+            ref = np.where(inside, ref, -1024.0)
+            assert (~inside).any() or b == 1
+            if order == 0:
+                np.testing.assert_array_equal(got[b], ref.astype(np.float32))
+            else:
+                assert _rel(got[b], ref) < 1e-5
+
+
+def test_order0_ties_round_up_like_scipy(device):
+    """Down-sampling by exactly 2 puts every sample on a tie (i = 2j + 0.5): scipy rounds up."""
+    volume = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    got = _run(resample_volume, volume, device, (1.0, 1.0, 1.0), 2.0, order=0)
+    np.testing.assert_array_equal(got, _scipy_resample(volume, (1, 1, 1), (2, 2, 2), 0))
+    np.testing.assert_array_equal(got, volume[1::2, 1::2, 1::2])
+
+
+def test_identity_and_exact_upsampling(device, rng):
+    volume = rng.integers(-1024, 2000, size=(4, 5, 6)).astype(np.int16)
+    for order in (0, 1):
+        same = _run(resample_volume, volume, device, (1.5, 0.7, 0.7), (1.5, 0.7, 0.7), order=order)
+        np.testing.assert_array_equal(same, volume.astype(same.dtype))
+    up = _run(resample_volume, volume, device, (2.0, 2.0, 2.0), 1.0, order=0)
+    np.testing.assert_array_equal(up, volume.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+@pytest.mark.parametrize("in_dtype", [np.int16, np.uint8, np.int8, np.uint16, np.int32, np.float32, np.float64])
+def test_dtypes_against_reference(device, rng, in_dtype):
+    info = np.iinfo(in_dtype) if np.issubdtype(in_dtype, np.integer) else None
+    lo, hi = (max(info.min, -2000), min(info.max, 3000)) if info else (-2000, 3000)
+    volume = rng.uniform(lo, hi, size=(5, 7, 9)).astype(in_dtype)
+    old, new = (1.7, 0.9, 0.8), (1.0, 1.3, 0.5)
+    for order in (0, 1):
+        for out_dtype in dict.fromkeys([np.float32, np.float64, in_dtype]):
+            got = _run(resample_volume, volume, device, old, new, order=order, out_dtype=out_dtype)
+            ref = resample_volume_reference(torch.from_numpy(volume), old, new, order=order,
+                                            out_dtype=torch.from_numpy(np.empty(0, out_dtype)).dtype).numpy()
+            assert got.dtype == np.dtype(out_dtype) and got.shape == ref.shape
+            if np.issubdtype(out_dtype, np.integer):  # rounding of float32 vs float64 may differ by 1
+                assert np.abs(got.astype(np.int64) - ref.astype(np.int64)).max() <= (0 if order == 0 else 1)
+            else:
+                assert _rel(got, ref) < (1e-12 if order == 0 else 2e-6)
+    default = _run(resample_volume, volume, device, old, new, order=0)
+    assert default.dtype == volume.dtype  # nearest keeps the dtype (label maps)
+    assert _run(resample_volume, volume, device, old, new).dtype == (np.float64 if in_dtype == np.float64 else np.float32)
+
+
+def test_integer_output_saturates(device):
+    volume = np.array([0, 127], dtype=np.int8).reshape(1, 1, 2)
+    got = _run(resample_crop, volume, device, (1, 1, 1), (1, 1, 1), [0, 0, 0], (1, 1, 3), fill=-1000.0,
+               order=0, out_dtype=np.int8)
+    np.testing.assert_array_equal(got.reshape(-1), [-128, 0, 127])
+
+
+def test_strided_inputs(device, rng):
+    base = rng.normal(size=(12, 9, 10)).astype(np.float32)
+    views = [base.transpose(2, 1, 0), base[::-1, :, ::2], base[2:9:3, 1:, 3:]]
+    old, new = (1.1, 0.9, 2.0), (1.0, 1.0, 1.0)
+    for v in views:
+        expected = _scipy_resample(np.ascontiguousarray(v), old, new, 1)
+        if device == "cuda":
+            got = _run(resample_volume, np.ascontiguousarray(v), device, old, new)
+            t = torch.from_numpy(np.ascontiguousarray(base)).cuda().permute(2, 1, 0)
+            with lc_backend.use_backend("cupy"):
+                got_t = resample_volume(t, old, new).cpu().numpy()
+            assert _rel(got_t, _scipy_resample(base.transpose(2, 1, 0), old, new, 1)) < 1e-4
+        else:
+            got = _run(resample_volume, v, device, old, new)
+        assert _rel(got, expected) < 1e-4
+    t = torch.from_numpy(base).permute(2, 0, 1)  # non-contiguous CPU tensor, no copy needed
+    with lc_backend.use_backend("cpu"):
+        np.testing.assert_allclose(resample_volume(t, old, new).numpy(),
+                                   resample_volume(np.ascontiguousarray(t.numpy()), old, new), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_crop_equals_resample_then_crop(device, rng, order):
+    volume = (rng.normal(size=(11, 23, 19)) * 500 - 400).astype(np.int16)
+    old, new, size, window, fill = (2.5, 0.7, 0.8), (1.0, 1.0, 1.0), (7, 16, 12), (-1200.0, 600.0), -1024.0
+    n = np.asarray(volume.shape)
+    centers = np.concatenate([rng.uniform(-0.5, n - 0.5, size=(9, 3)), [[-0.5, -0.5, -0.5], n - 0.5, [5, 11, 9]]])
+    full = resample_volume(volume, old, new, order=order, out_dtype=np.float64)
+    starts = crop_starts(centers, volume.shape, old, new, size)
+    pad = max(size)
+    padded = np.pad(full, pad, constant_values=fill)
+    windowed = (np.clip(padded, *window) - window[0]) / (window[1] - window[0])
+    got = _run(resample_crop, volume, device, old, new, centers, size, order=order, window=window)
+    raw = _run(resample_crop, volume, device, old, new, centers, size, order=order, fill=fill)
+    assert got.shape == raw.shape == (len(centers), *size) and got.dtype == np.float32
+    for b in range(len(centers)):
+        sl = tuple(slice(starts[b, a] + pad, starts[b, a] + pad + size[a]) for a in range(3))
+        np.testing.assert_allclose(got[b], windowed[sl], rtol=0, atol=1e-6 if order < 3 else 2e-6)
+        np.testing.assert_allclose(raw[b], padded[sl], rtol=1e-6, atol=1e-3 if order < 3 else 4e-3)
+    ref = resample_crop_reference(torch.from_numpy(volume), old, new, centers, size, order=order, window=window)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-6 if order < 3 else 2e-6)
+
+
+def test_crop_geometry():
+    """The output voxel nearest the centre is at index size // 2 of the box."""
+    old, new = (2.5, 0.7, 0.7), (1.0, 1.0, 1.0)
+    starts = crop_starts([[80.0, 256.0, 256.0], [0.0, 0.0, 0.0]], (160, 512, 512), old, new, (16, 64, 64))
+    u = (np.array([[80.0, 256.0, 256.0], [0, 0, 0]]) + 0.5) / (np.array(new) / np.array(old)) - 0.5
+    np.testing.assert_array_equal(starts + np.array([8, 32, 32]), np.floor(u + 0.5))
+    assert resampled_shape((160, 512, 512), old, new) == (400, 358, 358)
+    assert resampled_shape((5, 5, 5), (1, 1, 1), 2.0) == (3, 3, 3)  # 2.5 rounds half up
+
+
+def test_many_boxes_and_poisoned_output(rng):
+    """The C++ core writes every voxel of every box (out starts as NaN) and never reads out-of-bounds."""
+    from lungcore import _C
+
+    volume = rng.normal(size=(9, 14, 15)).astype(np.float32)
+    starts = np.array([[-50, -50, -50], [0, 0, 0], [3, -2, 10], [100, 100, 100]], dtype=np.int64)
+    out = np.full((4, 5, 6, 7), np.nan, dtype=np.float32)
+    assert _C.resample_boxes(volume, out, starts, (18, 10, 11), (0.5, 1.4, 1.4), (-0.25, 0.2, 0.2), 1, -7.0, None)
+    assert np.isfinite(out).all()
+    assert (out[0] == -7.0).all() and (out[3] == -7.0).all()
+
+
+def test_torch_cpu_in_torch_out(rng):
+    volume = torch.from_numpy(rng.normal(size=(4, 6, 5)).astype(np.float32))
+    with lc_backend.use_backend("cpu"):
+        out = resample_volume(volume, (2.0, 1.0, 1.0), 1.0)
+        crops = resample_crop(volume, (2.0, 1.0, 1.0), 1.0, torch.tensor([[2.0, 3.0, 2.0]]), 4)
+    assert isinstance(out, torch.Tensor) and out.shape == (8, 6, 5) and out.dtype == torch.float32
+    assert isinstance(crops, torch.Tensor) and crops.shape == (1, 4, 4, 4)
+    with lc_backend.use_backend("reference"):
+        ref = resample_volume(volume, (2.0, 1.0, 1.0), 1.0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_reference_backend_for_numpy(rng):
+    volume = rng.normal(size=(4, 6, 5)).astype(np.float32)
+    with lc_backend.use_backend("reference"), lc_backend.count_launches() as launches:
+        out = resample_volume(volume, (2.0, 1.0, 1.3), 1.0)
+    assert isinstance(out, np.ndarray) and not launches
+    assert _rel(out, _scipy_resample(volume, (2.0, 1.0, 1.3), (1, 1, 1), 1)) < 1e-6
+
+
+def test_rerun_bit_identical(rng):
+    volume = (rng.normal(size=(20, 40, 40)) * 300).astype(np.int16)
+    a = resample_volume(volume, (2.5, 0.7, 0.7), 1.0)
+    b = resample_volume(volume, (2.5, 0.7, 0.7), 1.0)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_affine_helper_keeps_extent_and_centres():
+    rot = np.array([[0.0, 0.0, 1.0], [0.6, 0.8, 0.0], [-0.8, 0.6, 0.0]])
+    old, new, shape = (2.5, 0.7, 0.6), (1.0, 1.0, 1.0), (10, 30, 40)
+    affine = np.eye(4)
+    affine[:3, :3] = rot * np.asarray(old)
+    affine[:3, 3] = [-100.0, 20.0, 35.0]
+    out_aff = resampled_affine(affine, old, new)
+    np.testing.assert_allclose(np.linalg.norm(out_aff[:3, :3], axis=0), new)
+    grid = resampled_shape(shape, old, new)
+    for corner in ([-0.5] * 3, ):  # the first corner is shared exactly
+        np.testing.assert_allclose(out_aff @ [*corner, 1], affine @ [*corner, 1], atol=1e-9)
+    far_in = affine @ [*(np.asarray(shape) - 0.5), 1]
+    far_out = out_aff @ [*(np.asarray(grid) - 0.5), 1]
+    # the far corner moves by at most half an output voxel (rounding of the grid size)
+    assert np.linalg.norm(far_in - far_out) <= 0.5 * np.linalg.norm(new) + 1e-9
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call,error,match", [
+    (lambda v: resample_volume(v[0], (1, 1, 1), 1.0), ValueError, "3-D"),
+    (lambda v: resample_volume(v[None], (1, 1, 1), 1.0), ValueError, "3-D"),
+    (lambda v: resample_volume(v, (1, 0, 1), 1.0), ValueError, "spacing"),
+    (lambda v: resample_volume(v, (1, 1, 1), (1, -1, 1)), ValueError, "new_spacing"),
+    (lambda v: resample_volume(v, (1, float("nan"), 1), 1.0), ValueError, "spacing"),
+    (lambda v: resample_volume(v, (1, 1), 1.0), ValueError, "spacing"),
+    (lambda v: resample_volume(v, 1.0, 1.0), ValueError, "spacing"),
+    (lambda v: resample_volume(v, (1, 1, 1), 1.0, order=2), ValueError, "order"),
+    (lambda v: resample_volume(v, (1, 1, 1), 1.0, fill=float("inf")), ValueError, "fill"),
+    (lambda v: resample_volume(v, (1, 1, 1), 1.0, out_dtype=np.int64), TypeError, "out_dtype"),
+    (lambda v: resample_volume(v.astype(np.complex64), (1, 1, 1), 1.0), TypeError, "dtype"),
+    (lambda v: resample_volume(v.tolist(), (1, 1, 1), 1.0), TypeError, "volume"),
+    (lambda v: resample_volume(v, (1, 1, 1), 1e-5), ValueError, "too large"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, float("nan")]], 4), ValueError, r"centers\[0\]"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, 1], [1, 9, 1]], 4), ValueError, r"centers\[1\].*outside"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1]], 4), ValueError, "centers"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, 1]], (4, 0, 4)), ValueError, "size"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, 1]], (4, 2.5, 4)), ValueError, "size"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, 1]], 4, window=(600, -1200)), ValueError, "window"),
+    (lambda v: resample_crop(v, (1, 1, 1), 1.0, [[1, 1, 1]], 4, window=(0, 1), out_dtype=np.int16),
+     TypeError, "out_dtype"),
+])
+def test_bad_input(call, error, match):
+    volume = np.zeros((4, 5, 6), dtype=np.int16)
+    with pytest.raises(error, match=match):
+        call(volume)
+
+
+@pytest.mark.parametrize("which", ["cpu", "reference"])
+def test_nan_volume_is_an_error(which):
+    volume = np.zeros((4, 5, 6), dtype=np.float32)
+    volume[2, 2, 2] = np.nan
+    with lc_backend.use_backend(which), pytest.raises(ValueError, match="NaN"):
+        resample_volume(volume, (1, 1, 1), 1.0)
+    with lc_backend.use_backend(which), pytest.raises(ValueError, match="NaN"):
+        resample_volume(torch.from_numpy(volume), (1, 1, 1), 1.0)
+    volume[2, 2, 2] = np.inf
+    with lc_backend.use_backend("cpu"), pytest.raises(ValueError, match="NaN or inf"):
+        resample_crop(volume, (1, 1, 1), 1.0, [2, 2, 2], 3)
+
+
+# ----------------------------------------------------------------------------- torch integration
+def test_gradcheck_float64(rng):
+    volume = torch.from_numpy(rng.normal(size=(2, 3, 4))).requires_grad_(True)
+    centers = [[1.0, 1.5, 2.0], [0.0, 2.0, 3.0]]
+    for which in ("cpu", "reference"):
+        with lc_backend.use_backend(which):
+            assert torch.autograd.gradcheck(
+                lambda v: resample_crop(v, (1.5, 1.0, 0.7), (1.0, 0.8, 1.0), centers, (3, 4, 4)), (volume,))
+            assert torch.autograd.gradcheck(
+                lambda v: resample_crop(v, (1.5, 1.0, 0.7), 1.0, centers, (3, 4, 4), window=(-0.5, 0.5)),
+                (volume,))
+            assert torch.autograd.gradcheck(lambda v: resample_volume(v, (1.5, 1.0, 0.7), 1.0), (volume,))
+            assert torch.autograd.gradcheck(lambda v: resample_volume(v, (1.5, 1.0, 0.7), 1.0, order=3), (volume,))
+
+
+def test_kernel_grad_matches_reference_grad(rng):
+    volume = torch.from_numpy(rng.normal(size=(5, 6, 7)).astype(np.float32))
+    weights = torch.from_numpy(rng.normal(size=(2, 4, 5, 6)).astype(np.float32))
+    grads = {}
+    for which in ("cpu", "reference"):
+        v = volume.clone().requires_grad_(True)
+        with lc_backend.use_backend(which):
+            out = resample_crop(v, (2.0, 1.0, 0.8), 1.0, [[2, 3, 3], [4, 0, 6]], (4, 5, 6))
+        (out * weights).sum().backward()
+        grads[which] = v.grad
+    torch.testing.assert_close(grads["cpu"], grads["reference"])
+
+
+def test_compile_and_autocast(rng):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3)
+
+        def forward(self, ct):
+            boxes = resample_crop(ct, (2.5, 0.7, 0.7), 1.0, [[3.0, 6.0, 6.0], [4.0, 5.0, 7.0]], (5, 6, 6),
+                                  window=(-1200.0, 600.0))
+            return self.conv(boxes[:, None]).mean(dim=(1, 2, 3, 4))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    ct = torch.from_numpy((rng.normal(size=(6, 12, 12)) * 300).astype(np.float32))
+    eager = model(ct)
+    compiled = torch.compile(model)(ct)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ct)
+    torch.testing.assert_close(mixed.float(), eager, rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- CUDA only
+@pytest.mark.cuda
+def test_cupy_arrays_and_dlpack_no_host_copy(rng):
+    cupy = pytest.importorskip("cupy")
+    volume = (rng.normal(size=(9, 17, 21)) * 300).astype(np.int16)
+    ref = resample_volume(volume, (2.5, 0.7, 0.7), 1.0)
+    with lc_backend.use_backend("cupy"):
+        out_cp = resample_volume(cupy.asarray(volume), (2.5, 0.7, 0.7), 1.0)
+        t = torch.from_numpy(volume).cuda()
+        out_t = resample_volume(t, (2.5, 0.7, 0.7), 1.0)
+    assert isinstance(out_cp, cupy.ndarray)
+    assert out_t.is_cuda and out_t.dtype == torch.float32
+    np.testing.assert_allclose(cupy.asnumpy(out_cp), ref, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(out_t.cpu().numpy(), ref, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cupy_matches_cupyx_scipy(rng):
+    cupy = pytest.importorskip("cupy")
+    cndi = pytest.importorskip("cupyx.scipy.ndimage")
+    volume = cupy.asarray(rng.normal(size=(10, 31, 29)).astype(np.float32))
+    old, new = (2.5, 0.7, 0.7), (1.0, 1.0, 1.0)
+    s = np.asarray(new) / np.asarray(old)
+    expected = cndi.affine_transform(volume.astype(cupy.float64), cupy.asarray(np.diag(s)), offset=0.5 * s - 0.5,
+                                     output_shape=resampled_shape(volume.shape, old, new), order=1, mode="nearest")
+    with lc_backend.use_backend("cupy"):
+        got = resample_volume(volume, old, new)
+    assert _rel(cupy.asnumpy(got), cupy.asnumpy(expected)) < 1e-4
+
+
+@pytest.mark.cuda
+def test_cuda_nan_is_an_error():
+    volume = torch.zeros(4, 5, 6, device="cuda")
+    volume[1, 1, 1] = float("nan")
+    with lc_backend.use_backend("cupy"), pytest.raises(ValueError, match="NaN"):
+        resample_volume(volume, (1, 1, 1), 1.0)
