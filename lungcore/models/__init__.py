@@ -7,3 +7,4 @@ from lungcore.models.registry import (  # noqa: F401
     register_model,
     save_model,
 )
+from lungcore.models.csfnet import CSFNet, CSFNetConfig  # noqa: F401,E402
