@@ -291,7 +291,8 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
         count += 1
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         for k, v in (logs or {}).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            if k != "loss":
+                sums[k] = sums.get(k, 0.0) + float(v)
         bar.update(n)
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
