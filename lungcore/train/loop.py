@@ -170,6 +170,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
     if task_kind != needed:
         raise ValueError(f"model {cfg.model!r} trains on {needed!r} cohorts but {cfg.data.manifest} is a "
                          f"{task_kind!r} manifest")
+    require_targets(manifest, cfg.data.manifest)
     splits_file = out / "splits.json"
     if splits_file.is_file():  # a resumed run keeps its splits even if the split code changed
         by_id = json.loads(splits_file.read_text())
@@ -191,6 +192,21 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
     settings = PreprocessSettings.from_dict({**defaults, **cfg.data.preprocess})
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     return CohortData(manifest, schema, settings, splits, cache)
+
+
+def require_targets(manifest: Any, path: Any) -> None:
+    """Training and evaluation need the endpoints / labels: name the column that is missing or empty."""
+    if manifest.schema.kind == "nodules":
+        if manifest.label_mask is None or not manifest.label_mask.any():
+            raise ValueError(f"manifest {path}: column {manifest.schema.label_column!r} is missing or empty; "
+                             "training and evaluation need malignancy labels (predict does not)")
+        return
+    empty = [e for e in ("pfs", "os") if f"{e}_mask" not in manifest.endpoints
+             or not manifest.endpoints[f"{e}_mask"].any()]
+    if empty:
+        cols = ", ".join(f"'{e}_time'/'{e}_event'" for e in empty)
+        raise ValueError(f"manifest {path}: columns {cols} are missing or empty; training and evaluation need "
+                         "both endpoints (predict does not)")
 
 
 def _dataset(data: CohortData, rows: list[int], augment: bool):
@@ -710,6 +726,7 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
 
     model, m, loader, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
                                                           cache_dir=cache_dir)
+    require_targets(m, manifest)
     pred = run_predictions(model, loader, dev)
     pred["patient_id"] = list(m.patient_ids)
     reference = None

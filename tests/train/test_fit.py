@@ -90,6 +90,14 @@ def test_clear_errors(tmp_path, nodule_cohort, cache_dir, capsys):
     assert main(["train", "--model", "toy_classifier", "--manifest", str(broken), "--out", str(tmp_path / "y"),
                  "--no-progress"]) == 1
     assert "smoking" in capsys.readouterr().err
+    frame = pd.read_csv(nodule_cohort, dtype=str, keep_default_na=False).drop(columns=["label"])
+    unlabelled = nodule_cohort.parent / "unlabelled.csv"
+    frame.to_csv(unlabelled, index=False)
+    (nodule_cohort.parent / "unlabelled.schema.json").write_text(
+        (nodule_cohort.parent / "manifest.schema.json").read_text())
+    assert main(["train", "--model", "toy_classifier", "--manifest", str(unlabelled), "--out", str(tmp_path / "u"),
+                 "--no-progress"]) == 1
+    assert "column 'label' is missing or empty" in capsys.readouterr().err
     assert main(["train", "--model", "toy_survival", "--manifest", str(nodule_cohort), "--out", str(tmp_path / "z"),
                  "--no-progress"]) == 1
     assert "survival" in capsys.readouterr().err
