@@ -8,3 +8,4 @@ from lungcore.models.registry import (  # noqa: F401
     save_model,
 )
 from lungcore.models.csfnet import CSFNet, CSFNetConfig  # noqa: F401,E402
+from lungcore.models.cmml import CMML, CMMLConfig  # noqa: E402,F401

@@ -1,0 +1,199 @@
+"""Shared pieces of the CMML experiment scripts (not CI): a synthetic cohort held in memory,
+a small training loop for the two stages, and the evaluations.
+
+The general training loop/CLI is lungcore.train (issue 10); this one is deliberately minimal so
+the statistical scripts depend only on the model contract (``loss(batch, stage)``, ``predict``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort
+from lungcore.metrics import bootstrap_ci, concordance_index
+from lungcore.models import create
+
+ENDPOINTS = ("pfs", "os")
+KEYS = ("ct", "ct_mask", "clinical", "clinical_mask", "pfs_time", "pfs_event", "pfs_mask", "os_time", "os_event",
+        "os_mask")
+
+
+@dataclass
+class Cohort:
+    splits: dict[str, dict[str, torch.Tensor]]
+    eta: dict[str, np.ndarray]  # the generator's true log-hazard per split
+    cardinalities: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
+                 spacing=(4.0, 4.0, 4.0), crop=(8, 16, 16), log=print) -> Cohort:
+    """Write (once) a synthetic survival cohort, preprocess it, hold every split as tensors."""
+    workdir = Path(workdir)
+    manifest_path = workdir / "manifest.csv"
+    t0 = time.time()
+    if not manifest_path.exists():
+        synth_cohort("survival", workdir, n=n, preset="tiny", seed=seed, dicom_every=0)
+        log(f"synthetic cohort of {n} patients written in {time.time() - t0:.0f} s")
+    manifest = read_manifest(manifest_path)
+    parts = split_by_patient(manifest, fractions, seed=seed)
+    truth = {r["patient_id"]: float(r["eta"]) for r in csv.DictReader(open(workdir / "truth.csv"))}
+    train_manifest = manifest.subset(parts["train"]) if hasattr(manifest, "subset") else None
+    schema = (train_manifest or manifest).fit_schema()
+    ds = CohortDataset(manifest, schema, PreprocessSettings(spacing=spacing, crop=crop),
+                       cache_dir=workdir / "cache")
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=0)
+    rows: dict[str, list] = {k: [] for k in (*KEYS, "id")}
+    for batch in loader:
+        for k in rows:
+            rows[k].extend(batch[k]) if k == "id" else rows[k].append(batch[k])
+    full = {k: torch.cat(v) for k, v in rows.items() if k != "id"}
+    ids = np.asarray(rows["id"])
+    splits, eta = {}, {}
+    for name, idx in parts.items():
+        idx_t = torch.as_tensor(sorted(idx))
+        splits[name] = {k: v[idx_t] for k, v in full.items()}
+        eta[name] = np.asarray([truth[str(ids[i])] for i in sorted(idx)])
+    log(f"cohort ready in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
+    return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop})
+
+
+def model_config(cohort: Cohort, **overrides) -> dict[str, Any]:
+    crop = tuple(cohort.info["crop"])
+    cfg = dict(img_size=crop, patch_size=(2, 4, 4), embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
+               decoder_dim=32, decoder_depth=1, decoder_heads=2, clinical_dim=48, clinical_depth=2,
+               clinical_heads=4, clinical_decoder_depth=1, relation_dim=8, fusion_heads=4,
+               clinical_cardinalities=tuple(cohort.cardinalities), dropout=0.1)
+    cfg.update(overrides)
+    return cfg
+
+
+def restrict(batch: dict[str, torch.Tensor], modalities: str) -> dict[str, torch.Tensor]:
+    """``both``, ``ct`` (no clinical values) or ``clinical`` (no CT) versions of a batch."""
+    out = dict(batch)
+    if modalities == "ct":
+        out["clinical_mask"] = torch.zeros_like(batch["clinical_mask"])
+    elif modalities == "clinical":
+        out["ct_mask"] = torch.zeros_like(batch["ct_mask"])
+    elif modalities != "both":
+        raise ValueError(modalities)
+    return out
+
+
+def batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator, shuffle: bool = True):
+    n = len(data["ct"])
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    for s in range(0, n, size):
+        idx = order[s:s + size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * math.ceil(len(data["ct"]) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    model.train()
+    for ep in range(epochs):
+        tot, nb = 0.0, 0
+        for b in batches(data, batch_size, gen):
+            loss, _ = model.loss(b, "pretrain")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot, nb = tot + float(loss.detach()), nb + 1
+        history.append(tot / nb)
+        if ep < 2 or ep % 5 == 4 or ep == epochs - 1:
+            log(f"  pretrain epoch {ep + 1}/{epochs}: loss {history[-1]:.4f}")
+    return history
+
+
+def cindex(risk, time_, event, mask=None) -> float:
+    risk, time_, event = (np.asarray(a, dtype=float) for a in (risk, time_, event))
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        risk, time_, event = risk[m], time_[m], event[m]
+    return float(concordance_index(risk, time_, event))
+
+
+def predict(model, data, batch_size: int = 256) -> dict[str, np.ndarray]:
+    out = {e: [] for e in ENDPOINTS}
+    for b in batches(data, batch_size, torch.Generator(), shuffle=False):
+        r = model.predict(b)
+        for e in ENDPOINTS:
+            out[e].append(r[e])
+    return {e: torch.cat(v).numpy() for e, v in out.items()}
+
+
+def mean_cindex(model, data) -> float:
+    r = predict(model, data)
+    return float(np.mean([cindex(r[e], data[f"{e}_time"], data[f"{e}_event"], data[f"{e}_mask"]) for e in ENDPOINTS]))
+
+
+def finetune(model, train, val, *, epochs: int, batch_size: int = 128, lr: float = 5e-4, encoder_lr_scale: float = 1.0,
+             seed: int = 0, log=print) -> dict[str, Any]:
+    """Cox fine-tuning; keeps the weights of the epoch with the best validation C-index (mean of PFS/OS)."""
+    enc = [p for n, p in model.named_parameters() if n.startswith(("ct_encoder.", "clinical_encoder."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("ct_encoder.", "clinical_encoder."))]
+    opt = torch.optim.AdamW([{"params": enc, "lr": lr * encoder_lr_scale}, {"params": rest, "lr": lr}],
+                            weight_decay=0.05)
+    steps = epochs * math.ceil(len(train["ct"]) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr * encoder_lr_scale, lr], total_steps=steps,
+                                                pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    best, best_state, history = -1.0, None, []
+    for ep in range(epochs):
+        model.train()
+        for b in batches(train, batch_size, gen):
+            loss, _ = model.loss(b, "finetune")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        c = mean_cindex(model, val)
+        history.append(c)
+        if c > best:
+            best, best_state = c, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if ep < 2 or ep % 5 == 4 or ep == epochs - 1:
+            log(f"  finetune epoch {ep + 1}/{epochs}: val C-index {c:.4f} (best {best:.4f})")
+    model.load_state_dict(best_state)
+    return {"best_val_cindex": best, "history": history}
+
+
+def test_cindex(model, data, eta, n_boot: int = 1000) -> dict[str, dict[str, float]]:
+    """Per endpoint: model and oracle C-index with bootstrap 95 % intervals, and the paired gap."""
+    r = predict(model, data)
+    out = {}
+    for e in ENDPOINTS:
+        m = data[f"{e}_mask"].numpy().astype(bool)
+        t, ev = data[f"{e}_time"].numpy()[m], data[f"{e}_event"].numpy()[m]
+        risk, oracle = r[e][m], eta[m]
+
+        def c(rr, tt, ee):
+            return float(concordance_index(rr, tt, ee))
+
+        model_ci = bootstrap_ci(c, risk, t, ev, n_boot=n_boot, seed=1)
+        oracle_ci = bootstrap_ci(c, oracle, t, ev, n_boot=n_boot, seed=1)
+        gap_ci = bootstrap_ci(lambda a, b, tt, ee: c(b, tt, ee) - c(a, tt, ee), risk, oracle, t, ev,
+                              n_boot=n_boot, seed=1)
+        out[e] = {"n": int(m.sum()), "events": int(ev.sum()),
+                  "cindex": model_ci[0], "cindex_low": model_ci[1], "cindex_high": model_ci[2],
+                  "oracle": oracle_ci[0], "oracle_low": oracle_ci[1], "oracle_high": oracle_ci[2],
+                  "gap": gap_ci[0], "gap_low": gap_ci[1], "gap_high": gap_ci[2]}
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=float) + "\n")

@@ -1,0 +1,298 @@
+"""CMML (network A): shapes, gradients, Triton == reference, batch independence, missing
+modality, save/load, registry contract. Tiny models only (the Triton interpreter runs here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lungcore.backend import count_launches
+from lungcore.models import available_models, create, load_model, save_model
+from lungcore.models.cmml import CMML, CMMLConfig, _group_layout
+
+TINY = dict(img_size=(8, 16, 16), patch_size=(4, 8, 8), embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+            decoder_dim=8, decoder_depth=1, decoder_heads=2, clinical_dim=16, clinical_depth=1,
+            clinical_heads=2, clinical_decoder_depth=1, relation_dim=4, fusion_heads=2)
+CARDS = (0, 2, 3, 2, 0, 3)
+
+
+def tiny(**kw) -> CMML:
+    torch.manual_seed(0)
+    return create("cmml", **{**TINY, **kw})
+
+
+def make_batch(b: int, device: str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    clinical = torch.randn(b, len(CARDS), generator=g)
+    for i, k in enumerate(CARDS):
+        if k:
+            clinical[:, i] = torch.randint(0, k, (b,), generator=g).float()
+    batch = {
+        "ct": torch.randn(b, 1, 8, 16, 16, generator=g),
+        "ct_mask": torch.ones(b, dtype=torch.bool),
+        "clinical": clinical,
+        "clinical_mask": torch.rand(b, len(CARDS), generator=g) > 0.2,
+        "pfs_time": torch.rand(b, generator=g) * 20,
+        "pfs_event": (torch.rand(b, generator=g) < 0.7).float(),
+        "pfs_mask": torch.ones(b, dtype=torch.bool),
+        "os_time": torch.rand(b, generator=g) * 30,
+        "os_event": (torch.rand(b, generator=g) < 0.6).float(),
+        "os_mask": torch.ones(b, dtype=torch.bool),
+    }
+    batch["pfs_mask"][1] = False
+    batch["os_event"][0] = 1.0
+    batch["pfs_event"][0] = 1.0
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def test_registered_and_contract():
+    assert "cmml" in available_models()
+    m = tiny()
+    assert isinstance(m, CMML) and m.task == "survival" and m.stages == ("pretrain", "finetune")
+    defaults = CMMLConfig()
+    assert defaults.img_size == (32, 128, 128) and defaults.patch_size == (4, 16, 16)
+    assert (defaults.embed_dim, defaults.depth, defaults.num_heads) == (256, 6, 8)
+    assert (defaults.clinical_dim, defaults.clinical_depth) == (256, 3)
+    assert (defaults.mask_ratio_ct, defaults.mask_ratio_clinical, defaults.clinical_loss_weight) == (0.75, 0.3, 1.0)
+    with pytest.raises(ValueError, match="stage"):
+        m.loss(make_batch(3), "train")
+    with pytest.raises(ValueError, match="unknown config"):
+        create("cmml", no_such_field=1)
+
+
+def test_default_model_tokens():
+    m = CMML()
+    assert m.ct_encoder.num_tokens == 512 and m.ct_encoder.grid == (8, 8, 8)
+
+
+def test_group_layout_pads_each_group_to_longest():
+    group = torch.tensor([[0, 1, 1, 2, 1], [2, 2, 0, 0, 0]])
+    slot, mask, longest = _group_layout(group, 3)
+    assert longest == 3
+    assert mask.tolist() == [[[True, False, False], [True, True, True], [True, False, False]],
+                             [[True, True, True], [False, False, False], [True, True, False]]]
+    for b in range(2):
+        assert len(set(slot[b].tolist())) == 5  # distinct slots
+        assert (slot[b] // longest).tolist() == group[b].tolist()
+
+
+def test_grid_path_equals_padded_path():
+    """All tokens as a view (fast path) == all tokens through the padded-group path."""
+    m = tiny()
+    ct = make_batch(2)["ct"]
+    ids = torch.arange(m.ct_encoder.num_tokens).expand(2, -1)
+    torch.testing.assert_close(m.ct_encoder(ct), m.ct_encoder(ct, ids), rtol=1e-5, atol=1e-6)
+    # a shuffled visible order gives the same tokens, permuted
+    perm = torch.stack([torch.randperm(m.ct_encoder.num_tokens) for _ in range(2)])
+    full = m.ct_encoder(ct)
+    torch.testing.assert_close(m.ct_encoder(ct, perm), torch.gather(full, 1, perm[..., None].expand(-1, -1, 16)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shapes_and_finite(device):
+    m = tiny().to(device)
+    batch = make_batch(4, device)
+    out = m(batch["ct"], batch["clinical"], batch["clinical_mask"], batch["ct_mask"])
+    assert set(out) == {"pfs", "os"}
+    assert out["pfs"].shape == (4,) and out["os"].shape == (4,)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    losses = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], return_predictions=True)
+    assert losses["ct_pred"].shape == (4, 8, 4 * 8 * 8) and losses["ct_target"].shape == (4, 8, 256)
+    assert int(losses["ct_masked"].sum(1)[0]) == 6  # 8 tokens, ratio 0.75 -> 2 visible
+    assert losses["numeric_pred"].shape == (4, 6)
+    for stage in m.stages:
+        loss, logs = m.loss(batch, stage)
+        assert loss.dim() == 0 and torch.isfinite(loss) and "loss" in logs
+
+
+def test_bad_inputs():
+    m = tiny()
+    b = make_batch(2)
+    with pytest.raises(ValueError, match="ct must have shape"):
+        m(b["ct"][:, :, :4], b["clinical"], b["clinical_mask"])
+    with pytest.raises(ValueError, match="clinical must have shape"):
+        m(b["ct"], b["clinical"][:, :3], b["clinical_mask"])
+    with pytest.raises(ValueError, match="img_size"):
+        CMMLConfig(img_size=(9, 16, 16), patch_size=(4, 8, 8))
+    with pytest.raises(ValueError, match="mask ratios"):
+        CMMLConfig(mask_ratio_ct=1.0)
+
+
+def _grads(m):
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def test_gradients_reach_every_parameter():
+    m = tiny(modality_dropout=0.0)
+    batch = make_batch(6)
+    names = dict(m.named_parameters())
+    pre, _ = m.loss(batch, "pretrain")
+    fin, _ = m.loss(batch, "finetune")
+    (pre + fin).backward()
+    missing = [n for n, p in names.items() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+def test_finetune_gradients_reach_encoders():
+    m = tiny(modality_dropout=0.0)
+    loss, _ = m.loss(make_batch(6), "finetune")
+    loss.backward()
+    for prefix in ("ct_encoder.", "clinical_encoder.", "fuse_ct.", "fuse_clinical.", "risk_head."):
+        # the pretraining mask token is the one parameter fine-tuning does not use
+        ps = [p for n, p in m.named_parameters() if n.startswith(prefix) and "mask_token" not in n]
+        assert ps and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ps), prefix
+
+
+def test_triton_equals_reference_forward_and_gradients(backend):
+    """Every op forced to Triton (the interpreter on CPU) == the reference backend."""
+    m = tiny(modality_dropout=0.0)
+    batch = make_batch(3)
+    vis = m.random_visible(3, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    cmask = m.random_clinical_mask(batch["clinical_mask"], generator=torch.Generator().manual_seed(2))
+    results = {}
+    for name in ("reference", "triton"):
+        m.zero_grad()
+        with backend(name), count_launches() as launches:
+            risks = m(batch["ct"], batch["clinical"], batch["clinical_mask"], batch["ct_mask"])
+            fin, _ = m.loss(batch, "finetune")
+            pre = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], visible=vis,
+                                    clinical_masked=cmask)
+            (fin + pre["ct"] + pre["clinical"]).backward()
+        results[name] = (risks, fin.detach(), pre["ct"].detach(), pre["clinical"].detach(),
+                         {n: g.clone() for n, g in _grads(m).items()}, launches)
+    ref, tri = results["reference"], results["triton"]
+    assert sum(ref[5].values()) == 0
+    kernels = " ".join(tri[5])
+    assert "patch_embed" in kernels and "attention" in kernels and "cox" in kernels, dict(tri[5])
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(tri[0][e], ref[0][e], rtol=1e-4, atol=1e-5)
+    for i in (1, 2, 3):
+        torch.testing.assert_close(tri[i], ref[i], rtol=1e-4, atol=1e-5)
+    for n, g in ref[4].items():
+        torch.testing.assert_close(tri[4][n], g, rtol=2e-3, atol=2e-5, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_batch_mates_do_not_change_a_risk():
+    m = tiny().eval()
+    batch = make_batch(5)
+    alone = {k: v[:1] for k, v in batch.items()}
+    r_all = m.predict(batch)
+    r_one = m.predict(alone)
+    other = make_batch(5, seed=7)
+    mixed = {k: torch.cat([batch[k][:1], other[k][1:]]) for k in batch}
+    mixed["ct_mask"][2] = False
+    mixed["clinical_mask"][3] = False
+    r_mixed = m.predict(mixed)
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(r_one[e][0], r_all[e][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r_mixed[e][0], r_all[e][0], rtol=1e-5, atol=1e-6)
+
+
+def test_predict_restores_mode_and_no_grad():
+    m = tiny().train()
+    out = m.predict(make_batch(2))
+    assert m.training and not out["pfs"].requires_grad
+
+
+def test_missing_modality():
+    m = tiny().eval()
+    batch = make_batch(4)
+    no_ct = dict(batch, ct_mask=torch.tensor([False, True, False, True]))
+    no_cli = dict(batch, clinical_mask=torch.zeros(4, 6, dtype=torch.bool))
+    neither = dict(no_ct, clinical_mask=torch.zeros(4, 6, dtype=torch.bool))
+    full = m.predict(batch)
+    r_ct = m.predict(no_ct)
+    for out in (r_ct, m.predict(no_cli), m.predict(neither)):
+        assert all(torch.isfinite(v).all() and v.shape == (4,) for v in out.values())
+    # a patient without CT: its (garbage) voxels must not matter
+    scrambled = dict(no_ct, ct=torch.where(no_ct["ct_mask"][:, None, None, None, None], batch["ct"],
+                                           torch.randn_like(batch["ct"]) * 100))
+    r_scr = m.predict(scrambled)
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(r_scr[e], r_ct[e], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r_ct[e][1], full[e][1])
+    # without a clinical record: the clinical values must not matter
+    no_cli2 = dict(no_cli, clinical=torch.randn_like(batch["clinical"]).abs().round())
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(m.predict(no_cli2)[e], m.predict(no_cli)[e], rtol=1e-5, atol=1e-6)
+    # training losses with missing modalities stay finite
+    m.train()
+    for b in (no_ct, no_cli):
+        for stage in m.stages:
+            loss, _ = m.loss(b, stage)
+            assert torch.isfinite(loss)
+
+
+def test_pretrain_losses_only_count_masked_parts():
+    m = tiny()
+    batch = make_batch(3)
+    vis = m.random_visible(3, torch.device("cpu"))
+    cmask = torch.zeros(3, 6, dtype=torch.bool)
+    out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], visible=vis,
+                            clinical_masked=cmask, return_predictions=True)
+    assert float(out["clinical"].detach()) == 0.0
+    # changing the voxels of a *visible* patch's target does not enter L_ct directly
+    assert out["ct_masked"].sum() == 3 * 6
+    # a patient without CT contributes nothing to L_ct
+    out2 = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"],
+                             ct_mask=torch.tensor([True, False, False]), visible=vis, clinical_masked=cmask,
+                             return_predictions=True)
+    assert out2["ct_masked"][1:].sum() == 0
+
+
+def test_random_clinical_mask_only_masks_present():
+    m = tiny()
+    present = torch.tensor([[True] * 6, [False] * 6, [True, False, False, False, False, True]])
+    masked = m.random_clinical_mask(present, ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert not (masked & ~present).any()
+    assert masked.sum(1).tolist() == [3, 0, 1]
+
+
+def test_save_load_roundtrip_with_baseline(tmp_path):
+    m = tiny().eval()
+    batch = make_batch(6)
+    risks = m.predict(batch)
+    m.fit_baseline(risks, batch)
+    surv = m.survival(batch, [5.0, 10.0])
+    assert surv["os"].shape == (6, 2) and ((surv["os"] >= 0) & (surv["os"] <= 1)).all()
+    path = save_model(m, tmp_path / "cmml.pt", extra={"stage": "finetune"})
+    m2, extra = load_model(path)
+    m2.eval()
+    assert extra == {"stage": "finetune"} and m2.config == m.config
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(m2.predict(batch)[e], risks[e])
+    for e in ("pfs", "os"):
+        torch.testing.assert_close(m2.survival(batch, [5.0, 10.0])[e], surv[e])
+
+
+def test_survival_without_baseline_raises():
+    m = tiny()
+    with pytest.raises(RuntimeError, match="fit_baseline"):
+        m.survival(make_batch(2), [6.0])
+
+
+def test_pretrain_then_finetune_learns_tiny_signal():
+    """A few optimiser steps reduce both reconstruction losses and the Cox loss."""
+    m = tiny(modality_dropout=0.0)
+    batch = make_batch(16)
+    batch["pfs_time"] = torch.exp(-batch["clinical"][:, 0]) * 5
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    vis = m.random_visible(16, torch.device("cpu"), generator=g)
+    cm = m.random_clinical_mask(batch["clinical_mask"], generator=g)
+    first = None
+    for _ in range(15):
+        out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], visible=vis, clinical_masked=cm)
+        loss = out["ct"] + out["clinical"]
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+    first = None
+    for _ in range(15):
+        loss, _ = m.loss(batch, "finetune")
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
