@@ -487,7 +487,7 @@ def brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLike, times: A
     Example:
         >>> t, bs = brier_score([[0.9], [0.2], [0.6]], [1.0, 2.0, 3.0], [1, 1, 0], [1.5])
         >>> [round(float(x), 3) for x in bs]
-        [0.577]
+        [0.537]
     """
     t = checks.nonnegative("time", checks.finite("time", checks.host_1d("time", time)))
     e = checks.binary("event", event)
@@ -512,16 +512,17 @@ def brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLike, times: A
         raise ValueError("give both train_time and train_event, or neither (then the test data is used)")
     if train_time is None:
         train_time, train_event = t, e
-    w_event = _ipcw(t, e, train_time, train_event)  # 1 / G(t_i) for events, 0 for censored
+    # 1 / G(t_i) for events and 1 / G(t); G = 0 (beyond the last censoring) gives weight 0, as in sksurv
+    g_event = censoring_survival(train_time, train_event, t[e])
+    w_event = np.zeros(t.size)
+    w_event[e] = np.divide(1.0, g_event, out=np.zeros_like(g_event), where=g_event > 0)
     g_tau = censoring_survival(train_time, train_event, tau)
-    if (g_tau == 0).any():
-        raise ValueError("the censoring survival G(t) is 0 at one of times: the Brier score is undefined")
     scores = np.empty(tau.size)
     for k, tk in enumerate(tau):
         died = (t <= tk) & e
         alive = t > tk
         scores[k] = np.mean(np.where(died, s[:, k] ** 2 * w_event, 0.0)
-                            + np.where(alive, (1.0 - s[:, k]) ** 2 / g_tau[k], 0.0))
+                            + np.where(alive, (1.0 - s[:, k]) ** 2 / g_tau[k] if g_tau[k] > 0 else 0.0, 0.0))
     return tau, scores
 
 
@@ -535,7 +536,7 @@ def integrated_brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLik
     Example:
         >>> s = [[0.9, 0.8], [0.3, 0.1], [0.8, 0.6], [0.9, 0.9]]
         >>> round(integrated_brier_score(s, [1.0, 2.0, 3.0, 4.0], [1, 1, 0, 0], [1.5, 2.5]), 4)
-        0.1922
+        0.2713
     """
     tau = checks.host_1d("times", np.atleast_1d(times.detach().cpu().numpy() if hasattr(times, "detach") else times))
     if tau.size < 2:
@@ -544,3 +545,4 @@ def integrated_brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLik
     if np.unique(tau_sorted).size != tau_sorted.size:
         raise ValueError("times must not repeat a value")
     return float(np.trapezoid(scores, tau_sorted) / (tau_sorted[-1] - tau_sorted[0]))
+__all__ += ["brier_score", "integrated_brier_score"]
