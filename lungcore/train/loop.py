@@ -275,7 +275,8 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
     samples = 0
     start = time.perf_counter()
     n_batches = len(loader)
-    bar = tqdm(total=len(loader.dataset) if loader.sampler is None else None, desc=desc, unit="sample",
+    total = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
+    bar = tqdm(total=total, desc=desc, unit="sample",
                disable=not (cfg.progress and dist_utils.is_main()), leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
@@ -645,6 +646,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, device, out: Path,
                      history) -> dict[str, float]:
+    from lungcore.models.registry import read_checkpoint, save_model
     from lungcore.train.report import write_predictions, write_report
 
     bs = cfg.data.eval_batch_size or cfg.data.batch_size
@@ -656,6 +658,12 @@ def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, 
         reference = run_predictions(model, _loader(train_eval, bs, shuffle=False, seed=0,
                                                    num_workers=cfg.data.num_workers, drop_last=False,
                                                    distributed=False), device, cfg.precision)
+        if hasattr(model, "fit_baseline"):  # Breslow baseline of the training split, saved in best.pt
+            keys = [k for k in reference if k[:3] in ("pfs", "os_") or k in ("pfs", "os")]
+            model.fit_baseline({e: torch.as_tensor(reference[e]) for e in ("pfs", "os") if e in reference},
+                               {k: torch.as_tensor(reference[k]) for k in keys})
+            payload = read_checkpoint(out / "best.pt")
+            save_model(model, out / "best.pt", {**payload["extra"], "baseline": "breslow (training split)"})
     patients = {i: p for i, p in zip(data.manifest.ids, data.manifest.patient_ids)}
     test["patient_id"] = [patients[i] for i in test["id"]]
     write_predictions(test, task, out / "predictions_test.csv")

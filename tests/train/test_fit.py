@@ -131,3 +131,16 @@ def test_real_csfnet_tiny(tmp_path, nodule_cohort, cache_dir):
     result = fit(cfg, out=tmp_path / "run")
     assert math.isfinite(result.history[-1]["train_loss"])
     assert "roc_auc" in result.test_metrics
+
+
+def test_real_cmml_tiny_two_stages_and_breslow_baseline(tmp_path, survival_cohort, cache_dir):
+    from lungcore.models import load_model
+
+    tiny = dict(patch_size=(2, 4, 4), embed_dim=16, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
+                decoder_heads=2, clinical_dim=16, clinical_depth=1, clinical_heads=2, clinical_decoder_depth=1,
+                fusion_heads=2, img_size=(4, 8, 8))
+    result = fit(tiny_config("cmml", survival_cohort, cache_dir, epochs=1, model_overrides=tiny), out=tmp_path / "run")
+    assert [h["stage"] for h in result.history] == ["pretrain", "finetune"]
+    model, extra = load_model(result.best_checkpoint)
+    assert model.baseline.fitted and extra["baseline"].startswith("breslow")
+    assert "os_integrated_brier_score" in result.test_metrics
