@@ -123,13 +123,15 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, device: str 
 
 
 def _table(rows: list[dict[str, Any]], minutes: float) -> str:
-    def f(x: float) -> str:
-        return "" if x is None or not np.isfinite(x) else f"{x:.3f}"
+    def f(x: float, p_value: bool = False) -> str:
+        if x is None or not np.isfinite(x):
+            return ""
+        return f"{x:.2g}" if p_value else f"{x:.3f}"
 
     lines = ["| model | test metric | value | 95% CI | oracle |", "|---|---|---|---|---|"]
     for r in rows:
         ci = f"{f(r['low'])} – {f(r['high'])}" if np.isfinite(r["low"]) else ""
-        lines.append(f"| {r['model']} | {r['metric']} | {f(r['value'])} | {ci} | {f(r['oracle'])} |")
+        lines.append(f"| {r['model']} | {r['metric']} | {f(r['value'], r['metric'].endswith('_p'))} | {ci} | {f(r['oracle'])} |")
     lines += ["", f"Total {minutes:.1f} min. Oracle: the generator's true log-hazard / logit on the same test "
                   "patients. Reports: cmml/report/summary.md, csfnet/report/summary.md.", ""]
     return "\n".join(lines)
