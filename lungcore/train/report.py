@@ -250,7 +250,7 @@ def _km_plot(folder: Path, e: str, pred: dict[str, Any], flat: dict[str, Any], p
             ax.step(np.concatenate(([0.0], ut)), np.concatenate(([1.0], s)), where="post",
                     label=f"{name} (n={int(sel.sum())})")
     p = flat.get(f"{e}_logrank_p", math.nan)
-    ax.set_title(f"{e.upper()}: Kaplan-Meier by predicted risk (log-rank p={p:.2g})")
+    ax.set_title(f"{e.upper()} by predicted risk group, log-rank p={p:.2g}", fontsize=10)
     ax.set_xlabel("time")
     ax.set_ylabel("survival")
     ax.legend()
