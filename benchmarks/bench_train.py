@@ -13,7 +13,7 @@ models are full size (paper defaults: CMML 32 x 128 x 128 crops, CSF-Net 80 M pa
 CPU is not where these networks train). samples/s = batch * 1000 / median ms.
 
     python -m benchmarks.run --only train --device cpu --quick --out /tmp/bench
-    python benchmarks/bench_train.py --device cuda          # table with samples/s and peak memory
+    python -m benchmarks.bench_train --device cuda          # table with samples/s and peak memory
 """
 from __future__ import annotations
 

@@ -440,6 +440,14 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     """
     cfg = _resolve_config(config, overrides)
     _quiet_readers()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _fit(cfg, Path(out), resume)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _fit(cfg: TrainConfig, out: Path, resume: bool) -> FitResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device_name = _device(cfg)
