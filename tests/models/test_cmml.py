@@ -283,16 +283,16 @@ def test_pretrain_then_finetune_learns_tiny_signal():
     for _ in range(15):
         out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], visible=vis, clinical_masked=cm)
         loss = out["ct"] + out["clinical"]
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < first
+    assert float(loss.detach()) < first
     first = None
     for _ in range(15):
         loss, _ = m.loss(batch, "finetune")
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < first
+    assert float(loss.detach()) < first
