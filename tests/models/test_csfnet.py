@@ -125,14 +125,16 @@ def test_missing_clinical_and_missing_t0(device):
     torch.testing.assert_close(net.predict(junk)["logits"], out)
 
 
-def test_triton_backend_equals_reference(backend):
+def test_triton_backend_equals_reference(backend, device):
     """Triton attention kernels (interpreter on CPU) == reference backend, forward and gradients."""
     torch.manual_seed(0)
-    net = create("csfnet", **TINY).train()
+    net = create("csfnet", **TINY).to(device).train()
     for mod in net.modules():  # batch statistics would make two forwards differ: freeze BN
         if isinstance(mod, torch.nn.BatchNorm3d):
             mod.eval()
-    batch = _batch(2, "cpu", seed=3)
+    batch = _batch(2, device, seed=3)
+    # fp32 everywhere in the interpreter; tf32 tl.dot on a GPU (DESIGN.md tolerances)
+    rtol, atol = (1e-5, 1e-6) if device == "cpu" else (2e-3, 1e-5)
 
     def run(name):
         net.zero_grad(set_to_none=True)
@@ -145,9 +147,10 @@ def test_triton_backend_equals_reference(backend):
     with count_launches() as launches:
         tri_loss, tri_grads = run("triton")
     assert sum(v for k, v in launches.items() if k.startswith("masked_cross_attention")) >= 4, launches
-    torch.testing.assert_close(tri_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tri_loss, ref_loss, rtol=rtol, atol=atol)
     for n in ref_grads:
-        torch.testing.assert_close(tri_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(tri_grads[n], ref_grads[n], rtol=10 * rtol, atol=10 * atol,
+                                   msg=lambda m: f"{n}: {m}")
 
 
 def test_save_load_roundtrip(tmp_path, device):
@@ -178,3 +181,22 @@ def test_bad_inputs_are_named():
         create("csfnet", widht=3)
     with pytest.raises(ValueError, match="stage_blocks"):
         CSFNetConfig(stage_blocks=(1, 1))
+
+
+def test_loss_skips_unlabelled_and_predict_keeps_mode(device):
+    net = _model(device).train()
+    for mod in net.modules():  # same statistics for both forwards
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.eval()
+    batch = _batch(4, device)
+    batch["label_mask"][2:] = False
+    batch["label"][2:] = -1
+    loss, logs = net.loss(batch, "train")
+    head = {k: v[:2] for k, v in batch.items()}
+    torch.testing.assert_close(loss, net.loss(head, "train")[0])
+    assert logs["n"] == 2.0
+    none = {**batch, "label_mask": torch.zeros(4, dtype=torch.bool, device=device)}
+    empty, logs = net.loss(none, "train")
+    assert empty.item() == 0.0 and empty.requires_grad and logs["n"] == 0.0
+    net.predict(batch)
+    assert net.training
