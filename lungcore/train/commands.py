@@ -118,11 +118,17 @@ def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller cohorts and fewer epochs (a smoke test)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on an oversubscribed machine)")
 
 
 def demo(args: argparse.Namespace) -> int:
     from lungcore.train.demo import run_demo
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed)
     except _errors() as exc:
