@@ -125,12 +125,15 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 def demo(args: argparse.Namespace) -> int:
     from lungcore.train.demo import run_demo
 
-    if args.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed)
     except _errors() as exc:
         return _fail("demo", exc)
+    finally:
+        torch.set_num_threads(threads)
     return 0
