@@ -47,6 +47,10 @@ def test_classifier_predict_and_evaluate_cli(tmp_path, nodule_cohort, cache_dir,
     manifest = pd.read_csv(nodule_cohort)
     assert len(frame) == len(manifest) and frame["probability"].between(0, 1).all()
     assert list(frame["id"]) == list(manifest["nodule_id"])
+    # the checkpoint's schema + preprocessing code the manifest exactly as training did
+    test = pd.read_csv(out / "predictions_test.csv").set_index("id")
+    again = frame.set_index("id").loc[test.index]
+    assert (again["probability"] - test["probability"]).abs().max() < 1e-6
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--manifest", str(nodule_cohort),
                  "--out", str(tmp_path / "eval")]) == 0
