@@ -118,8 +118,9 @@ def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller cohorts and fewer epochs (a smoke test)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on an oversubscribed machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo's small models are overhead-bound and more "
+                        "threads than free cores slowed them 4x on a shared 2-core machine; 0 = torch's choice)")
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ trains CMML (masked pretraining, then Cox fine-tuning) and CSF-Net at CPU-friend
 prints their test metrics (bootstrap 95% intervals) next to the generator's oracle on the same
 test patients (the C-index of the true log-hazard, the AUC of the true logit). Each run keeps its
 report folder (``<out>/cmml/report``, ``<out>/csfnet/report``); ``<out>/demo.md`` holds the table.
-Rerunning resumes (finished runs are only re-evaluated). About 10 minutes on 2 CPU cores.
+Rerunning resumes (finished runs are only re-evaluated). About 6 minutes on 2 shared CPU cores (one torch thread: these small models are
+overhead-bound, and more threads than free cores slowed them 4x on a shared machine).
 
 Example:
     >>> # from lungcore.train.demo import run_demo
@@ -36,7 +37,7 @@ def plan(quick: bool) -> dict[str, Any]:
                 "cmml_crop": (8, 16, 16), "cmml_spacing": (6.0, 6.0, 6.0),
                 "csf_crop": (8, 16, 16), "csf_spacing": (2.5, 1.5, 1.5), "batch_size": 16}
     return {"preset": "demo", "n_survival": 500, "n_nodules": 500,
-            "epochs": {"pretrain": 4, "finetune": 10, "train": 12},
+            "epochs": {"pretrain": 8, "finetune": 30, "train": 30},
             "cmml_crop": (16, 32, 32), "cmml_spacing": (4.0, 3.0, 3.0),
             "csf_crop": (8, 24, 24), "csf_spacing": (2.5, 1.5, 1.5), "batch_size": 32}
 
