@@ -148,6 +148,33 @@ subcommand("preprocess", "resample, window and crop every CT of a manifest into 
            _data_args("preprocess"))(_data_command("preprocess"))
 
 
+def _train_command(name: str):
+    """Lazily import a lungcore.train.commands function (keeps ``lungcore --help`` fast)."""
+    def run(args: argparse.Namespace) -> int:
+        from lungcore.train import commands
+
+        return getattr(commands, name)(args)
+    return run
+
+
+def _train_args(name: str) -> AddArguments:
+    def add(p: argparse.ArgumentParser) -> None:
+        from lungcore.train import commands
+
+        getattr(commands, f"{name}_args")(p)
+    return add
+
+
+subcommand("train", "train a network on a cohort (checkpoints, --resume, torchrun/DDP, report)",
+           _train_args("train"))(_train_command("train"))
+subcommand("evaluate", "metrics + report of a checkpoint on a labelled manifest",
+           _train_args("evaluate"))(_train_command("evaluate"))
+subcommand("predict", "risks / malignancy probabilities of a checkpoint for every row of a manifest (CSV)",
+           _train_args("predict"))(_train_command("predict"))
+subcommand("demo", "the main job: synthetic cohorts, train CMML and CSF-Net, test metrics vs the oracle",
+           _train_args("demo"))(_train_command("demo"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungcore",

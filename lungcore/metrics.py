@@ -467,3 +467,82 @@ def bootstrap_ci(metric, *arrays: ArrayLike, n_boot: int = 1000, level: float = 
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return estimate, float(low), float(high)
+
+
+# --- Brier score (survival calibration + discrimination) --------------------------------------
+
+def brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLike, times: ArrayLike, *,
+                train_time: ArrayLike | None = None, train_event: ArrayLike | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """IPCW Brier score of predicted survival probabilities at each of ``times`` (Graf et al. 1999).
+
+    BS(t) = mean_i [ 1(t_i <= t, event_i) S_i(t)^2 / G(t_i) + 1(t_i > t) (1 - S_i(t))^2 / G(t) ],
+    G the censoring survival (reverse Kaplan-Meier) of the training data (the test data when
+    omitted). ``survival`` is (n,) for one time or (n, len(times)) with P(T_i > times[k]).
+    Equals ``sksurv.metrics.brier_score(train, test, survival, times)``.
+
+    Returns:
+        (sorted times, Brier score per time)
+
+    Example:
+        >>> t, bs = brier_score([[0.9], [0.2], [0.6]], [1.0, 2.0, 3.0], [1, 1, 0], [1.5])
+        >>> [round(float(x), 3) for x in bs]
+        [0.537]
+    """
+    t = checks.nonnegative("time", checks.finite("time", checks.host_1d("time", time)))
+    e = checks.binary("event", event)
+    tau = checks.finite("times", checks.host_1d("times", np.atleast_1d(
+        times.detach().cpu().numpy() if hasattr(times, "detach") else times)))
+    if tau.size == 0:
+        raise ValueError("times is empty")
+    order = np.argsort(tau, kind="stable")
+    if hasattr(survival, "detach"):
+        survival = survival.detach().cpu().numpy()
+    s = np.asarray(survival, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2 or s.shape[1] != tau.size:
+        raise ValueError(f"survival must be (n,) or (n, {tau.size}) for {tau.size} times; got {np.shape(survival)}")
+    checks.same_length(survival=s, time=t, event=e)
+    checks.finite("survival", s.ravel())
+    if tau.max() >= t.max() or tau.min() < t.min():
+        raise ValueError(f"times must lie within the follow-up of the test data: [{t.min()}, {t.max()})")
+    tau, s = tau[order], s[:, order]
+    if (train_time is None) != (train_event is None):
+        raise ValueError("give both train_time and train_event, or neither (then the test data is used)")
+    if train_time is None:
+        train_time, train_event = t, e
+    # 1 / G(t_i) for events and 1 / G(t); G = 0 (beyond the last censoring) gives weight 0, as in sksurv
+    g_event = censoring_survival(train_time, train_event, t[e])
+    w_event = np.zeros(t.size)
+    w_event[e] = np.divide(1.0, g_event, out=np.zeros_like(g_event), where=g_event > 0)
+    g_tau = censoring_survival(train_time, train_event, tau)
+    scores = np.empty(tau.size)
+    for k, tk in enumerate(tau):
+        died = (t <= tk) & e
+        alive = t > tk
+        scores[k] = np.mean(np.where(died, s[:, k] ** 2 * w_event, 0.0)
+                            + np.where(alive, (1.0 - s[:, k]) ** 2 / g_tau[k] if g_tau[k] > 0 else 0.0, 0.0))
+    return tau, scores
+
+
+def integrated_brier_score(survival: ArrayLike, time: ArrayLike, event: ArrayLike, times: ArrayLike, *,
+                           train_time: ArrayLike | None = None, train_event: ArrayLike | None = None) -> float:
+    """Brier score integrated over ``times`` (trapezoid rule) divided by the time span.
+
+    ``times``: at least two, sorted; ``survival`` (n, len(times)). Equals
+    ``sksurv.metrics.integrated_brier_score``. 0 is perfect; 0.25 is the uninformative S = 0.5.
+
+    Example:
+        >>> s = [[0.9, 0.8], [0.3, 0.1], [0.8, 0.6], [0.9, 0.9]]
+        >>> round(integrated_brier_score(s, [1.0, 2.0, 3.0, 4.0], [1, 1, 0, 0], [1.5, 2.5]), 4)
+        0.2713
+    """
+    tau = checks.host_1d("times", np.atleast_1d(times.detach().cpu().numpy() if hasattr(times, "detach") else times))
+    if tau.size < 2:
+        raise ValueError("times needs at least two values to integrate over")
+    tau_sorted, scores = brier_score(survival, time, event, tau, train_time=train_time, train_event=train_event)
+    if np.unique(tau_sorted).size != tau_sorted.size:
+        raise ValueError("times must not repeat a value")
+    return float(np.trapezoid(scores, tau_sorted) / (tau_sorted[-1] - tau_sorted[0]))
+__all__ += ["brier_score", "integrated_brier_score"]

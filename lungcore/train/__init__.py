@@ -1,1 +1,12 @@
-"""lungcore.train"""
+"""lungcore.train: the training loop, checkpoints + resume, torchrun/DDP, evaluation reports.
+
+Example:
+    >>> from lungcore.train import TrainConfig
+    >>> TrainConfig(model="csfnet", epochs=2).epochs_for("train")
+    2
+"""
+from lungcore.train.config import DataConfig, OptimConfig, TrainConfig
+from lungcore.train.loop import FitResult, NonFiniteLossError, evaluate, fit, predict
+
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FitResult", "NonFiniteLossError", "evaluate", "fit",
+           "predict"]

@@ -1,0 +1,170 @@
+"""Training configuration: dataclasses whose fields map 1:1 onto a YAML file.
+
+A YAML file holds the fields of :class:`TrainConfig`; its nested sections ``data`` and ``optim``
+hold the fields of :class:`DataConfig` and :class:`OptimConfig`, and ``model_overrides`` is passed
+to ``lungcore.models.create(model, **model_overrides)``. Unknown keys are errors (a typo never
+silently trains with a default). Command-line flags override the file.
+
+Example:
+    >>> from lungcore.train.config import TrainConfig
+    >>> cfg = TrainConfig.from_dict({"model": "csfnet", "epochs": 3, "optim": {"lr": 1e-3}})
+    >>> cfg.optim.lr, cfg.data.batch_size, TrainConfig.from_dict(cfg.to_dict()) == cfg
+    (0.001, 8, True)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``.
+
+    ``warmup_epochs`` may be fractional; the schedule advances once per optimiser step.
+    ``grad_clip``: max gradient norm (0 disables). ``accumulate``: micro-batches per optimiser
+    step (the effective batch is ``batch_size * accumulate * world_size``). With a Cox loss each
+    micro-batch is its own risk set: accumulation sums gradients of per-micro-batch partial
+    likelihoods, it does not enlarge the risk sets (use a bigger batch or more GPUs for that).
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    accumulate: int = 1
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optim.optimizer must be 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if int(self.accumulate) != self.accumulate or self.accumulate < 1:
+            raise ValueError(f"optim.accumulate must be an integer >= 1, got {self.accumulate}")
+        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.warmup_epochs must be >= 0 and optim.min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Cohort, splits, preprocessing and loading.
+
+    ``split``: fractions (train, val, test) by patient, stratified on the event/label
+    (``lungcore.data.split_by_patient``); ``preprocess``: fields of
+    ``lungcore.data.PreprocessSettings`` (empty = the network's default); ``cache_dir``:
+    where preprocessed crops are cached (default ``<out>/cache``); ``augment``: train-time
+    augmentation (``lungcore.data.Augmentation`` defaults) on or off.
+    """
+
+    manifest: str | None = None
+    schema: str | None = None
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        self.split = tuple(float(f) for f in self.split)
+        if len(self.split) != 3:
+            raise ValueError(f"data.split must be 3 fractions (train, val, test), got {self.split}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``stage``: which of the model's stages to run (``"all"``: every stage in
+    order, e.g. CMML pretrain then finetune); ``epochs`` per stage unless ``stage_epochs`` names
+    one; ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
+    ``monitor``: the validation metric selecting the best model (``"auto"``: the model's C-index
+    mean / ROC AUC, validation loss for pretraining); ``patience``: epochs without improvement
+    before stopping a stage early (0: never)."""
+
+    model: str = "cmml"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    stage: str = "all"
+    epochs: int = 10
+    stage_epochs: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    monitor: str = "auto"
+    patience: int = 0
+    deterministic: bool = True
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = _build(DataConfig, self.data, "data")
+        if isinstance(self.optim, dict):
+            self.optim = _build(OptimConfig, self.optim, "optim")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if int(self.epochs) != self.epochs or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs}")
+
+    def epochs_for(self, stage: str) -> int:
+        return int(self.stage_epochs.get(stage, self.epochs))
+
+    # -- plain data ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def plain(x: Any) -> Any:
+            if isinstance(x, tuple):
+                return [plain(v) for v in x]
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [plain(v) for v in x]
+            return x
+        return plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _build(cls, d, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config file {path}: {exc}") from None
+
+    def save_yaml(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**d)

@@ -1,0 +1,756 @@
+"""The training loop: :func:`fit` (train + select + test), :func:`evaluate` and :func:`predict`.
+
+One run writes into ``out``::
+
+    config.yaml      the resolved TrainConfig           splits.json   row ids per split
+    last.pt          resume state (end of the last finished epoch)
+    best_<stage>.pt  best model of each stage (validation) best.pt     best model of the last stage
+    metrics.csv      one row per epoch                   train.log     what happened, in order
+    predictions_test.csv, report/ (PNG + summary.md)     tensorboard/  (if tensorboard is installed)
+
+Every checkpoint carries the model config, the fitted cohort schema (category codes,
+standardisation statistics) and the preprocessing settings, so :func:`evaluate` and
+:func:`predict` code a new manifest exactly as training did. Checkpoints are read with
+``torch.load(weights_only=True)``: loading one can never run code.
+
+Resume (``resume=True``) continues from ``last.pt``: the interrupted epoch is redone, nothing
+before it. Each epoch reseeds every RNG from (seed, stage, epoch), so a resumed run reproduces
+an uninterrupted one exactly on CPU.
+
+Example:
+    >>> # from lungcore.train import fit
+    >>> # result = fit({"model": "csfnet", "epochs": 5}, manifest="cohort/manifest.csv", out="runs/csf")
+    >>> # result.test_metrics["roc_auc"]
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungcore.train import distributed as dist_utils
+from lungcore.train.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the run stopped and ``last.pt`` is the last good state."""
+
+
+@dataclass
+class FitResult:
+    out: Path
+    best_checkpoint: Path
+    history: list[dict[str, Any]]
+    test_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available (use --device cpu)")
+    return cfg.device
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
+    return (seed * 1_000_003 + stage_index * 10_007 + epoch) % 2**62
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=o.betas)
+
+
+def _log(out: Path, message: str, echo: bool = True) -> None:
+    if not dist_utils.is_main():
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(out / "train.log", "a") as f:
+        f.write(f"{stamp} {message}\n")
+        f.flush()
+    if echo:
+        print(message, flush=True)
+
+
+def _write_metrics_csv(out: Path, history: list[dict[str, Any]]) -> None:
+    if not dist_utils.is_main():
+        return
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = out / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(history)
+    tmp.replace(out / "metrics.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class CohortData:
+    manifest: Any
+    schema: Any          # fitted CohortSchema
+    settings: Any        # PreprocessSettings
+    splits: dict[str, list[int]]
+    cache_dir: Path | None
+
+
+def _load_manifest(path: str | Path, schema: Any = None):
+    from lungcore.data import read_manifest
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    return read_manifest(path, schema)
+
+
+def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
+    """Read and validate the manifest, split it by patient, fit the schema on the training split."""
+    from lungcore.data import PreprocessSettings, split_by_patient
+
+    if not cfg.data.manifest:
+        raise ValueError("no manifest: pass --manifest (or data.manifest in the config)")
+    manifest = _load_manifest(cfg.data.manifest, cfg.data.schema)
+    task_kind = manifest.schema.kind
+    needed = {"survival": "survival", "classification": "nodules"}[_model_task(cfg.model)]
+    if task_kind != needed:
+        raise ValueError(f"model {cfg.model!r} trains on {needed!r} cohorts but {cfg.data.manifest} is a "
+                         f"{task_kind!r} manifest")
+    require_targets(manifest, cfg.data.manifest)
+    splits_file = out / "splits.json"
+    if splits_file.is_file():  # a resumed run keeps its splits even if the split code changed
+        by_id = json.loads(splits_file.read_text())
+        index = {i: k for k, i in enumerate(manifest.ids)}
+        missing = [i for ids in by_id.values() for i in ids if i not in index]
+        if missing:
+            raise ValueError(f"{splits_file} names ids absent from the manifest (e.g. {missing[:3]}); "
+                             "use a fresh --out directory for a different cohort")
+        splits = {name: [index[i] for i in ids] for name, ids in by_id.items()}
+    else:
+        splits = split_by_patient(manifest, cfg.data.split, seed=cfg.data.split_seed)
+        if dist_utils.is_main():
+            splits_file.write_text(json.dumps({k: [manifest.ids[i] for i in v] for k, v in splits.items()},
+                                              indent=0) + "\n")
+    if not splits["train"]:
+        raise ValueError("the training split is empty: the cohort is too small for data.split")
+    schema = manifest.subset(splits["train"]).fit_schema()
+    defaults = PreprocessSettings.for_kind(task_kind).to_dict()
+    settings = PreprocessSettings.from_dict({**defaults, **cfg.data.preprocess})
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    return CohortData(manifest, schema, settings, splits, cache)
+
+
+def require_targets(manifest: Any, path: Any) -> None:
+    """Training and evaluation need the endpoints / labels: name the column that is missing or empty."""
+    if manifest.schema.kind == "nodules":
+        if manifest.label_mask is None or not manifest.label_mask.any():
+            raise ValueError(f"manifest {path}: column {manifest.schema.label_column!r} is missing or empty; "
+                             "training and evaluation need malignancy labels (predict does not)")
+        return
+    empty = [e for e in ("pfs", "os") if f"{e}_mask" not in manifest.endpoints
+             or not manifest.endpoints[f"{e}_mask"].any()]
+    if empty:
+        cols = ", ".join(f"'{e}_time'/'{e}_event'" for e in empty)
+        raise ValueError(f"manifest {path}: columns {cols} are missing or empty; training and evaluation need "
+                         "both endpoints (predict does not)")
+
+
+def _dataset(data: CohortData, rows: list[int], augment: bool):
+    from lungcore.data import Augmentation, CohortDataset
+
+    return CohortDataset(data.manifest.subset(rows), data.schema, data.settings, cache_dir=data.cache_dir,
+                         augment=Augmentation() if augment else None)
+
+
+def _model_task(name: str) -> str:
+    from lungcore.models.registry import model_class
+
+    return model_class(name).task
+
+
+def model_overrides_for(name: str, schema: Any, settings: Any) -> dict[str, Any]:
+    """Config fields a network takes from the cohort (clinical variables, categories, crop size).
+
+    A network may define ``config_from_cohort(schema, settings) -> dict``; otherwise the usual
+    field names are filled in when the config has them.
+    """
+    import dataclasses
+
+    from lungcore.models.registry import model_class
+
+    cls = model_class(name)
+    hook = getattr(cls, "config_from_cohort", None)
+    if hook is not None:
+        return dict(hook(schema, settings))
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    cards = schema.cardinalities()
+    candidates = {
+        "cardinalities": cards, "clinical_cardinalities": cards, "categories": cards,
+        "n_clinical": len(cards), "num_clinical": len(cards), "clinical_dim": len(cards),
+        "n_variables": len(cards), "num_variables": len(cards),
+        "crop": list(settings.crop), "input_shape": list(settings.crop), "image_size": list(settings.crop),
+        "volume_shape": list(settings.crop),
+    }
+    return {k: v for k, v in candidates.items() if k in fields}
+
+
+# --------------------------------------------------------------------------------------------------
+# one epoch
+
+
+def _loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, drop_last: bool,
+            distributed: bool):
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                                       num_workers=num_workers, drop_last=drop_last, generator=generator,
+                                       persistent_workers=False)
+
+
+def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optimizer, lr_at, state: dict,
+                 cfg: TrainConfig, device: torch.device, desc: str) -> dict[str, float]:
+    from tqdm import tqdm
+
+    accumulate = cfg.optim.accumulate
+    wrapped.train()
+    sums: dict[str, float] = {}
+    count = 0
+    samples = 0
+    start = time.perf_counter()
+    n_batches = len(loader)
+    total = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
+    bar = tqdm(total=total, desc=desc, unit="sample",
+               disable=not (cfg.progress and dist_utils.is_main()), leave=False, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        batch = _to_device(batch, device)
+        last_of_group = (i + 1) % accumulate == 0 or i + 1 == n_batches
+        with dist_utils.no_sync(wrapped, skip=not last_of_group), _autocast(device, cfg.precision):
+            loss, logs = wrapped(batch, stage)
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if dist_utils.all_true(finite, device):
+                (loss.float() / accumulate).backward()
+        if not dist_utils.all_true(finite, device):
+            bar.close()
+            ids = batch.get("id", [])
+            raise NonFiniteLossError(
+                f"the {stage} loss became {loss.detach().float().item()} at epoch {state['epoch'] + 1}, batch "
+                f"{i + 1}/{n_batches} (ids {list(ids)[:4]}...); stopped. The last good checkpoint is "
+                f"{state['out'] / 'last.pt'}: lower the learning rate (optim.lr) or check the inputs, "
+                f"then rerun with --resume")
+        if last_of_group:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(state["step"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+        n = int(batch["clinical"].shape[0])
+        samples += n
+        count += 1
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        for k, v in (logs or {}).items():
+            if k != "loss":
+                sums[k] = sums.get(k, 0.0) + float(v)
+        bar.update(n)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    out = {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+    _, world = dist_utils.world()
+    out["samples_per_s"] = samples * world / max(seconds, 1e-9)
+    out["epoch_seconds"] = seconds
+    return out
+
+
+@torch.no_grad()
+def run_predictions(model: nn.Module, loader, device: torch.device, precision: str = "auto",
+                    stage: str | None = None) -> dict[str, Any]:
+    """Per-sample outputs of ``model.predict`` over a loader (+ the mean of ``model.loss`` if ``stage``)."""
+    model.eval()
+    outputs: dict[str, list[np.ndarray]] = {}
+    ids: list[str] = []
+    targets: dict[str, list[np.ndarray]] = {}
+    losses = []
+    with dist_utils.cross_rank_cox(model, False):
+        for batch in loader:
+            batch = _to_device(batch, device)
+            with _autocast(device, precision):
+                pred = model.predict(batch)
+                if stage is not None:
+                    loss, _ = model.loss(batch, stage)
+                    losses.append(float(loss.float()))
+            for k, v in pred.items():
+                outputs.setdefault(k, []).append(v.detach().float().cpu().numpy())
+            for k in ("pfs_time", "pfs_event", "pfs_mask", "os_time", "os_event", "os_mask", "label", "label_mask"):
+                if k in batch:
+                    targets.setdefault(k, []).append(batch[k].detach().cpu().numpy())
+            ids += list(batch["id"])
+    result: dict[str, Any] = {"id": ids}
+    result.update({k: np.concatenate(v) for k, v in outputs.items()})
+    result.update({k: np.concatenate(v) for k, v in targets.items()})
+    if stage is not None:
+        result["loss"] = float(np.mean(losses)) if losses else math.nan
+    return result
+
+
+def validation_metrics(task: str, pred: dict[str, Any]) -> dict[str, float]:
+    """The per-epoch validation metrics: C-index per endpoint (and their mean), or ROC AUC etc."""
+    from lungcore import metrics
+
+    out: dict[str, float] = {}
+    if task == "survival":
+        values = []
+        for e in ("pfs", "os"):
+            if e not in pred or f"{e}_time" not in pred:
+                continue
+            m = pred[f"{e}_mask"].astype(bool)
+            try:
+                c = float(metrics.concordance_index(pred[e][m], pred[f"{e}_time"][m], pred[f"{e}_event"][m]))
+            except ValueError:
+                c = math.nan
+            out[f"{e}_cindex"] = c
+            if math.isfinite(c):
+                values.append(c)
+        out["cindex"] = float(np.mean(values)) if values else math.nan
+    else:
+        m = pred["label_mask"].astype(bool)
+        try:
+            out.update(metrics.classification_metrics(pred["label"][m], pred["probability"][m]))
+        except ValueError:
+            out["roc_auc"] = math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _extra(data: CohortData, cfg: TrainConfig, stage: str, **more: Any) -> dict[str, Any]:
+    return {"schema": data.schema.to_dict(), "preprocess": data.settings.to_dict(), "train_config": cfg.to_dict(),
+            "stage": stage, "task": _model_task(cfg.model), **more}
+
+
+def _save(model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
+    from lungcore.models.registry import save_model
+
+    if dist_utils.is_main():
+        save_model(model, path, extra)
+    dist_utils.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+
+
+def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+    if config is None:
+        cfg = TrainConfig()
+    elif isinstance(config, TrainConfig):
+        cfg = TrainConfig.from_dict(config.to_dict())
+    elif isinstance(config, dict):
+        cfg = TrainConfig.from_dict(config)
+    else:
+        cfg = TrainConfig.from_yaml(config)
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("manifest", "schema", "batch_size", "num_workers", "cache_dir"):
+            d["data"][key] = value
+        elif key in ("lr", "accumulate"):
+            d["optim"][key] = value
+        elif key in d:
+            d[key] = value
+        else:
+            raise ValueError(f"fit(): unknown override {key!r}")
+    return TrainConfig.from_dict(d)
+
+
+def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: str | os.PathLike,
+        resume: bool = False, **overrides: Any) -> FitResult:
+    """Train ``config.model`` on ``config.data.manifest``; select on validation; test the best model.
+
+    ``config``: a :class:`TrainConfig`, its dict form, or a YAML path; ``overrides``: ``manifest``,
+    ``model``, ``epochs``, ``batch_size``, ``lr``, ``accumulate``, ``device``, ``stage``, ``seed``,
+    ``precision``, ``patience``, ``progress`` ... (None leaves the config's value). Stages of the
+    model run in order (``config.stage`` picks one); each starts from the previous stage's best
+    model. Returns the best checkpoint and the test metrics.
+
+    Example:
+        >>> # result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
+    """
+    cfg = _resolve_config(config, overrides)
+    _quiet_readers()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _fit(cfg, Path(out), resume)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _fit(cfg: TrainConfig, out: Path, resume: bool) -> FitResult:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = _device(cfg)
+    distributed = dist_utils.init_from_env(device_name)
+    device = dist_utils.local_device(device_name)
+    rank, world = dist_utils.world()
+    if cfg.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    from lungcore.models.registry import create, load_model, model_class, read_checkpoint
+
+    cls = model_class(cfg.model)  # unknown model name -> clear ValueError before any work
+    stages = list(cls.stages)
+    if cfg.stage not in ("all", "both"):
+        if cfg.stage not in stages:
+            raise ValueError(f"stage {cfg.stage!r} is not a stage of {cfg.model!r}; stages: {stages} or 'all'")
+        stages = [cfg.stage]
+
+    last = out / "last.pt"
+    trainer: dict[str, Any] | None = None
+    if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: {last} does not exist (nothing to resume; drop --resume)")
+        payload = read_checkpoint(last)
+        trainer = payload.get("extra", {}).get("trainer")
+        if trainer is None:
+            raise ValueError(f"--resume: {last} holds no training state")
+        saved = TrainConfig.from_dict(payload["extra"]["train_config"])
+        if saved.model != cfg.model:
+            raise ValueError(f"--resume: {last} trains {saved.model!r}, not {cfg.model!r}")
+    elif last.is_file():
+        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, or use a "
+                              f"fresh --out")
+    if rank == 0:
+        cfg.save_yaml(out / "config.yaml")
+
+    data = prepare_data(cfg, out)
+    task = cls.task
+    _seed_all(cfg.seed)
+    overrides_cohort = model_overrides_for(cfg.model, data.schema, data.settings)
+    model = create(cfg.model, **{**overrides_cohort, **cfg.model_overrides}).to(device)
+    if trainer is not None:
+        model.load_state_dict(payload["state_dict"])
+
+    history: list[dict[str, Any]] = list(trainer["history"]) if trainer else []
+    start_stage = trainer["stage_index"] if trainer else 0
+    writer = None
+    if rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except Exception:
+            writer = None
+
+    _log(out, f"lungcore train: model {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters), "
+              f"stages {stages}, device {device}, world size {world}, precision {cfg.precision}, "
+              f"splits " + ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
+    datasets = {"train": _dataset(data, data.splits["train"], cfg.data.augment),
+                "val": _dataset(data, data.splits["val"], False),
+                "test": _dataset(data, data.splits["test"], False)}
+    eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
+
+    for si in range(start_stage, len(stages)):
+        stage = stages[si]
+        epochs = cfg.epochs_for(stage)
+        is_last_stage = si == len(stages) - 1
+        pretraining = stage == "pretrain"
+        monitor = cfg.monitor if cfg.monitor != "auto" else (
+            "val_loss" if pretraining else ("val_cindex" if task == "survival" else "val_roc_auc"))
+        lower_is_better = monitor.endswith("loss")
+        optimizer = _optimizer(model, cfg)
+        resuming_here = trainer is not None and si == trainer["stage_index"]
+        if resuming_here:
+            optimizer.load_state_dict(trainer["optimizer"])
+            state = {"epoch": trainer["epoch"], "step": trainer["step"], "best": trainer["best"],
+                     "best_epoch": trainer["best_epoch"], "bad": trainer["bad"], "done": trainer["done"],
+                     "out": out}
+            _log(out, f"resuming {out} at stage {stage} epoch {state['epoch'] + 1}/{epochs}"
+                      f" (step {state['step']})")
+        else:
+            if si > 0:
+                prev = out / f"best_{stages[si - 1]}.pt"
+                if prev.is_file():
+                    model.load_state_dict(read_checkpoint(prev)["state_dict"])
+            state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "done": False, "out": out}
+        _seed_all(_epoch_seed(cfg.seed, si, -1))
+        wrapped = dist_utils.wrap(model, device)
+        train_ds = datasets["train"]
+        per_rank = math.ceil(len(train_ds) / world)
+        drop_last = per_rank > cfg.data.batch_size
+        steps_per_epoch = max(1, math.ceil((per_rank // cfg.data.batch_size if drop_last else
+                                            math.ceil(per_rank / cfg.data.batch_size)) / cfg.optim.accumulate))
+        total = steps_per_epoch * epochs
+        warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+        def lr_at(step: int, _w=warmup, _t=total) -> float:
+            return cfg.optim.lr * _schedule(step, _w, _t, cfg.optim.min_lr_ratio)
+
+        val_loader = _loader(datasets["val"], eval_bs, shuffle=False, seed=0, num_workers=cfg.data.num_workers,
+                             drop_last=False, distributed=False)
+        while not state["done"] and state["epoch"] < epochs:
+            epoch = state["epoch"]
+            seed = _epoch_seed(cfg.seed, si, epoch)
+            _seed_all(seed + rank)
+            _log(out, f"stage {stage} epoch {epoch + 1}/{epochs} start", echo=False)
+            loader = _loader(train_ds, cfg.data.batch_size, shuffle=True, seed=seed,
+                             num_workers=cfg.data.num_workers, drop_last=drop_last, distributed=distributed)
+            if distributed:
+                loader.sampler.set_epoch(epoch)
+            with dist_utils.cross_rank_cox(model, distributed):
+                row = _train_epoch(wrapped, model, loader, stage, optimizer, lr_at, state, cfg, device,
+                                   desc=f"{stage} {epoch + 1}/{epochs}")
+            row = {"stage": stage, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **row}
+            if rank == 0 and len(datasets["val"]):
+                pred = run_predictions(model, val_loader, device, cfg.precision, stage=stage)
+                row["val_loss"] = pred["loss"]
+                if not pretraining:
+                    row.update({f"val_{k}": v for k, v in validation_metrics(task, pred).items()})
+            value = row.get(monitor, math.nan)
+            value = _broadcast(value, device)
+            improved = math.isfinite(value) and (state["best"] is None or (
+                value < state["best"] if lower_is_better else value > state["best"]))
+            if state["best"] is None and not math.isfinite(value):
+                improved = True  # no validation data: keep the latest
+            if improved:
+                state["best"], state["best_epoch"], state["bad"] = (value if math.isfinite(value) else None,
+                                                                    epoch + 1, 0)
+            else:
+                state["bad"] += 1
+            state["epoch"] = epoch + 1
+            if cfg.patience and state["bad"] >= cfg.patience:
+                state["done"] = True
+            row["best_epoch"] = state["best_epoch"]
+            history.append(row)
+            extra = _extra(data, cfg, stage, epoch=epoch + 1, metrics=_plain(row))
+            if improved:
+                _save(model, out / f"best_{stage}.pt", extra)
+            trainer_state = {"stage_index": si, "epoch": state["epoch"], "step": state["step"], "best": state["best"],
+                             "best_epoch": state["best_epoch"], "bad": state["bad"], "done": state["done"],
+                             "optimizer": optimizer.state_dict(), "history": [_plain(h) for h in history]}
+            _save(model, last, {**extra, "trainer": trainer_state})
+            _write_metrics_csv(out, history)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
+            _log(out, f"stage {stage} epoch {epoch + 1}/{epochs} end: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)) +
+                (" (best)" if improved else ""))
+            if state["done"]:
+                _log(out, f"early stop: {monitor} did not improve for {cfg.patience} epochs "
+                          f"(best epoch {state['best_epoch']})")
+        # next stage starts from this stage's best model; mark the stage finished in last.pt
+        best_stage = out / f"best_{stage}.pt"
+        if best_stage.is_file():
+            model.load_state_dict(read_checkpoint(best_stage)["state_dict"])
+        if not is_last_stage:
+            trainer_state = {"stage_index": si + 1, "epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0,
+                             "done": False, "optimizer": _optimizer(model, cfg).state_dict(),
+                             "history": [_plain(h) for h in history]}
+            _save(model, last, {**_extra(data, cfg, stages[si + 1]), "trainer": trainer_state})
+        trainer = None
+
+    best = out / "best.pt"
+    if rank == 0:
+        import shutil
+
+        shutil.copyfile(out / f"best_{stages[-1]}.pt", best)
+    dist_utils.barrier()
+    if writer is not None:
+        writer.close()
+
+    test_metrics: dict[str, float] = {}
+    if rank == 0 and len(datasets["test"]):
+        best_model, _ = load_model(best)
+        best_model.to(device)
+        test_metrics = _test_and_report(best_model, task, data, datasets, cfg, device, out, history)
+        _log(out, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()
+                                       if isinstance(v, float) and not k.endswith(("_low", "_high"))))
+    return FitResult(out=out, best_checkpoint=best, history=history, test_metrics=test_metrics)
+
+
+def _quiet_readers() -> None:
+    """MONAI's DICOM reader warns once per series that nvImageCodec is absent: noise, not news."""
+    import logging
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
+def _broadcast(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in row.items()}
+
+
+def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, device, out: Path,
+                     history) -> dict[str, float]:
+    from lungcore.models.registry import read_checkpoint, save_model
+    from lungcore.train.report import write_predictions, write_report
+
+    bs = cfg.data.eval_batch_size or cfg.data.batch_size
+    test = run_predictions(model, _loader(datasets["test"], bs, shuffle=False, seed=0, num_workers=cfg.data.num_workers,
+                                          drop_last=False, distributed=False), device, cfg.precision)
+    reference = None
+    if task == "survival":
+        train_eval = _dataset(data, data.splits["train"], False)
+        reference = run_predictions(model, _loader(train_eval, bs, shuffle=False, seed=0,
+                                                   num_workers=cfg.data.num_workers, drop_last=False,
+                                                   distributed=False), device, cfg.precision)
+        if hasattr(model, "fit_baseline"):  # Breslow baseline of the training split, saved in best.pt
+            keys = [k for k in reference if k[:3] in ("pfs", "os_") or k in ("pfs", "os")]
+            model.fit_baseline({e: torch.as_tensor(reference[e]) for e in ("pfs", "os") if e in reference},
+                               {k: torch.as_tensor(reference[k]) for k in keys})
+            payload = read_checkpoint(out / "best.pt")
+            save_model(model, out / "best.pt", {**payload["extra"], "baseline": "breslow (training split)"})
+    patients = {i: p for i, p in zip(data.manifest.ids, data.manifest.patient_ids)}
+    test["patient_id"] = [patients[i] for i in test["id"]]
+    write_predictions(test, task, out / "predictions_test.csv")
+    return write_report(out / "report", task, test, reference=reference, history=history,
+                        title=f"{cfg.model} — test split ({len(test['id'])} samples)")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate / predict on a new manifest
+
+
+def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
+                     num_workers: int = 0, cache_dir: str | os.PathLike | None = None):
+    from lungcore.data import CohortDataset, CohortSchema, PreprocessSettings
+    from lungcore.models.registry import load_model, read_checkpoint
+
+    _quiet_readers()
+    payload = read_checkpoint(checkpoint)
+    extra = payload.get("extra", {})
+    if "schema" not in extra or "preprocess" not in extra:
+        raise ValueError(f"checkpoint {checkpoint} lacks the cohort schema / preprocessing settings "
+                         "(was it written by lungcore train?)")
+    schema = CohortSchema.from_dict(extra["schema"])
+    settings = PreprocessSettings.from_dict(extra["preprocess"])
+    m = _load_manifest(manifest, schema)
+    model, _ = load_model(checkpoint)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    ds = CohortDataset(m, schema, settings, cache_dir=cache_dir)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    task = extra.get("task") or type(model).task
+    return model, m, loader, task, dev, extra
+
+
+def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
+            batch_size: int = 8, device: str | None = None, cache_dir: str | os.PathLike | None = None) -> Any:
+    """Per-row predictions (risks per endpoint, or malignancy probability) as a pandas DataFrame
+    (also written to ``out`` as CSV when given). The manifest is coded with the checkpoint's schema.
+
+    Example:
+        >>> # frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
+    """
+    from lungcore.train.report import predictions_frame
+
+    model, m, loader, task, dev, _ = _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir=cache_dir)
+    pred = run_predictions(model, loader, dev)
+    patients = dict(zip(m.ids, m.patient_ids))
+    pred["patient_id"] = [patients[i] for i in pred["id"]]
+    frame = predictions_frame(pred, task)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    return frame
+
+
+def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
+             batch_size: int = 8, device: str | None = None, reference_manifest: str | os.PathLike | None = None,
+             cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Metrics of a checkpoint on every row of a labelled manifest (+ a report folder at ``out``).
+
+    For survival models the Breslow baseline and the censoring distribution come from
+    ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
+
+    Example:
+        >>> # metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
+    """
+    from lungcore.train.report import summary_metrics, write_report
+
+    model, m, loader, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
+                                                          cache_dir=cache_dir)
+    require_targets(m, manifest)
+    pred = run_predictions(model, loader, dev)
+    pred["patient_id"] = list(m.patient_ids)
+    reference = None
+    if task == "survival" and reference_manifest is not None:
+        _, _, ref_loader, _, _, _ = _from_checkpoint(checkpoint, reference_manifest, batch_size, device,
+                                                     cache_dir=cache_dir)
+        reference = run_predictions(model, ref_loader, dev)
+    if out is not None:
+        return write_report(Path(out), task, pred, reference=reference, history=None,
+                            title=f"{Path(checkpoint).name} on {Path(manifest).name}")
+    return summary_metrics(task, pred, reference)
