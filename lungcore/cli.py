@@ -123,56 +123,34 @@ def _cindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_command(name: str):
-    """Lazily import a lungcore.data.commands function (keeps ``lungcore --help`` fast)."""
-    def run(args: argparse.Namespace) -> int:
-        from lungcore.data import commands
+def lazy_subcommand(name: str, help: str, module: str) -> None:
+    """Register ``lungcore <name>`` whose ``<name>_args(parser)`` and ``<name>(args)`` live in
+    ``module`` (imported only when the subcommand runs or its --help is built: keeps the
+    ``lungcore`` command fast to start)."""
+    import importlib
 
-        return getattr(commands, name)(args)
-    return run
-
-
-def _data_args(name: str) -> AddArguments:
     def add(p: argparse.ArgumentParser) -> None:
-        from lungcore.data import commands
+        getattr(importlib.import_module(module), f"{name}_args")(p)
 
-        getattr(commands, f"{name}_args")(p)
-    return add
-
-
-subcommand("validate", "check a cohort manifest: report every problem (row, column, value), exit 1 if any",
-           _data_args("validate"))(_data_command("validate"))
-subcommand("synth", "write a synthetic cohort (NIfTI + DICOM series + manifest + schema)",
-           _data_args("synth"))(_data_command("synth"))
-subcommand("preprocess", "resample, window and crop every CT of a manifest into the cache (shardable)",
-           _data_args("preprocess"))(_data_command("preprocess"))
-
-
-def _train_command(name: str):
-    """Lazily import a lungcore.train.commands function (keeps ``lungcore --help`` fast)."""
     def run(args: argparse.Namespace) -> int:
-        from lungcore.train import commands
+        return getattr(importlib.import_module(module), name)(args)
 
-        return getattr(commands, name)(args)
-    return run
-
-
-def _train_args(name: str) -> AddArguments:
-    def add(p: argparse.ArgumentParser) -> None:
-        from lungcore.train import commands
-
-        getattr(commands, f"{name}_args")(p)
-    return add
+    subcommand(name, help, add)(run)
 
 
-subcommand("train", "train a network on a cohort (checkpoints, --resume, torchrun/DDP, report)",
-           _train_args("train"))(_train_command("train"))
-subcommand("evaluate", "metrics + report of a checkpoint on a labelled manifest",
-           _train_args("evaluate"))(_train_command("evaluate"))
-subcommand("predict", "risks / malignancy probabilities of a checkpoint for every row of a manifest (CSV)",
-           _train_args("predict"))(_train_command("predict"))
-subcommand("demo", "the main job: synthetic cohorts, train CMML and CSF-Net, test metrics vs the oracle",
-           _train_args("demo"))(_train_command("demo"))
+lazy_subcommand("validate", "check a cohort manifest: report every problem (row, column, value), exit 1 if any",
+                "lungcore.data.commands")
+lazy_subcommand("synth", "write a synthetic cohort (NIfTI + DICOM series + manifest + schema)",
+                "lungcore.data.commands")
+lazy_subcommand("preprocess", "resample, window and crop every CT of a manifest into the cache (shardable)",
+                "lungcore.data.commands")
+lazy_subcommand("train", "train a network on a cohort (checkpoints, --resume, torchrun/DDP, report)",
+                "lungcore.train.commands")
+lazy_subcommand("evaluate", "metrics + report of a checkpoint on a labelled manifest", "lungcore.train.commands")
+lazy_subcommand("predict", "risks / malignancy probabilities of a checkpoint for every row of a manifest (CSV)",
+                "lungcore.train.commands")
+lazy_subcommand("demo", "the main job: synthetic cohorts, train CMML and CSF-Net, test metrics vs the oracle",
+                "lungcore.train.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
