@@ -72,14 +72,17 @@ def breslow_baseline(risk: Tensor, time: Tensor, event: Tensor, mask: Tensor | N
 
 
 def survival_at(risk: Tensor, event_times: Tensor, cumulative_hazard: Tensor,
-                horizons: Sequence[float] | Tensor) -> Tensor:
-    """(n, len(horizons)) survival probabilities ``exp(-H0(h) exp(risk))`` (H0 a right-continuous step)."""
+                horizons: Sequence[float] | Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(n, len(horizons)) survival probabilities ``exp(-H0(h) exp(risk))`` (H0 a right-continuous step).
+
+    Computed in float64 and returned as ``dtype`` on ``risk``'s device.
+    """
     risk = torch.as_tensor(risk).detach().reshape(-1)
     h = torch.as_tensor(horizons, dtype=torch.float64).reshape(-1)
     idx = torch.searchsorted(event_times.double(), h, right=True)  # number of event times <= h
     padded = torch.cat([cumulative_hazard.new_zeros(1), cumulative_hazard.double()])
     h0 = padded[idx]  # (H,)
-    return torch.exp(-h0[None, :] * torch.exp(risk.double().cpu())[:, None]).to(torch.float32).to(risk.device)
+    return torch.exp(-h0[None, :] * torch.exp(risk.double().cpu())[:, None]).to(dtype).to(risk.device)
 
 
 class BreslowBaseline(nn.Module):

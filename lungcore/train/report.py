@@ -23,25 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 N_BOOT = 300
 
 
 def breslow_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np.ndarray, risk: np.ndarray,
                      times) -> np.ndarray:
-    """S(t | x) = exp(-H0(t) exp(risk)) with Breslow's H0 from the training risks; (n, len(times))."""
-    train_risk = np.asarray(train_risk, dtype=np.float64)
-    t = np.asarray(train_time, dtype=np.float64)
-    e = np.asarray(train_event).astype(bool)
-    shift = train_risk.max() if train_risk.size else 0.0
-    w = np.exp(train_risk - shift)
-    uniq = np.unique(t[e])
-    at_risk = np.array([w[t >= u].sum() for u in uniq])
-    deaths = np.array([(e & (t == u)).sum() for u in uniq], dtype=np.float64)
-    cum = np.cumsum(deaths / np.maximum(at_risk, 1e-300))
-    idx = np.searchsorted(uniq, np.asarray(times, dtype=np.float64), side="right") - 1
-    h0 = np.where(idx >= 0, cum[np.clip(idx, 0, None)], 0.0)  # in units of exp(-shift)
-    return np.exp(-np.exp(np.asarray(risk, dtype=np.float64) - shift)[:, None] * h0[None, :])
+    """S(t | x) = exp(-H0(t) exp(risk)) with Breslow's H0 from the training risks; (n, len(times)), float64.
+
+    The estimator is the models' own (``lungcore.models.survival``), evaluated in float64.
+    """
+    from lungcore.models.survival import breslow_baseline, survival_at
+
+    event_times, cumulative = breslow_baseline(torch.as_tensor(np.asarray(train_risk, dtype=np.float64)),
+                                               torch.as_tensor(np.asarray(train_time, dtype=np.float64)),
+                                               torch.as_tensor(np.asarray(train_event).astype(np.int64)))
+    return survival_at(torch.as_tensor(np.asarray(risk, dtype=np.float64)), event_times, cumulative,
+                       np.asarray(times, dtype=np.float64), dtype=torch.float64).numpy()
 
 
 def predictions_frame(pred: dict[str, Any], task: str):
