@@ -24,7 +24,7 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
   reconstructs them (MSE numeric, cross-entropy categorical). Loss = L_ct + lambda L_cli.
 * Fine-tuning (``loss(batch, "finetune")``): both branches, bidirectional masked cross-attention,
   pooled (CT token mean, clinical readout) and two linear risk heads; loss = Efron Cox loss
-  (``lungcore.ops.cox_ph_loss``) per endpoint with the endpoint masks, summed. During training a
+  (``lungcore.nn.CoxPHLoss``, i.e. ``lungcore.ops.cox_ph_loss``) per endpoint with the endpoint masks, summed. During training a
   whole modality is dropped per patient with probability ``modality_dropout`` so that inference
   without CT (``ct_mask`` False) or without any clinical value (``clinical_mask`` all False)
   gives meaningful risks.
@@ -56,8 +56,7 @@ from torch import Tensor, nn
 
 from lungcore.models.registry import register_model
 from lungcore.models.survival import BreslowBaseline
-from lungcore.nn import MaskedCrossAttention, PatchEmbed3d
-from lungcore.ops import cox_ph_loss
+from lungcore.nn import CoxPHLoss, MaskedCrossAttention, PatchEmbed3d
 
 ENDPOINTS = ("pfs", "os")
 
@@ -362,6 +361,9 @@ class CMML(nn.Module):
         nn.init.zeros_(self.risk_head.bias)
         nn.init.normal_(self.risk_head.weight, std=0.01)
         self.baseline = BreslowBaseline(ENDPOINTS)
+        # the Cox objective as a module: the trainer flips its `distributed` flag so that under
+        # torchrun the risk sets span every rank
+        self.cox = CoxPHLoss(ties=cfg.ties)
 
     # ---------------------------------------------------------------------------- helpers
     def _ct_present(self, ct: Tensor, ct_mask: Optional[Tensor]) -> Tensor:
@@ -466,8 +468,8 @@ class CMML(nn.Module):
             if f"{e}_time" not in batch:
                 continue
             mask = batch.get(f"{e}_mask")
-            loss_e = cox_ph_loss(risks[e], batch[f"{e}_time"], batch[f"{e}_event"], ties=self.config.ties,
-                                 mask=None if mask is None else mask.to(torch.bool))
+            loss_e = self.cox(risks[e], batch[f"{e}_time"], batch[f"{e}_event"],
+                              mask=None if mask is None else mask.to(torch.bool))
             total = total + loss_e
             logs[f"cox_{e}"] = float(loss_e.detach())
         logs["loss"] = float(total.detach())

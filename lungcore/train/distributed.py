@@ -80,25 +80,11 @@ def cross_rank_cox(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Within the block the Cox losses of ``model`` gather their risk sets over all ranks
     (``enabled``) or keep them local (evaluation on one rank must not wait for the others).
 
-    Two ways a network computes its Cox loss are covered: ``lungcore.nn.CoxPHLoss`` submodules
-    (their ``distributed`` flag is set), and the functional ``cox_ph_loss`` imported by name into
-    the network's module (that name is rebound, for the block only, to ``cox_ph_loss`` with
-    ``distributed=True``). Outside a process group both are no-ops.
+    Networks compute their Cox loss with ``lungcore.nn.CoxPHLoss`` submodules; their
+    ``distributed`` flag is set for the block. Outside a process group it is a no-op.
     """
     losses = cox_losses(model)
     saved = [m.distributed for m in losses]
-    patched = []
-    if enabled:
-        import functools
-        import sys
-
-        from lungcore.ops.cox import cox_ph_loss
-
-        for cls in type(model).__mro__:
-            module = sys.modules.get(cls.__module__)
-            if module is not None and getattr(module, "cox_ph_loss", None) is cox_ph_loss:
-                patched.append(module)
-                module.cox_ph_loss = functools.partial(cox_ph_loss, distributed=True)
     for m in losses:
         m.distributed = enabled
     try:
@@ -106,8 +92,6 @@ def cross_rank_cox(model: nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         for m, s in zip(losses, saved):
             m.distributed = s
-        for module in patched:
-            module.cox_ph_loss = cox_ph_loss
 
 
 class Objective(nn.Module):
