@@ -246,13 +246,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_pos = pos_embed is not None
 
 
-def _backward(ctx, grad_out):
+def _backward_with(impl, ctx, grad_out):
+    """Gradients of the 7 forward inputs from ``impl`` (the registered backward op or its eager body)."""
     volume, weight, visible = ctx.saved_tensors
     needs = _needs(ctx)
     if not any(needs):
         return None, None, None, None, None, None, None
-    grads = _patch_embed3d_backward_op(grad_out, volume, weight, visible, ctx.pad, *needs)
+    grads = impl(grad_out, volume, weight, visible, ctx.pad, *needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+def _backward(ctx, grad_out):
+    return _backward_with(_patch_embed3d_backward_op, ctx, grad_out)
 
 
 _patch_embed3d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -271,12 +276,7 @@ class _EagerPatchEmbed3d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        volume, weight, visible = ctx.saved_tensors
-        needs = _needs(ctx)
-        if not any(needs):
-            return None, None, None, None, None, None, None
-        grads = _backward_impl(grad_out, volume, weight, visible, ctx.pad, *needs)
-        return (*grads, None, None, None)
+        return _backward_with(_backward_impl, ctx, grad_out)
 
 
 # ----------------------------------------------------------------------------------------------
