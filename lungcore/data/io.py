@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,12 +72,24 @@ def _dicom_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _reader(path: Path):
-    from monai.data import NibabelReader, PydicomReader
+_LOADERS: dict[tuple[str, Any], Any] = {}
 
-    if is_dicom_path(path):
-        return PydicomReader(fname_regex=None) if path.is_dir() else PydicomReader()
-    return NibabelReader()
+
+def _loader(path: Path, dtype: Any):
+    """One MONAI ``LoadImage`` per reader kind and dtype, built on first use: building one
+    instantiates every registered reader (and logs MONAI's nvImageCodec warning) each time."""
+    kind = ("dicom_dir" if path.is_dir() else "dicom_file") if is_dicom_path(path) else "nifti"
+    key = (kind, dtype)
+    if key not in _LOADERS:
+        from monai.data import NibabelReader, PydicomReader
+        from monai.transforms import LoadImage
+
+        reader = {"dicom_dir": lambda: PydicomReader(fname_regex=None), "dicom_file": PydicomReader,
+                  "nifti": NibabelReader}[kind]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _LOADERS[key] = LoadImage(reader=reader, image_only=True, dtype=dtype)
+    return _LOADERS[key]
 
 
 def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bool = True) -> CTImage:
@@ -89,14 +102,12 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     instead of copying it (what the preprocessing hot path uses; ``resample_crop`` takes any
     strides).
     """
-    from monai.transforms import LoadImage
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CT image {path} does not exist")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = LoadImage(reader=_reader(path), image_only=True, dtype=dtype)(str(path))
+        img = _loader(path, dtype)(str(path))
     array = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
