@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cmml_common import ENDPOINTS, build_cohort, finetune, model_config, pretrain, restrict, test_cindex  # noqa: E402
+from cmml_common import (ENDPOINTS, add_arguments, build_cohort, finetune, fractions, model_config,  # noqa: E402
+                         pretrain, restrict, test_cindex)
 
 from lungcore.models import create  # noqa: E402
 
@@ -28,15 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/cmml_synth")
-    ap.add_argument("--n", type=int, default=1400)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pretrain-epochs", type=int, default=20)
-    ap.add_argument("--finetune-epochs", type=int, default=25)
+    add_arguments(ap, pretrain_epochs=20, finetune_epochs=25, out=RESULTS)
     ap.add_argument("--ratios", default="0.5,0.75,0.9")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-boot", type=int, default=500)
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -46,7 +41,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
-    cohort = build_cohort(Path(args.workdir), args.n, args.seed, log=log)
+    cohort = build_cohort(Path(args.workdir), args.n, args.seed, fractions(args), log=log)
     train, val, test = (cohort.splits[k] for k in ("train", "val", "test"))
     ratios = [float(r) for r in args.ratios.split(",")]
     default_ratio = 0.75 if 0.75 in ratios else ratios[0]
@@ -57,7 +52,8 @@ def main() -> None:
     rows = []
     for do_pre, modalities, ratio in runs:
         torch.manual_seed(args.seed)
-        model = create("cmml", **model_config(cohort, mask_ratio_ct=ratio if ratio is not None else 0.75))
+        cfg = model_config(cohort, args.width, args.depth, mask_ratio_ct=0.75 if ratio is None else ratio)
+        model = create("cmml", **cfg)
         if do_pre:
             if ratio not in pretrained:
                 log(f"pretraining, CT mask ratio {ratio}")
@@ -66,7 +62,7 @@ def main() -> None:
             model.load_state_dict(pretrained[ratio])
         log(f"fine-tuning: pretrained={do_pre} modalities={modalities} ratio={ratio}")
         ft = finetune(model, restrict(train, modalities), restrict(val, modalities), epochs=args.finetune_epochs,
-                      log=log)
+                      batch_size=args.finetune_batch, lr=args.finetune_lr, log=log)
         c = test_cindex(model, restrict(test, modalities), cohort.eta["test"], n_boot=args.n_boot)
         row = {"pretraining": "on" if do_pre else "off", "modalities": modalities,
                "mask_ratio_ct": "" if ratio is None else ratio, "best_val_cindex": round(ft["best_val_cindex"], 4)}

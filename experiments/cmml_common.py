@@ -66,10 +66,33 @@ def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
     return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop})
 
 
-def model_config(cohort: Cohort, **overrides) -> dict[str, Any]:
+def add_arguments(ap, *, pretrain_epochs: int, finetune_epochs: int, out: Path) -> None:
+    """The command-line options both CMML scripts share (cohort, split, model width, optimisation)."""
+    ap.add_argument("--workdir", default="/tmp/cmml_synth", help="where the synthetic cohort is written (reused)")
+    ap.add_argument("--n", type=int, default=1400, help="patients in the synthetic cohort")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fractions", default="0.5,0.1,0.4", help="train,val,test fractions (split by patient)")
+    ap.add_argument("--pretrain-epochs", type=int, default=pretrain_epochs)
+    ap.add_argument("--finetune-epochs", type=int, default=finetune_epochs)
+    ap.add_argument("--finetune-batch", type=int, default=64, help="patients per Cox fine-tuning batch (risk sets)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--width", type=int, default=48, help="CT encoder and graph Transformer width")
+    ap.add_argument("--depth", type=int, default=2, help="Slice-Depth blocks")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(out))
+
+
+def fractions(args) -> tuple[float, float, float]:
+    f = tuple(float(x) for x in args.fractions.split(","))
+    if len(f) != 3 or abs(sum(f) - 1.0) > 1e-6:
+        raise SystemExit(f"--fractions must be three numbers summing to 1, got {args.fractions!r}")
+    return f  # type: ignore[return-value]
+
+
+def model_config(cohort: Cohort, width: int = 48, depth: int = 2, **overrides) -> dict[str, Any]:
     crop = tuple(cohort.info["crop"])
-    cfg = dict(img_size=crop, patch_size=(2, 4, 4), embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
-               decoder_dim=32, decoder_depth=1, decoder_heads=2, clinical_dim=48, clinical_depth=2,
+    cfg = dict(img_size=crop, patch_size=(2, 4, 4), embed_dim=width, depth=depth, num_heads=4, mlp_ratio=2.0,
+               decoder_dim=32, decoder_depth=1, decoder_heads=2, clinical_dim=width, clinical_depth=2,
                clinical_heads=4, clinical_decoder_depth=1, relation_dim=8, fusion_heads=4,
                clinical_cardinalities=tuple(cohort.cardinalities), dropout=0.1)
     cfg.update(overrides)

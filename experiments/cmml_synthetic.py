@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cmml_common import (ENDPOINTS, build_cohort, finetune, linear_cox_reference, model_config, predict,  # noqa: E402
-                         pretrain, test_cindex, write_json)
+from cmml_common import (ENDPOINTS, add_arguments, build_cohort, finetune, fractions,  # noqa: E402
+                         linear_cox_reference, model_config, predict, pretrain, test_cindex, write_json)
 
 from lungcore.models import create  # noqa: E402
 
@@ -153,13 +153,7 @@ def plot(history_pre, history_ft, km_data, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/cmml_synth")
-    ap.add_argument("--n", type=int, default=1400)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pretrain-epochs", type=int, default=40)
-    ap.add_argument("--finetune-epochs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS))
+    add_arguments(ap, pretrain_epochs=40, finetune_epochs=30, out=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -173,9 +167,9 @@ def main() -> None:
         print(line, flush=True)
         log_lines.append(line)
 
-    cohort = build_cohort(Path(args.workdir), args.n, args.seed, log=log)
+    cohort = build_cohort(Path(args.workdir), args.n, args.seed, fractions(args), log=log)
     train, val, test = (cohort.splits[k] for k in ("train", "val", "test"))
-    cfg = model_config(cohort)
+    cfg = model_config(cohort, args.width, args.depth)
     model = create("cmml", **cfg)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, "
         f"{model.ct_encoder.num_tokens} CT tokens per patient")
@@ -183,7 +177,8 @@ def main() -> None:
     hist_pre = pretrain(model, train, epochs=args.pretrain_epochs, log=log)
     rec = reconstruction_eval(model, train, test)
     log(f"reconstruction: {rec}")
-    ft = finetune(model, train, val, epochs=args.finetune_epochs, log=log)
+    ft = finetune(model, train, val, epochs=args.finetune_epochs, batch_size=args.finetune_batch, lr=args.finetune_lr,
+                  log=log)
     cidx = test_cindex(model, test, cohort.eta["test"])
     log(f"test C-index: {cidx}")
     linear = linear_cox_reference(train, test)

@@ -308,6 +308,46 @@ def _patient_geometry(preset: Preset, rng: np.random.Generator) -> np.ndarray:
     return np.array([sp[0] * rng.choice([1.0, 1.25]), sp[1] * inplane, sp[2] * inplane])
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diameter: float) -> dict[str, Any]:
+    """One patient of the survival cohort: tumour, clinical record and the true log-hazard ``eta``.
+
+    The variables depend on each other the way they do in a clinic, so a masked one can be
+    completed from the rest (what CMML's masked pretraining learns):
+
+    - tumour diameter: log-uniform over what the patient's lung holds (``z_size`` = the
+      standardised log-diameter); texture (intra-tumour heterogeneity) uniform on [0, 1];
+    - stage IV is likelier for larger tumours (``P = sigmoid(0.9 + 1.5 z_size)``);
+    - ECOG rises with age (ordinal latent ``0.06 (age - 65) + N(0, 1)``);
+    - smoking depends on sex and age; PD-L1 TPS rises with tumour heterogeneity and with smoking;
+    - ``eta`` = 1.0 z_size + 0.7 z_texture + 0.3 z_age + ECOG (0 / 0.5 / 1.0) + 0.4 [stage IV]
+      - 0.5 z_pdl1 (z: standardised over the cohort's distribution), so the CT carries about
+      as much of the hazard as the clinical record.
+    """
+    lo, hi = math.log(min_diameter), math.log(max(max_diameter, min_diameter * 1.5))
+    u = float(rng.uniform(-1.0, 1.0))
+    diameter = math.exp((lo + hi) / 2 + u * (hi - lo) / 2)
+    z_size = u * math.sqrt(3.0)  # a uniform on [-1, 1] has variance 1/3
+    texture = float(rng.uniform(0.0, 1.0))
+    z_texture = (texture - 0.5) * math.sqrt(12.0)
+    age = float(np.clip(rng.normal(65, 9), 35, 90))
+    sex = str(rng.choice(["F", "M"], p=[0.4, 0.6]))
+    latent = 0.06 * (age - 65) + rng.normal()
+    ecog = "0" if latent < -0.25 else ("1" if latent < 1.1 else "2")
+    stage = "IV" if rng.uniform() < _sigmoid(0.9 + 1.5 * z_size) else "IIIB"
+    smoke = rng.normal() + 0.6 * (sex == "M") + 0.03 * (age - 65)
+    smoking = "never" if smoke < -0.6 else ("former" if smoke < 0.9 else "current")
+    pdl1 = 100.0 * _sigmoid(-0.6 + 0.9 * z_texture + 0.6 * (smoking == "current") + 0.8 * rng.normal())
+    z_pdl1 = (pdl1 - 40.0) / 30.0
+    eta = (1.0 * z_size + 0.7 * z_texture + 0.3 * (age - 65) / 9 + {"0": 0.0, "1": 0.5, "2": 1.0}[ecog]
+           + (0.4 if stage == "IV" else 0.0) - 0.5 * z_pdl1)
+    return {"diameter": diameter, "texture": texture, "age": age, "sex": sex, "ecog": ecog, "stage": stage,
+            "pdl1": pdl1, "smoking": smoking, "eta": eta}
+
+
 def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: int, missing: float,
                     verbose: bool) -> dict[str, Any]:
     schema = survival_schema()
@@ -322,19 +362,11 @@ def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: i
         sp = _patient_geometry(preset, rng)
         flip = i % 3 == 2
         affine = _affine(preset.shape, sp, rng, flip_z=flip)
-        lung_semi = _lungs(preset.shape, sp)[0][1]
-        diameter = float(np.clip(rng.lognormal(math.log(30.0), 0.45), 10.0, 1.2 * lung_semi.min()))
-        texture = float(rng.uniform(0.0, 1.0))
+        draw = _survival_patient(rng, max_diameter=1.2 * float(_lungs(preset.shape, sp)[0][1].min()),
+                                 min_diameter=max(8.0, 2.5 * float(sp.max())))
+        diameter, texture, eta = draw["diameter"], draw["texture"], draw["eta"]
+        age, sex, ecog, stage, pdl1, smoking = (draw[k] for k in ("age", "sex", "ecog", "stage", "pdl1", "smoking"))
         site = _lesion_site(preset.shape, sp, diameter / 2, rng)
-        age = float(np.clip(rng.normal(65, 9), 35, 90))
-        sex = rng.choice(["F", "M"], p=[0.4, 0.6])
-        ecog = rng.choice(["0", "1", "2"], p=[0.4, 0.45, 0.15])
-        stage = rng.choice(["IIIB", "IV"], p=[0.3, 0.7])
-        pdl1 = float(np.clip(rng.beta(0.6, 1.2) * 100, 0, 100))
-        smoking = rng.choice(["never", "former", "current"], p=[0.15, 0.55, 0.3])
-        eta = (0.9 * (math.log(diameter ** 3) - math.log(30.0 ** 3)) / 1.35 + 0.4 * (age - 65) / 9
-               + {"0": 0.0, "1": 0.5, "2": 1.0}[ecog] + (0.4 if stage == "IV" else 0.0)
-               - 0.6 * (pdl1 - 30) / 30 + 0.5 * (texture - 0.5) / 0.29)
         # Weibull PH: S(t) = exp(-(t / scale)^k * exp(eta)); inverse-transform sampling
         k = 1.3
         t_pfs = 7.0 * (-math.log(rng.uniform()) / math.exp(eta)) ** (1 / k)
