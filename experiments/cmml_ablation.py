@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cmml_common import (ENDPOINTS, add_arguments, build_cohort, finetune, fractions, model_config,  # noqa: E402
+from cmml_common import (ENDPOINTS, add_arguments, augmentation, build_cohort, finetune, fractions, model_config,  # noqa: E402
                          pretrain, restrict, test_cindex)
 
 from lungcore.models import create  # noqa: E402
@@ -57,12 +57,13 @@ def main() -> None:
         if do_pre:
             if ratio not in pretrained:
                 log(f"pretraining, CT mask ratio {ratio}")
-                pretrain(model, train, epochs=args.pretrain_epochs, log=log)
+                pretrain(model, train, epochs=args.pretrain_epochs, augment=augmentation(args), log=log)
                 pretrained[ratio] = {k: v.clone() for k, v in model.state_dict().items()}
             model.load_state_dict(pretrained[ratio])
         log(f"fine-tuning: pretrained={do_pre} modalities={modalities} ratio={ratio}")
         ft = finetune(model, restrict(train, modalities), restrict(val, modalities), epochs=args.finetune_epochs,
-                      batch_size=args.finetune_batch, lr=args.finetune_lr, log=log)
+                      batch_size=args.finetune_batch, lr=args.finetune_lr,
+                      augment=augmentation(args), log=log)
         c = test_cindex(model, restrict(test, modalities), cohort.eta["test"], n_boot=args.n_boot)
         row = {"pretraining": "on" if do_pre else "off", "modalities": modalities,
                "mask_ratio_ct": "" if ratio is None else ratio, "best_val_cindex": round(ft["best_val_cindex"], 4)}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort
+from lungcore.data import Augmentation, CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort
 from lungcore.metrics import bootstrap_ci, concordance_index
 from lungcore.models import create
 
@@ -78,8 +78,16 @@ def add_arguments(ap, *, pretrain_epochs: int, finetune_epochs: int, out: Path) 
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--width", type=int, default=48, help="CT encoder and graph Transformer width")
     ap.add_argument("--depth", type=int, default=2, help="Slice-Depth blocks")
+    ap.add_argument("--augment", choices=("none", "geometric"), default="none",
+                    help="train-time CT augmentation: geometric = random flips of each axis + in-plane rotation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(out))
+
+
+def augmentation(args) -> Augmentation | None:
+    """``--augment geometric``: flips and a +-10 degree in-plane rotation (no intensity jitter: the
+    tumour's texture is part of the signal)."""
+    return Augmentation(scale=0.0, shift=0.0, noise=0.0) if args.augment == "geometric" else None
 
 
 def fractions(args) -> tuple[float, float, float]:
@@ -111,15 +119,21 @@ def restrict(batch: dict[str, torch.Tensor], modalities: str) -> dict[str, torch
     return out
 
 
-def batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator, shuffle: bool = True):
+def batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator, shuffle: bool = True,
+            augment: Augmentation | None = None):
+    """Mini-batches of a split held as tensors; ``augment`` (train only) transforms each patient's CT."""
     n = len(data["ct"])
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for s in range(0, n, size):
         idx = order[s:s + size]
-        yield {k: v[idx] for k, v in data.items()}
+        b = {k: v[idx] for k, v in data.items()}
+        if augment is not None:
+            b["ct"] = torch.stack([augment(x, generator=gen) for x in b["ct"]])
+        yield b
 
 
-def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print) -> list[float]:
+def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+             augment: Augmentation | None = None, log=print) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(len(data["ct"]) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -128,7 +142,7 @@ def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3
     model.train()
     for ep in range(epochs):
         tot, nb = 0.0, 0
-        for b in batches(data, batch_size, gen):
+        for b in batches(data, batch_size, gen, augment=augment):
             loss, _ = model.loss(b, "pretrain")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +179,7 @@ def mean_cindex(model, data) -> float:
 
 
 def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, encoder_lr_scale: float = 1.0,
-             seed: int = 0, log=print) -> dict[str, Any]:
+             seed: int = 0, augment: Augmentation | None = None, log=print) -> dict[str, Any]:
     """Cox fine-tuning; keeps the weights of the epoch with the best validation C-index (mean of PFS/OS)."""
     enc = [p for n, p in model.named_parameters() if n.startswith(("ct_encoder.", "clinical_encoder."))]
     rest = [p for n, p in model.named_parameters() if not n.startswith(("ct_encoder.", "clinical_encoder."))]
@@ -178,7 +192,7 @@ def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float 
     best, best_state, history = -1.0, None, []
     for ep in range(epochs):
         model.train()
-        for b in batches(train, batch_size, gen):
+        for b in batches(train, batch_size, gen, augment=augment):
             loss, _ = model.loss(b, "finetune")
             opt.zero_grad(set_to_none=True)
             loss.backward()

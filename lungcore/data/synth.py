@@ -9,7 +9,9 @@ with a table offset (and, for some patients, slices stored from head to feet). T
 
 - ``survival`` (CMML shape): a tumour whose volume and texture, with age, ECOG, stage and PD-L1,
   set a log-hazard ``eta``; PFS and OS times come from Weibull proportional-hazards models with
-  administrative and random censoring, so the oracle C-index (of ``eta``) is known.
+  administrative and random censoring, so the oracle C-index (of ``eta``) is known. The clinical
+  variables depend on each other and on the tumour (stage on its size, PD-L1 on its texture, ECOG
+  on age, smoking on sex and age; see ``_survival_patient``), so a masked one can be completed.
 - ``nodules`` (CSF-Net shape): a nodule at T0 and T1 (a rescan months later, patient shifted on
   the table); malignant-leaning nodules are larger, grow between the scans and smokers/older
   patients carry more risk; the label is drawn from a known logistic model (oracle AUC known).
