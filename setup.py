@@ -78,6 +78,7 @@ setup(
         "triton>=3.3; platform_system == 'Linux'",
         "numpy>=1.24",
         "pandas>=2.0",
+        "scipy>=1.10",
         "lifelines>=0.27",
         "monai>=1.3",
         "nibabel>=5.0",

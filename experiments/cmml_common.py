@@ -40,8 +40,7 @@ def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
     workdir = Path(workdir)
     manifest_path = workdir / "manifest.csv"
     t0 = time.time()
-    if not manifest_path.exists():
-        synth_cohort("survival", workdir, n=n, preset="tiny", seed=seed, dicom_every=0)
+    if not synth_cohort("survival", workdir, n=n, preset="tiny", seed=seed, dicom_every=0, reuse=True)["reused"]:
         log(f"synthetic cohort of {n} patients written in {time.time() - t0:.0f} s")
     manifest = read_manifest(manifest_path)
     parts = split_by_patient(manifest, fractions, seed=seed)

@@ -45,6 +45,9 @@ from lungcore.data.io import write_dicom_series, write_nifti
 from lungcore.data.schema import ClinicalVariable, CohortSchema, canonical_kind
 
 
+GENERATOR_VERSION = 2  # bump when the same arguments would write a different cohort
+
+
 @dataclass(frozen=True)
 class Preset:
     shape: tuple[int, int, int]          # (z, y, x)
@@ -63,6 +66,9 @@ SOFT_HU = 40.0
 FAT_HU = -100.0
 BONE_HU = 400.0
 LESION_HU = 30.0
+HETEROGENEITY_HU = 100.0  # std of the intra-tumour field at texture 1
+BLOB_MM = 2.0             # its Gaussian smoothing (mm): blobs about 4-5 mm across
+GROUND_GLASS_HU = 300.0   # how much less dense than solid tissue the lesion is at texture 0
 
 
 def _grid(shape: tuple[int, int, int], spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,8 +90,10 @@ def chest_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, floa
     """A chest-like HU volume (z, y, x) float32 in canonical orientation (y posterior, x left).
 
     ``lesions``: (centre in mm from the volume centre (z, y, x), radius mm, texture in [0, 1]) per
-    lesion; each is a slightly lobulated sphere with partial-volume edges whose heterogeneity
-    grows with its texture. ``anatomy_seed`` fixes body, lungs and vessels (a rescan of the same
+    lesion; each is a slightly lobulated sphere with partial-volume edges. Its texture sets its
+    density and heterogeneity: 0 is a hazy ground-glass lesion ``GROUND_GLASS_HU`` below solid
+    tissue, 1 a solid one with a smooth random field of ``HETEROGENEITY_HU`` std (blobs a few
+    voxels across: visible after resampling, unlike voxel noise). ``anatomy_seed`` fixes body, lungs and vessels (a rescan of the same
     patient reuses it); ``rng`` draws the noise and the lesion texture.
     """
     sp = np.asarray(spacing, dtype=np.float64)
@@ -171,9 +179,20 @@ def _paint_lesion(vol: np.ndarray, sp: np.ndarray, c: np.ndarray, radius: float,
     u = rng.normal(size=3)
     lobes = 1.0 + 0.12 * np.tanh((dz * u[0] + dy * u[1] + dx * u[2]) / max(radius, 1e-6))
     edge = np.clip((radius * lobes - d) / sp.min() + 0.5, 0.0, 1.0)  # partial volume over ~one voxel
-    inner = LESION_HU + texture * 80.0 * rng.standard_normal(d.shape)
+    # texture 0: a hazy ground-glass lesion; 1: solid and heterogeneous (blobs a few voxels across)
+    inner = LESION_HU - GROUND_GLASS_HU * (1.0 - texture) + texture * HETEROGENEITY_HU * _blobs(d.shape, sp, rng)
     region = vol[box]
     vol[box] = (1.0 - edge) * region + edge * inner
+
+
+def _blobs(shape: tuple[int, ...], sp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A unit-variance random field with a ~4 mm correlation length: intra-tumour heterogeneity
+    (denser and necrotic-looking regions a few voxels across), not voxel noise, which resampling
+    averages away and a masked autoencoder learns to ignore."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(rng.standard_normal(shape), sigma=BLOB_MM / sp, mode="wrap")
+    return field / max(float(field.std()), 1e-6)
 
 
 def _affine(shape: tuple[int, int, int], spacing: np.ndarray, rng: np.random.Generator, *, flip_z: bool,
@@ -248,14 +267,17 @@ def nodules_schema() -> CohortSchema:
 
 
 def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", seed: int = 0,
-                 dicom_every: int = 4, missing: float = 0.08, verbose: bool = False) -> dict[str, Any]:
+                 dicom_every: int = 4, missing: float = 0.08, verbose: bool = False,
+                 reuse: bool = False) -> dict[str, Any]:
     """Write a synthetic cohort to ``out``: images, ``manifest.csv``, ``manifest.schema.json``, ``truth.csv``.
 
     ``kind``: ``survival`` (alias ``cmml``) or ``nodules`` (alias ``csfnet``); ``n`` patients
     (survival) or nodules (nodules); ``preset``: ``tiny``, ``demo`` or ``realistic``; every
     ``dicom_every``-th CT is a DICOM series (0: none); ``missing``: the probability of a blank
-    clinical cell. Returns a summary with the oracle metric (C-index of the true log-hazard for
-    PFS and OS, or the AUC of the true logit).
+    clinical cell. ``reuse``: return the summary of a cohort already in ``out`` instead of
+    writing it again when it was written with the same arguments by the same generator version
+    (``synth.json`` says; anything else is rewritten). Returns a summary with the oracle metric
+    (C-index of the true log-hazard for PFS and OS, or the AUC of the true logit) and ``reused``.
     """
     kind = canonical_kind(kind)
     if preset not in PRESETS:
@@ -263,16 +285,24 @@ def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", se
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     out = Path(out)
+    wanted = {"kind": kind, "preset": preset, "seed": seed, "n": n, "dicom_every": dicom_every, "missing": missing,
+              "generator_version": GENERATOR_VERSION}
+    if reuse and (out / "synth.json").is_file() and (out / "manifest.csv").is_file():
+        try:
+            saved = json.loads((out / "synth.json").read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if all(saved.get(k) == v for k, v in wanted.items()):
+            return {**saved, "manifest": out / "manifest.csv", "schema": out / "manifest.schema.json", "reused": True}
     (out / "images").mkdir(parents=True, exist_ok=True)
     if kind == "survival":
         info = _synth_survival(out, n, PRESETS[preset], seed, dicom_every, missing, verbose)
     else:
         info = _synth_nodules(out, n, PRESETS[preset], seed, dicom_every, missing, verbose)
-    info.update(kind=kind, preset=preset, seed=seed, n=n, manifest=out / "manifest.csv",
-                schema=out / "manifest.schema.json")
+    info.update(wanted, manifest=out / "manifest.csv", schema=out / "manifest.schema.json")
     (out / "synth.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in info.items()},
                                                indent=1) + "\n")
-    return info
+    return {**info, "reused": False}
 
 
 def _write_ct(out: Path, name: str, vol: np.ndarray, affine: np.ndarray, dicom: bool, seed: int, i: int) -> str:
@@ -474,7 +504,7 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
         for t in (0, 1):
             affine = _affine(preset.shape, sp, np.random.default_rng(affine_seed), flip_z=flip,
                              shift_mm=None if t == 0 else shift)
-            lesions = [(n_["site"], n_["d0" if t == 0 else "d1"] / 2, 0.2) for n_ in nodules]
+            lesions = [(n_["site"], n_["d0" if t == 0 else "d1"] / 2, 0.9) for n_ in nodules]  # solid nodules
             vol = chest_phantom(preset.shape, sp, np.random.default_rng([seed, patient, 100 + t]), lesions=lesions,
                                 anatomy_seed=seed * 100003 + patient)
             dicom = dicom_every > 0 and patient % dicom_every == 1 % dicom_every and t == 1

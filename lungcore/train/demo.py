@@ -45,13 +45,10 @@ def plan(quick: bool) -> dict[str, Any]:
 def _cohort(kind: str, folder: Path, n: int, preset: str, seed: int) -> Path:
     from lungcore.data import synth_cohort
 
-    info = folder / "synth.json"
-    if info.is_file():
-        saved = json.loads(info.read_text())
-        if saved.get("n") == n and saved.get("preset") == preset and saved.get("seed") == seed:
-            return folder / "manifest.csv"
     start = time.perf_counter()
-    result = synth_cohort(kind, folder, n=n, preset=preset, seed=seed, verbose=True)
+    result = synth_cohort(kind, folder, n=n, preset=preset, seed=seed, verbose=True, reuse=True)
+    if result["reused"]:
+        return folder / "manifest.csv"
     print(f"wrote {n} {kind} samples to {folder} in {time.perf_counter() - start:.0f} s "
           f"(oracle {result['oracle']})", flush=True)
     return folder / "manifest.csv"

@@ -47,6 +47,18 @@ def test_deterministic_by_seed(tmp_path):
         np.testing.assert_array_equal(read_ct(pa).array, read_ct(pb).array)
 
 
+def test_reuse_only_what_the_same_arguments_wrote(tmp_path, monkeypatch):
+    import lungcore.data.synth as synth
+
+    first = synth_cohort("survival", tmp_path, n=6, preset="tiny", seed=2, reuse=True)
+    again = synth_cohort("survival", tmp_path, n=6, preset="tiny", seed=2, reuse=True)
+    assert not first["reused"] and again["reused"] and again["oracle"] == first["oracle"]
+    assert not synth_cohort("survival", tmp_path, n=7, preset="tiny", seed=2, reuse=True)["reused"]
+    assert len(read_manifest(tmp_path / "manifest.csv")) == 7
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)  # a newer generator rewrites
+    assert not synth_cohort("survival", tmp_path, n=7, preset="tiny", seed=2, reuse=True)["reused"]
+
+
 def test_oracle_signal_on_a_larger_cohort(tmp_path):
     """The planted model is strong enough to learn from (checked on 120 tiny patients, seconds)."""
     info = synth_cohort("survival", tmp_path, n=120, preset="tiny", seed=1, dicom_every=0)
