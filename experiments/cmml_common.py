@@ -89,6 +89,14 @@ def augmentation(args) -> Augmentation | None:
     return Augmentation(scale=0.0, shift=0.0, noise=0.0) if args.augment == "geometric" else None
 
 
+def command_line(script: str) -> str:
+    """The command that produced a results file, with its options as given (for the report)."""
+    import shlex
+    import sys
+
+    return " ".join([".venv/bin/python", f"experiments/{script}", *map(shlex.quote, sys.argv[1:])])
+
+
 def fractions(args) -> tuple[float, float, float]:
     f = tuple(float(x) for x in args.fractions.split(","))
     if len(f) != 3 or abs(sum(f) - 1.0) > 1e-6:
@@ -231,12 +239,25 @@ def test_cindex(model, data, eta, n_boot: int = 1000) -> dict[str, dict[str, flo
     return out
 
 
+def paired_difference(risk_a: dict[str, np.ndarray], risk_b: dict[str, np.ndarray], data,
+                      n_boot: int = 1000) -> dict[str, tuple[float, float, float]]:
+    """Per endpoint: C-index of ``risk_a`` minus that of ``risk_b`` on the same patients, with a
+    paired percentile bootstrap 95 % interval."""
+    out = {}
+    for e in ENDPOINTS:
+        m = data[f"{e}_mask"].numpy().astype(bool)
+        t, ev = data[f"{e}_time"].numpy()[m], data[f"{e}_event"].numpy()[m]
+        out[e] = bootstrap_ci(lambda a, b, tt, ee: float(concordance_index(a, tt, ee) - concordance_index(b, tt, ee)),
+                              risk_a[e][m], risk_b[e][m], t, ev, n_boot=n_boot, seed=1)
+    return out
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=float) + "\n")
 
 
 def _features(d: dict[str, torch.Tensor], with_ct: bool):
-    """Linear-Cox design of a split: clinical dummies (+ handcrafted CT size and texture features)."""
+    """Linear-Cox design of a split: clinical dummies (+ handcrafted CT size, density and texture features)."""
     import pandas as pd
 
     x, m = d["clinical"].numpy(), d["clinical_mask"].numpy()
@@ -247,17 +268,20 @@ def _features(d: dict[str, torch.Tensor], with_ct: bool):
         ct = d["ct"][:, 0]
         dd, hh, ww = ct.shape[1:]
         centre = ct[:, dd // 4: dd - dd // 4, hh // 4: hh - hh // 4, ww // 4: ww - ww // 4]
-        bright = centre > 0.6  # lesion/soft tissue in the [-1000, 400] HU window
-        nb = bright.sum((1, 2, 3)).clamp(min=1)
-        mu = (centre * bright).sum((1, 2, 3)) / nb
-        cols["ct_bright_fraction"] = bright.float().mean((1, 2, 3)).numpy()
-        cols["ct_bright_std"] = torch.sqrt(((centre - mu[:, None, None, None]) ** 2 * bright).sum((1, 2, 3)) / nb).numpy()
+        lesion = centre > (-400.0 + 1200.0) / 1800.0  # denser than -400 HU in the [-1200, 600] HU window
+        n_les = lesion.sum((1, 2, 3)).clamp(min=1)
+        mu = (centre * lesion).sum((1, 2, 3)) / n_les
+        cols["ct_lesion_fraction"] = lesion.float().mean((1, 2, 3)).numpy()
+        cols["ct_lesion_mean"] = mu.numpy()
+        cols["ct_lesion_std"] = torch.sqrt(((centre - mu[:, None, None, None]) ** 2 * lesion).sum((1, 2, 3))
+                                           / n_les).numpy()
     return pd.DataFrame(cols)
 
 
 def linear_cox_reference(train, test) -> dict[str, dict[str, float]]:
-    """Test C-index of lifelines' CoxPHFitter on the clinical variables, and with two handcrafted
-    CT features (bright-voxel fraction ~ tumour size, their spread ~ texture): what a linear model
+    """Test C-index of lifelines' CoxPHFitter on the clinical variables, and with three handcrafted
+    CT features (fraction of voxels denser than -400 HU around the crop centre ~ tumour size, their
+    mean ~ density, their spread ~ heterogeneity): what a linear model
     extracts from the same inputs."""
     from lifelines import CoxPHFitter
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cmml_common import (ENDPOINTS, add_arguments, augmentation, build_cohort, finetune, fractions,  # noqa: E402
-                         linear_cox_reference, model_config, predict, pretrain, test_cindex, write_json)
+from cmml_common import (ENDPOINTS, add_arguments, augmentation, build_cohort, command_line,  # noqa: E402
+                         finetune, fractions, linear_cox_reference, model_config, predict, pretrain, test_cindex, write_json)
 
 from lungcore.models import create  # noqa: E402
 
@@ -181,6 +181,8 @@ def plot(history_pre, history_ft, km_data, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap, pretrain_epochs=40, finetune_epochs=30, out=RESULTS)
+    ap.add_argument("--repeat-seeds", default="1,2",
+                    help="further training seeds to rerun pretraining + fine-tuning with ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -209,6 +211,15 @@ def main() -> None:
                   log=log)
     cidx = test_cindex(model, test, cohort.eta["test"])
     log(f"test C-index: {cidx}")
+    repeats = []
+    for seed in [int(x) for x in args.repeat_seeds.split(",") if x.strip()]:
+        torch.manual_seed(seed)
+        again = create("cmml", **cfg)
+        pretrain(again, train, epochs=args.pretrain_epochs, seed=seed, augment=augmentation(args), log=lambda m: None)
+        finetune(again, train, val, epochs=args.finetune_epochs, batch_size=args.finetune_batch, lr=args.finetune_lr,
+                 seed=seed, augment=augmentation(args), log=lambda m: None)
+        repeats.append((seed, test_cindex(again, test, cohort.eta["test"], n_boot=500)))
+        log(f"training seed {seed}: gap " + ", ".join(f"{e} {repeats[-1][1][e]['gap']:.3f}" for e in ENDPOINTS))
     linear = linear_cox_reference(train, test)
     log(f"linear Cox references: {linear}")
     surv_rows, km_data = survival_check(model, train, test)
@@ -228,14 +239,14 @@ def main() -> None:
                                              "reconstruction": rec, "cindex": cidx, "survival": surv_rows,
                                              "logrank_p": {e: km_data[e][3] for e in ENDPOINTS},
                                              "linear_cox_reference": linear,
+                                             "repeat_seeds": {str(k): v for k, v in repeats},
                                              "best_val_cindex": ft["best_val_cindex"], "minutes": minutes})
     n_tr, n_va, n_te = (len(cohort.splits[k]["ct"]) for k in ("train", "val", "test"))
     md = [
         "# CMML on a synthetic survival cohort",
         "",
-        f"`.venv/bin/python experiments/cmml_synthetic.py --n {args.n} --seed {args.seed} "
-        f"--pretrain-epochs {args.pretrain_epochs} --finetune-epochs {args.finetune_epochs}` "
-        f"({minutes:.1f} min on {args.threads} shared CPU threads, torch {torch.__version__}).",
+        f"`{command_line('cmml_synthetic.py')}` (options as given; defaults: `--help`; "
+        f"{minutes:.1f} min on {args.threads} shared CPU threads, torch {torch.__version__}).",
         "",
         f"Cohort: `lungcore.data.synth_cohort('survival', preset='tiny')`, {args.n} patients, split by patient "
         f"{n_tr} train / {n_va} validation / {n_te} test; CT crops {tuple(cohort.info['crop'])} voxels at "
@@ -283,9 +294,18 @@ def main() -> None:
            "The oracle is the C-index of the true log-hazard that generated the times.", "",
            "What a linear Cox model (lifelines, on the training split) reaches on the same test patients: "
            "clinical variables only: " + ", ".join(f"{e.upper()} {linear['clinical'][e]:.3f}" for e in ENDPOINTS) +
-           "; clinical + two handcrafted CT features (bright-voxel fraction around the crop centre ~ tumour size, "
-           "their spread ~ lesion texture): " + ", ".join(f"{e.upper()} {linear['clinical+ct_features'][e]:.3f}"
-                                                          for e in ENDPOINTS) + ".", "",
+           "; clinical + three handcrafted CT features (fraction of voxels denser than -400 HU around "
+           "the crop centre ~ tumour size, their mean ~ density, their spread ~ heterogeneity): " +
+           ", ".join(f"{e.upper()} {linear['clinical+ct_features'][e]:.3f}" for e in ENDPOINTS) + ".", ""]
+    if repeats:
+        md += ["Training seeds (same cohort and split; pretraining + fine-tuning rerun from scratch, 500 bootstrap "
+               "resamples):", "", "| training seed | PFS C-index | PFS gap [95 % CI] | OS C-index | OS gap [95 % CI] |",
+               "|---|---|---|---|---|"]
+        for seed, c in [(args.seed, cidx), *repeats]:
+            md.append(f"| {seed} | " + " | ".join(f"{c[e]['cindex']:.3f} | {c[e]['gap']:.3f} [{c[e]['gap_low']:.3f}, "
+                                                 f"{c[e]['gap_high']:.3f}]" for e in ENDPOINTS) + " |")
+        md.append("")
+    md += [
            "## 3. Breslow survival probabilities (baseline hazard fitted on the training split)", "",
            "| endpoint | horizon (months) | mean predicted S(t), test | Kaplan-Meier S(t), test |", "|---|---|---|---|"]
     for r in surv_rows:

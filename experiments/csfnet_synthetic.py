@@ -2,7 +2,8 @@
 
 Statistical experiment, not a CI test. A ``lungcore.data.synth`` nodule cohort (preset ``tiny``)
 plants malignancy through a known logistic model of the nodule's T0 diameter, its growth between
-T0 and T1 (log volume ratio) and clinical variables (smoking, age, screening result), so the AUC of
+T0 and T1 (log volume ratio) and clinical variables (smoking, age, screening result, isolation,
+sex; together about half the image part's SD), so the AUC of
 the generator's true logit (the *oracle*) is known. The cohort goes through the real data path
 (NIfTI/DICOM files on disk -> manifest -> fitted schema -> ``CohortDataset`` crops), is split by
 patient into train / validation / test, and three CSF-Net variants are trained with the same
@@ -21,16 +22,10 @@ and in-plane transposes (the same for T0 and T1; a first 16-epoch run without th
 after 3 epochs); one torch thread (oversubscribed threads were 4x slower on the shared machine).
 The architecture is otherwise the published one.
 
-The stock generator's clinical effect is weak: its oracle with and without the clinical variables
-differ by about 0.01 AUC, so no practical test split can show a model gaining from them. A second run
-(``--clinical-weight 1.5``) redraws the labels with a stronger, documented clinical term on top of
-the generator's logit (``strengthen_clinical``), which makes the image-only ablation measurable.
-
-Run (writes ``experiments/results/csfnet_synthetic[_clinical].{md,csv}``, ``..._roc.png``,
+Run (writes ``experiments/results/csfnet_synthetic.{md,csv}``, ``..._roc.png``,
 ``..._confusion.png``, ``..._history.csv``):
 
     .venv/bin/python experiments/csfnet_synthetic.py                        # ~6 minutes, 2 shared cores
-    .venv/bin/python experiments/csfnet_synthetic.py --clinical-weight 1.5  # ~6 minutes
     .venv/bin/python experiments/csfnet_synthetic.py --quick                # smoke run, < 1 minute, /tmp
 """
 from __future__ import annotations
@@ -101,42 +96,6 @@ def augment(ct: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(swap, ct.transpose(-1, -2), ct)
 
 
-def strengthen_clinical(work: Path, weight: float, seed: int) -> dict:
-    """Redraw the labels of a synthetic cohort with a stronger, documented clinical effect.
-
-    The stock generator's clinical terms are weak (its two oracles, with and without the clinical
-    variables, differ by about 0.01 AUC), so no test split of practical size can show a model gaining
-    from them. Here ``logit' = logit + weight * (c - mean(c))`` with
-    ``c = [smoking == current] + (age - 62) / 6 + [screen_result == positive] + [isolation == yes]
-    - [gender == F]`` from the *recorded* manifest values (a blank cell contributes 0), and the label
-    is redrawn ``Bernoulli(sigmoid(logit'))``; the image part (T0 diameter, growth) is the generator's.
-    ``manifest.csv`` and ``truth.csv`` (logit, label) are rewritten; the oracle is ``logit'``.
-    """
-    def rows(path):
-        with open(path, newline="") as f:
-            r = csv.DictReader(f)
-            return r.fieldnames, list(r)
-
-    mh, man = rows(work / "manifest.csv")
-    th, truth = rows(work / "truth.csv")
-    c = np.asarray([(r["smoking"] == "current") + ((float(r["age"]) - 62) / 6 if r["age"] else 0.0)
-                    + (r["screen_result"] == "positive") + (r["isolation"] == "yes") - (r["gender"] == "F")
-                    for r in man], dtype=float)
-    logit = np.asarray([float(t["logit"]) for t in truth]) + weight * (c - c.mean())
-    label = (np.random.default_rng([seed, 99]).uniform(size=len(man)) < 1 / (1 + np.exp(-logit))).astype(int)
-    for r, t, lg, lb in zip(man, truth, logit, label):
-        assert r["nodule_id"] == t["nodule_id"]
-        r["label"] = t["label"] = str(lb)
-        t["logit"] = f"{lg:.6g}"
-    for path, header, data in ((work / "manifest.csv", mh, man), (work / "truth.csv", th, truth)):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, header)
-            w.writeheader()
-            w.writerows(data)
-    return {"positives": int(label.sum()), "clinical_sd": float(weight * c.std()),
-            "oracle_auc": roc_auc(label, logit)}
-
-
 def logistic_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """Plain logistic regression (Newton/IRLS, tiny ridge) -> test probabilities."""
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-12
@@ -198,9 +157,6 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     ap.add_argument("--workdir", type=Path, default=None, help="cohort folder (default: a temporary one, removed)")
-    ap.add_argument("--clinical-weight", type=float, default=0.0,
-                    help="> 0: redraw labels with a stronger clinical effect (see strengthen_clinical); "
-                         "output stem csfnet_synthetic_clinical")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 nodules, 2 epochs, output to /tmp")
     args = ap.parse_args()
     if args.quick:
@@ -217,12 +173,6 @@ def main() -> None:
 
 def run(args, work: Path) -> None:
     info = synth_cohort("nodules", work, n=args.n, preset="tiny", seed=args.seed)
-    if args.clinical_weight > 0:
-        extra = strengthen_clinical(work, args.clinical_weight, args.seed)
-        info["positives"] = extra["positives"]
-        info["oracle"] = {"auc": extra["oracle_auc"]}
-        info["relabelled"] = extra
-        log(f"labels redrawn with clinical weight {args.clinical_weight} (clinical logit SD {extra['clinical_sd']:.2f})")
     log(f"cohort: {info['n']} nodules of {info['patients']} patients, {info['positives']} malignant, "
         f"oracle AUC (all) {info['oracle']['auc']:.4f} -> {work}")
     manifest = read_manifest(info["manifest"])
@@ -278,7 +228,7 @@ def run(args, work: Path) -> None:
 def write_outputs(args, info, splits, table, probs, y, rows, history, params, fusion_w) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("csfnet_synthetic_clinical" if args.clinical_weight > 0 else "csfnet_synthetic")
+    stem = out / "csfnet_synthetic"
     keys = ["model", "description", "auc", "auc_lo", "auc_hi", "accuracy", "precision", "recall", "specificity", "f1",
             "full_minus", "full_minus_lo", "full_minus_hi"]
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -332,16 +282,9 @@ def write_outputs(args, info, splits, table, probs, y, rows, history, params, fu
         f"{time.time() - T0:.0f} s on {args.threads} CPU thread(s)). Cohort: `lungcore.data.synth` nodules, "
         f"preset `tiny`, {info['n']} nodules of {info['patients']} patients ({info['positives']} malignant); "
         "malignancy from a known logistic model of T0 diameter, growth T0->T1 (log volume ratio), smoking, "
-        "age and screening result. Patient-level split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        "age, screening result, isolation and sex. Patient-level split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         + " nodules. Epoch selected on the validation AUC; the test split below was never used for selection.",
         "",
-        *([f"**Labels redrawn with a stronger clinical effect** (`--clinical-weight {args.clinical_weight}`, "
-           f"`strengthen_clinical` in the script): logit' = generator logit + {args.clinical_weight} x (c - mean c), "
-           "c = [current smoker] + (age - 62)/6 + [positive screen] + [isolation] - [female] from the recorded "
-           f"values (clinical logit SD {info['relabelled']['clinical_sd']:.2f}); the image part (T0 diameter, "
-           "growth) is the generator's. The stock generator's clinical effect is too weak to measure "
-           "(see csfnet_synthetic.md: its two oracles differ by about 0.01 AUC).", ""]
-          if args.clinical_weight > 0 else []),
         "**Reduced configuration** (CPU budget; see the script's docstring): crops 8 x 16 x 16 at 3 mm, stage "
         "widths 8/16/32 with one block per stage, attention width 32 (4 heads), batch 32, Adam lr 1e-3 with "
         "betas (0.5, 0.999), weight decay 1e-4, dropout 0.1, one cosine cycle, random flips/in-plane transposes "

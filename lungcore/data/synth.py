@@ -13,8 +13,9 @@ with a table offset (and, for some patients, slices stored from head to feet). T
   variables depend on each other and on the tumour (stage on its size, PD-L1 on its texture, ECOG
   on age, smoking on sex and age; see ``_survival_patient``), so a masked one can be completed.
 - ``nodules`` (CSF-Net shape): a nodule at T0 and T1 (a rescan months later, patient shifted on
-  the table); malignant-leaning nodules are larger, grow between the scans and smokers/older
-  patients carry more risk; the label is drawn from a known logistic model (oracle AUC known).
+  the table); malignant-leaning nodules are larger, grow between the scans, and current smokers,
+  older patients, women, positive screens and isolated nodules carry more risk; the label is drawn
+  from a known logistic model (oracle AUC known).
   Several nodules may belong to one patient: they sit in the same T0 and T1 scans.
 
 Some patients have missing clinical values, a missing endpoint or (survival) no CT; every fourth
@@ -483,8 +484,10 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
             # a nodule narrower than two voxels is invisible at this spacing: the preset sets the floor
             d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), max(4.0, 2 * sp.max()), 0.7 * max_d))
             growth = float(rng.normal(0.15, 0.35))  # log volume ratio T1/T0
-            logit = (-1.6 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35 + 0.6 * (smoking == "current")
-                     + 0.4 * (age - 62) / 6 + 0.3 * (screen == "positive"))
+            # the clinical part (SD about 1.4) is large enough for a model to gain measurably from it
+            logit = (-3.0 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35 + 1.5 * (smoking == "current")
+                     + 1.0 * (age - 62) / 6 + 1.0 * (screen == "positive") + 0.8 * (isolation == "yes")
+                     + 0.6 * (gender == "F"))
             label = int(rng.uniform() < 1 / (1 + math.exp(-logit)))
             d1 = float(np.clip(d0 * math.exp(max(growth, -0.3) / 3), 3.0, max_d))
             for _ in range(50):  # keep two nodules of a scan apart
