@@ -1,0 +1,43 @@
+"""The statistical scripts in experiments/ run end to end on tiny cohorts (smoke runs: the numbers
+they write here mean nothing; the committed results come from their full-size defaults)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_cmml_synthetic_and_ablation(tmp_path):
+    common = ["--workdir", str(tmp_path / "cohort"), "--n", "80", "--pretrain-epochs", "1", "--finetune-epochs", "2",
+              "--threads", "1"]
+    _run("cmml_synthetic.py", *common, "--repeat-seeds", "1", "--out", str(tmp_path / "synth"))
+    md = (tmp_path / "synth" / "cmml_synthetic.md").read_text()
+    for section in ("## 1. Masked pretraining", "## 2. Fine-tuned test C-index", "| 1 |", "CT withheld",
+                    "## 3. Breslow"):
+        assert section in md
+    assert (tmp_path / "synth" / "cmml_synthetic.png").stat().st_size > 0
+    _run("cmml_ablation.py", *common, "--ratios", "0.75,0.9", "--label-fractions", "0.5", "--n-boot", "20",
+         "--out", str(tmp_path / "ablation"))
+    md = (tmp_path / "ablation" / "cmml_ablation.md").read_text()
+    assert md.count("\n| on |") == 5 and md.count("\n| off |") == 4  # 2 ratios + CT/clinical only + label-scarce
+    assert "pretraining on - off, 50% of the labels" in md and "CT mask ratio 0.75 - 0.9" in md
+
+
+@pytest.mark.slow
+def test_csfnet_synthetic(tmp_path):
+    _run("csfnet_synthetic.py", "--n", "120", "--epochs", "1", "--n-boot", "20", "--threads", "1",
+         "--out", str(tmp_path))
+    md = (tmp_path / "csfnet_synthetic.md").read_text()
+    assert "image oracle" in md or "oracle" in md
+    assert (tmp_path / "csfnet_synthetic_roc.png").stat().st_size > 0
