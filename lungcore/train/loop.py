@@ -282,11 +282,13 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
     for i, batch in enumerate(loader):
         batch = _to_device(batch, device)
         last_of_group = (i + 1) % accumulate == 0 or i + 1 == n_batches
+        # a short last group (n_batches not a multiple of accumulate) averages over its own size
+        group_size = min(accumulate, n_batches - (i // accumulate) * accumulate)
         with dist_utils.no_sync(wrapped, skip=not last_of_group), _autocast(device, cfg.precision):
             loss, logs = wrapped(batch, stage)
             finite = bool(torch.isfinite(loss.detach()).all())
             if dist_utils.all_true(finite, device):
-                (loss.float() / accumulate).backward()
+                (loss.float() / group_size).backward()
         if not dist_utils.all_true(finite, device):
             bar.close()
             ids = batch.get("id", [])

@@ -197,10 +197,12 @@ def test_nodules_of_one_scan_are_cropped_from_one_read(tmp_path):
     report = preprocess_manifest(m, pre)
     assert report["images"] == report["images_read"] == report["resample_calls"] == len(unique)
     assert report["boxes"] == report["boxes_resampled"] == 2 * len(m)
-    # each nodule's crop is centred on its own nodule, not its neighbour's
+    # each nodule's crop is centred on its own nodule (solid, heterogeneous: tens to a few hundred HU
+    # either side of 30), not on the lung around it (-850 HU) or its neighbour
     for i in range(len(m)):
         hu = _hu(pre.crop(m.images[i][0], m.centres[i, 0]))
-        assert -150 < hu[8, 31:34, 31:34].mean() < 200
+        assert -400 < hu[8, 31:34, 31:34].mean() < 300
+        assert hu[8, 31:34, 31:34].mean() > hu[8].mean() + 200
 
 
 @pytest.mark.parametrize("order", [0, 3])
