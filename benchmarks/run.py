@@ -46,6 +46,10 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit measured: ``LUNGCORE_COMMIT`` when set (a copy of the tree without .git, as on
+    the GPU machine), else ``git rev-parse`` (+ ``-dirty``)."""
+    if os.environ.get("LUNGCORE_COMMIT"):
+        return os.environ["LUNGCORE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=HERE, check=True).stdout.strip()
