@@ -379,6 +379,21 @@ class CSFNet(nn.Module):
                 opt, T_0=max(1, cfg.restart_epochs * max(1, steps_per_epoch)))
         return opt, sched
 
+    def paper_recipe(self) -> dict[str, Any]:
+        """The paper's optimiser as ``lungcore.train`` settings (``recipe: paper``): Adam with this
+        config's lr, betas and weight decay, cosine warm restarts every ``restart_epochs`` (or a
+        constant rate with ``scheduler="none"``), no warm-up, no gradient clipping.
+
+        Example:
+            >>> CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides())).paper_recipe()["betas"]
+            (0.5, 0.999)
+        """
+        cfg = self.config
+        return {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay,
+                "schedule": "restarts" if cfg.scheduler == "cosine_warm_restarts" else "constant",
+                "restart_epochs": float(cfg.restart_epochs), "warmup_epochs": 0.0, "min_lr_ratio": 0.0,
+                "grad_clip": 0.0}
+
 
 def parameter_groups(model: CSFNet) -> dict[str, int]:
     """Parameter count per top-level part (``encoder``, ``fusion``, ...) plus ``total``."""

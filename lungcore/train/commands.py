@@ -50,6 +50,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--recipe", choices=["lungcore", "paper"],
+                   help="paper: the optimiser and schedule the model's paper published (CSF-Net: Adam 1e-4, "
+                        "betas (0.5, 0.999), cosine warm restarts); --lr still overrides the rate")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -61,7 +64,8 @@ def train(args: argparse.Namespace) -> int:
                      manifest=str(args.manifest) if args.manifest else None, stage=stage, epochs=args.epochs,
                      batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, device=args.device,
                      precision=args.precision, seed=args.seed, patience=args.patience,
-                     num_workers=args.num_workers, progress=False if args.no_progress else None)
+                     num_workers=args.num_workers, progress=False if args.no_progress else None,
+                     recipe=args.recipe)
     except _errors() as exc:
         return _fail("train", exc)
     if result.test_metrics:

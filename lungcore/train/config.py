@@ -23,7 +23,10 @@ from typing import Any
 class OptimConfig:
     """Optimiser and schedule: AdamW, linear warm-up then cosine decay to ``lr * min_lr_ratio``.
 
-    ``warmup_epochs`` may be fractional; the schedule advances once per optimiser step.
+    ``schedule``: ``"cosine"`` (one decay over the stage), ``"restarts"`` (cosine decay restarting
+    every ``restart_epochs``, as ``CosineAnnealingWarmRestarts`` with ``T_mult=1``) or
+    ``"constant"``; ``warmup_epochs`` may be fractional; the schedule advances once per optimiser
+    step.
     ``grad_clip``: max gradient norm (0 disables). ``accumulate``: micro-batches per optimiser
     step (the effective batch is ``batch_size * accumulate * world_size``). With a Cox loss each
     micro-batch is its own risk set: accumulation sums gradients of per-micro-batch partial
@@ -39,6 +42,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     accumulate: int = 1
+    schedule: str = "cosine"
+    restart_epochs: float = 10.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -48,6 +53,10 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if int(self.accumulate) != self.accumulate or self.accumulate < 1:
             raise ValueError(f"optim.accumulate must be an integer >= 1, got {self.accumulate}")
+        if self.schedule not in ("cosine", "restarts", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine', 'restarts' or 'constant', got {self.schedule!r}")
+        if not self.restart_epochs > 0:
+            raise ValueError(f"optim.restart_epochs must be > 0, got {self.restart_epochs}")
         if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optim.warmup_epochs must be >= 0 and optim.min_lr_ratio in [0, 1]")
 
@@ -89,9 +98,13 @@ class TrainConfig:
     one; ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
     ``monitor``: the validation metric selecting the best model (``"auto"``: the model's C-index
     mean / ROC AUC, validation loss for pretraining); ``patience``: epochs without improvement
-    before stopping a stage early (0: never)."""
+    before stopping a stage early (0: never); ``recipe``: ``"lungcore"`` (the ``optim`` section as
+    given) or ``"paper"`` (the optimiser and schedule the model's paper published replace the
+    ``optim`` fields they name: CSF-Net's Adam 1e-4, betas (0.5, 0.999), cosine warm restarts;
+    a model whose paper gives none raises)."""
 
     model: str = "cmml"
+    recipe: str = "lungcore"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     stage: str = "all"
     epochs: int = 10
@@ -111,6 +124,8 @@ class TrainConfig:
             self.data = _build(DataConfig, self.data, "data")
         if isinstance(self.optim, dict):
             self.optim = _build(OptimConfig, self.optim, "optim")
+        if self.recipe not in ("lungcore", "paper"):
+            raise ValueError(f"recipe must be 'lungcore' or 'paper', got {self.recipe!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lungcore.train import distributed as dist_utils
-from lungcore.train.config import TrainConfig
+from lungcore.train.config import OptimConfig, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +85,33 @@ def _epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _lr_multiplier(step: int, optim: OptimConfig, steps_per_epoch: int, total: int) -> float:
+    """The ``optim.schedule`` multiplier of ``optim.lr`` at optimiser step ``step`` of a stage."""
+    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+    if optim.schedule == "cosine":
+        return _schedule(step, warmup, total, optim.min_lr_ratio)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if optim.schedule == "constant":
+        return 1.0
+    period = max(1, int(round(optim.restart_epochs * steps_per_epoch)))  # "restarts"
+    t = (step - warmup) % period
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / period))
+
+
+def _apply_recipe(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``cfg`` with the model paper's optimiser settings when ``cfg.recipe == "paper"``."""
+    if cfg.recipe != "paper":
+        return cfg
+    recipe = getattr(model, "paper_recipe", None)
+    if recipe is None:
+        raise ValueError(f"recipe 'paper': the {cfg.model} paper publishes no optimiser recipe lungcore knows; "
+                         f"use recipe 'lungcore' and set optim.* yourself")
+    d = cfg.to_dict()
+    d["optim"].update(recipe())
+    return TrainConfig.from_dict(d)
 
 
 def _schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -433,7 +460,7 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
 
     ``config``: a :class:`TrainConfig`, its dict form, or a YAML path; ``overrides``: ``manifest``,
     ``model``, ``epochs``, ``batch_size``, ``lr``, ``accumulate``, ``device``, ``stage``, ``seed``,
-    ``precision``, ``patience``, ``progress`` ... (None leaves the config's value). Stages of the
+    ``precision``, ``patience``, ``progress``, ``recipe`` ... (None leaves the config's value). Stages of the
     model run in order (``config.stage`` picks one); each starts from the previous stage's best
     model. Returns the best checkpoint and the test metrics.
 
@@ -444,12 +471,12 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     _quiet_readers()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _fit(cfg, Path(out), resume)
+        return _fit(cfg, Path(out), resume, lr_override=overrides.get("lr"))
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _fit(cfg: TrainConfig, out: Path, resume: bool) -> FitResult:
+def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = None) -> FitResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device_name = _device(cfg)
@@ -491,6 +518,13 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool) -> FitResult:
     _seed_all(cfg.seed)
     overrides_cohort = model_overrides_for(cfg.model, data.schema, data.settings)
     model = create(cfg.model, **{**overrides_cohort, **cfg.model_overrides}).to(device)
+    if cfg.recipe == "paper":
+        cfg = _apply_recipe(cfg, model)
+        if lr_override is not None:  # an explicit rate (fit(lr=...), --lr) beats the paper's
+            cfg.optim.lr = float(lr_override)
+        if rank == 0:
+            cfg.save_yaml(out / "config.yaml")
+            _log(out, f"recipe 'paper': optim {cfg.optim}")
     if trainer is not None:
         model.load_state_dict(payload["state_dict"])
 
@@ -544,10 +578,9 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool) -> FitResult:
         steps_per_epoch = max(1, math.ceil((per_rank // cfg.data.batch_size if drop_last else
                                             math.ceil(per_rank / cfg.data.batch_size)) / cfg.optim.accumulate))
         total = steps_per_epoch * epochs
-        warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
 
-        def lr_at(step: int, _w=warmup, _t=total) -> float:
-            return cfg.optim.lr * _schedule(step, _w, _t, cfg.optim.min_lr_ratio)
+        def lr_at(step: int, _s=steps_per_epoch, _t=total) -> float:
+            return cfg.optim.lr * _lr_multiplier(step, cfg.optim, _s, _t)
 
         val_loader = _loader(datasets["val"], eval_bs, shuffle=False, seed=0, num_workers=cfg.data.num_workers,
                              drop_last=False, distributed=False)
