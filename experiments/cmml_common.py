@@ -139,6 +139,22 @@ def batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator, shuf
         yield b
 
 
+def _epoch(model, data, stage: str, opt, sched, batch_size: int, gen: torch.Generator,
+           augment: Augmentation | None) -> float:
+    """One pass over ``data`` in train mode (clipped gradients, one scheduler step per batch): mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for b in batches(data, batch_size, gen, augment=augment):
+        loss, _ = model.loss(b, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        total, count = total + float(loss.detach()), count + 1
+    return total / max(count, 1)
+
+
 def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
              augment: Augmentation | None = None, log=print) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -146,18 +162,8 @@ def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     history = []
-    model.train()
     for ep in range(epochs):
-        tot, nb = 0.0, 0
-        for b in batches(data, batch_size, gen, augment=augment):
-            loss, _ = model.loss(b, "pretrain")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            tot, nb = tot + float(loss.detach()), nb + 1
-        history.append(tot / nb)
+        history.append(_epoch(model, data, "pretrain", opt, sched, batch_size, gen, augment))
         if ep < 2 or ep % 5 == 4 or ep == epochs - 1:
             log(f"  pretrain epoch {ep + 1}/{epochs}: loss {history[-1]:.4f}")
     return history
@@ -198,14 +204,7 @@ def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float 
     gen = torch.Generator().manual_seed(seed + 1)
     best, best_state, history = -1.0, None, []
     for ep in range(epochs):
-        model.train()
-        for b in batches(train, batch_size, gen, augment=augment):
-            loss, _ = model.loss(b, "finetune")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+        _epoch(model, train, "finetune", opt, sched, batch_size, gen, augment)
         c = mean_cindex(model, val)
         history.append(c)
         if c > best:
