@@ -259,11 +259,12 @@ def _gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
     skip, filled, pos, step = offset, 0, 0, 1 << 18
     d = zlib.decompressobj(31)
     while filled < nbytes and pos < len(data):
+        piece = data[pos:pos + step]
         try:
-            block = d.decompress(data[pos:pos + step])
+            block = d.decompress(piece)
         except zlib.error as exc:
             raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from exc
-        pos += step
+        pos += len(piece)
         if d.eof:  # end of a gzip member: the rest of the input starts the next one
             pos -= len(d.unused_data)
             d = zlib.decompressobj(31)
@@ -305,8 +306,8 @@ def _read_nifti_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
             raw = np.fromfile(path, dtype=stored, count=count, offset=int(proxy.offset))
             if raw.size < count:
                 raise ValueError(f"CT image {path} is truncated: {raw.size} of {count} voxels")
-        if not stored.isnative:
-            raw = raw.astype(stored.newbyteorder("="))
+        # native order spelt '=' (a '<i2' view would reach C++ buffers as format '<h' and be refused)
+        raw = raw.view(stored.newbyteorder("=")) if stored.isnative else raw.astype(stored.newbyteorder("="))
         raw = raw.reshape(shape_xyz[::-1])  # F-ordered (x, y, z, ...) = C-ordered (..., z, y, x)
         # the scaling of ArrayProxy.__array__ (_get_scaled with dtype None), applied per slab
         slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
