@@ -120,9 +120,14 @@ class NativeReaderUnsupported(ValueError):
 def _result_dtype(stored: np.dtype, dtype: Any) -> np.dtype:
     """The dtype :func:`read_ct` returns for data that comes out of the reader as ``stored``."""
     if dtype is not None:
-        return np.dtype(dtype)
-    stored = np.dtype(stored).newbyteorder("=")
+        return _canonical(np.dtype(dtype))
+    stored = _canonical(np.dtype(stored))
     return stored if stored in _STORED_KEPT else np.dtype(np.float32)
+
+
+def _canonical(dtype: np.dtype) -> np.dtype:
+    """numpy's builtin dtype object for ``dtype``'s type, in native byte order."""
+    return np.dtype(dtype.type) if dtype.kind in "biuf" else dtype
 
 
 def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bool = True,
@@ -306,8 +311,9 @@ def _read_nifti_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
             raw = np.fromfile(path, dtype=stored, count=count, offset=int(proxy.offset))
             if raw.size < count:
                 raise ValueError(f"CT image {path} is truncated: {raw.size} of {count} voxels")
-        # native order spelt '=' (a '<i2' view would reach C++ buffers as format '<h' and be refused)
-        raw = raw.view(stored.newbyteorder("=")) if stored.isnative else raw.astype(stored.newbyteorder("="))
+        # numpy's own dtype object for the type: lungcore._C matches dtypes by identity and refuses
+        # an equal but distinct one ('<i2' read from the header, or its newbyteorder('='))
+        raw = raw.view(_canonical(stored)) if stored.isnative else raw.astype(_canonical(stored))
         raw = raw.reshape(shape_xyz[::-1])  # F-ordered (x, y, z, ...) = C-ordered (..., z, y, x)
         # the scaling of ArrayProxy.__array__ (_get_scaled with dtype None), applied per slab
         slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
@@ -330,7 +336,9 @@ def _read_nifti_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"CT image {path} must be a 3-D volume, got shape {tuple(int(s) for s in img.shape)}")
     if not scaled:
         final = _result_dtype(raw.dtype, dtype)
-        return (raw if raw.dtype == final else raw.astype(final)), affine
+        if raw.dtype == final and raw.dtype.isnative:
+            return (raw if raw.dtype is final else raw.view(final)), affine
+        return raw.astype(final), affine
     final = _result_dtype(probe.dtype, dtype)
     out = np.empty(raw.shape, dtype=final)
     for k in range(raw.shape[0]):  # slab by slab: no full-size float64 temporary
