@@ -9,8 +9,9 @@ as stored for NIfTI, float32 HU for DICOM). Providers:
 * ``monai``: ``read_ct(reader="monai")``: MONAI's NibabelReader / PydicomReader (the baseline).
 * ``native``: ``read_ct(reader="native")``: nibabel's header + one zlib pass / one read for
   NIfTI, ``pydicom.dcmread`` + the pixel buffer per slice for DICOM.
-* ``nibabel``: ``np.asanyarray(nib.load(path).dataobj)`` in (x, y, z) order, no affine work:
-  what reading with nibabel alone costs (NIfTI only).
+* ``nibabel``: ``np.asanyarray(nib.load(path, mmap=False).dataobj)`` in (x, y, z) order, no
+  affine work: what reading with nibabel alone costs (NIfTI only; ``mmap=False`` so that an
+  uncompressed file is really read, not mapped).
 
 The check asserts native == MONAI (values, dtype, affine to 1e-6 mm) before anything is timed.
 """
@@ -75,7 +76,7 @@ def _case(label: str, path: Path) -> Case:
     if label.startswith("NIfTI"):
         import nibabel as nib
 
-        providers["nibabel"] = lambda: np.asanyarray(nib.load(str(path)).dataobj)
+        providers["nibabel"] = lambda: np.asanyarray(nib.load(str(path), mmap=False).dataobj)
 
     def check():
         got = native()

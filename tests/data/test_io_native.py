@@ -342,6 +342,15 @@ def test_errors_name_the_path(tmp_path, rng, reader):
     _edit_slices(c, tilt)
     with pytest.raises(ValueError, match="c mixes orientations"):
         read_ct(c, reader=reader)
+    c2 = write_dicom_series(tmp_path / "c2", hu, FEET_FIRST)
+
+    def pixel_spacing(ds):
+        if ds.InstanceNumber == 2:
+            ds.PixelSpacing = ["0.9", "0.9"]
+
+    _edit_slices(c2, pixel_spacing)
+    with pytest.raises(ValueError, match="c2 mixes pixel spacings"):
+        read_ct(c2, reader=reader)
     # a missing slice: uneven spacing is an error (the affine would misplace the slices after it)
     d = write_dicom_series(tmp_path / "d", hu, FEET_FIRST)
     (d / "slice_0003.dcm").unlink()
