@@ -88,7 +88,7 @@ def _case(label: str, path: Path) -> Case:
             np.testing.assert_allclose(got.affine, ref.affine, rtol=0, atol=1e-6)
 
     mb = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir())) / 2**20
-    return Case(shape=f"{label} {SHAPE} int16, {mb:.0f} MB on disk", providers=providers, baseline=baseline,
+    return Case(shape=f"{label} {SHAPE}, {mb:.0f} MB on disk", providers=providers, baseline=baseline,
                 size=float(np.prod(SHAPE)), check=check, note="dtype=None, contiguous=False (the preprocessing read)")
 
 
