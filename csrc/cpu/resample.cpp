@@ -310,13 +310,15 @@ void spline_prefilter3(py::array c, int threads) {
         prefilter_lines(data, n0, n1, n2, threads);
         prefilter_lines(data, n0 * n1, n2, 1, threads);
     };
-    if (py::dtype::of<float>().is(c.dtype())) run(static_cast<float*>(c.mutable_data()));
-    else if (py::dtype::of<double>().is(c.dtype())) run(static_cast<double*>(c.mutable_data()));
+    if (py::dtype::of<float>().equal(c.dtype())) run(static_cast<float*>(c.mutable_data()));
+    else if (py::dtype::of<double>().equal(c.dtype())) run(static_cast<double*>(c.mutable_data()));
     else throw std::invalid_argument("coefficients must be float32 or float64");
 }
 
 template <typename T>
-bool is(const py::array& a) { return py::dtype::of<T>().is(a.dtype()); }
+// dtype equality, not identity: an equal dtype object that is not numpy's singleton (nibabel hands such
+// int16 views over) must be accepted; a byte-swapped one is not equal and is refused
+bool is(const py::array& a) { return py::dtype::of<T>().equal(a.dtype()); }
 
 template <typename In, typename Out>
 bool run_typed(const py::array& vol, py::array& out, const int64_t* starts, int64_t nbox, const Params& p) {
@@ -335,7 +337,7 @@ template <typename In>
 bool run_in(const py::array& vol, py::array& out, const int64_t* starts, int64_t nbox, const Params& p) {
     if (is<float>(out)) return run_typed<In, float>(vol, out, starts, nbox, p);
     if (is<double>(out)) return run_typed<In, double>(vol, out, starts, nbox, p);
-    if (py::dtype::of<In>().is(out.dtype())) return run_typed<In, In>(vol, out, starts, nbox, p);
+    if (is<In>(out)) return run_typed<In, In>(vol, out, starts, nbox, p);
     if constexpr (std::is_floating_point_v<In>) {  // order 3 samples float coefficients of an integer volume
         if (is<int16_t>(out)) return run_typed<In, int16_t>(vol, out, starts, nbox, p);
         if (is<uint8_t>(out)) return run_typed<In, uint8_t>(vol, out, starts, nbox, p);

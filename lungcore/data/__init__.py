@@ -9,7 +9,8 @@ Example:
     ['test', 'train', 'val']
 """
 from lungcore.data.dataset import Augmentation, CohortDataset, split_by_patient
-from lungcore.data.io import CTImage, read_ct, read_ct_header, write_dicom_series, write_nifti
+from lungcore.data.io import (READERS, CTImage, NativeReaderUnsupported, read_ct, read_ct_header,
+                              write_dicom_series, write_nifti)
 from lungcore.data.manifest import Manifest, ManifestError, ManifestProblem, check_manifest, read_manifest
 from lungcore.data.preprocess import (
     PreprocessSettings,
@@ -23,7 +24,8 @@ from lungcore.data.synth import PRESETS, synth_cohort
 
 __all__ = [
     "Augmentation", "CohortDataset", "split_by_patient",
-    "CTImage", "read_ct", "read_ct_header", "write_dicom_series", "write_nifti",
+    "CTImage", "NativeReaderUnsupported", "READERS", "read_ct", "read_ct_header", "write_dicom_series",
+    "write_nifti",
     "Manifest", "ManifestError", "ManifestProblem", "check_manifest", "read_manifest",
     "PreprocessSettings", "PreprocessStats", "Preprocessor", "canonical_orientation", "source_digest",
     "ClinicalVariable", "CohortSchema",

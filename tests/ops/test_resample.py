@@ -127,6 +127,18 @@ def test_identity_and_exact_upsampling(device, rng):
     np.testing.assert_array_equal(up, volume.repeat(2, 0).repeat(2, 1).repeat(2, 2))
 
 
+def test_equal_dtype_objects_are_accepted_and_byte_swapped_refused():
+    """The C++ core compares dtypes by equality: an int16 view whose dtype object is not numpy's own
+    (what a reader may hand over) is the same type; a big-endian array is not and is refused."""
+    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    distinct = volume.view(np.dtype("<i2").newbyteorder("="))
+    assert distinct.dtype == np.int16
+    with lc_backend.use_backend("cpu"):
+        np.testing.assert_array_equal(resample_volume(distinct, (1, 1, 1), (1, 1, 1), order=0), volume)
+        with pytest.raises(TypeError, match="volume dtype"):
+            resample_volume(volume.astype(">i2"), (1, 1, 1), (1, 1, 1))
+
+
 @pytest.mark.parametrize("in_dtype", [np.int16, np.uint8, np.int8, np.uint16, np.int32, np.float32, np.float64])
 def test_dtypes_against_reference(device, rng, in_dtype):
     info = np.iinfo(in_dtype) if np.issubdtype(in_dtype, np.integer) else None
