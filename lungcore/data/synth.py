@@ -352,7 +352,8 @@ def _survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diam
     completed from the rest (what CMML's masked pretraining learns):
 
     - tumour diameter: log-uniform over what the patient's lung holds (``z_size`` = the
-      standardised log-diameter); texture (intra-tumour heterogeneity) uniform on [0, 1];
+      standardised log-diameter); texture uniform on [0, 1] (0: a hazy ground-glass lesion, 1: a
+      solid, heterogeneous one; see ``_paint_lesion``);
     - stage IV is likelier for larger tumours (``P = sigmoid(0.9 + 1.5 z_size)``);
     - ECOG rises with age (ordinal latent ``0.06 (age - 65) + N(0, 1)``);
     - smoking depends on sex and age; PD-L1 TPS rises with tumour heterogeneity and with smoking;
