@@ -183,6 +183,11 @@ def _monai_available() -> bool:
         return False
 
 
+def _slice_thickness(ds: Any) -> float:
+    """Depth spacing of a lone DICOM slice: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    return float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", 1.0) or 1.0)
+
+
 def _read_monai(path: Path, dtype: Any, contiguous: bool) -> CTImage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -204,9 +209,8 @@ def _read_monai(path: Path, dtype: Any, contiguous: bool) -> CTImage:
             import pydicom
 
             ds = pydicom.dcmread(str(_dicom_files(path)[0]), stop_before_pixels=True)
-            thickness = float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", 1.0) or 1.0)
             normal = np.cross(affine[:3, 0], affine[:3, 1])
-            affine[:3, 2] = normal / np.linalg.norm(normal) * thickness
+            affine[:3, 2] = normal / np.linalg.norm(normal) * _slice_thickness(ds)
     if array.ndim != 3:
         raise ValueError(f"CT image {path} must be a 3-D volume, got shape {array.shape}")
     array = array.transpose(2, 1, 0)
@@ -315,8 +319,8 @@ def _read_nifti_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
             raw = np.fromfile(path, dtype=stored, count=count, offset=int(proxy.offset))
             if raw.size < count:
                 raise ValueError(f"CT image {path} is truncated: {raw.size} of {count} voxels")
-        # numpy's own dtype object for the type: lungcore._C matches dtypes by identity and refuses
-        # an equal but distinct one ('<i2' read from the header, or its newbyteorder('='))
+        # numpy's own dtype object for the type (not the header's equal '<i2'): what MONAI's path
+        # returns, and what code comparing dtypes by identity expects
         raw = raw.view(_canonical(stored)) if stored.isnative else raw.astype(_canonical(stored))
         raw = raw.reshape(shape_xyz[::-1])  # F-ordered (x, y, z, ...) = C-ordered (..., z, y, x)
         # the scaling of ArrayProxy.__array__ (_get_scaled with dtype None), applied per slab
@@ -480,8 +484,7 @@ def _read_dicom_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
         affine[:3, 3] = positions[0]
     else:
         affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
-        thickness = float(getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", 1.0) or 1.0)
-        affine[:3, 0] = normal / np.linalg.norm(normal) * thickness
+        affine[:3, 0] = normal / np.linalg.norm(normal) * _slice_thickness(first)
     scales = [_rescale(ds) for ds, _ in datasets]
     first_pixels = _dicom_slice(datasets[0][0], datasets[0][1])
     if first_pixels.shape != (rows, cols):

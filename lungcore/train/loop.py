@@ -96,9 +96,8 @@ def _lr_multiplier(step: int, optim: OptimConfig, steps_per_epoch: int, total: i
         return (step + 1) / warmup
     if optim.schedule == "constant":
         return 1.0
-    period = max(1, int(round(optim.restart_epochs * steps_per_epoch)))  # "restarts"
-    t = (step - warmup) % period
-    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / period))
+    period = max(1, int(round(optim.restart_epochs * steps_per_epoch)))  # "restarts": one cosine per period
+    return _schedule((step - warmup) % period, 0, period, optim.min_lr_ratio)
 
 
 def _apply_recipe(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
