@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, synthetic_ct
 from lungcore.data.io import read_ct, write_dicom_series, write_nifti
 
 NAME = "read"
@@ -34,7 +34,7 @@ _ROOT: Path | None = None
 
 
 def _files() -> dict[str, Path]:
-    """The CT written once per process: a smooth body with lungs and noise, in HU."""
+    """The CT (``synthetic_ct``) written once per process."""
     global _ROOT
     if _ROOT is None:
         _ROOT = Path(tempfile.mkdtemp(prefix="lungcore-bench-read-"))
@@ -42,12 +42,7 @@ def _files() -> dict[str, Path]:
     paths = {"NIfTI .nii.gz": _ROOT / "ct.nii.gz", "NIfTI .nii": _ROOT / "ct.nii", "DICOM series": _ROOT / "series"}
     if all(p.exists() for p in paths.values()):
         return paths
-    rng = np.random.default_rng(0)
-    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32) for n in SHAPE)
-    body = (x[None, None, :] ** 2 + (1.3 * y[None, :, None]) ** 2) < 0.8
-    lungs = ((np.abs(x[None, None, :]) - 0.4) ** 2 + (y[None, :, None] * 1.2) ** 2 + 0.3 * z[:, None, None] ** 2) < 0.09
-    hu = np.where(body, 40.0, -1000.0) + np.where(lungs, -860.0, 0.0)
-    hu = (hu + rng.normal(0, 25, SHAPE)).astype(np.float32)
+    hu = synthetic_ct(SHAPE)
     affine = np.zeros((4, 4))
     affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = SPACING[0], SPACING[1], SPACING[2], 1.0
     affine[:3, 3] = [-179.0, -179.0, -300.0]  # (z, y, x) index -> LPS mm; the origin is (x, y, z)

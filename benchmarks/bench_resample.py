@@ -27,24 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, synthetic_ct
 from lungcore.backend import use_backend
 from lungcore.ops import crop_starts, resample_crop, resample_volume, resampled_shape
 
 NAME = "resample"
 OLD, NEW = (2.5, 0.7, 0.7), (1.0, 1.0, 1.0)
 WINDOW = (-1200.0, 600.0)
-
-
-def _ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
-    """A CT-like int16 volume: air outside a body ellipse, soft tissue, lungs, noise."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
-    yy, xx = (y - shape[1] / 2) / (shape[1] * 0.42), (x - shape[2] / 2) / (shape[2] * 0.45)
-    body = yy ** 2 + xx ** 2 < 1
-    lungs = ((yy ** 2 + ((np.abs(xx) - 0.45) / 0.35) ** 2) < 0.5) & body
-    ct = np.where(body, 40, -1000) + np.where(lungs, -830, 0) + np.zeros_like(z)
-    return (ct + rng.normal(scale=30, size=shape)).astype(np.int16)
 
 
 def _have(name: str) -> bool:
@@ -234,6 +223,6 @@ def _cubic_case(device: str, shape, ct: np.ndarray) -> Case:
 
 def cases(device: str, quick: bool) -> list[Case]:
     shape = (40, 256, 256) if quick else (160, 512, 512)
-    ct = _ct(shape)
+    ct = synthetic_ct(shape)
     return [_volume_case(device, shape, ct), _crops_case(device, shape, ct, 16 if quick else 64),
             _cubic_case(device, shape, ct)]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -53,6 +54,18 @@ class Result:
     size: float | None
     baseline: str
     note: str = ""
+
+
+def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A CT-like int16 HU volume (z, y, x) for benchmarks: air outside a body ellipse, soft tissue,
+    two lungs, Gaussian noise (30 HU)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    yy, xx = (y - shape[1] / 2) / (shape[1] * 0.42), (x - shape[2] / 2) / (shape[2] * 0.45)
+    body = yy ** 2 + xx ** 2 < 1
+    lungs = ((yy ** 2 + ((np.abs(xx) - 0.45) / 0.35) ** 2) < 0.5) & body
+    ct = np.where(body, 40, -1000) + np.where(lungs, -830, 0) + np.zeros_like(z)
+    return (ct + rng.normal(scale=30, size=shape)).astype(np.int16)
 
 
 def _sync(device: str) -> None:

@@ -141,7 +141,7 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     of copying it (what the preprocessing hot path uses; ``resample_crop`` takes any strides).
 
     ``reader``: ``"native"`` reads with nibabel/pydicom directly (no MONAI needed; on a
-    160 x 512 x 512 CT 3x faster for ``.nii.gz``, 6x for a DICOM series, 50x for ``.nii``: see
+    160 x 512 x 512 CT 2.7x faster for ``.nii.gz``, 5x for a DICOM series, 47x for ``.nii``: see
     ``benchmarks/bench_read.py``), ``"monai"`` through MONAI's ``LoadImage`` (the reference
     the native reader is tested to equal: same values, dtype and affine), ``"auto"`` (default):
     native, and MONAI only for what native does not handle (multi-frame DICOM, DICOM lacking
