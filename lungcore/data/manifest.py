@@ -96,8 +96,14 @@ class Manifest:
         )
 
     def fit_schema(self) -> CohortSchema:
-        """The schema fitted on all rows of this manifest (call it on the training split)."""
-        return self.schema.fit(self.clinical_raw)
+        """The schema fitted on all rows of this manifest (call it on the training split).
+
+        Besides the clinical coding, the fitted schema keeps only the endpoints that have data in
+        these rows (an OS-only cohort whose schema declares PFS too fits to ``["os"]``).
+        """
+        fitted = self.schema.fit(self.clinical_raw)
+        fitted.endpoints = [e for e in fitted.endpoints if self.endpoints[f"{e}_mask"].any()]
+        return fitted
 
     def encode_clinical(self, schema: CohortSchema) -> tuple[np.ndarray, np.ndarray]:
         """``(values (N, V) float32, mask (N, V) bool)`` coded with a fitted ``schema``."""

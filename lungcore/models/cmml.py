@@ -94,11 +94,16 @@ class CMMLConfig:
     norm_pix_loss: bool = True
     modality_dropout: float = 0.1
     ties: str = "efron"
+    endpoints: tuple[str, ...] = ENDPOINTS
 
     def __post_init__(self) -> None:
         self.img_size = tuple(int(s) for s in self.img_size)
         self.patch_size = tuple(int(s) for s in self.patch_size)
         self.clinical_cardinalities = tuple(int(c) for c in self.clinical_cardinalities)
+        self.endpoints = tuple(str(e) for e in self.endpoints)
+        if not self.endpoints or len(set(self.endpoints)) != len(self.endpoints) or \
+                any(e not in ENDPOINTS for e in self.endpoints):
+            raise ValueError(f"endpoints: one or both of {ENDPOINTS}, each once, got {self.endpoints}")
         if len(self.img_size) != 3 or len(self.patch_size) != 3:
             raise ValueError(f"img_size and patch_size need 3 entries (D, H, W), got {self.img_size}, {self.patch_size}")
         if any(s % p for s, p in zip(self.img_size, self.patch_size)):
@@ -229,8 +234,10 @@ class ClinicalTokenizer(nn.Module):
     def forward(self, x: Tensor, present: Tensor, masked: Optional[Tensor] = None) -> Tensor:
         is_cat = self.is_cat
         numeric = x[..., None] * self.num_weight + self.num_bias
-        codes = torch.where(is_cat & present, x, torch.zeros_like(x)).round().long()
-        codes = codes.clamp(min=0) + self.offset
+        codes = torch.where(is_cat & present, x, torch.zeros_like(x)).round().long().clamp(min=0)
+        # numeric variables look up row 0 (their lookup is discarded below): a numeric variable after
+        # the last categorical one has an offset equal to the table size
+        codes = torch.where(is_cat, codes + self.offset, torch.zeros_like(codes))
         cat = self.cat_embed(codes)
         tok = torch.where(is_cat[:, None], cat, numeric)
         tok = tok * present[..., None].to(tok.dtype)  # a missing value contributes nothing
@@ -318,12 +325,13 @@ class CMML(nn.Module):
     config_class = CMMLConfig
     task = "survival"
     stages = ("pretrain", "finetune")
-    endpoints = ENDPOINTS
+    needs_images = False  # a clinical table alone trains the clinical branch (lungcore.train checks)
 
     def __init__(self, config: Optional[CMMLConfig] = None) -> None:
         super().__init__()
         cfg = config or CMMLConfig()
         self.config = cfg
+        self.endpoints = cfg.endpoints
         e, c = cfg.embed_dim, cfg.clinical_dim
         self.num_clinical = len(cfg.clinical_cardinalities)
         self.ct_encoder = SliceDepthTransformer(cfg)
@@ -357,19 +365,81 @@ class CMML(nn.Module):
                                                   context_dim=e)
         self.fuse_ct_norm, self.fuse_clinical_norm = nn.LayerNorm(e), nn.LayerNorm(c)
         self.head_norm = nn.LayerNorm(e + c)
-        self.risk_head = nn.Linear(e + c, len(ENDPOINTS))
+        self.risk_head = nn.Linear(e + c, len(cfg.endpoints))
         nn.init.zeros_(self.risk_head.bias)
         nn.init.normal_(self.risk_head.weight, std=0.01)
-        self.baseline = BreslowBaseline(ENDPOINTS)
+        self.baseline = BreslowBaseline(cfg.endpoints)
         # the Cox objective as a module: the trainer flips its `distributed` flag so that under
         # torchrun the risk sets span every rank
         self.cox = CoxPHLoss(ties=cfg.ties)
+
+    @classmethod
+    def config_from_cohort(cls, schema: Any, settings: Any, overrides: Optional[dict[str, Any]] = None
+                           ) -> dict[str, Any]:
+        """Config fields for a cohort: ``overrides`` (the user's, they win) over what the cohort sets.
+
+        The cohort sets ``clinical_cardinalities`` (the fitted schema's variables in column order,
+        numeric and categorical in any order; a categorical variable with a single category gets 2
+        codes), ``endpoints`` (the schema's endpoints that have data; ``Manifest.fit_schema`` keeps
+        those) and ``img_size`` (= the preprocessing ``crop``). A user value that contradicts the
+        cohort raises ``ValueError`` naming both; ``endpoints`` may be a subset (train on OS alone).
+        The branch widths (``clinical_dim``, ``embed_dim`` ...) are never taken from the cohort.
+
+        Example:
+            >>> from lungcore.data import CohortSchema, ClinicalVariable, PreprocessSettings
+            >>> s = CohortSchema(kind="survival", endpoints=["os"], clinical=[ClinicalVariable("age"),
+            ...                  ClinicalVariable("sex", "categorical", ["F", "M"])])
+            >>> cfg = CMML.config_from_cohort(s, PreprocessSettings(crop=(16, 64, 64)))
+            >>> cfg["clinical_cardinalities"], cfg["endpoints"], cfg["img_size"]
+            ((0, 2), ('os',), (16, 64, 64))
+        """
+        from lungcore.models.registry import contradiction
+
+        user = dict(overrides or {})
+        cards = tuple(0 if c == 0 else max(c, 2) for c in schema.cardinalities())
+        crop = tuple(int(c) for c in settings.crop)
+        patch = tuple(user.get("patch_size", CMMLConfig.patch_size))
+        if "img_size" in user and tuple(user["img_size"]) != crop:
+            raise contradiction("img_size", user["img_size"], "data.preprocess.crop", crop,
+                                "CMML's input is the preprocessing crop")
+        if any(c % p for c, p in zip(crop, patch)):
+            raise ValueError(f"data.preprocess.crop {crop} must be a multiple of CMML's patch_size {patch} "
+                             "(change the crop, or model_overrides.patch_size)")
+        if "clinical_cardinalities" in user and tuple(user["clinical_cardinalities"]) != cards:
+            raise contradiction("clinical_cardinalities", user["clinical_cardinalities"],
+                                "the cohort schema's variables", cards, "the clinical embeddings follow the schema")
+        endpoints = tuple(schema.endpoints)
+        if "endpoints" in user:
+            extra = [e for e in user["endpoints"] if e not in endpoints]
+            if extra:
+                raise contradiction("endpoints", user["endpoints"], "the cohort's endpoints with data", endpoints,
+                                    f"{extra} cannot be trained without data")
+        return {"clinical_cardinalities": cards, "endpoints": endpoints, "img_size": crop, **user}
 
     # ---------------------------------------------------------------------------- helpers
     def _ct_present(self, ct: Tensor, ct_mask: Optional[Tensor]) -> Tensor:
         if ct_mask is None:
             return torch.ones(ct.shape[0], dtype=torch.bool, device=ct.device)
         return ct_mask.reshape(ct.shape[0]).to(device=ct.device, dtype=torch.bool)
+
+    @staticmethod
+    def _ct_rows(present: Tensor) -> Optional[Tensor]:
+        """None when every patient has a CT (no copies), else the indices of those who do."""
+        if bool(present.all()):
+            return None
+        return present.nonzero().squeeze(1)
+
+    def _encode_ct(self, ct: Tensor, rows: Optional[Tensor], visible: Optional[Tensor] = None) -> Tensor:
+        """CT tokens (B, N or T, E); the encoder runs only on the patients ``rows`` (None = all), the
+        others get zeros (their tokens are masked out of every attention and pool)."""
+        if rows is None:
+            return self.ct_encoder(ct, visible)
+        b = ct.shape[0]
+        t = self.ct_encoder.num_tokens if visible is None else visible.shape[1]
+        if rows.numel() == 0:  # a clinical table alone: no CT encoder work at all
+            return ct.new_zeros(b, t, self.config.embed_dim)
+        tok = self.ct_encoder(ct[rows], None if visible is None else visible[rows])
+        return tok.new_zeros(b, t, tok.shape[-1]).index_copy(0, rows, tok)
 
     def _check(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor) -> None:
         cfg = self.config
@@ -409,10 +479,10 @@ class CMML(nn.Module):
         clinical_mask = clinical_mask.to(torch.bool)
         self._check(ct, clinical, clinical_mask)
         ct_present = self._ct_present(ct, ct_mask)
-        ct_tok = self.ct_encoder(ct)
+        ct_tok = self._encode_ct(ct, self._ct_rows(ct_present))
         cli_tok, cli_keys = self.clinical_encoder(clinical, clinical_mask)
         risk = self.risk_head(self._fuse(ct_tok, ct_present, cli_tok, cli_keys))
-        return {name: risk[:, i] for i, name in enumerate(ENDPOINTS)}
+        return {name: risk[:, i] for i, name in enumerate(self.endpoints)}
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -427,14 +497,14 @@ class CMML(nn.Module):
     @torch.no_grad()
     def fit_baseline(self, risks: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
         """Fit the Breslow baseline hazard per endpoint on training-split risks and endpoints."""
-        for e in ENDPOINTS:
+        for e in self.endpoints:
             self.baseline.fit(e, risks[e], batch[f"{e}_time"], batch[f"{e}_event"], batch.get(f"{e}_mask"))
 
     @torch.no_grad()
     def survival(self, batch: dict[str, Any], horizons, risks: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
         """``{"pfs": (B, len(horizons)), "os": ...}`` survival probabilities S(h | patient)."""
         risks = risks if risks is not None else self.predict(batch)
-        return {e: self.baseline.survival(e, risks[e], horizons) for e in ENDPOINTS}
+        return {e: self.baseline.survival(e, risks[e], horizons) for e in self.endpoints}
 
     # ---------------------------------------------------------------------------- training
     def loss(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, dict[str, float]]:
@@ -462,9 +532,9 @@ class CMML(nn.Module):
             ct_mask = ct_mask & ~drop_ct
             clinical_mask = clinical_mask & ~drop_cli[:, None]
         risks = self(ct, clinical, clinical_mask, ct_mask)
-        total = risks["pfs"].new_zeros(())
+        total = risks[self.endpoints[0]].new_zeros(())
         logs: dict[str, float] = {}
-        for e in ENDPOINTS:
+        for e in self.endpoints:
             if f"{e}_time" not in batch:
                 continue
             mask = batch.get(f"{e}_mask")
@@ -518,29 +588,39 @@ class CMML(nn.Module):
             clinical_masked = self.random_clinical_mask(clinical_mask)
         clinical_masked = clinical_masked & clinical_mask
 
-        # intact copies of both modalities
-        ct_full = self.ct_encoder(ct)
+        # intact copies of both modalities (the CT encoder runs only for patients with a CT)
+        rows = self._ct_rows(ct_present)
+        ct_full = self._encode_ct(ct, rows)
         cli_full, cli_keys = self.clinical_encoder(clinical, clinical_mask)
 
-        # CT direction: visible tokens -> + intact clinical -> decoder with mask tokens
-        vis_tok = self.ct_encoder(ct, visible)
-        vis_tok = vis_tok + self.ct_from_clinical(self.ct_from_clinical_norm(vis_tok), cli_full, key_mask=cli_keys)
-        dec_vis = self.decoder_embed(vis_tok)
-        full = self.decoder_mask_token.to(dec_vis.dtype).expand(b, n, -1)
-        idx = visible[..., None].expand(-1, -1, dec_vis.shape[-1])
-        full = full.scatter(1, idx, dec_vis) + self.decoder_pos
-        layouts = self.ct_encoder.layouts(None)
-        for blk in self.decoder_blocks:
-            full = blk(full, *layouts)
-        pred = self.decoder_pred(self.decoder_norm(full))
-        target = self.patchify(ct)
-        if cfg.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
+        # CT direction, on the patients with a CT: visible tokens -> + intact clinical -> decoder
+        def sub(x: Tensor) -> Tensor:
+            return x if rows is None else x[rows]
+
+        n_ct = b if rows is None else int(rows.numel())
         masked_tok = torch.ones(b, n, dtype=torch.bool, device=ct.device).scatter(1, visible, False)
-        weight = (masked_tok & ct_present[:, None]).to(pred.dtype)
-        per_tok = ((pred - target) ** 2).mean(dim=-1)
-        loss_ct = (per_tok * weight).sum() / weight.sum().clamp(min=1.0)
+        if n_ct:
+            ct_s, vis_s = sub(ct), sub(visible)
+            vis_tok = self.ct_encoder(ct_s, vis_s)
+            vis_tok = vis_tok + self.ct_from_clinical(self.ct_from_clinical_norm(vis_tok), sub(cli_full),
+                                                      key_mask=sub(cli_keys))
+            dec_vis = self.decoder_embed(vis_tok)
+            full = self.decoder_mask_token.to(dec_vis.dtype).expand(n_ct, n, -1)
+            idx = vis_s[..., None].expand(-1, -1, dec_vis.shape[-1])
+            full = full.scatter(1, idx, dec_vis) + self.decoder_pos
+            layouts = self.ct_encoder.layouts(None)
+            for blk in self.decoder_blocks:
+                full = blk(full, *layouts)
+            pred = self.decoder_pred(self.decoder_norm(full))
+            target = self.patchify(ct_s)
+            if cfg.norm_pix_loss:
+                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+                target = (target - mean) / (var + 1e-6).sqrt()
+            weight = sub(masked_tok).to(pred.dtype)
+            per_tok = ((pred - target) ** 2).mean(dim=-1)
+            loss_ct = (per_tok * weight).sum() / weight.sum().clamp(min=1.0)
+        else:
+            loss_ct = cli_full.new_zeros(())
 
         # clinical direction: masked variables -> + intact CT -> graph decoder -> heads
         cli_m, keys_m = self.clinical_encoder(clinical, clinical_mask, clinical_masked)
@@ -568,6 +648,11 @@ class CMML(nn.Module):
         loss_cli = torch.stack(loss_terms).sum() / torch.stack(counts).sum().clamp(min=1).to(loss_ct.dtype)
         out = {"ct": loss_ct, "clinical": loss_cli}
         if return_predictions:
+            if rows is not None:  # patients without a CT: zeros, never counted (ct_masked False)
+                if not n_ct:
+                    pred = target = ct.new_zeros(0, n, cfg.in_channels * math.prod(cfg.patch_size))
+                pred = pred.new_zeros(b, *pred.shape[1:]).index_copy(0, rows, pred)
+                target = target.new_zeros(b, *target.shape[1:]).index_copy(0, rows, target)
             out.update(ct_pred=pred, ct_target=target, ct_masked=masked_tok & ct_present[:, None],
                        numeric_pred=numeric_pred, categorical_logits=logits_all, clinical_masked=clinical_masked)
         return out

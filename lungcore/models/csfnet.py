@@ -257,6 +257,46 @@ class CSFNet(nn.Module):
     config_class = CSFNetConfig
     task = "classification"
     stages = ("train",)
+    needs_images = True
+
+    @classmethod
+    def config_from_cohort(cls, schema: Any, settings: Any, overrides: Optional[dict[str, Any]] = None
+                           ) -> dict[str, Any]:
+        """Config fields for a nodule cohort: ``overrides`` (the user's, they win) over the cohort's.
+
+        The cohort sets ``clinical_cardinalities`` (the fitted schema's variables in column order,
+        numeric and categorical in any order) and, for a cohort without clinical variables,
+        ``use_clinical=False``. It checks the time points (two image columns, T0 then T1) and the
+        input size (the preprocessing ``crop``: multiples of 8, three stride-2 stages). A user value
+        that contradicts the cohort raises ``ValueError`` naming both.
+
+        Example:
+            >>> from lungcore.data import CohortSchema, ClinicalVariable, PreprocessSettings
+            >>> s = CohortSchema(kind="nodules", clinical=[ClinicalVariable("age"),
+            ...                  ClinicalVariable("smoking", "categorical", ["no", "yes"])])
+            >>> CSFNet.config_from_cohort(s, PreprocessSettings.csfnet())
+            {'clinical_cardinalities': (0, 2)}
+        """
+        from lungcore.models.registry import contradiction
+
+        user = dict(overrides or {})
+        if len(schema.image_columns) != 2:
+            raise ValueError(f"CSF-Net reads two time points (T0, T1): the schema's image_columns must name two "
+                             f"columns, got {list(schema.image_columns)}")
+        crop = tuple(int(c) for c in settings.crop)
+        if any(c % 8 for c in crop) or min(crop) < 8:
+            raise ValueError(f"data.preprocess.crop {crop}: CSF-Net needs multiples of 8 (three stride-2 stages)")
+        cards = tuple(schema.cardinalities())
+        if "clinical_cardinalities" in user and tuple(user["clinical_cardinalities"]) != cards:
+            raise contradiction("clinical_cardinalities", user["clinical_cardinalities"],
+                                "the cohort schema's variables", cards, "the clinical embeddings follow the schema")
+        cohort: dict[str, Any] = {"clinical_cardinalities": cards}
+        if not cards:
+            if user.get("use_clinical"):
+                raise contradiction("use_clinical", True, "the cohort schema's clinical variables", "none",
+                                    "there is nothing to fuse")
+            cohort["use_clinical"] = False
+        return {**cohort, **user}
 
     def __init__(self, config: Optional[CSFNetConfig] = None) -> None:
         super().__init__()

@@ -14,8 +14,13 @@ The training contract every registered network follows (``lungcore.train`` relie
         # models"), as lungcore.data's CohortDataset collates it; returns the scalar to minimise
         # and named scalars to log
     def predict(self, batch: dict) -> dict[str, Tensor]
-        # per-patient outputs in eval mode: {"pfs": (B,), "os": (B,)} risks, or
-        # {"logits": (B, 2), "probability": (B,)}
+        # per-patient outputs in eval mode: {"pfs": (B,), "os": (B,)} risks (the endpoints the
+        # model was built for), or {"logits": (B, 2), "probability": (B,)}
+    needs_images: bool             # False: a cohort without any CT still trains (CMML)
+    @classmethod
+    def config_from_cohort(cls, schema, settings, overrides=None) -> dict
+        # the config fields the cohort sets (fitted CohortSchema, PreprocessSettings) with the
+        # user's ``overrides`` over them; a contradiction raises ValueError naming both
 
 Example:
     >>> from lungcore.models import available_models
@@ -43,6 +48,9 @@ def register_model(name: str) -> Callable[[M], M]:
     def wrap(cls: M) -> M:
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise TypeError(f"register_model({name!r}): {cls.__name__}.config_class must be a dataclass")
+        if not callable(getattr(cls, "config_from_cohort", None)):
+            raise TypeError(f"register_model({name!r}): {cls.__name__} must define the classmethod "
+                            "config_from_cohort(schema, settings, overrides=None)")
         _REGISTRY[name] = cls
         cls.model_name = name
         return cls
@@ -89,6 +97,18 @@ def create(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"create({name!r}): unknown config fields {unknown}; known: {sorted(fields)}")
     return cls(cls.config_class(**overrides))
+
+
+def contradiction(field: str, value: Any, source: str, cohort_value: Any, why: str) -> ValueError:
+    """The error for a model config value (``model_overrides.<field>``) that the cohort contradicts.
+
+    Example:
+        >>> print(contradiction("img_size", [8, 8, 8], "data.preprocess.crop", (16, 64, 64), "why"))
+        model_overrides.img_size = (8, 8, 8) contradicts data.preprocess.crop = (16, 64, 64) (why); make them agree or drop one
+    """
+    plain = tuple(value) if isinstance(value, list) else value
+    return ValueError(f"model_overrides.{field} = {plain} contradicts {source} = {cohort_value} ({why}); "
+                      "make them agree or drop one")
 
 
 def config_dict(model: nn.Module) -> dict[str, Any]:

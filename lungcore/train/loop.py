@@ -197,6 +197,9 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
         raise ValueError(f"model {cfg.model!r} trains on {needed!r} cohorts but {cfg.data.manifest} is a "
                          f"{task_kind!r} manifest")
     require_targets(manifest, cfg.data.manifest)
+    if _model_needs_images(cfg.model) and all(p is None for row in manifest.images for p in row):
+        raise ValueError(f"model {cfg.model!r} needs CT images, but every image cell of {cfg.data.manifest} "
+                         f"(columns {', '.join(manifest.schema.image_columns)}) is empty")
     splits_file = out / "splits.json"
     if splits_file.is_file():  # a resumed run keeps its splits even if the split code changed
         by_id = json.loads(splits_file.read_text())
@@ -220,19 +223,19 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
     return CohortData(manifest, schema, settings, splits, cache)
 
 
-def require_targets(manifest: Any, path: Any) -> None:
-    """Training and evaluation need the endpoints / labels: name the column that is missing or empty."""
+def require_targets(manifest: Any, path: Any, endpoints: Any = None) -> None:
+    """Training and evaluation need labels, or at least one endpoint (of ``endpoints``, default the
+    schema's) with data: name the columns that are missing or empty."""
     if manifest.schema.kind == "nodules":
         if manifest.label_mask is None or not manifest.label_mask.any():
             raise ValueError(f"manifest {path}: column {manifest.schema.label_column!r} is missing or empty; "
                              "training and evaluation need malignancy labels (predict does not)")
         return
-    empty = [e for e in ("pfs", "os") if f"{e}_mask" not in manifest.endpoints
-             or not manifest.endpoints[f"{e}_mask"].any()]
-    if empty:
-        cols = ", ".join(f"'{e}_time'/'{e}_event'" for e in empty)
+    endpoints = list(manifest.schema.endpoints if endpoints is None else endpoints)
+    if not any(manifest.endpoints[f"{e}_mask"].any() for e in endpoints if f"{e}_mask" in manifest.endpoints):
+        cols = " or ".join(f"'{e}_time'/'{e}_event'" for e in endpoints) or "(the schema declares no endpoints)"
         raise ValueError(f"manifest {path}: columns {cols} are missing or empty; training and evaluation need "
-                         "both endpoints (predict does not)")
+                         "at least one endpoint (predict does not)")
 
 
 def _dataset(data: CohortData, rows: list[int], augment: bool):
@@ -248,30 +251,10 @@ def _model_task(name: str) -> str:
     return model_class(name).task
 
 
-def model_overrides_for(name: str, schema: Any, settings: Any) -> dict[str, Any]:
-    """Config fields a network takes from the cohort (clinical variables, categories, crop size).
-
-    A network may define ``config_from_cohort(schema, settings) -> dict``; otherwise the usual
-    field names are filled in when the config has them.
-    """
-    import dataclasses
-
+def _model_needs_images(name: str) -> bool:
     from lungcore.models.registry import model_class
 
-    cls = model_class(name)
-    hook = getattr(cls, "config_from_cohort", None)
-    if hook is not None:
-        return dict(hook(schema, settings))
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    cards = schema.cardinalities()
-    candidates = {
-        "cardinalities": cards, "clinical_cardinalities": cards, "categories": cards,
-        "n_clinical": len(cards), "num_clinical": len(cards), "clinical_dim": len(cards),
-        "n_variables": len(cards), "num_variables": len(cards),
-        "crop": list(settings.crop), "input_shape": list(settings.crop), "image_size": list(settings.crop),
-        "volume_shape": list(settings.crop),
-    }
-    return {k: v for k, v in candidates.items() if k in fields}
+    return bool(getattr(model_class(name), "needs_images", True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,8 +498,7 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     data = prepare_data(cfg, out)
     task = cls.task
     _seed_all(cfg.seed)
-    overrides_cohort = model_overrides_for(cfg.model, data.schema, data.settings)
-    model = create(cfg.model, **{**overrides_cohort, **cfg.model_overrides}).to(device)
+    model = create(cfg.model, **cls.config_from_cohort(data.schema, data.settings, cfg.model_overrides)).to(device)
     if cfg.recipe == "paper":
         cfg = _apply_recipe(cfg, model)
         if lr_override is not None:  # an explicit rate (fit(lr=...), --lr) beats the paper's
@@ -776,7 +758,7 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
 
     model, m, loader, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
                                                           cache_dir=cache_dir)
-    require_targets(m, manifest)
+    require_targets(m, manifest, getattr(model, "endpoints", None))
     pred = run_predictions(model, loader, dev)
     pred["patient_id"] = list(m.patient_ids)
     reference = None

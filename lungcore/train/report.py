@@ -51,10 +51,10 @@ def predictions_frame(pred: dict[str, Any], task: str):
     if "patient_id" in pred:
         cols["patient_id"] = pred["patient_id"]
     if task == "survival":
-        for e in ("pfs", "os"):
-            if e in pred:
-                cols[f"{e}_risk"] = pred[e]
-        for k in ("pfs_time", "pfs_event", "os_time", "os_event"):
+        endpoints = [e for e in ("pfs", "os") if e in pred]  # the model's endpoints
+        for e in endpoints:
+            cols[f"{e}_risk"] = pred[e]
+        for k in (f"{e}_{part}" for e in endpoints for part in ("time", "event")):
             if k in pred:
                 mask = pred.get(f"{k.split('_')[0]}_mask")
                 v = pred[k].astype(float)

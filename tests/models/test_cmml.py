@@ -129,7 +129,10 @@ def test_gradients_reach_every_parameter():
     fin, _ = m.loss(batch, "finetune")
     (pre + fin).backward()
     missing = [n for n, p in names.items() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
-    assert not missing, missing
+    # the Cox partial likelihood is shift-invariant: the risk head's bias gets a zero gradient (up to
+    # rounding, which the float64 C++ core may leave at exactly 0)
+    assert set(missing) <= {"risk_head.bias"}, missing
+    assert float(m.risk_head.bias.grad.abs().max()) < 1e-6
 
 
 def test_finetune_gradients_reach_encoders():
@@ -137,8 +140,10 @@ def test_finetune_gradients_reach_encoders():
     loss, _ = m.loss(make_batch(6), "finetune")
     loss.backward()
     for prefix in ("ct_encoder.", "clinical_encoder.", "fuse_ct.", "fuse_clinical.", "risk_head."):
-        # the pretraining mask token is the one parameter fine-tuning does not use
-        ps = [p for n, p in m.named_parameters() if n.startswith(prefix) and "mask_token" not in n]
+        # the pretraining mask token is the one parameter fine-tuning does not use, and the risk head's
+        # bias has a zero gradient (the Cox loss is shift-invariant)
+        ps = [p for n, p in m.named_parameters() if n.startswith(prefix) and "mask_token" not in n
+              and n != "risk_head.bias"]
         assert ps and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ps), prefix
 
 
@@ -296,3 +301,113 @@ def test_pretrain_then_finetune_learns_tiny_signal():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < first
+
+
+# ------------------------------------------------------------------ configured by the cohort (issue 15)
+@pytest.mark.parametrize("cards", [(2, 0), (0, 2), (3, 0, 2, 0, 0), (0, 0), (4,)])
+def test_any_order_of_numeric_and_categorical_variables(cards):
+    """A numeric variable after the last categorical one used to index past the embedding table."""
+    m = tiny(clinical_cardinalities=cards).eval()
+    b, v = 5, len(cards)
+    g = torch.Generator().manual_seed(1)
+    clinical = torch.randn(b, v, generator=g)
+    for i, k in enumerate(cards):
+        if k:
+            clinical[:, i] = torch.randint(0, k, (b,), generator=g).float()
+    present = torch.ones(b, v, dtype=torch.bool)
+    ct = torch.randn(b, 1, 8, 16, 16, generator=g)
+    out = m(ct, clinical, present)
+    assert all(torch.isfinite(r).all() for r in out.values())
+    # every variable reaches the output, numeric ones through their value
+    for i, k in enumerate(cards):
+        changed = clinical.clone()
+        changed[:, i] = (changed[:, i] + 1) % k if k else changed[:, i] + 1.0
+        assert not torch.allclose(m(ct, changed, present)["os"], out["os"]), (i, k)
+
+
+def test_one_endpoint_model():
+    m = tiny(endpoints=("os",), modality_dropout=0.0)
+    batch = make_batch(6)
+    assert set(m.predict(batch)) == {"os"} and m.risk_head.out_features == 1
+    loss, logs = m.loss(batch, "finetune")
+    assert set(logs) == {"cox_os", "loss"} and logs["loss"] == pytest.approx(logs["cox_os"])
+    m.fit_baseline(m.predict(batch), batch)
+    assert set(m.survival(batch, [5.0, 10.0])) == {"os"}
+    with pytest.raises(ValueError, match="endpoints"):
+        CMMLConfig(endpoints=("os", "os"))
+    with pytest.raises(ValueError, match="endpoints"):
+        CMMLConfig(endpoints=("dfs",))
+
+
+class _EncoderCalls:
+    def __init__(self, module):
+        self.rows = []
+        module.register_forward_pre_hook(lambda mod, args: self.rows.append(int(args[0].shape[0])))
+
+
+def test_clinical_only_patients_skip_the_ct_encoder():
+    m = tiny(modality_dropout=0.0)
+    calls = _EncoderCalls(m.ct_encoder)
+    batch = make_batch(6)
+    batch["ct_mask"] = torch.zeros(6, dtype=torch.bool)
+    for stage in m.stages:
+        loss, _ = m.loss(batch, stage)
+        assert torch.isfinite(loss)
+        loss.backward()
+    m.predict(batch)
+    assert calls.rows == []  # no CT encoder work at all for a clinical table
+    assert all(p.grad is not None for n, p in m.clinical_encoder.named_parameters())
+    # a mixed batch encodes exactly the patients with a CT
+    batch["ct_mask"] = torch.tensor([True, False, True, False, False, False])
+    m.loss(batch, "pretrain")
+    assert calls.rows == [2, 2]  # intact tokens + visible tokens
+
+
+def test_mixed_batch_equals_separate_batches():
+    """In eval mode a patient's risk is the same whether its batch-mates have a CT or not."""
+    m = tiny().eval()
+    batch = make_batch(6)
+    batch["ct_mask"] = torch.tensor([True, False, True, True, False, True])
+    mixed = m.predict(batch)
+    for keep in (batch["ct_mask"], ~batch["ct_mask"]):
+        part = {k: v[keep] for k, v in batch.items()}
+        alone = m.predict(part)
+        for e in m.endpoints:
+            torch.testing.assert_close(alone[e], mixed[e][keep], rtol=1e-5, atol=1e-6)
+    # pretraining losses: CT reconstruction only over the patients with a CT
+    g = torch.Generator().manual_seed(0)
+    vis = m.random_visible(6, torch.device("cpu"), generator=g)
+    cm = m.random_clinical_mask(batch["clinical_mask"], generator=g)
+    out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], batch["ct_mask"], visible=vis,
+                            clinical_masked=cm, return_predictions=True)
+    keep = batch["ct_mask"]
+    sub = m.pretrain_losses(batch["ct"][keep], batch["clinical"][keep], batch["clinical_mask"][keep], None,
+                            visible=vis[keep], clinical_masked=cm[keep], return_predictions=True)
+    torch.testing.assert_close(out["ct"], sub["ct"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["ct_pred"][keep], sub["ct_pred"], rtol=1e-5, atol=1e-6)
+    assert float(out["ct_pred"][~keep].detach().abs().sum()) == 0 and not out["ct_masked"][~keep].any()
+
+
+def test_config_from_cohort():
+    from lungcore.data import ClinicalVariable, CohortSchema, PreprocessSettings
+
+    schema = CohortSchema(kind="survival", endpoints=["os"], clinical=[
+        ClinicalVariable("stage", "categorical", ["I", "II", "III"]), ClinicalVariable("age"),
+        ClinicalVariable("site", "categorical", ["a"])])
+    settings = PreprocessSettings(crop=(16, 64, 64))
+    cfg = CMML.config_from_cohort(schema, settings)
+    assert cfg == {"clinical_cardinalities": (3, 0, 2), "endpoints": ("os",), "img_size": (16, 64, 64)}
+    assert "clinical_dim" not in cfg  # a branch width is never taken from the cohort
+    model = create("cmml", **cfg)
+    assert model.config.clinical_dim == CMMLConfig.clinical_dim
+    # the user's values win where they do not contradict the cohort
+    assert CMML.config_from_cohort(schema, settings, {"clinical_dim": 64})["clinical_dim"] == 64
+    with pytest.raises(ValueError, match=r"model_overrides.img_size = \(32, 128, 128\) contradicts "
+                                         r"data.preprocess.crop = \(16, 64, 64\)"):
+        CMML.config_from_cohort(schema, settings, {"img_size": [32, 128, 128]})
+    with pytest.raises(ValueError, match="clinical_cardinalities"):
+        CMML.config_from_cohort(schema, settings, {"clinical_cardinalities": (0, 2, 3)})
+    with pytest.raises(ValueError, match=r"\['pfs'\] cannot be trained without data"):
+        CMML.config_from_cohort(schema, settings, {"endpoints": ("pfs", "os")})
+    with pytest.raises(ValueError, match=r"crop \(10, 64, 64\) must be a multiple of CMML's patch_size"):
+        CMML.config_from_cohort(schema, PreprocessSettings(crop=(10, 64, 64)))

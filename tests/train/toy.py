@@ -28,6 +28,11 @@ class ToyConfig:
 
 class _Base(nn.Module):
     config_class = ToyConfig
+    needs_images = True
+
+    @classmethod
+    def config_from_cohort(cls, schema, settings, overrides=None):
+        return {"cardinalities": list(schema.cardinalities()), **(overrides or {})}
 
     def __init__(self, config: ToyConfig):
         super().__init__()
