@@ -162,7 +162,8 @@ def split_by_patient(manifest: Manifest, fractions: Sequence[float] = (0.7, 0.15
                      ) -> dict[str, list[int]]:
     """Row indices per split; all rows of a patient land in the same split.
 
-    ``stratify``: ``"auto"`` (``os_event`` for survival, ``label`` for nodules), a column name
+    ``stratify``: ``"auto"`` (``os_event`` for survival, ``pfs_event`` when the schema has PFS alone,
+    ``label`` for nodules), a column name
     among the endpoints (``pfs_event``, ``os_event``, ``label``) or None. A patient's stratum is
     the maximum over its rows (any event / any malignant nodule); absent values form their own
     stratum. Within each stratum patients are shuffled (``seed``) and dealt by ``fractions``
@@ -175,8 +176,9 @@ def split_by_patient(manifest: Manifest, fractions: Sequence[float] = (0.7, 0.15
     if len(fractions) != len(names) or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0,
                                                                                        abs_tol=1e-6):
         raise ValueError(f"fractions must be {len(names)} non-negative numbers summing to 1, got {fractions}")
-    if stratify == "auto":
-        stratify = "os_event" if manifest.schema.kind == "survival" else "label"
+    if stratify == "auto":  # OS events, else PFS events (a PFS-only cohort), else labels
+        events = [f"{e}_event" for e in ("os", "pfs") if f"{e}_event" in manifest.endpoints]
+        stratify = (events[0] if events else None) if manifest.schema.kind == "survival" else "label"
     values: np.ndarray
     if stratify is None:
         values = np.zeros(len(manifest))

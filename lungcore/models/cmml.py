@@ -424,22 +424,24 @@ class CMML(nn.Module):
 
     @staticmethod
     def _ct_rows(present: Tensor) -> Optional[Tensor]:
-        """None when every patient has a CT (no copies), else the indices of those who do."""
+        """None when every patient has a CT (no copies), else the indices of those who do.
+
+        Everything that reads CT tokens runs on those patients only: a patient without a CT has
+        no CT tokens (the cross-attentions would mask them all out and give exactly zero), so a
+        clinical table alone costs no CT encoder, decoder or cross-attention work at all.
+        """
         if bool(present.all()):
             return None
         return present.nonzero().squeeze(1)
 
-    def _encode_ct(self, ct: Tensor, rows: Optional[Tensor], visible: Optional[Tensor] = None) -> Tensor:
-        """CT tokens (B, N or T, E); the encoder runs only on the patients ``rows`` (None = all), the
-        others get zeros (their tokens are masked out of every attention and pool)."""
-        if rows is None:
-            return self.ct_encoder(ct, visible)
-        b = ct.shape[0]
-        t = self.ct_encoder.num_tokens if visible is None else visible.shape[1]
-        if rows.numel() == 0:  # a clinical table alone: no CT encoder work at all
-            return ct.new_zeros(b, t, self.config.embed_dim)
-        tok = self.ct_encoder(ct[rows], None if visible is None else visible[rows])
-        return tok.new_zeros(b, t, tok.shape[-1]).index_copy(0, rows, tok)
+    @staticmethod
+    def _rows_of(x: Tensor, rows: Optional[Tensor]) -> Tensor:
+        return x if rows is None else x[rows]
+
+    @staticmethod
+    def _put_rows(full: Tensor, rows: Optional[Tensor], part: Tensor) -> Tensor:
+        """``full`` with the rows ``rows`` replaced by ``part`` (differentiable in both)."""
+        return part if rows is None else full.index_copy(0, rows, part.to(full.dtype))
 
     def _check(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor) -> None:
         cfg = self.config
@@ -459,14 +461,19 @@ class CMML(nn.Module):
         x = ct.reshape(b, ch, d // pd, pd, h // ph, ph, w // pw, pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (d // pd) * (h // ph) * (w // pw), ch * pd * ph * pw)
 
-    def _fuse(self, ct_tok: Tensor, ct_present: Tensor, cli_tok: Tensor, cli_keys: Tensor) -> Tensor:
-        n = ct_tok.shape[1]
-        ct_keys = ct_present[:, None].expand(-1, n)
-        ct2 = ct_tok + self.fuse_ct(self.fuse_ct_norm(ct_tok), cli_tok, key_mask=cli_keys)
-        cli2 = cli_tok + self.fuse_clinical(self.fuse_clinical_norm(cli_tok), ct_tok, key_mask=ct_keys)
-        w = ct_present.to(ct2.dtype)[:, None]
-        ct_pool = ct2.mean(dim=1) * w
-        return self.head_norm(torch.cat([ct_pool, cli2[:, 0]], dim=-1))
+    def _fuse(self, ct_tok: Optional[Tensor], rows: Optional[Tensor], cli_tok: Tensor, cli_keys: Tensor) -> Tensor:
+        """Bidirectional fusion -> head features (B, E + C). ``ct_tok`` (n, N, E): the CT tokens of the
+        patients ``rows`` (None = all; ``ct_tok`` None = nobody has a CT)."""
+        b = cli_tok.shape[0]
+        readout = cli_tok[:, 0]
+        ct_pool = cli_tok.new_zeros(b, self.config.embed_dim)
+        if ct_tok is not None:
+            cli_s, keys_s = self._rows_of(cli_tok, rows), self._rows_of(cli_keys, rows)
+            ct2 = ct_tok + self.fuse_ct(self.fuse_ct_norm(ct_tok), cli_s, key_mask=keys_s)
+            cli2 = cli_s + self.fuse_clinical(self.fuse_clinical_norm(cli_s), ct_tok)
+            ct_pool = self._put_rows(ct_pool, rows, ct2.mean(dim=1))
+            readout = self._put_rows(readout, rows, cli2[:, 0])
+        return self.head_norm(torch.cat([ct_pool, readout], dim=-1))
 
     # ---------------------------------------------------------------------------- inference
     def forward(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor,
@@ -478,10 +485,10 @@ class CMML(nn.Module):
         """
         clinical_mask = clinical_mask.to(torch.bool)
         self._check(ct, clinical, clinical_mask)
-        ct_present = self._ct_present(ct, ct_mask)
-        ct_tok = self._encode_ct(ct, self._ct_rows(ct_present))
+        rows = self._ct_rows(self._ct_present(ct, ct_mask))
+        ct_tok = None if rows is not None and rows.numel() == 0 else self.ct_encoder(self._rows_of(ct, rows))
         cli_tok, cli_keys = self.clinical_encoder(clinical, clinical_mask)
-        risk = self.risk_head(self._fuse(ct_tok, ct_present, cli_tok, cli_keys))
+        risk = self.risk_head(self._fuse(ct_tok, rows, cli_tok, cli_keys))
         return {name: risk[:, i] for i, name in enumerate(self.endpoints)}
 
     @torch.no_grad()
@@ -588,16 +595,17 @@ class CMML(nn.Module):
             clinical_masked = self.random_clinical_mask(clinical_mask)
         clinical_masked = clinical_masked & clinical_mask
 
-        # intact copies of both modalities (the CT encoder runs only for patients with a CT)
+        # intact copies of both modalities; every CT step runs on the patients with a CT only
         rows = self._ct_rows(ct_present)
-        ct_full = self._encode_ct(ct, rows)
+        n_ct = b if rows is None else int(rows.numel())
+
+        def sub(x: Tensor) -> Tensor:
+            return self._rows_of(x, rows)
+
+        ct_full = self.ct_encoder(sub(ct)) if n_ct else None
         cli_full, cli_keys = self.clinical_encoder(clinical, clinical_mask)
 
-        # CT direction, on the patients with a CT: visible tokens -> + intact clinical -> decoder
-        def sub(x: Tensor) -> Tensor:
-            return x if rows is None else x[rows]
-
-        n_ct = b if rows is None else int(rows.numel())
+        # CT direction: visible tokens -> + intact clinical -> decoder with mask tokens
         masked_tok = torch.ones(b, n, dtype=torch.bool, device=ct.device).scatter(1, visible, False)
         if n_ct:
             ct_s, vis_s = sub(ct), sub(visible)
@@ -624,8 +632,9 @@ class CMML(nn.Module):
 
         # clinical direction: masked variables -> + intact CT -> graph decoder -> heads
         cli_m, keys_m = self.clinical_encoder(clinical, clinical_mask, clinical_masked)
-        ct_keys = ct_present[:, None].expand(-1, n)
-        cli_m = cli_m + self.clinical_from_ct(self.clinical_from_ct_norm(cli_m), ct_full, key_mask=ct_keys)
+        if n_ct:  # without a CT there is nothing to attend to: the tokens stay as they are
+            cli_s = sub(cli_m)
+            cli_m = self._put_rows(cli_m, rows, cli_s + self.clinical_from_ct(self.clinical_from_ct_norm(cli_s), ct_full))
         for blk in self.clinical_decoder:
             cli_m = blk(cli_m, keys_m)
         h = self.clinical_decoder_norm(cli_m)[:, 1:]  # (B, V, C)

@@ -523,6 +523,13 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     _log(out, f"lungcore train: model {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters), "
               f"stages {stages}, device {device}, world size {world}, precision {cfg.precision}, "
               f"splits " + ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
+    no_ct = sum(all(p is None for p in row) for row in data.manifest.images)
+    if no_ct:
+        _log(out, f"{no_ct} of {len(data.manifest)} rows without a CT" + (
+            f": {cfg.model} trains its clinical branch alone (no CT encoder work)" if no_ct == len(data.manifest)
+            else " (their CT tokens are masked)"))
+    if task == "survival":
+        _log(out, f"endpoints: {', '.join(data.schema.endpoints)}")
     datasets = {"train": _dataset(data, data.splits["train"], cfg.data.augment),
                 "val": _dataset(data, data.splits["val"], False),
                 "test": _dataset(data, data.splits["test"], False)}
