@@ -131,8 +131,11 @@ class CohortDataset(torch.utils.data.Dataset):
                 raise ValueError(f"row {m.rows[i]}, column {col!r}, value {str(path)!r}: {exc}") from None
             present.append(True)
         ct = torch.from_numpy(np.stack(crops)).unsqueeze(1)  # (T, 1, D, H, W)
-        if self.augment is not None:
+        if self.augment is not None and any(present):
+            # one transform for every time point (T0/T1 stay aligned); a missing scan stays zeros
             ct = self.augment(ct)
+            if not all(present):
+                ct[~torch.tensor(present)] = 0.0
         return ct, torch.tensor(present)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -104,6 +104,20 @@ def test_augmentation_reaches_the_batch(nodules, tmp_path):
     assert rot.shape == x.shape and torch.equal(rot[0], rot[1]) and not torch.allclose(rot, x)
 
 
+def test_augmentation_leaves_missing_scans_alone(nodules, tmp_path):
+    """A missing scan stays exactly zeros (no noise, no intensity jitter), and a sample without any
+    scan is not augmented at all (a clinical-only cohort pays nothing for augmentation)."""
+    m = nodules.subset([0, 1])
+    m.images[0] = [None, m.images[0][1]]
+    m.images[1] = [None, None]
+    ds = CohortDataset(m, nodules.fit_schema(), PreprocessSettings.csfnet(), cache_dir=tmp_path,
+                       augment=Augmentation())
+    one, none = ds[0], ds[1]
+    assert one["ct_mask"].tolist() == [False, True] and none["ct_mask"].tolist() == [False, False]
+    assert torch.count_nonzero(one["ct"][0]) == 0 and torch.count_nonzero(one["ct"][1]) > 0
+    assert torch.count_nonzero(none["ct"]) == 0
+
+
 def test_dataloader_workers(nodules, tmp_path):
     ds = CohortDataset(nodules, nodules.fit_schema(), PreprocessSettings.csfnet(), cache_dir=tmp_path,
                        augment=Augmentation())
