@@ -173,7 +173,12 @@ def split_by_patient(manifest: Manifest, fractions: Sequence[float] = (0.7, 0.15
     (largest remainders), so each split gets its share of events.
 
     Example:
-        >>> # splits = split_by_patient(manifest, (0.8, 0.2), names=("train", "test"))
+        >>> import tempfile
+        >>> from lungcore.data import read_manifest, synth_cohort
+        >>> m = read_manifest(synth_cohort("nodules", tempfile.mkdtemp(), n=10, preset="tiny")["manifest"])
+        >>> splits = split_by_patient(m, (0.8, 0.2), names=("train", "test"))
+        >>> sorted(splits), sum(map(len, splits.values())) == len(m)
+        (['test', 'train'], True)
     """
     fractions = [float(f) for f in fractions]
     if len(fractions) != len(names) or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0,

@@ -160,7 +160,13 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """(model, extra) from a checkpoint written by :func:`save_model`; never executes code.
 
     Example:
-        >>> # model, extra = load_model("runs/cmml/best.pt")
+        >>> import os, tempfile
+        >>> from lungcore.models.csfnet import CSFNetConfig
+        >>> path = save_model(create("csfnet", **CSFNetConfig.tiny_overrides()),
+        ...                   os.path.join(tempfile.mkdtemp(), "net.pt"), extra={"note": "tiny"})
+        >>> model, extra = load_model(path)
+        >>> type(model).__name__, extra["note"]
+        ('CSFNet', 'tiny')
     """
     payload = read_checkpoint(path)
     cls = model_class(payload["model"])

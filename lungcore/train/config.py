@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ class DataConfig:
     augment: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("manifest", "schema", "cache_dir"):  # a pathlib.Path is welcome; YAML keeps strings
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, os.fspath(value))
         self.split = tuple(float(f) for f in self.split)
         if len(self.split) != 3:
             raise ValueError(f"data.split must be 3 fractions (train, val, test), got {self.split}")

@@ -8,9 +8,10 @@ report folder (``<out>/cmml/report``, ``<out>/csfnet/report``); ``<out>/demo.md`
 Rerunning resumes (finished runs are only re-evaluated). About 6 minutes on 2 shared CPU cores (one torch thread: these small models are
 overhead-bound, and more threads than free cores slowed them 4x on a shared machine).
 
-Example:
-    >>> # from lungcore.train.demo import run_demo
-    >>> # table = run_demo("runs/demo")
+Example (minutes of training, so not a doctest; ``lungcore demo --quick`` is tested)::
+
+    from lungcore.train.demo import run_demo
+    table = run_demo("runs/demo")
 """
 from __future__ import annotations
 

@@ -17,10 +17,24 @@ Resume (``resume=True``) continues from ``last.pt``: the interrupted epoch is re
 before it. Each epoch reseeds every RNG from (seed, stage, epoch), so a resumed run reproduces
 an uninterrupted one exactly on CPU.
 
-Example:
-    >>> # from lungcore.train import fit
-    >>> # result = fit({"model": "csfnet", "epochs": 5}, manifest="cohort/manifest.csv", out="runs/csf")
-    >>> # result.test_metrics["roc_auc"]
+Example (a tiny CSF-Net on a tiny synthetic cohort; seconds):
+    >>> import contextlib, io, tempfile
+    >>> from lungcore.data import synth_cohort
+    >>> from lungcore.train import evaluate, fit, predict
+    >>> from lungcore.train.demo import CSFNET_SIZE    # CPU-sized widths; the cohort sets the rest
+    >>> d = tempfile.mkdtemp()
+    >>> cohort = synth_cohort("nodules", f"{d}/cohort", n=12, preset="tiny")["manifest"]
+    >>> config = {"model": "csfnet", "model_overrides": CSFNET_SIZE, "progress": False}
+    >>> with contextlib.redirect_stdout(io.StringIO()):   # fit logs each epoch
+    ...     result = fit(config, manifest=cohort, out=f"{d}/run", epochs=1, batch_size=4)
+    >>> result.best_checkpoint.name, "roc_auc" in result.test_metrics   # NaN when a split has one class
+    ('best.pt', True)
+    >>> frame = predict(result.best_checkpoint, cohort, f"{d}/probabilities.csv")
+    >>> len(frame), list(frame.columns[:3])
+    (12, ['id', 'patient_id', 'probability'])
+    >>> metrics = evaluate(result.best_checkpoint, cohort)
+    >>> sorted(k for k in metrics if k in ("roc_auc", "accuracy"))
+    ['accuracy', 'roc_auc']
 """
 from __future__ import annotations
 
@@ -446,8 +460,9 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     model run in order (``config.stage`` picks one); each starts from the previous stage's best
     model. Returns the best checkpoint and the test metrics.
 
-    Example:
-        >>> # result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
+    Example (runs as a doctest in the module docstring)::
+
+        result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
     """
     cfg = _resolve_config(config, overrides)
     _quiet_readers()
@@ -734,8 +749,9 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
     """Per-row predictions (risks per endpoint, or malignancy probability) as a pandas DataFrame
     (also written to ``out`` as CSV when given). The manifest is coded with the checkpoint's schema.
 
-    Example:
-        >>> # frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
+    Example (runs as a doctest in the module docstring)::
+
+        frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
     """
     from lungcore.train.report import predictions_frame
 
@@ -758,8 +774,9 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     For survival models the Breslow baseline and the censoring distribution come from
     ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
 
-    Example:
-        >>> # metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
+    Example (runs as a doctest in the module docstring)::
+
+        metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
     """
     from lungcore.train.report import summary_metrics, write_report
 
