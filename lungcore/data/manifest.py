@@ -105,7 +105,6 @@ class Manifest:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-NOT_UTF8 = "not UTF-8 text (save the manifest as UTF-8)"
 
 
 def _not_utf8(text: str) -> bool:
@@ -114,8 +113,13 @@ def _not_utf8(text: str) -> bool:
 
 
 def _shown(text: str) -> str:
-    """``text`` with its undecodable bytes as ``\\xNN`` escapes (printable, and UTF-8 itself)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` with each undecodable byte as U+FFFD (printable, and UTF-8 itself)."""
+    return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+
+
+def _not_utf8_message(text: str) -> str:
+    bad = " ".join(f"0x{ord(ch) - 0xDC00:02x}" for ch in text if "\udc80" <= ch <= "\udcff")
+    return f"not UTF-8 text (byte {bad}): save the manifest as UTF-8"
 
 
 def _parse_float(cell: str) -> float | None:
@@ -198,7 +202,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         if name == "":
             problems.append(ManifestProblem(1, f"#{j + 1}", "", "empty column name"))
         elif _not_utf8(name):
-            problems.append(ManifestProblem(1, f"#{j + 1}", _shown(name), NOT_UTF8))
+            problems.append(ManifestProblem(1, f"#{j + 1}", _shown(name), _not_utf8_message(name)))
         elif header.index(name) != j:
             problems.append(ManifestProblem(1, name, name, "column appears twice"))
 
@@ -251,7 +255,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
                                             "(is the file cut short?)"))
         for j, text in enumerate(record[:len(header)]):
             if _not_utf8(text):
-                problems.append(ManifestProblem(r, header[j], _shown(text), NOT_UTF8))
+                problems.append(ManifestProblem(r, header[j], _shown(text), _not_utf8_message(text)))
                 record[j] = ""  # reported once here; no second problem for the same cell
         # identifiers
         ident = cell(record, schema.id_column)

@@ -201,7 +201,7 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
     elif "label" in pred:
         figures += _classification_plots(folder, pred, flat, plt)
     (folder / "metrics.json").write_text(json.dumps(json_safe(flat), indent=1, allow_nan=False) + "\n")
-    lines = [f"# {title}", ""] + [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else []) + [
+    lines = [f"# {title}", ""] + [line for w in warnings for line in (f"> **Warning:** {w}", "")] + [
         "| metric | value | 95% CI |", "|---|---|---|"]
     for k, v in flat.items():
         if k.endswith("_low") or k.endswith("_high") or not isinstance(v, (int, float)):

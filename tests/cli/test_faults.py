@@ -293,11 +293,15 @@ def _test_split_row(base, m: Path, kind: str) -> tuple[int, str]:
 
     manifest = read_manifest(m, images="none")
     test = split_by_patient(manifest, (0.7, 0.15, 0.15), seed=0)["test"]
-    for i in test:
-        cell = image_cell(m, manifest.rows[i])
-        if (kind == "dicom") == (m.parent / cell).is_dir():
-            return manifest.rows[i], cell
-    pytest.skip(f"no {kind} image in the test split")
+    row = manifest.rows[test[0]]
+    cell = image_cell(m, row)
+    if (kind == "dicom") != (m.parent / cell).is_dir():  # swap in an image of that kind from another row
+        other = next(r for r in manifest.rows if (kind == "dicom") == (m.parent / image_cell(m, r)).is_dir())
+        swap = image_cell(m, other)
+        edit_csv(m, other, "ct", cell)
+        edit_csv(m, row, "ct", swap)
+        cell = swap
+    return row, cell
 
 
 def test_dicom_series_missing_a_slice_fails_before_the_first_step(base, tmp_path, capsys):
@@ -402,7 +406,8 @@ def test_bytes_that_are_not_utf8_name_row_and_column(base, tmp_path, capsys):
     lines[3] = b",".join(cells)
     m.write_bytes(b"\n".join(lines))
     rc, _, err = cli(capsys, "validate", "--manifest", m, "--images", "exists")
-    caught(rc, 1, err, "row 4, column 'smoking', value 'nev\\xe9r': not UTF-8 text")
+    caught(rc, 1, err, "row 4, column 'smoking', value 'nev\ufffdr': not UTF-8 text (byte 0xe9): save the "
+                       "manifest as UTF-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,9 +572,13 @@ def test_no_events_warns_selects_on_loss_and_prints_valid_json(base, tmp_path, c
     assert "WARNING: no pfs events in the training split" in err
     assert "the validation C-index is undefined" in err and "selected on the validation loss" in err
     assert "selected on the validation loss" in (run / "report" / "summary.md").read_text()
-    metrics, _ = json.JSONDecoder().raw_decode(out)  # strict JSON: NaN is null
-    assert any(v is None for v in metrics.values())
-    json.loads((run / "report" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} is not JSON")}
+    metrics, _ = json.JSONDecoder(**strict).raw_decode(out[out.index("\n{") + 1:])
+    assert metrics["os_events"] == 0
+    json.loads((run / "report" / "metrics.json").read_text(), **strict)
+    from lungcore.usage import json_safe
+
+    assert json.dumps(json_safe({"c": float("nan"), "v": [np.float32(1)]}), allow_nan=False) == '{"c": null, "v": [1.0]}'
     TALLY["caught"] += 1
 
 
@@ -622,7 +631,8 @@ def test_every_option_has_help_and_shows_its_default(capsys):
             assert action.help, f"lungcore {name} {action.option_strings}: no help text"
             if action.default not in (None, False):
                 flag = action.option_strings[0]
-                block = text[text.index(flag):]
+                options = text[text.index("options:"):]
+                block = options[options.index(flag):]
                 assert "default" in block[:600], f"lungcore {name} {flag}: default not shown"
 
 
