@@ -48,6 +48,8 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 
 def _same(a: Any, b: Any, key: str) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], key) for k in a)
     if key in ("data.manifest", "data.schema", "data.cache_dir") and a is not None and b is not None:
         return Path(a).resolve() == Path(b).resolve()
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

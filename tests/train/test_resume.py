@@ -72,7 +72,9 @@ def test_resume_without_checkpoint_and_rerun_into_used_folder(tmp_path, nodule_c
     import pytest
 
     cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=1)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    from lungcore.usage import UsageError
+
+    with pytest.raises(UsageError, match="nothing to resume"):
         fit(cfg, out=tmp_path / "fresh", resume=True)
     fit(cfg, out=tmp_path / "run")
     with pytest.raises(FileExistsError, match="--resume"):
