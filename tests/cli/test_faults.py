@@ -213,28 +213,26 @@ def _metrics(run: Path) -> pd.DataFrame:
 
 
 def test_kill_9_then_resume_without_flags_matches_uninterrupted(base, tmp_path, capsys):
-    """SIGKILL at a chosen optimiser step (LUNGCORE_KILL_AT_STEP: no timing), a stale checkpoint temp
-    file, then ``--resume`` with none of the original flags: the run's saved config is used (2
-    epochs, not the default 10) and the result equals an uninterrupted run bit for bit."""
-    nod = base["nod"]
-    ref = tmp_path / "ref"
-    assert cli(capsys, *train_args(base, nod, ref, config="csf", epochs="2"))[0] == 0
+    """SIGKILL at a chosen optimiser step (LUNGCORE_KILL_AT_STEP: no timing) inside the second
+    stage, a stale checkpoint temp file, then ``--resume`` with none of the original flags: the
+    run's saved config is used (1 epoch per stage, not the default 10; its manifest and sizes) and
+    the result equals the uninterrupted run (``base["done"]``, same flags) bit for bit."""
+    ref = base["done"]
     run = tmp_path / "killed"
-    env = {**os.environ, "LUNGCORE_KILL_AT_STEP": "3",
+    env = {**os.environ, "LUNGCORE_KILL_AT_STEP": "3",  # 2 steps per epoch: the 1st step of finetune
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "lungcore", *map(str, train_args(base, nod, run, config="csf",
-                                                                                   epochs="2"))],
+    proc = subprocess.run([sys.executable, "-m", "lungcore", *map(str, train_args(base, base["surv"], run))],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     state = torch.load(run / "last.pt", weights_only=True)["extra"]["trainer"]
-    assert state["epoch"] == 1 and not (run / "best.pt").exists()  # killed inside epoch 2
+    assert (state["stage_index"], state["epoch"]) == (1, 0) and not (run / "best.pt").exists()
     (run / ".last.pt.x8y2k1.tmp").write_bytes(b"half a checkpoint")  # a killed checkpoint write
     TALLY["tried"] += 1
     rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--no-progress")
     assert rc == 0, err
     assert not list(run.glob(".*.tmp"))
     pd.testing.assert_frame_equal(_metrics(ref), _metrics(run))
-    assert len(_metrics(run)) == 2
+    assert list(_metrics(run)["stage"]) == ["pretrain", "finetune"]
     w_ref = torch.load(ref / "best.pt", weights_only=True)["state_dict"]
     w_run = torch.load(run / "best.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
@@ -503,12 +501,12 @@ def test_train_refuses_a_used_folder_and_overwrite_replaces_only_the_run(base, t
     (run / "report").mkdir()
     (run / "report" / "summary.md").write_text("old")
     before = snapshot(run)
-    rc, _, err = cli(capsys, *train_args(base, base["nod"], run, config="csf"))
+    rc, _, err = cli(capsys, *train_args(base, base["surv"], run))
     caught(rc, 2, err, f"--out {run} is not empty (config.yaml, metrics.csv, notes.txt, report)",
            "pass --overwrite")
     unchanged(before, run)
     TALLY["tried"] += 1
-    rc, _, err = cli(capsys, *train_args(base, base["nod"], run, "--overwrite", config="csf"))
+    rc, _, err = cli(capsys, *train_args(base, base["surv"], run, "--overwrite"))
     assert rc == 0, err
     assert (run / "notes.txt").read_text() == "old" and (run / "metrics.csv").read_text() != "old"
     assert (run / "report" / "summary.md").read_text() != "old"
