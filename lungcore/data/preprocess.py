@@ -216,8 +216,8 @@ class Preprocessor:
             else:
                 digest = source_digest(path)
                 if self.cache_dir is not None and remember:
-                    _atomic_write(self._source_record_path(path),
-                                  json.dumps({"path": str(path.resolve()), "signature": sig, "digest": digest}).encode())
+                    record = {"path": str(path.resolve()), "signature": sig, "digest": digest}
+                    _atomic_write(self._source_record_path(path), json.dumps(record).encode())
             self._digests[str(path.resolve())] = (sig, digest)
             return digest
         finally:

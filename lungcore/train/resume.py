@@ -59,10 +59,13 @@ def _same(a: Any, b: Any, key: str) -> bool:
     return a == b
 
 
-def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: str = "") -> list[str]:
+def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: str = "",
+                   longer: bool = True) -> list[str]:
     """Each override (fit keyword or dotted config path -> value; None = not given) that differs
     from ``saved`` (a ``TrainConfig.to_dict()``), as ``"--flag value (the run was started with ...)"``.
-    ``epochs`` may grow and the :data:`MAY_CHANGE` fields may differ."""
+    The :data:`MAY_CHANGE` fields may differ, and ``epochs`` may grow when ``longer`` (the
+    ``--epochs`` flag; a config file's ``epochs`` must match: it may be the file the run was
+    started with, its ``epochs`` overridden then)."""
     out = []
     for key, value in overrides.items():
         if value is None:
@@ -71,7 +74,7 @@ def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: s
         if path in MAY_CHANGE or key in MAY_CHANGE:
             continue
         old = _get(saved, path)
-        if path == "epochs" and old is not None and int(value) >= int(old):
+        if path == "epochs" and longer and old is not None and int(value) >= int(old):
             continue  # a longer run: documented
         if _same(value, old, path):
             continue
@@ -130,7 +133,7 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     saved = TrainConfig.from_dict(extra["train_config"])
     saved_dict = saved.to_dict()
     fields, where = _config_fields(config)
-    problems = contradictions(saved_dict, fields, where=where or "config field ")
+    problems = contradictions(saved_dict, fields, where=where or "config field ", longer=False)
     problems += contradictions(saved_dict, overrides)
     if problems:
         raise UsageError(f"--resume {out}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
@@ -144,7 +147,7 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
             d[key] = fields[key]
     if overrides.get("num_workers") is not None:
         d["data"]["num_workers"] = overrides["num_workers"]
-    longer = overrides.get("epochs") or fields.get("epochs")
+    longer = overrides.get("epochs")
     if longer is not None:
         d["epochs"] = int(longer)
     cfg = TrainConfig.from_dict(d)

@@ -576,7 +576,20 @@ def test_no_events_warns_selects_on_loss_and_prints_valid_json(base, tmp_path, c
     json.loads((run / "report" / "metrics.json").read_text(), **strict)
     from lungcore.usage import json_safe
 
-    assert json.dumps(json_safe({"c": float("nan"), "v": [np.float32(1)]}), allow_nan=False) == '{"c": null, "v": [1.0]}'
+    safe = json.dumps(json_safe({"c": float("nan"), "v": [np.float32(1)]}), allow_nan=False)
+    assert safe == '{"c": null, "v": [1.0]}'
+    TALLY["caught"] += 1
+
+
+def test_one_patient_warns(base, tmp_path, capsys):
+    assert cli(capsys, "synth", "--kind", "survival", "--n", "1", "--out", tmp_path / "one", "--quiet")[0] == 0
+    run = tmp_path / "run"
+    TALLY["tried"] += 1
+    rc, _, err = cli(capsys, *train_args(base, tmp_path / "one" / "manifest.csv", run))
+    assert rc == 0, err
+    assert "WARNING: the cohort has a single patient" in err
+    assert "WARNING: the validation split is empty: no model selection, the last epoch is kept" in err
+    assert "single patient" in (run / "train.log").read_text()
     TALLY["caught"] += 1
 
 
