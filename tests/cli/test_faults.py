@@ -440,6 +440,16 @@ def test_wrong_checkpoints_are_one_line(base, tmp_path, capsys, command, change,
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_checkpoint_of_another_cohort_kind(base, tmp_path, capsys, command):
+    ckpt = base["done"] / "best.pt"
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, command, "--checkpoint", ckpt, "--manifest", base["nod"], "--out", out)
+    caught(rc, 2, err, f"--checkpoint {ckpt} is a cmml model of 'survival' cohorts but --manifest {base['nod']} "
+                       "is a 'nodules' cohort (manifest.schema.json)")
+    assert not out.exists()
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_work(base, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -531,6 +541,11 @@ def test_predict_and_evaluate_refuse_existing_output(base, tmp_path, capsys):
                        "--overwrite")
     assert rc == 0 and len(pd.read_csv(csv)) == 16
     assert "batch" in err  # 10: a progress bar
+    rc, out, err = cli(capsys, "evaluate", "--checkpoint", ckpt, "--manifest", base["surv"], "--out", report,
+                       "--overwrite")
+    assert rc == 0 and "batch" in err
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert (report / "summary.md").read_text() != "mine"
     TALLY["caught"] += 1
 
 
