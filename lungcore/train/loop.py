@@ -790,9 +790,8 @@ def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, 
 def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
                      num_workers: int = 0, cache_dir: str | os.PathLike | None = None):
     from lungcore.data import CohortDataset, CohortSchema, PreprocessSettings
-    from lungcore.models.registry import load_model, read_checkpoint
-
     from lungcore.data.schema import schema_beside
+    from lungcore.models.registry import load_model, read_checkpoint
     from lungcore.train.preflight import read_every_image
     from lungcore.usage import UsageError
     from lungcore.usage import device as check_device
