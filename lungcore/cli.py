@@ -103,13 +103,13 @@ def _cindex(args: argparse.Namespace) -> int:
     from lungcore.metrics import concordance_index, concordance_index_ipcw
 
     if not args.csv.is_file():
-        raise SystemExit(f"lungcore cindex: --csv {args.csv}: no such file")
+        return _usage("cindex", f"--csv {args.csv}: no such file")
     frame = pd.read_csv(args.csv)
     for flag in ("risk", "time", "event"):
         column = getattr(args, flag)
         if column not in frame.columns:
-            raise SystemExit(f"lungcore cindex: --{flag} {column!r} is not a column of {args.csv} "
-                             f"(columns: {', '.join(map(str, frame.columns))})")
+            return _usage("cindex", f"--{flag} {column!r} is not a column of {args.csv} "
+                                    f"(columns: {', '.join(map(str, frame.columns))})")
     try:
         c = concordance_index(frame[args.risk].to_numpy(), frame[args.time].to_numpy(),
                               frame[args.event].to_numpy(), return_counts=True)
@@ -118,9 +118,16 @@ def _cindex(args: argparse.Namespace) -> int:
             out["uno_cindex"] = concordance_index_ipcw(frame[args.risk].to_numpy(), frame[args.time].to_numpy(),
                                                        frame[args.event].to_numpy(), tau=args.tau)
     except ValueError as exc:
-        raise SystemExit(f"lungcore cindex: {args.csv}: {exc}") from None
+        print(f"lungcore cindex: {args.csv}: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _usage(command: str, message: str) -> int:
+    """A usage error: one line on stderr, exit code 2 (see :mod:`lungcore.usage`)."""
+    print(f"lungcore {command}: {message}", file=sys.stderr)
+    return 2
 
 
 def lazy_subcommand(name: str, help: str, module: str) -> None:
@@ -153,6 +160,18 @@ lazy_subcommand("demo", "the main job: synthetic cohorts, train CMML and CSF-Net
                 "lungcore.train.commands")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default: appends ``(default: X)`` unless the help text states it
+    already or there is none to state (a flag that is off, an option without a default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungcore",
@@ -161,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lungcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in sorted(SUBCOMMANDS.items()):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add_arguments(p)
         p.set_defaults(_run=run)
     return parser

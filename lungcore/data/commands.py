@@ -18,21 +18,23 @@ def validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", type=Path, default=None,
                    help="schema (JSON/YAML); default: <manifest stem>.schema.json beside the manifest")
     p.add_argument("--images", choices=("exists", "header", "full"), default="full",
-                   help="how hard to check image cells (default: read every image fully)")
+                   help="how hard to check image cells (default: full = read every image, as train does)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar with --images full)")
 
 
 def validate(args: argparse.Namespace) -> int:
     from lungcore.data.manifest import check_manifest
 
     try:
-        manifest, problems = check_manifest(args.manifest, args.schema, images=args.images)
+        manifest, problems = check_manifest(args.manifest, args.schema, images=args.images,
+                                            progress=args.images == "full" and not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
         print(f"lungcore validate: {exc}", file=sys.stderr)
         return 2
-    if problems:
-        print(f"{args.manifest}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+    if problems:  # the problems are the answer, but problems go to stderr (as every command's)
+        print(f"{args.manifest}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
         for p in problems:
-            print(f"  {p}")
+            print(f"  {p}", file=sys.stderr)
         return 1
     assert manifest is not None
     s = manifest.schema
@@ -47,18 +49,42 @@ def synth_args(p: argparse.ArgumentParser) -> None:
                    help="survival (CMML: one CT per patient, PFS/OS) or nodules (CSF-Net: T0/T1 CTs, label)")
     p.add_argument("--n", type=int, required=True, help="patients (survival) or nodules (nodules)")
     p.add_argument("--out", type=Path, required=True, help="output folder (manifest.csv, schema, images/)")
-    p.add_argument("--preset", choices=("tiny", "demo", "realistic"), default="tiny", help="volume size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preset", choices=("tiny", "demo", "realistic"), default="tiny",
+                   help="volume size (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")
+    p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none; default: 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a cohort in --out (its manifest, schema, truth and images/ are deleted first; "
+                        "default: refuse a non-empty --out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: bar on)")
+
+
+SYNTH_OUTPUTS = ("images", "manifest.csv", "manifest.schema.json", "truth.csv", "synth.json")
 
 
 def synth(args: argparse.Namespace) -> int:
+    import shutil
+
     from lungcore.data.synth import synth_cohort
+    from lungcore.usage import UsageError, out_folder
 
     if args.n < 1:
         print("lungcore synth: --n must be >= 1", file=sys.stderr)
         return 2
+    if args.dicom_every < 0:
+        print("lungcore synth: --dicom-every must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        out_folder(args.out, "--out", overwrite=args.overwrite)
+    except UsageError as exc:
+        print(f"lungcore synth: {exc}", file=sys.stderr)
+        return 2
+    for name in SYNTH_OUTPUTS:  # --overwrite: no image of the old cohort stays mixed in
+        old = args.out / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
     info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
                         dicom_every=args.dicom_every, verbose=not args.quiet)
     oracle = ", ".join(f"{k} {v:.3f}" for k, v in info["oracle"].items())
@@ -73,33 +99,51 @@ def preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", type=Path, default=None, help="schema; default: beside the manifest")
     p.add_argument("--preset", choices=("auto", "cmml", "csfnet"), default="auto",
                    help="preprocessing settings (auto: from the schema's kind)")
-    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SZ", "SY", "SX"))
-    p.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
-    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SZ", "SY", "SX"),
+                   help="target voxel spacing in mm, > 0 (default: the preset's)")
+    p.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="crop size in voxels, >= 1 (default: the preset's)")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="HU window mapped to [0, 1], LOW < HIGH (default: the preset's)")
     p.add_argument("--shard", default=None, help="i/n: this process's share (default: torchrun RANK/WORLD_SIZE)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to resample (default: auto = cuda if available)")
+    p.add_argument("--verify", choices=("stat", "content"), default="stat",
+                   help="how the cache recognises a source image: stat (size + modification time) or content "
+                        "(hash every file: catches a rewrite with the same size and time; default: stat)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (default: one line)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: bar on)")
 
 
 def preprocess(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from lungcore import usage
     from lungcore.data.manifest import ManifestError, read_manifest
     from lungcore.data.preprocess import PreprocessSettings, Preprocessor, preprocess_manifest, shard_from_env
 
-    try:
-        manifest = read_manifest(args.manifest, args.schema, images="exists")
+    try:  # every argument is checked before the first image is read
+        usage.positive(args.spacing, "--spacing")
+        usage.positive(args.crop, "--crop", integer=True)
+        if args.window is not None and not args.window[0] < args.window[1]:
+            raise usage.UsageError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+        usage.device(args.device)
+        usage.out_folder(args.out, "--out", overwrite=True)  # a cache is shared: only writability matters
         shard = shard_from_env(args.shard)
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:
         print(f"lungcore preprocess: {exc}", file=sys.stderr)
         return 2
+    try:
+        manifest = read_manifest(args.manifest, args.schema, images="exists")
+    except (ManifestError, FileNotFoundError, ValueError) as exc:
+        print(f"lungcore preprocess: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, ManifestError) else 2
     settings = (PreprocessSettings.for_kind(manifest.schema.kind) if args.preset == "auto"
                 else getattr(PreprocessSettings, args.preset)())
     changes = {k: tuple(v) for k, v in (("spacing", args.spacing), ("crop", args.crop), ("window", args.window))
                if v is not None}
     settings = dataclasses.replace(settings, **changes)
-    pre = Preprocessor(settings, cache_dir=args.out, device=args.device)
+    pre = Preprocessor(settings, cache_dir=args.out, device=args.device, verify=args.verify)
     try:
         report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet)
     except ValueError as exc:

@@ -110,6 +110,24 @@ class Manifest:
         return schema.encode(self.clinical_raw)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _not_utf8(text: str) -> bool:
+    """True when ``text`` holds bytes that were not UTF-8 (decoded with ``surrogateescape``)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _shown(text: str) -> str:
+    """``text`` with each undecodable byte as U+FFFD (printable, and UTF-8 itself)."""
+    return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+
+
+def _not_utf8_message(text: str) -> str:
+    bad = " ".join(f"0x{ord(ch) - 0xDC00:02x}" for ch in text if "\udc80" <= ch <= "\udcff")
+    return f"not UTF-8 text (byte {bad}): save the manifest as UTF-8"
+
+
 def _parse_float(cell: str) -> float | None:
     try:
         return float(cell)
@@ -154,12 +172,13 @@ def _centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[in
 
 
 def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
-                   images: str = "header") -> tuple[Manifest | None, list[ManifestProblem]]:
+                   images: str = "header", progress: bool = False) -> tuple[Manifest | None, list[ManifestProblem]]:
     """Parse and validate ``path``; returns ``(manifest or None, every problem found)``.
 
     ``schema``: a :class:`CohortSchema`, a path to one, or None for the schema beside the manifest.
     ``images``: how hard to check image cells: ``"none"``, ``"exists"``, ``"header"`` (default:
     the file opens and its header parses) or ``"full"`` (the whole image is read).
+    ``progress``: a progress bar over the rows (on stderr).
     """
     path = Path(path)
     if images not in IMAGE_CHECKS:
@@ -174,7 +193,8 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     elif not isinstance(schema, CohortSchema):
         schema = CohortSchema.load(schema)
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # bytes that are not UTF-8 survive as lone surrogates, so the cell holding them is named below
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
@@ -187,6 +207,8 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     for j, name in enumerate(header):
         if name == "":
             problems.append(ManifestProblem(1, f"#{j + 1}", "", "empty column name"))
+        elif _not_utf8(name):
+            problems.append(ManifestProblem(1, f"#{j + 1}", _shown(name), _not_utf8_message(name)))
         elif header.index(name) != j:
             problems.append(ManifestProblem(1, name, name, "column appears twice"))
 
@@ -203,8 +225,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     for name in dict.fromkeys(required):
         if name not in columns:
             problems.append(ManifestProblem(1, name, "", "required column is missing"))
-    if problems:
-        return None, problems
+    header_ok = not problems  # a header problem does not hide the problems of the rows: go on
 
     root = path.parent
     n = len(body)
@@ -225,16 +246,29 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         j = columns.get(name)
         return record[j].strip() if j is not None and j < len(record) else ""
 
-    for i, record in enumerate(body):
+    from tqdm import tqdm
+
+    for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress,
+                                    leave=False)):
         r = i + 2
         rows.append(r)
         if len(record) > len(header):
             problems.append(ManifestProblem(r, f"#{len(header) + 1}", record[len(header)],
                                             f"row has {len(record)} cells, the header {len(header)}"))
+        elif len(record) < len(header):
+            problems.append(ManifestProblem(r, header[len(record)], "",
+                                            f"row has {len(record)} cells, the header {len(header)} "
+                                            "(is the file cut short?)"))
+        for j, text in enumerate(record[:len(header)]):
+            if _not_utf8(text):
+                problems.append(ManifestProblem(r, header[j], _shown(text), _not_utf8_message(text)))
+                record[j] = ""  # reported once here; no second problem for the same cell
         # identifiers
         ident = cell(record, schema.id_column)
-        if ident == "":
+        if ident == "" and schema.id_column in columns:
             problems.append(ManifestProblem(r, schema.id_column, "", "id must not be empty"))
+        elif ident == "":
+            pass  # the id column is missing: reported once, in the header
         elif ident in first_seen:
             problems.append(ManifestProblem(r, schema.id_column, ident,
                                             f"duplicate id (first seen in row {first_seen[ident]})"))
@@ -292,6 +326,9 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
                 x = _parse_float(text)
                 if x is None or not math.isfinite(x):
                     problems.append(ManifestProblem(r, v.name, text, "not a finite number"))
+                elif abs(x) > FLOAT32_MAX:
+                    problems.append(ManifestProblem(r, v.name, text, "too large: values are standardised and "
+                                                    f"trained in float32 (|value| <= {FLOAT32_MAX:.3g})"))
             elif v.categories is not None and text not in v.categories:
                 problems.append(ManifestProblem(r, v.name, text, "unknown category; expected one of "
                                                 + ", ".join(map(repr, v.categories))))
@@ -299,7 +336,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         # endpoints
         for e in schema.endpoints:
             tcol, ecol = f"{e}_time", f"{e}_event"
-            if tcol not in columns:
+            if tcol not in columns or ecol not in columns:
                 continue
             ttext, etext = cell(record, tcol), cell(record, ecol)
             if ttext == "" and etext == "":
@@ -318,6 +355,10 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
                     ok = False
                 elif t_val < 0:
                     problems.append(ManifestProblem(r, tcol, ttext, "time must be >= 0"))
+                    ok = False
+                elif t_val > FLOAT32_MAX:
+                    problems.append(ManifestProblem(r, tcol, ttext, "time too large: times are trained in float32 "
+                                                    f"(<= {FLOAT32_MAX:.3g})"))
                     ok = False
             if etext == "":
                 problems.append(ManifestProblem(r, ecol, "", f"{tcol} is given but {ecol} is empty"))
@@ -344,6 +385,8 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
 
     if n == 0:
         problems.append(ManifestProblem(2, schema.id_column, "", "the manifest has no rows"))
+    if not header_ok:
+        return None, problems
     manifest = Manifest(path=path, schema=schema, rows=rows, ids=ids, patient_ids=patient_ids, images=image_paths,
                         centres=centres, clinical_raw=clinical_raw, endpoints=endpoints, label=label,
                         label_mask=label_mask)

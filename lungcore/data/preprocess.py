@@ -198,7 +198,9 @@ class Preprocessor:
         self._settings_json = json.dumps(self.settings.to_dict(), sort_keys=True)
 
     # -- keys -----------------------------------------------------------------------------------
-    def digest(self, path: Path) -> str:
+    def digest(self, path: Path, remember: bool = True) -> str:
+        """The content digest of the image at ``path`` (``verify="stat"``: memoised by size and
+        mtime in ``<cache>/sources``; ``remember=False`` reads that memo but never writes it)."""
         t0 = time.perf_counter()
         path = Path(path)
         try:
@@ -208,25 +210,33 @@ class Preprocessor:
             memo = self._digests.get(str(path.resolve()))
             if memo and memo[0] == sig:
                 return memo[1]
-            record = None
-            if self.cache_dir is not None:
-                rec_path = self.cache_dir / "sources" / (hashlib.blake2b(str(path.resolve()).encode(),
-                                                                         digest_size=16).hexdigest() + ".json")
-                try:
-                    record = json.loads(rec_path.read_text())
-                except (OSError, ValueError):
-                    record = None
-            if record and record.get("signature") == sig:
+            record = self._source_record(path)
+            if record:
                 digest = record["digest"]
             else:
                 digest = source_digest(path)
-                if self.cache_dir is not None:
-                    _atomic_write(rec_path, json.dumps({"path": str(path.resolve()), "signature": sig,
-                                                        "digest": digest}).encode())
+                if self.cache_dir is not None and remember:
+                    record = {"path": str(path.resolve()), "signature": sig, "digest": digest}
+                    _atomic_write(self._source_record_path(path), json.dumps(record).encode())
             self._digests[str(path.resolve())] = (sig, digest)
             return digest
         finally:
             self.stats.hash_s += time.perf_counter() - t0
+
+    def _source_record_path(self, path: Path) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / "sources" / (hashlib.blake2b(str(path.resolve()).encode(),
+                                                             digest_size=16).hexdigest() + ".json")
+
+    def _source_record(self, path: Path) -> dict[str, Any] | None:
+        """The memo ``{path, signature, digest}`` of ``path`` if it matches the file's size and mtime."""
+        if self.cache_dir is None:
+            return None
+        try:
+            record = json.loads(self._source_record_path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("signature") == _stat_signature(path) else None
 
     def key(self, digest: str, centre: np.ndarray | None, frame: str) -> str:
         c = "none" if centre is None else ",".join(f"{v:.4f}" for v in np.asarray(centre, dtype=np.float64))
@@ -363,6 +373,22 @@ class Preprocessor:
                 if self.cache_dir is not None:
                     self._store_entry(keys[b], metas[b], crops[k])
         return out
+
+    def cached(self, path: str | Path, centres: Sequence[np.ndarray | None], frame: str = "world") -> bool:
+        """True when every crop of ``path`` around ``centres`` has a cache entry (writes nothing;
+        an entry that turns out corrupt is rebuilt when it is read)."""
+        if self.cache_dir is None:
+            return False
+        path = Path(path)
+        if self.verify == "stat" and str(path.resolve()) not in self._digests and not self._source_record(path):
+            return False  # never preprocessed (or rewritten since): reading beats hashing then reading
+        digest = self.digest(path, remember=False)
+        for c in centres:
+            c = None if c is None or not np.all(np.isfinite(np.asarray(c, dtype=np.float64))) else \
+                np.asarray(c, dtype=np.float64)
+            if not self.entry_path(self.key(digest, c, frame)).is_file():
+                return False
+        return True
 
     def crop(self, path: str | Path, centre: np.ndarray | None = None, frame: str = "world") -> np.ndarray:
         """One ``(D, H, W)`` crop; see :meth:`crops`."""

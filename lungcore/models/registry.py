@@ -169,7 +169,19 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         ('CSFNet', 'tiny')
     """
     payload = read_checkpoint(path)
-    cls = model_class(payload["model"])
-    model = cls(cls.config_class(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        cls = model_class(payload["model"])
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from None
+    try:
+        model = cls(cls.config_class(**payload["config"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path}: its {payload['model']} config does not fit this lungcore "
+                         f"({exc})") from None
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"checkpoint {path}: its weights do not fit its {payload['model']} config "
+                         f"({' '.join(line.strip() for line in first[:3])})") from None
     return model, payload.get("extra", {})

@@ -25,34 +25,61 @@ def _errors():
     from lungcore.data import ManifestError
     from lungcore.train.loop import NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, ManifestError)
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteLossError, ManifestError)
 
 
 def _fail(command: str, exc: BaseException) -> int:
+    """Print the error on stderr; exit 1 when the data or the run failed, 2 for a usage error
+    (see :mod:`lungcore.usage`)."""
+    from lungcore.data import ManifestError
+    from lungcore.train.loop import NonFiniteLossError
+    from lungcore.usage import EXIT_FAILED, EXIT_USAGE
+
     print(f"lungcore {command}: error: {exc}", file=sys.stderr)
-    return 1
+    return EXIT_FAILED if isinstance(exc, (ManifestError, NonFiniteLossError)) else EXIT_USAGE
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="network: cmml or csfnet (see `lungcore.models.available_models()`)")
-    p.add_argument("--manifest", type=Path, help="cohort manifest (CSV, schema beside it)")
-    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.csv, report/")
-    p.add_argument("--config", type=Path, help="YAML with TrainConfig fields (flags override it)")
+    from lungcore.train.config import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", help=f"network: cmml or csfnet (see `lungcore.models.available_models()`; "
+                                   f"default: the config's, else {d.model})")
+    p.add_argument("--manifest", type=Path, help="cohort manifest (CSV, schema beside it; default: the config's "
+                                                 "data.manifest)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: checkpoints, metrics.csv, report/ (must be empty or absent unless --resume "
+                        "or --overwrite; a cache/ folder in it is fine)")
+    p.add_argument("--config", type=Path, help="YAML with TrainConfig fields (flags override it; default: none)")
     p.add_argument("--stage", help="pretrain|finetune|both for CMML (default: every stage of the model)")
-    p.add_argument("--epochs", type=int, help="epochs per stage")
-    p.add_argument("--batch-size", type=int, help="samples per micro-batch per process")
-    p.add_argument("--accumulate", type=int, help=ACCUMULATE_HELP)
-    p.add_argument("--lr", type=float, help="peak learning rate (cosine schedule with warm-up)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
-    p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--epochs", type=int, help=f"epochs per stage (default: {d.epochs}); with --resume a larger "
+                                              "value trains the current stage longer")
+    p.add_argument("--batch-size", type=int,
+                   help=f"samples per micro-batch per process (default: {d.data.batch_size})")
+    p.add_argument("--accumulate", type=int, help=ACCUMULATE_HELP + f" (default: {d.optim.accumulate})")
+    p.add_argument("--lr", type=float,
+                   help=f"peak learning rate (cosine schedule with warm-up; default: {d.optim.lr})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
+    p.add_argument("--seed", type=int, help=f"seed of every random choice (default: {d.seed})")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement "
+                                                f"(default: {d.patience} = never)")
+    p.add_argument("--num-workers", type=int, help=f"DataLoader worker processes (default: {d.data.num_workers})")
+    p.add_argument("--verify", choices=["stat", "content"],
+                   help="how the cache recognises a source image: stat (size + modification time, fast) or "
+                        f"content (hash every file: catches a rewrite with the same size and time; default: "
+                        f"{d.data.verify})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt with the config it was started with "
+                        "(a contradicting flag is an error; default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: its checkpoints, config, splits, metrics, log and report are "
+                        "deleted once every check passed (its cache/ and other files stay; default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on)")
     p.add_argument("--recipe", choices=["lungcore", "paper"],
                    help="paper: the optimiser and schedule the model's paper published (CSF-Net: Adam 1e-4, "
-                        "betas (0.5, 0.999), cosine warm restarts); --lr still overrides the rate")
+                        "betas (0.5, 0.999), cosine warm restarts); --lr still overrides the rate (default: lungcore)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -60,17 +87,21 @@ def train(args: argparse.Namespace) -> int:
 
     stage = {"both": "all"}.get(args.stage, args.stage)
     try:
-        result = fit(args.config, out=args.out, resume=args.resume, model=args.model,
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+        result = fit(args.config, out=args.out, resume=args.resume, overwrite=args.overwrite, model=args.model,
                      manifest=str(args.manifest) if args.manifest else None, stage=stage, epochs=args.epochs,
                      batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, device=args.device,
                      precision=args.precision, seed=args.seed, patience=args.patience,
                      num_workers=args.num_workers, progress=False if args.no_progress else None,
-                     recipe=args.recipe)
+                     recipe=args.recipe, verify=args.verify)
     except _errors() as exc:
         return _fail("train", exc)
+    from lungcore.usage import json_safe
+
     if result.test_metrics:
-        print(json.dumps({k: v for k, v in result.test_metrics.items() if not k.endswith(("_low", "_high"))},
-                         indent=1, default=float))
+        print(json.dumps(json_safe({k: v for k, v in result.test_metrics.items() if not k.endswith(("_low", "_high"))}),
+                         indent=1, allow_nan=False))
     print(f"best checkpoint: {result.best_checkpoint}")
     return 0
 
@@ -82,19 +113,27 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-manifest", type=Path,
                    help="survival: the training cohort (Breslow baseline, censoring weights); default: the "
                         "evaluated cohort itself")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    _inference_args(p, "report folder")
+
+
+def _inference_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (default: refuse it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: bar on)")
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from lungcore.train.loop import evaluate as run
+    from lungcore.usage import json_safe
 
     try:
         metrics = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device,
-                      reference_manifest=args.reference_manifest)
+                      reference_manifest=args.reference_manifest, overwrite=args.overwrite,
+                      progress=not args.no_progress)
     except _errors() as exc:
         return _fail("evaluate", exc)
-    print(json.dumps(metrics, indent=1, default=float))
+    print(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     return 0
 
 
@@ -102,15 +141,15 @@ def predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by lungcore train")
     p.add_argument("--manifest", type=Path, required=True, help="manifest to predict (endpoints/labels optional)")
     p.add_argument("--out", type=Path, required=True, help="CSV: one row per manifest row (risks or probability)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    _inference_args(p, "CSV")
 
 
 def predict(args: argparse.Namespace) -> int:
     from lungcore.train.loop import predict as run
 
     try:
-        frame = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device)
+        frame = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device,
+                    overwrite=args.overwrite, progress=not args.no_progress)
     except _errors() as exc:
         return _fail("predict", exc)
     print(f"wrote {len(frame)} rows to {args.out}")
@@ -120,8 +159,9 @@ def predict(args: argparse.Namespace) -> int:
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for cohorts, runs and reports")
     p.add_argument("--quick", action="store_true", help="smaller cohorts and fewer epochs (a smoke test)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train (default: auto = cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohorts and the runs (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the demo's small models are overhead-bound and more "
                         "threads than free cores slowed them 4x on a shared 2-core machine; 0 = torch's choice)")

@@ -70,7 +70,10 @@ class DataConfig:
     (``lungcore.data.split_by_patient``); ``preprocess``: fields of
     ``lungcore.data.PreprocessSettings`` (empty = the network's default); ``cache_dir``:
     where preprocessed crops are cached (default ``<out>/cache``); ``augment``: train-time
-    augmentation (``lungcore.data.Augmentation`` defaults) on or off.
+    augmentation (``lungcore.data.Augmentation`` defaults) on or off; ``verify``: how the cache
+    recognises a source image it has seen (``"stat"``: by size and modification time, fast;
+    ``"content"``: by hashing every file each time, which also catches a file rewritten with the
+    same size and time).
     """
 
     manifest: str | None = None
@@ -83,12 +86,15 @@ class DataConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
     augment: bool = True
+    verify: str = "stat"
 
     def __post_init__(self) -> None:
         for name in ("manifest", "schema", "cache_dir"):  # a pathlib.Path is welcome; YAML keeps strings
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, os.fspath(value))
+        if self.verify not in ("stat", "content"):
+            raise ValueError(f"data.verify must be 'stat' or 'content', got {self.verify!r}")
         self.split = tuple(float(f) for f in self.split)
         if len(self.split) != 3:
             raise ValueError(f"data.split must be 3 fractions (train, val, test), got {self.split}")
@@ -164,7 +170,13 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ValueError(f"config file {path} is not valid YAML{at}: "
+                             f"{getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
         try:

@@ -81,6 +81,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, device: str 
              ) -> list[dict[str, Any]]:
     """Run the main job; returns the table rows (model, metric, value, low, high, oracle)."""
     from lungcore.train.loop import fit
+    from lungcore.train.resume import RunFinished
 
     out = Path(out)
     p = plan(quick)
@@ -104,13 +105,18 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, device: str 
         run = out / name
         t0 = time.perf_counter()
         print(f"\n== {name}: training on {manifest}", flush=True)
-        result = fit(cfg, out=run, resume=(run / "last.pt").is_file())
+        try:
+            metrics = fit(cfg, out=run, resume=(run / "last.pt").is_file()).test_metrics
+        except RunFinished:  # a finished run: its test report stands
+            saved = json.loads((run / "report" / "metrics.json").read_text())
+            metrics = {k: float("nan") if v is None else v for k, v in saved.items()}
+            print(f"{run} is finished: its test metrics are in {run / 'report' / 'metrics.json'}", flush=True)
         oracle = _oracle_on_test("survival" if name == "cmml" else "nodules", manifest.parent, run)
         keys = (["pfs_harrell_cindex", "os_harrell_cindex", "pfs_uno_cindex", "os_uno_cindex", "pfs_td_auc_mean",
                  "os_td_auc_mean", "pfs_integrated_brier_score", "os_integrated_brier_score", "os_logrank_p"]
                 if name == "cmml" else ["roc_auc", "accuracy", "recall", "specificity", "f1"])
         for k in keys:
-            m = result.test_metrics
+            m = metrics
             table.append({"model": name, "metric": k, "value": m.get(k, float("nan")),
                           "low": m.get(f"{k}_low", float("nan")), "high": m.get(f"{k}_high", float("nan")),
                           "oracle": oracle.get(k, float("nan")), "minutes": (time.perf_counter() - t0) / 60})

@@ -54,6 +54,7 @@ from torch import nn
 
 from lungcore.train import distributed as dist_utils
 from lungcore.train.config import OptimConfig, TrainConfig
+from lungcore.train.resume import kill_point
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +67,7 @@ class FitResult:
     best_checkpoint: Path
     history: list[dict[str, Any]]
     test_metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the cohort could not teach or select on
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,6 +164,29 @@ def _log(out: Path, message: str, echo: bool = True) -> None:
         print(message, flush=True)
 
 
+def _warn(out: Path, message: str) -> None:
+    """A loud warning: stderr and train.log (the report repeats it)."""
+    import sys
+
+    if not dist_utils.is_main():
+        return
+    _log(out, f"WARNING: {message}", echo=False)
+    print(f"lungcore train: WARNING: {message}", file=sys.stderr, flush=True)
+
+
+RUN_OUTPUTS = ("config.yaml", "splits.json", "last.pt", "best.pt", "metrics.csv", "train.log",
+               "predictions_test.csv", "report", "tensorboard")
+
+
+def _remove_previous_run(out: Path) -> None:
+    """--overwrite: delete what a previous run wrote in ``out`` (its cache/ and other files stay)."""
+    import shutil
+
+    for p in out.iterdir() if out.is_dir() else ():
+        if p.name in RUN_OUTPUTS or (p.name.startswith("best_") and p.suffix == ".pt"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def _write_metrics_csv(out: Path, history: list[dict[str, Any]]) -> None:
     if not dist_utils.is_main():
         return
@@ -187,6 +212,7 @@ class CohortData:
     settings: Any        # PreprocessSettings
     splits: dict[str, list[int]]
     cache_dir: Path | None
+    verify: str = "stat"  # how the cache recognises a source image (DataConfig.verify)
 
 
 def _load_manifest(path: str | Path, schema: Any = None):
@@ -198,8 +224,11 @@ def _load_manifest(path: str | Path, schema: Any = None):
     return read_manifest(path, schema)
 
 
-def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
-    """Read and validate the manifest, split it by patient, fit the schema on the training split."""
+def prepare_data(cfg: TrainConfig, out: Path, reuse_splits: bool = True) -> CohortData:
+    """Read and validate the manifest, split it by patient, fit the schema on the training split.
+
+    ``reuse_splits``: take the splits of ``out/splits.json`` when it exists (a resumed run).
+    Writes nothing (:func:`_fit` writes ``splits.json`` once every check passed)."""
     from lungcore.data import PreprocessSettings, split_by_patient
 
     if not cfg.data.manifest:
@@ -215,7 +244,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
         raise ValueError(f"model {cfg.model!r} needs CT images, but every image cell of {cfg.data.manifest} "
                          f"(columns {', '.join(manifest.schema.image_columns)}) is empty")
     splits_file = out / "splits.json"
-    if splits_file.is_file():  # a resumed run keeps its splits even if the split code changed
+    if splits_file.is_file() and reuse_splits:  # a resumed run keeps its splits even if the split code changed
         by_id = json.loads(splits_file.read_text())
         index = {i: k for k, i in enumerate(manifest.ids)}
         missing = [i for ids in by_id.values() for i in ids if i not in index]
@@ -225,16 +254,13 @@ def prepare_data(cfg: TrainConfig, out: Path) -> CohortData:
         splits = {name: [index[i] for i in ids] for name, ids in by_id.items()}
     else:
         splits = split_by_patient(manifest, cfg.data.split, seed=cfg.data.split_seed)
-        if dist_utils.is_main():
-            splits_file.write_text(json.dumps({k: [manifest.ids[i] for i in v] for k, v in splits.items()},
-                                              indent=0) + "\n")
     if not splits["train"]:
         raise ValueError("the training split is empty: the cohort is too small for data.split")
     schema = manifest.subset(splits["train"]).fit_schema()
     defaults = PreprocessSettings.for_kind(task_kind).to_dict()
     settings = PreprocessSettings.from_dict({**defaults, **cfg.data.preprocess})
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
-    return CohortData(manifest, schema, settings, splits, cache)
+    return CohortData(manifest, schema, settings, splits, cache, cfg.data.verify)
 
 
 def require_targets(manifest: Any, path: Any, endpoints: Any = None) -> None:
@@ -253,9 +279,10 @@ def require_targets(manifest: Any, path: Any, endpoints: Any = None) -> None:
 
 
 def _dataset(data: CohortData, rows: list[int], augment: bool):
-    from lungcore.data import Augmentation, CohortDataset
+    from lungcore.data import Augmentation, CohortDataset, Preprocessor
 
-    return CohortDataset(data.manifest.subset(rows), data.schema, data.settings, cache_dir=data.cache_dir,
+    return CohortDataset(data.manifest.subset(rows), data.schema,
+                         preprocessor=Preprocessor(data.settings, cache_dir=data.cache_dir, verify=data.verify),
                          augment=Augmentation() if augment else None)
 
 
@@ -315,11 +342,15 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
         if not dist_utils.all_true(finite, device):
             bar.close()
             ids = batch.get("id", [])
+            last_pt = state["out"] / "last.pt"
+            then = (f"The last good checkpoint is {last_pt}: lower the learning rate (optim.lr) or check the "
+                    "inputs, then rerun with --resume" if last_pt.is_file() else
+                    "No checkpoint was written yet (this was before the end of the first epoch), so there is "
+                    "nothing to resume: lower the learning rate (optim.lr) or check the inputs, then start "
+                    "again with --overwrite")
             raise NonFiniteLossError(
                 f"the {stage} loss became {loss.detach().float().item()} at epoch {state['epoch'] + 1}, batch "
-                f"{i + 1}/{n_batches} (ids {list(ids)[:4]}...); stopped. The last good checkpoint is "
-                f"{state['out'] / 'last.pt'}: lower the learning rate (optim.lr) or check the inputs, "
-                f"then rerun with --resume")
+                f"{i + 1}/{n_batches} (ids {list(ids)[:4]}...); stopped. {then}")
         if last_of_group:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -328,6 +359,7 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            kill_point()
         n = int(batch["clinical"].shape[0])
         samples += n
         count += 1
@@ -348,15 +380,17 @@ def _train_epoch(wrapped: nn.Module, model: nn.Module, loader, stage: str, optim
 
 @torch.no_grad()
 def run_predictions(model: nn.Module, loader, device: torch.device, precision: str = "auto",
-                    stage: str | None = None) -> dict[str, Any]:
+                    stage: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Per-sample outputs of ``model.predict`` over a loader (+ the mean of ``model.loss`` if ``stage``)."""
+    from tqdm import tqdm
+
     model.eval()
     outputs: dict[str, list[np.ndarray]] = {}
     ids: list[str] = []
     targets: dict[str, list[np.ndarray]] = {}
     losses = []
     with dist_utils.cross_rank_cox(model, False):
-        for batch in loader:
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
             batch = _to_device(batch, device)
             with _autocast(device, precision):
                 pred = model.predict(batch)
@@ -439,7 +473,7 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("manifest", "schema", "batch_size", "num_workers", "cache_dir"):
+        if key in ("manifest", "schema", "batch_size", "num_workers", "cache_dir", "verify"):
             d["data"][key] = value
         elif key in ("lr", "accumulate"):
             d["optim"][key] = value
@@ -451,7 +485,7 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
 
 
 def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: str | os.PathLike,
-        resume: bool = False, **overrides: Any) -> FitResult:
+        resume: bool = False, overwrite: bool = False, **overrides: Any) -> FitResult:
     """Train ``config.model`` on ``config.data.manifest``; select on validation; test the best model.
 
     ``config``: a :class:`TrainConfig`, its dict form, or a YAML path; ``overrides``: ``manifest``,
@@ -460,22 +494,42 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     model run in order (``config.stage`` picks one); each starts from the previous stage's best
     model. Returns the best checkpoint and the test metrics.
 
+    ``resume``: continue the run in ``out`` with the config it was started with
+    (:mod:`lungcore.train.resume`: a contradicting override is an error). ``overwrite``: replace a
+    previous run in ``out`` (without it a non-empty ``out`` is refused). Every image the run uses
+    is read before the first step (:mod:`lungcore.train.preflight`); nothing in ``out`` is written
+    before these checks pass.
+
     Example (runs as a doctest in the module docstring)::
 
         result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
     """
-    cfg = _resolve_config(config, overrides)
+    if resume:
+        from lungcore.train.resume import resume_config
+
+        cfg, _ = resume_config(out, config, overrides)
+    else:
+        cfg = _resolve_config(config, overrides)
     _quiet_readers()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _fit(cfg, Path(out), resume, lr_override=overrides.get("lr"))
+        return _fit(cfg, Path(out), resume, lr_override=overrides.get("lr"), overwrite=overwrite)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = None) -> FitResult:
+def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = None,
+         overwrite: bool = False) -> FitResult:
+    from lungcore.train import preflight
+    from lungcore.train import resume as resuming
+    from lungcore.usage import out_folder
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        if (out / "last.pt").is_file() and not overwrite:
+            raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, --overwrite "
+                                  "to replace it, or use a fresh --out")
+        out_folder(out, "--out", overwrite=overwrite, ignore=("cache",))
     device_name = _device(cfg)
     distributed = dist_utils.init_from_env(device_name)
     device = dist_utils.local_device(device_name)
@@ -494,35 +548,41 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
 
     last = out / "last.pt"
     trainer: dict[str, Any] | None = None
-    if resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: {last} does not exist (nothing to resume; drop --resume)")
+    if resume:  # fit() checked the flags against last.pt (resume_config)
         payload = read_checkpoint(last)
-        trainer = payload.get("extra", {}).get("trainer")
-        if trainer is None:
-            raise ValueError(f"--resume: {last} holds no training state")
-        saved = TrainConfig.from_dict(payload["extra"]["train_config"])
-        if saved.model != cfg.model:
-            raise ValueError(f"--resume: {last} trains {saved.model!r}, not {cfg.model!r}")
-    elif last.is_file():
-        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, or use a "
-                              f"fresh --out")
-    if rank == 0:
-        cfg.save_yaml(out / "config.yaml")
+        trainer = payload["extra"]["trainer"]
 
-    data = prepare_data(cfg, out)
+    data = prepare_data(cfg, out, reuse_splits=resume)
     task = cls.task
     _seed_all(cfg.seed)
     model = create(cfg.model, **cls.config_from_cohort(data.schema, data.settings, cfg.model_overrides)).to(device)
-    if cfg.recipe == "paper":
+    if cfg.recipe == "paper" and not resume:  # a resumed run's saved config has the recipe applied
         cfg = _apply_recipe(cfg, model)
         if lr_override is not None:  # an explicit rate (fit(lr=...), --lr) beats the paper's
             cfg.optim.lr = float(lr_override)
-        if rank == 0:
-            cfg.save_yaml(out / "config.yaml")
-            _log(out, f"recipe 'paper': optim {cfg.optim}")
     if trainer is not None:
         model.load_state_dict(payload["state_dict"])
+    # every image the run will use is read (or found in the cache) before anything is written
+    used = sorted({i for rows in data.splits.values() for i in rows})
+    preflight.read_every_image(data.manifest, used, data.settings, data.cache_dir, verify=data.verify,
+                               progress=bool(cfg.progress and rank == 0))
+    warnings = preflight.learnability(task, data.manifest, data.splits)
+
+    # -- the checks passed: from here on the run folder changes --------------------------------------
+    if rank == 0:
+        if overwrite and not resume:
+            _remove_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        resuming.clean_partial_writes(out)
+        cfg.save_yaml(out / "config.yaml")
+        if not resume or not (out / "splits.json").is_file():
+            (out / "splits.json").write_text(json.dumps(
+                {k: [data.manifest.ids[i] for i in v] for k, v in data.splits.items()}, indent=0) + "\n")
+        if cfg.recipe == "paper" and not resume:
+            _log(out, f"recipe 'paper': optim {cfg.optim}")
+        for w in warnings:
+            _warn(out, w)
+    dist_utils.barrier()
 
     history: list[dict[str, Any]] = list(trainer["history"]) if trainer else []
     start_stage = trainer["stage_index"] if trainer else 0
@@ -557,6 +617,9 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
         pretraining = stage == "pretrain"
         monitor = cfg.monitor if cfg.monitor != "auto" else (
             "val_loss" if pretraining else ("val_cindex" if task == "survival" else "val_roc_auc"))
+        if monitor != "val_loss" and len(datasets["val"]) and not preflight.metric_defined(
+                task, data.manifest, data.splits["val"]):
+            monitor = "val_loss"  # the metric is undefined on this validation split (warned above)
         lower_is_better = monitor.endswith("loss")
         optimizer = _optimizer(model, cfg)
         resuming_here = trainer is not None and si == trainer["stage_index"]
@@ -565,8 +628,12 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
             state = {"epoch": trainer["epoch"], "step": trainer["step"], "best": trainer["best"],
                      "best_epoch": trainer["best_epoch"], "bad": trainer["bad"], "done": trainer["done"],
                      "out": out}
-            _log(out, f"resuming {out} at stage {stage} epoch {state['epoch'] + 1}/{epochs}"
-                      f" (step {state['step']})")
+            if state["done"] or state["epoch"] >= epochs:
+                _log(out, f"resuming {out}: stage {stage} is trained ({state['epoch']}/{epochs} epochs); "
+                          "finishing the run")
+            else:
+                _log(out, f"resuming {out} at stage {stage} epoch {state['epoch'] + 1}/{epochs}"
+                          f" (step {state['step']})")
         else:
             if si > 0:
                 prev = out / f"best_{stages[si - 1]}.pt"
@@ -663,10 +730,13 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     if rank == 0 and len(datasets["test"]):
         best_model, _ = load_model(best)
         best_model.to(device)
-        test_metrics = _test_and_report(best_model, task, data, datasets, cfg, device, out, history)
+        test_metrics = _test_and_report(best_model, task, data, datasets, cfg, device, out, history, warnings)
         _log(out, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()
                                        if isinstance(v, float) and not k.endswith(("_low", "_high"))))
-    return FitResult(out=out, best_checkpoint=best, history=history, test_metrics=test_metrics)
+    if rank == 0:
+        resuming.mark_finished(last)  # a later --resume says the run is finished
+    return FitResult(out=out, best_checkpoint=best, history=history, test_metrics=test_metrics,
+                     warnings=warnings)
 
 
 def _quiet_readers() -> None:
@@ -691,7 +761,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, device, out: Path,
-                     history) -> dict[str, float]:
+                     history, warnings: list[str] = ()) -> dict[str, float]:
     from lungcore.models.registry import read_checkpoint, save_model
     from lungcore.train.report import write_predictions, write_report
 
@@ -714,7 +784,7 @@ def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, 
     test["patient_id"] = [patients[i] for i in test["id"]]
     write_predictions(test, task, out / "predictions_test.csv")
     return write_report(out / "report", task, test, reference=reference, history=history,
-                        title=f"{cfg.model} — test split ({len(test['id'])} samples)")
+                        title=f"{cfg.model} — test split ({len(test['id'])} samples)", warnings=warnings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,18 +794,36 @@ def _test_and_report(model, task, data: CohortData, datasets, cfg: TrainConfig, 
 def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
                      num_workers: int = 0, cache_dir: str | os.PathLike | None = None):
     from lungcore.data import CohortDataset, CohortSchema, PreprocessSettings
+    from lungcore.data.schema import schema_beside
     from lungcore.models.registry import load_model, read_checkpoint
+    from lungcore.train.preflight import read_every_image
+    from lungcore.usage import UsageError
+    from lungcore.usage import device as check_device
 
     _quiet_readers()
+    check_device(device)
     payload = read_checkpoint(checkpoint)
     extra = payload.get("extra", {})
     if "schema" not in extra or "preprocess" not in extra:
         raise ValueError(f"checkpoint {checkpoint} lacks the cohort schema / preprocessing settings "
                          "(was it written by lungcore train?)")
-    schema = CohortSchema.from_dict(extra["schema"])
-    settings = PreprocessSettings.from_dict(extra["preprocess"])
+    try:
+        schema = CohortSchema.from_dict(extra["schema"])
+        settings = PreprocessSettings.from_dict(extra["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"checkpoint {checkpoint}: its schema / preprocessing settings are invalid ({exc})") from None
+    model, _ = load_model(checkpoint)  # a wrong shape / unknown model / unknown field: ValueError naming the file
+    own = schema_beside(manifest) if Path(manifest).is_file() else None
+    if own is not None:
+        try:
+            kind = CohortSchema.load(own).kind
+        except (ValueError, OSError):
+            kind = schema.kind
+        if kind != schema.kind:
+            raise UsageError(f"--checkpoint {checkpoint} is a {payload['model']} model of {schema.kind!r} cohorts "
+                             f"but --manifest {manifest} is a {kind!r} cohort ({own.name})")
     m = _load_manifest(manifest, schema)
-    model, _ = load_model(checkpoint)
+    read_every_image(m, range(len(m)), settings, cache_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     ds = CohortDataset(m, schema, settings, cache_dir=cache_dir)
@@ -745,30 +833,39 @@ def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike,
 
 
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
-            batch_size: int = 8, device: str | None = None, cache_dir: str | os.PathLike | None = None) -> Any:
+            batch_size: int = 8, device: str | None = None, cache_dir: str | os.PathLike | None = None,
+            overwrite: bool = False, progress: bool = False) -> Any:
     """Per-row predictions (risks per endpoint, or malignancy probability) as a pandas DataFrame
-    (also written to ``out`` as CSV when given). The manifest is coded with the checkpoint's schema.
+    (also written to ``out`` as CSV when given: an existing file only with ``overwrite``; checked
+    before any work). The manifest is coded with the checkpoint's schema.
 
     Example (runs as a doctest in the module docstring)::
 
         frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
     """
     from lungcore.train.report import predictions_frame
+    from lungcore.usage import out_file
 
+    if out is not None:
+        out_file(out, "--out", overwrite=overwrite)
     model, m, loader, task, dev, _ = _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir=cache_dir)
-    pred = run_predictions(model, loader, dev)
+    pred = run_predictions(model, loader, dev, progress=progress)
     patients = dict(zip(m.ids, m.patient_ids))
     pred["patient_id"] = [patients[i] for i in pred["id"]]
     frame = predictions_frame(pred, task)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out, index=False)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(out)
     return frame
 
 
 def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
              batch_size: int = 8, device: str | None = None, reference_manifest: str | os.PathLike | None = None,
-             cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+             cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             progress: bool = False) -> dict[str, float]:
     """Metrics of a checkpoint on every row of a labelled manifest (+ a report folder at ``out``).
 
     For survival models the Breslow baseline and the censoring distribution come from
@@ -779,11 +876,14 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
         metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
     """
     from lungcore.train.report import summary_metrics, write_report
+    from lungcore.usage import out_folder
 
+    if out is not None:  # checked before any work: an existing report is replaced only with overwrite
+        out_folder(out, "--out", overwrite=overwrite)
     model, m, loader, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
                                                           cache_dir=cache_dir)
     require_targets(m, manifest, getattr(model, "endpoints", None))
-    pred = run_predictions(model, loader, dev)
+    pred = run_predictions(model, loader, dev, progress=progress)
     pred["patient_id"] = list(m.patient_ids)
     reference = None
     if task == "survival" and reference_manifest is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,13 @@ def summary_metrics(task: str, pred: dict[str, Any], reference: dict[str, Any] |
 
 
 def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: dict[str, Any] | None = None,
-                 history: list[dict[str, Any]] | None = None, title: str = "lungcore report") -> dict[str, Any]:
-    """Write ``folder``/{summary.md, metrics.json, *.png}; return the metrics."""
+                 history: list[dict[str, Any]] | None = None, title: str = "lungcore report",
+                 warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """Write ``folder``/{summary.md, metrics.json, *.png}; return the metrics. ``warnings`` (what
+    the run could not learn or select on) head the summary. ``metrics.json`` is strict JSON
+    (an undefined metric is ``null``)."""
+    from lungcore.usage import json_safe
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,8 +200,9 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
                 figures.append(_km_plot(folder, e, pred, flat, plt))
     elif "label" in pred:
         figures += _classification_plots(folder, pred, flat, plt)
-    (folder / "metrics.json").write_text(json.dumps(flat, indent=1, default=float) + "\n")
-    lines = [f"# {title}", "", "| metric | value | 95% CI |", "|---|---|---|"]
+    (folder / "metrics.json").write_text(json.dumps(json_safe(flat), indent=1, allow_nan=False) + "\n")
+    lines = [f"# {title}", ""] + [line for w in warnings for line in (f"> **Warning:** {w}", "")] + [
+        "| metric | value | 95% CI |", "|---|---|---|"]
     for k, v in flat.items():
         if k.endswith("_low") or k.endswith("_high") or not isinstance(v, (int, float)):
             continue

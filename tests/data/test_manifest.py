@@ -128,7 +128,7 @@ def test_nodule_manifest(tmp_path):
 def test_validate_command(cohort, capsys):
     bad = cohort("P1,missing.nii.gz,61,former,-3,1,10,0", "P1,good.nii.gz,61,former,3,1,10,0")
     assert main(["validate", "--manifest", str(bad)]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # problems go to stderr
     assert "3 problems" in out
     assert "row 2, column 'ct', value 'missing.nii.gz': file not found" in out
     assert "row 2, column 'pfs_time', value '-3': time must be >= 0" in out

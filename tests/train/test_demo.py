@@ -11,6 +11,7 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "cmml" / "report" / "km_os.png").is_file()
     assert (tmp_path / "csfnet" / "report" / "roc.png").is_file()
     assert "oracle" in capsys.readouterr().out
-    # a rerun resumes the finished runs and only re-evaluates them
+    # a rerun finds the runs finished and reads their test reports: the same table
     assert main(["demo", "--out", str(tmp_path), "--quick", "--threads", "1"]) == 0
-    assert "resuming" in (tmp_path / "cmml" / "train.log").read_text()
+    assert "cmml is finished" in capsys.readouterr().out
+    assert (tmp_path / "demo.md").read_text().split("Total")[0] == table.split("Total")[0]

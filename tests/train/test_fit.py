@@ -80,19 +80,19 @@ def test_clear_errors(tmp_path, nodule_cohort, cache_dir, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["predict", "--checkpoint", str(bad), "--manifest", str(nodule_cohort),
-                 "--out", str(tmp_path / "p.csv")]) == 1
+                 "--out", str(tmp_path / "p.csv")]) == 2  # usage errors exit 2 (lungcore.usage)
     assert "corrupt" in capsys.readouterr().err
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest", str(nodule_cohort)]) == 1
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest", str(nodule_cohort)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--model", "no-such-net", "--manifest", str(nodule_cohort), "--out",
-                 str(tmp_path / "x"), "--no-progress"]) == 1
+                 str(tmp_path / "x"), "--no-progress"]) == 2
     assert "unknown model 'no-such-net'" in capsys.readouterr().err
     frame = pd.read_csv(nodule_cohort, dtype=str, keep_default_na=False).drop(columns=["smoking"])
     broken = nodule_cohort.parent / "broken.csv"
     frame.to_csv(broken, index=False)
     (nodule_cohort.parent / "broken.schema.json").write_text((nodule_cohort.parent / "manifest.schema.json").read_text())
     assert main(["train", "--model", "toy_classifier", "--manifest", str(broken), "--out", str(tmp_path / "y"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 1  # a manifest problem: the data failed
     assert "smoking" in capsys.readouterr().err
     frame = pd.read_csv(nodule_cohort, dtype=str, keep_default_na=False).drop(columns=["label"])
     unlabelled = nodule_cohort.parent / "unlabelled.csv"
@@ -100,10 +100,10 @@ def test_clear_errors(tmp_path, nodule_cohort, cache_dir, capsys):
     (nodule_cohort.parent / "unlabelled.schema.json").write_text(
         (nodule_cohort.parent / "manifest.schema.json").read_text())
     assert main(["train", "--model", "toy_classifier", "--manifest", str(unlabelled), "--out", str(tmp_path / "u"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "column 'label' is missing or empty" in capsys.readouterr().err
     assert main(["train", "--model", "toy_survival", "--manifest", str(nodule_cohort), "--out", str(tmp_path / "z"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "survival" in capsys.readouterr().err
 
 

@@ -1,4 +1,7 @@
-"""Kill a real training process (SIGKILL) during epoch 3, --resume, compare with an uninterrupted run."""
+"""Kill a real training process (SIGKILL) during epoch 3, --resume, compare with an uninterrupted run.
+
+The kill is deterministic: ``LUNGCORE_KILL_AT_STEP=N`` makes the trainer SIGKILL itself right
+after its N-th optimiser step (no sleeps, no timing)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,37 +20,20 @@ from lungcore.train import fit
 HERE = Path(__file__).parent
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if path.is_file() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training process ended (rc {proc.returncode}) before {text!r}")
-        time.sleep(0.02)
-    raise AssertionError(f"timeout waiting for {text!r}")
-
-
 def test_sigkill_in_epoch_3_then_resume_matches_uninterrupted(tmp_path, nodule_cohort, cache_dir):
-    cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=5,
-                      model_overrides={"sleep": 0.15}, data={"batch_size": 4})
+    cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=5, data={"batch_size": 4})
     reference = fit(cfg, out=tmp_path / "reference")
+    n_train = len(json.loads((tmp_path / "reference" / "splits.json").read_text())["train"])
+    steps_per_epoch = n_train // 4 if n_train > 4 else 1  # drop_last when the split exceeds a batch
 
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg))
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(HERE / "_run_fit.py"), str(cfg_file), str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_for(out / "train.log", "stage train epoch 3/5 start", proc)
-        time.sleep(0.2)  # inside epoch 3: a training step is running
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "LUNGCORE_KILL_AT_STEP": str(2 * steps_per_epoch + 1)}  # the first step of epoch 3
+    proc = subprocess.run([sys.executable, str(HERE / "_run_fit.py"), str(cfg_file), str(out)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     state = read_checkpoint(out / "last.pt")["extra"]["trainer"]
     assert state["epoch"] == 2  # epochs 1 and 2 finished; the kill lost only (part of) epoch 3
     assert "epoch 3/5 end" not in (out / "train.log").read_text()
@@ -72,7 +57,9 @@ def test_resume_without_checkpoint_and_rerun_into_used_folder(tmp_path, nodule_c
     import pytest
 
     cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=1)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    from lungcore.usage import UsageError
+
+    with pytest.raises(UsageError, match="nothing to resume"):
         fit(cfg, out=tmp_path / "fresh", resume=True)
     fit(cfg, out=tmp_path / "run")
     with pytest.raises(FileExistsError, match="--resume"):

@@ -1,0 +1,129 @@
+"""Checks a training run makes before its first step, so that it fails early or not at all.
+
+:func:`read_every_image` reads every image the run will use (or finds all of its crops in the
+cache) with the reader and the checks of ``lungcore validate --images full``: a bad image is a
+:class:`~lungcore.data.ManifestError` naming its manifest row and column, raised before anything
+is written. :func:`learnability` lists what makes a cohort unable to teach or select a model
+(no events, an all-censored or one-class validation split, a single patient).
+
+Example:
+    >>> # from lungcore.train.preflight import read_every_image
+    >>> # read_every_image(manifest, rows, settings, cache_dir="cache")   # ManifestError if any is bad
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def read_every_image(manifest: Any, rows: Sequence[int], settings: Any, cache_dir: str | Path | None = None, *,
+                     verify: str = "stat", progress: bool = False) -> dict[str, int]:
+    """Read (or find in the cache) every image of ``manifest`` rows ``rows``; writes nothing.
+
+    Returns ``{"cached": images whose crops are all cached, "read": images read}``; raises
+    :class:`lungcore.data.ManifestError` listing every unreadable image (row, column, value),
+    or a centre that lies outside its image, exactly as ``lungcore validate --images full``.
+    """
+    from tqdm import tqdm
+
+    from lungcore.data.manifest import ManifestError, ManifestProblem, _centre_outside, _check_image
+    from lungcore.data.preprocess import Preprocessor
+
+    pre = Preprocessor(settings, cache_dir=cache_dir, verify=verify)
+    frame = manifest.schema.centre_frame
+    columns = manifest.schema.image_columns
+    jobs: dict[Path, list[tuple[int, int]]] = {}
+    for i in sorted(set(int(r) for r in rows)):
+        for t, p in enumerate(manifest.images[i]):
+            if p is not None:
+                jobs.setdefault(Path(p), []).append((i, t))
+    problems: list[ManifestProblem] = []
+    counts = {"cached": 0, "read": 0}
+
+    for jobs_path in tqdm(sorted(jobs, key=str), desc="check images", unit="CT", disable=not progress):
+        boxes = jobs[jobs_path]
+        centres = [manifest.centres[i, t] for i, t in boxes]
+        try:
+            if pre.cached(jobs_path, centres, frame):
+                counts["cached"] += 1
+                continue
+        except OSError:
+            pass  # unreadable for hashing: the read below names the problem
+        counts["read"] += 1
+        bad, geometry = _check_image(jobs_path, "full")
+        if bad:
+            text = _cell_text(manifest, jobs_path)
+            problems += [ManifestProblem(manifest.rows[i], columns[t], text, *bad) for i, t in boxes]
+            continue
+        for (i, t), centre in zip(boxes, centres):
+            if geometry is not None and np.all(np.isfinite(centre)):
+                outside = _centre_outside(centre, frame, geometry)
+                if outside:
+                    cols = manifest.schema.centre_columns.get(columns[t], [columns[t]])
+                    problems.append(ManifestProblem(manifest.rows[i], cols[0], f"{centre[0]:g}", outside))
+    if problems:
+        problems.sort(key=lambda p: p.row)
+        raise ManifestError(manifest.path, problems)
+    return counts
+
+
+def _cell_text(manifest: Any, path: Path) -> str:
+    """The manifest cell as written (relative to the manifest's folder when it is inside it)."""
+    try:
+        return str(path.relative_to(manifest.path.parent))
+    except ValueError:
+        return str(path)
+
+
+def learnability(task: str, manifest: Any, splits: dict[str, list[int]]) -> list[str]:
+    """Warnings about a cohort a model cannot learn from or be selected on (empty: none).
+
+    Survival: an endpoint with no event in the training split; a validation split where no
+    endpoint has a comparable pair (C-index undefined). Classification: one class only in the
+    training or validation split. Both: a single patient; an empty validation split.
+    """
+    warnings: list[str] = []
+    if len(set(manifest.patient_ids)) < 2:
+        warnings.append("the cohort has a single patient: nothing to learn or to validate on")
+    if not splits.get("val"):
+        warnings.append("the validation split is empty: no model selection, the last epoch is kept")
+    if task == "survival":
+        for e in ("pfs", "os"):
+            mask = manifest.endpoints.get(f"{e}_mask")
+            if mask is None:
+                continue
+            train = [i for i in splits["train"] if mask[i]]
+            if train and not any(manifest.endpoints[f"{e}_event"][i] == 1 for i in train):
+                warnings.append(f"no {e} events in the training split ({len(train)} rows, all censored): "
+                                f"the {e} risk cannot be learnt")
+        if splits.get("val") and not metric_defined(task, manifest, splits["val"]):
+            warnings.append("the validation C-index is undefined (no event with a later time to compare in any "
+                            "endpoint): models are selected on the validation loss instead")
+    else:
+        for split in ("train", "val"):
+            rows = [i for i in splits.get(split, []) if manifest.label_mask[i]]
+            classes = sorted({int(manifest.label[i]) for i in rows})
+            if rows and len(classes) < 2:
+                what = "the validation ROC AUC is undefined: models are selected on the validation loss instead" \
+                    if split == "val" else "the classifier cannot learn to separate the classes"
+                warnings.append(f"the {split} split holds one class only (label {classes[0]}): {what}")
+    return warnings
+
+
+def metric_defined(task: str, manifest: Any, rows: Sequence[int]) -> bool:
+    """Whether the validation metric (C-index / ROC AUC) can be computed on ``rows`` at all."""
+    if task == "survival":
+        for e in ("pfs", "os"):
+            mask = manifest.endpoints.get(f"{e}_mask")
+            if mask is None:
+                continue
+            t = np.asarray([manifest.endpoints[f"{e}_time"][i] for i in rows if mask[i]])
+            ev = np.asarray([manifest.endpoints[f"{e}_event"][i] for i in rows if mask[i]])
+            if ev.size and any((t > t_i).any() for t_i in t[ev == 1]):
+                return True
+        return False
+    labels = {int(manifest.label[i]) for i in rows if manifest.label_mask[i]}
+    return len(labels) == 2

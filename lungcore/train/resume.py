@@ -1,0 +1,224 @@
+"""What ``--resume`` restores, and what a command line may (not) change when it does.
+
+A resumed run takes its configuration from ``last.pt`` (the config the run was started with),
+not from the defaults of the command line. A flag or config field that contradicts the saved
+config is a :class:`~lungcore.usage.UsageError` naming the flag, raised before anything in the
+run folder changes. The exceptions, documented in the README:
+
+- ``epochs`` may grow: the stage being trained (the last one, when the run finished) continues
+  to the new count, its learning-rate schedule stretched to the new length;
+- ``progress``, ``num_workers`` and ``device`` may change (they do not change what is learnt,
+  except for the last bits of floating point between devices).
+
+A run whose every stage is done and whose test report was written is *finished*: resuming it is a
+:class:`RunFinished` error unless ``epochs`` grows.
+
+Example:
+    >>> saved = {"epochs": 3, "data": {"manifest": "m.csv", "batch_size": 4}}
+    >>> contradictions(saved, {"epochs": None, "batch_size": 4, "manifest": "m.csv"})
+    []
+    >>> contradictions(saved, {"epochs": 10, "batch_size": 8})
+    ['--batch-size 8 (the run was started with data.batch_size 4)']
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lungcore.usage import UsageError
+
+# keyword of fit() (a command-line flag with - for _) -> its place in TrainConfig.to_dict()
+OVERRIDE_PATHS = {"manifest": "data.manifest", "schema": "data.schema", "batch_size": "data.batch_size",
+                  "num_workers": "data.num_workers", "cache_dir": "data.cache_dir", "verify": "data.verify",
+                  "lr": "optim.lr", "accumulate": "optim.accumulate"}
+MAY_CHANGE = {"progress", "num_workers", "device", "data.num_workers"}
+
+
+class RunFinished(UsageError):
+    """``--resume`` of a run that has nothing left to do."""
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _same(a: Any, b: Any, key: str) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], key) for k in a)
+    if key in ("data.manifest", "data.schema", "data.cache_dir") and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, key) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: str = "",
+                   longer: bool = True) -> list[str]:
+    """Each override (fit keyword or dotted config path -> value; None = not given) that differs
+    from ``saved`` (a ``TrainConfig.to_dict()``), as ``"--flag value (the run was started with ...)"``.
+    The :data:`MAY_CHANGE` fields may differ, and ``epochs`` may grow when ``longer`` (the
+    ``--epochs`` flag; a config file's ``epochs`` must match: it may be the file the run was
+    started with, its ``epochs`` overridden then)."""
+    out = []
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        path = OVERRIDE_PATHS.get(key, key)
+        if path in MAY_CHANGE or key in MAY_CHANGE:
+            continue
+        old = _get(saved, path)
+        if path == "epochs" and longer and old is not None and int(value) >= int(old):
+            continue  # a longer run: documented
+        if _same(value, old, path):
+            continue
+        name = where + path if where else "--" + key.replace("_", "-")
+        shown = value if not isinstance(value, (list, tuple)) else " ".join(map(str, value))
+        out.append(f"{name} {shown} (the run was started with {path} {old})")
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("data", "optim"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_fields(config: Any) -> tuple[dict[str, Any], str]:
+    """The fields a config (TrainConfig, dict, YAML path) states explicitly, and how to name them."""
+    from lungcore.train.config import TrainConfig
+
+    if config is None:
+        return {}, ""
+    if isinstance(config, TrainConfig):
+        return _flatten(config.to_dict()), "config field "
+    if isinstance(config, dict):
+        TrainConfig.from_dict(config)  # typos are errors here too
+        return _flatten(config), "config field "
+    path = Path(config)
+    TrainConfig.from_yaml(path)  # a malformed file is named before the comparison
+    import yaml
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    return _flatten(raw), f"--config {path}: "
+
+
+def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(TrainConfig to resume with, the last.pt payload)``; raises before anything is written.
+
+    ``config`` and ``overrides`` are what :func:`lungcore.train.fit` was given; each must agree
+    with the config saved in ``out/last.pt`` (see the module docstring for what may change).
+    """
+    from lungcore.models.registry import read_checkpoint
+    from lungcore.train.config import TrainConfig
+
+    last = Path(out) / "last.pt"
+    if not last.is_file():
+        raise UsageError(f"--resume: {last} does not exist (nothing to resume; drop --resume)")
+    payload = read_checkpoint(last)
+    extra = payload.get("extra", {})
+    trainer = extra.get("trainer")
+    if trainer is None or "train_config" not in extra:
+        raise UsageError(f"--resume: {last} holds no training state")
+    saved = TrainConfig.from_dict(extra["train_config"])
+    saved_dict = saved.to_dict()
+    fields, where = _config_fields(config)
+    problems = contradictions(saved_dict, fields, where=where or "config field ", longer=False)
+    problems += contradictions(saved_dict, overrides)
+    if problems:
+        raise UsageError(f"--resume {out}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
+                         "started with (only a longer --epochs, --device, --num-workers, --no-progress may "
+                         "differ): drop the flag, or start a new run in another --out")
+    d = saved.to_dict()
+    for key in ("progress", "device"):
+        if overrides.get(key) is not None:
+            d[key] = overrides[key]
+        elif fields.get(key) is not None:
+            d[key] = fields[key]
+    if overrides.get("num_workers") is not None:
+        d["data"]["num_workers"] = overrides["num_workers"]
+    longer = overrides.get("epochs")
+    if longer is not None:
+        d["epochs"] = int(longer)
+    cfg = TrainConfig.from_dict(d)
+    stages = trainer_stages(cfg)
+    si = int(trainer["stage_index"])
+    stage = stages[min(si, len(stages) - 1)]
+    stage_done = trainer.get("done") or int(trainer["epoch"]) >= cfg.epochs_for(stage)
+    if trainer.get("finished") and si == len(stages) - 1 and stage_done:
+        why = (f"stopped early at epoch {trainer['epoch']} (patience {saved.patience})" if trainer.get("done")
+               else f"trained {trainer['epoch']}/{saved.epochs_for(stage)} epochs of its last stage {stage!r}")
+        raise RunFinished(f"--resume: the run in {out} is finished ({why}; best.pt and the test report are "
+                          "written); nothing to resume. Pass a larger --epochs to train its last stage longer")
+    return cfg, payload
+
+
+def trainer_stages(cfg: Any) -> list[str]:
+    """The stages a config runs, in order."""
+    from lungcore.models.registry import model_class
+
+    stages = list(model_class(cfg.model).stages)
+    return stages if cfg.stage in ("all", "both") else [cfg.stage]
+
+
+def mark_finished(last: str | os.PathLike) -> None:
+    """Record in ``last.pt`` that the run finished (test report written): a later ``--resume`` says so."""
+    import tempfile
+
+    import torch
+
+    from lungcore.models.registry import read_checkpoint
+
+    last = Path(last)
+    payload = read_checkpoint(last)
+    payload.setdefault("extra", {}).setdefault("trainer", {})["finished"] = True
+    fd, tmp = tempfile.mkstemp(dir=last.parent, prefix=f".{last.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, last)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def clean_partial_writes(out: str | os.PathLike) -> list[str]:
+    """Remove the temporary files an interrupted checkpoint or metrics write left in ``out``
+    (``.last.pt.<random>.tmp``, ``.metrics.csv.tmp``); returns their names."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    removed = []
+    for p in out.iterdir():
+        if p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+_steps_done = 0
+
+
+def kill_point() -> None:
+    """Fault-injection hook of the test suite: with ``LUNGCORE_KILL_AT_STEP=N`` in the environment,
+    the process sends itself SIGKILL right after its N-th optimiser step (a deterministic
+    ``kill -9``, no timing). Without the variable it does nothing."""
+    global _steps_done
+    at = os.environ.get("LUNGCORE_KILL_AT_STEP")
+    if not at:
+        return
+    _steps_done += 1
+    if _steps_done >= int(at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,120 @@
+"""Checks of command-line arguments made before any work starts: output paths, devices, exit codes.
+
+Every ``lungcore`` subcommand follows one convention (README, "Guarantees"):
+
+- exit 0: done;
+- exit 1: the data or the run failed (a manifest problem, an unreadable image, a non-finite loss);
+- exit 2: usage error: an argument, file or output folder the command cannot use as given.
+
+A usage problem is one line on stderr naming the argument or file; it is found before any work
+(no inference first, no file written). Existing output is never replaced unless ``--overwrite``
+says so.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> out_folder(d / "new", "--out", overwrite=False)    # absent or empty: fine
+    []
+    >>> (d / "run").mkdir(); _ = (d / "run" / "metrics.csv").write_text("x")
+    >>> out_folder(d / "run", "--out", overwrite=False)
+    Traceback (most recent call last):
+    ...
+    lungcore.usage.UsageError: --out .../run is not empty (metrics.csv); pass --overwrite to replace it, or choose another folder
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class UsageError(ValueError):
+    """An argument, file or output the command cannot use as given (exit code 2)."""
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _writable_dir(folder: Path, flag: str) -> None:
+    """``folder`` (existing or not) can be created and written by this process."""
+    probe = folder
+    while not probe.exists():  # the deepest existing ancestor decides
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{flag} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: cannot write there (permission denied on {probe})")
+
+
+def out_folder(folder: str | os.PathLike, flag: str = "--out", *, overwrite: bool = False,
+               ignore: tuple[str, ...] = ()) -> list[str]:
+    """Check that ``folder`` can be an output folder; return the names it already holds.
+
+    A folder that holds anything (other than the names in ``ignore``) is refused with a
+    :class:`UsageError` unless ``overwrite``; nothing is deleted here (the caller replaces its
+    own outputs once every other check passed).
+    """
+    folder = Path(folder)
+    _writable_dir(folder, flag)
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir() if p.name not in ignore)
+    if names and not overwrite:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise UsageError(f"{flag} {folder} is not empty ({shown}); pass --overwrite to replace it, "
+                         "or choose another folder")
+    return names
+
+
+def out_file(path: str | os.PathLike, flag: str = "--out", *, overwrite: bool = False) -> None:
+    """Check that ``path`` can be written as a new file (an existing one only with ``overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another name")
+    _writable_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot write there (permission denied)")
+
+
+def device(name: str | None, flag: str = "--device") -> None:
+    """``--device cuda`` on a machine without CUDA is a usage error (not an assertion deep inside)."""
+    if name and str(name).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {name}: CUDA is not available on this machine (use --device cpu)")
+
+
+def positive(values: Any, flag: str, *, integer: bool = False) -> None:
+    """Every number in ``values`` is finite and > 0 (``--crop``, ``--spacing``, ``--batch-size``)."""
+    if values is None:
+        return
+    items = list(values) if isinstance(values, (list, tuple)) else [values]
+    for v in items:
+        if not (math.isfinite(v) and v > 0) or (integer and int(v) != v):
+            kind = "positive integers" if integer else "positive numbers"
+            shown = " ".join(str(x) for x in items)
+            raise UsageError(f"{flag} {shown}: must be {kind}")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None, so ``json.dumps`` writes valid JSON (``null``)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            value = value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
