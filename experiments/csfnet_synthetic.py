@@ -163,12 +163,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    ap.add_argument("--workdir", type=Path, default=None, help="cohort folder (default: a temporary one, removed)")
+    ap.add_argument("--workdir", type=Path, default=None, help="cohort folder, kept (default: a temporary one, removed); a cohort already "
+                         "there with the same --n and --seed is reused")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="CSF-Net variants to train (default all): full (token fusion), published (the "
                          "published vector fusion), t1_only, image_only; full is always run (the reference)")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="CSV of another run's test predictions on the same cohort (same --n and --seed): "
+                         "columns nodule_id, label, and --compare-column; added as a row with a paired "
+                         "AUC difference against the full model")
+    ap.add_argument("--compare-column", default="probability", help="probability column of --compare")
+    ap.add_argument("--compare-label", default="compared run", help="row label of --compare in the table")
+    ap.add_argument("--save-predictions", type=Path, default=None,
+                    help="write the test split's per-nodule probabilities of every variant to this CSV "
+                         "(columns nodule_id, patient_id, label, probability_<variant>)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 nodules, 2 epochs, output to /tmp")
     args = ap.parse_args()
+    if args.compare is not None and not args.compare.is_file():
+        ap.error(f"--compare: no file {args.compare}")
     args.variants = ["full"] + [v for v in VARIANTS if v in args.variants and v != "full"]
     if args.quick:
         args.n, args.epochs, args.n_boot = 300, 2, 100
@@ -183,7 +195,7 @@ def main() -> None:
 
 
 def run(args, work: Path) -> None:
-    info = synth_cohort("nodules", work, n=args.n, preset="tiny", seed=args.seed)
+    info = synth_cohort("nodules", work, n=args.n, preset="tiny", seed=args.seed, reuse=args.workdir is not None)
     log(f"cohort: {info['n']} nodules of {info['patients']} patients, {info['positives']} malignant, "
         f"oracle AUC (all) {info['oracle']['auc']:.4f} -> {work}")
     manifest = read_manifest(info["manifest"])
@@ -199,6 +211,7 @@ def run(args, work: Path) -> None:
     y = data["label"][torch.as_tensor(test)].numpy().astype(int)
     oracle_logit = np.asarray([float(truth[i]["logit"]) for i in ids])
     oracle = 1 / (1 + np.exp(-oracle_logit))
+    compared = read_compare(args.compare, args.compare_column, ids, y) if args.compare else None
 
     probs, rows, history, params = {}, [], [], {}
     for name in args.variants:
@@ -212,6 +225,18 @@ def run(args, work: Path) -> None:
             w0, w1 = torch.sigmoid(net.fusion.w0).item(), torch.sigmoid(net.fusion.w1).item()
         rows.append((name, best_epoch, val_auc))
     probs["oracle"] = oracle
+    extra = []
+    if compared is not None:
+        probs["compare"], extra = compared, ["compare"]
+        LABELS["compare"] = args.compare_label
+    if args.save_predictions is not None:
+        args.save_predictions.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.save_predictions, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["nodule_id", "patient_id", "label", *(f"probability_{v}" for v in args.variants)])
+            for k, i in enumerate(ids):
+                w.writerow([i, patients[k], int(y[k]), *(f"{probs[v][k]:.6f}" for v in args.variants)])
+        log(f"wrote {args.save_predictions}")
     # the ceiling of the image-only variant: the label regressed on the *planted* T0 diameter and growth
     # (truth.csv; the generator's logit is linear in both), fitted on the training split
     def planted(rows):
@@ -224,7 +249,7 @@ def run(args, work: Path) -> None:
         return bootstrap_ci(roc_auc, y, p, n_boot=args.n_boot, seed=args.seed, groups=patients)
 
     table = []
-    for name in [*args.variants, "oracle", "oracle_image"]:
+    for name in [*args.variants, *extra, "oracle", "oracle_image"]:
         m = classification_metrics(y, probs[name])
         est, lo, hi = auc_ci(probs[name])
         row = {"model": name, "description": LABELS[name], "auc": est, "auc_lo": lo,
@@ -235,6 +260,33 @@ def run(args, work: Path) -> None:
             row.update(full_minus=d[0], full_minus_lo=d[1], full_minus_hi=d[2])
         table.append(row)
     write_outputs(args, info, splits, table, probs, y, rows, history, params, (w0, w1))
+
+
+def read_compare(path: Path, column: str, ids: list[str], y: np.ndarray) -> np.ndarray:
+    """Probabilities of another run for this run's test nodules, in order; errors name the file, row and column."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"nodule_id", "label", column} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"--compare {path}: missing column(s) {', '.join(sorted(missing))}")
+        rows = {r["nodule_id"]: (n, r) for n, r in enumerate(reader, start=2)}
+    out = np.empty(len(ids))
+    for k, i in enumerate(ids):
+        if i not in rows:
+            raise ValueError(f"--compare {path}: no row for test nodule {i!r} (same --n and --seed as this run?)")
+        line, r = rows[i]
+        try:
+            p, label = float(r[column]), int(r["label"])
+        except ValueError:
+            raise ValueError(f"--compare {path} row {line}: {column}={r[column]!r}, label={r['label']!r} "
+                             f"are not numbers") from None
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"--compare {path} row {line}: {column} {p} is not a probability in [0, 1]")
+        if label != y[k]:
+            raise ValueError(f"--compare {path} row {line}: label {label} differs from this run's label {int(y[k])} "
+                             f"for nodule {i!r} (same cohort?)")
+        out[k] = p
+    return out
 
 
 def write_outputs(args, info, splits, table, probs, y, rows, history, params, fusion_w) -> None:
@@ -260,7 +312,7 @@ def write_outputs(args, info, splits, table, probs, y, rows, history, params, fu
 
     by = {r["model"]: r for r in table}
     fig, ax = plt.subplots(figsize=(5.2, 5))
-    for name in [*args.variants, "oracle", "oracle_image"]:
+    for name in [*args.variants, *(["compare"] if "compare" in probs else []), "oracle", "oracle_image"]:
         fpr, tpr, _ = roc_curve(y, probs[name])
         r = by[name]
         ax.plot(fpr, tpr, ls={"oracle": "--", "oracle_image": ":"}.get(name, "-"),
@@ -329,6 +381,12 @@ def write_outputs(args, info, splits, table, probs, y, rows, history, params, fu
         "",
         f"- Full model beats {' and '.join(ablated) or 'no ablation run'} (paired AUC-difference intervals above "
         f"0): **{'yes' if beats else 'no'}**.",
+        *([f"- Token fusion (default) minus the published vector fusion (per patient): "
+           f"{by['published']['full_minus']:+.3f} [{by['published']['full_minus_lo']:+.3f}, "
+           f"{by['published']['full_minus_hi']:+.3f}]."] if "published" in by else []),
+        *([f"- Compared run (`--compare {args.compare.name}`): {by['compare']['description']}; full model minus it "
+           f"{by['compare']['full_minus']:+.3f} [{by['compare']['full_minus_lo']:+.3f}, "
+           f"{by['compare']['full_minus_hi']:+.3f}] (paired, same test nodules)."] if "compare" in by else []),
         f"- Full model AUC within 0.05 of the oracle: **{'yes' if near else 'no'}** "
         f"(oracle {oracle['auc']:.3f} - full {full['auc']:.3f} = {oracle['auc'] - full['auc']:.3f}).",
         f"- Learned temporal fusion weights: sigmoid(w0) = {fusion_w[0]:.3f} (conv path), "
