@@ -53,6 +53,10 @@ lungcore's choices (not in the authors' code):
 - Missing data: missing clinical variables are masked out of the keys, queries and means (the
   published code has no missing values); a missing T0 (``ct_mask[:, 0]`` False) is replaced by T1
   ("no change"). Numeric variables (standardised age, say) get a token ``value * w_v + b_v``.
+- Clinical variables: the default cardinalities are the paper's six NLST variables; the published
+  data loader (``data/dataset.py``) reads four (race, smoking, gender, age).
+- ``dropout`` (default 0) applies to the attention weights and the two MLPs; the published ``CMFA``
+  uses 0.2 on its attention weights and no dropout elsewhere.
 - The temporal pool targets T1's size instead of a fixed 2 x 8 x 8, so other crop sizes (multiples
   of 8) work; at 16 x 64 x 64 it is the published computation.
 - Variants: ``t1_only=True`` encodes only T1 (no temporal fusion); ``use_clinical=False`` is image
