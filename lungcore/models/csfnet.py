@@ -1,40 +1,81 @@
 """CSF-Net (network B): nodule malignancy from two follow-up CT crops plus clinical variables.
 
 Shen et al., "CSF-Net: Cross-Modal Spatiotemporal Fusion Network for Pulmonary Nodule Malignancy
-Predicting", arXiv 2501.16400; see ``shared/papers/csfnet.md``. The published architecture is kept:
+Predicting", arXiv 2501.16400; see ``shared/papers/csfnet.md``. The architecture below follows the
+authors' public model code (GitHub hdusyz/CSF-NET, ``models/res_cnn.py`` class ``ConvRes_table`` and
+``models/camf.py`` class ``CMFA``, read line by line; that code does not run as published: its first
+line is a stray ``-import typing`` and it imports two modules the repository lacks).
 
-1. **Spatial encoder**, one set of weights for T0 and T1: a 3D residual CNN with residual CBAM
-   layers (stem 1->4->4 + CBAM; three stages, each a stride-2 conv, residual blocks and a CBAM;
-   widths 64, 128/256, 256/512; 3, 3 and 4 blocks) -> 512 x 2 x 8 x 8 per 16 x 64 x 64 crop.
-2. **Temporal residual fusion**: conv3x3x3(cat(T0, T1)) 1024 -> 512, then
-   ``sigmoid(w0) * conv_path + sigmoid(w1) * T1`` with ``w0, w1`` initialised to 0.3 and 0.7; pooled
-   and passed through an MLP 512 -> 256 -> 128 (the published "global" feature).
-3. **Clinical embedding** (TabTransformer style): each categorical variable gets an offset into one
-   shared embedding table of width 512, projected to 128. Numeric variables (lungcore schemas may
-   have them, e.g. standardised age) get a per-variable token ``value * w_v + b_v`` in the same width.
-4. **Cross-modal attention fusion**: two 4-head width-128 cross-attentions (clinical queries over
-   image keys/values, image queries over clinical keys/values), each with a residual and a linear
-   layer; concatenated (256) -> MLP 256 -> 128 -> 2 logits; cross-entropy.
+From the authors' code (the defaults reproduce it):
 
-Published defects fixed here (csfnet.md): the published cross-attention mixed *different patients
-of a batch* (2-D tensors into a sequence-first attention). Here attention is per patient, through
-:class:`lungcore.nn.MaskedCrossAttention` (:func:`lungcore.ops.masked_cross_attention`): image
-tokens = the 2 x 8 x 8 positions of the fused map (each 512 -> 128) plus the global token; clinical
-tokens = one per variable, missing variables masked out of the keys and of the pooled queries; each
-direction is mean-pooled over its real tokens. In eval mode a patient's prediction does not depend
-on its batch-mates (tested). (In training mode BatchNorm uses batch statistics, as published.)
+1. **Spatial encoder**, one set of weights for T0 and T1. Stem: two 3x3x3 conv-BN-ReLU (1 -> 4 -> 4)
+   and a residual CBAM. Then the published layer list ``stages = ((64, 64, 64), (128, 128, 256),
+   (256, 256, 256, 512))``: each stage opens with a stride-2 3x3x3 conv-BN-ReLU (no bias) that
+   *keeps its input width* (4 -> 4, 64 -> 64, 256 -> 256), then one residual block per entry whose
+   output width is the entry, then a residual CBAM. 16 x 64 x 64 -> 512 x 2 x 8 x 8 per scan;
+   28,455,964 parameters.
 
-Variants (configuration flags, for nodules without a prior scan and for the ablation):
-``t1_only=True`` encodes only T1 (no temporal fusion); ``use_clinical=False`` is image-only (the
-head reads the mean of the image tokens and the global token instead of the two cross-attentions).
-A missing T0 scan in the full model (``ct_mask[:, 0]`` False) is replaced by T1 ("no change").
+   - Residual block: two 3x3x3 conv-BN-ReLU; the shortcut is *always* a 1x1x1 conv-BN-ReLU (also
+     when the widths match); a plain sum, no activation after it. Convs carry a bias, as published.
+   - Residual CBAM: channel weights ``sigmoid(MLP(avgpool x) + MLP(maxpool x))`` with one shared MLP
+     C -> C/4 -> C, no bias and no activation between the two linears; the channel-attended map
+     ``y`` gives the spatial map ``s = sigmoid(conv5x5x5([max_c y, mean_c y]))`` (no bias), and the
+     output is ``s * x + x``: the spatial map multiplies the layer's *input*.
+2. **Temporal residual fusion**: ``cat(T0, T1)`` (1024 channels) -> trilinear upsample x2
+   (``align_corners=True``) -> adaptive average pool back to T1's size (the published fixed
+   2 x 8 x 8) -> 3x3x3 conv 1024 -> 512 (bias, no BN, no activation) -> ``sigmoid(w0) * that +
+   sigmoid(w1) * T1`` with ``w0, w1`` initialised to 0.3 and 0.7. Then the average over positions
+   and an MLP 512 -> 256 (ReLU) -> 128: the image vector. (The published module defines two more
+   3x3x3 convs, 14,156,800 parameters, and a pool that its forward never uses: not built here.)
+3. **Clinical embedding** (TabTransformer style): each categorical variable indexes one shared
+   table of width 512 through a per-variable offset, projected 512 -> 128. (The published table has
+   two extra "special token" rows that nothing indexes: not built here.)
+4. **Head**: 256 -> 128 (ReLU) -> 2 logits; cross-entropy.
+5. ``fusion="published"``: the published cross-modal fusion (``CMFA``) of the image vector ``i``
+   and the clinical vector ``t`` (the mean of the variables' embeddings): ``i' = relu(fc(i))``,
+   ``t' = relu(fc(t))``; values, keys and queries ``relu(fc(.))`` of each; ``V = attn(q_t, k_i,
+   v_i) + i'``, ``T = attn(q_i, k_t, v_t) + t'`` (4 heads, width 128); output ``cat(fc(V), fc(T))``.
 
-Parameter count at the published defaults (6 categorical variables of cardinalities
-``(7, 3, 2, 5, 3, 2)``): **80,486,073** -- shared spatial encoder 65,824,181 (the last stage's
-3x3x3 convs at width 512 dominate), temporal fusion conv 14,156,802, everything after the fusion
-(global MLP, token projection, clinical embedding, two cross-attentions, head) 505,090.
-``t1_only=True``: 66,329,271; image-only (``use_clinical=False``): 80,244,025.
-:func:`parameter_groups` gives the split.
+lungcore's choices (not in the authors' code):
+
+- **Default fusion, ``fusion="tokens"``**. The published ``CMFA`` feeds (batch, 128) matrices to a
+  sequence-first ``nn.MultiheadAttention``, which reads them as one sequence of *patients*: each
+  patient attends over the other patients of its batch, so a prediction depends on its batch-mates
+  (a defect). Attended per patient, as ``fusion="published"`` does here, each attention has one key,
+  whose softmax weight is 1: the query and key paths receive no gradient (tested) and the fusion is
+  a fixed map of each modality's own vector -- ``V`` depends on the image only and ``T`` on the
+  clinical record only, so nothing is fused until the head. The token fusion attends within each
+  patient over many keys: image tokens = the 2 x 8 x 8 positions of the fused map (each 512 ->
+  128) plus the image vector; clinical tokens = one per variable. Two 4-head width-128
+  cross-attentions (clinical over image, image over clinical, through
+  :class:`lungcore.nn.MaskedCrossAttention`), each with a residual and a linear layer, each
+  mean-pooled over its real tokens, concatenated (256) into the published head.
+- Missing data: missing clinical variables are masked out of the keys, queries and means (the
+  published code has no missing values); a missing T0 (``ct_mask[:, 0]`` False) is replaced by T1
+  ("no change"). Numeric variables (standardised age, say) get a token ``value * w_v + b_v``.
+- Clinical variables: the default cardinalities are the paper's six NLST variables; the published
+  data loader (``data/dataset.py``) reads four (race, smoking, gender, age).
+- ``dropout`` (default 0) applies to the attention weights and the two MLPs; the published ``CMFA``
+  uses 0.2 on its attention weights and no dropout elsewhere.
+- The temporal pool targets T1's size instead of a fixed 2 x 8 x 8, so other crop sizes (multiples
+  of 8) work; at 16 x 64 x 64 it is the published computation.
+- Variants: ``t1_only=True`` encodes only T1 (no temporal fusion); ``use_clinical=False`` is image
+  only (the head reads the mean of the image tokens and the image vector). Widths are configurable
+  (``stem_width``, ``stages``, optional ``stage_conv_widths``) so tests run at a few thousand
+  parameters.
+- Training recipe. The CSF-Net repository has no training script; the defaults of ``lr``, ``betas``,
+  ``scheduler``, ``min_lr_ratio``, ``epochs`` and ``batch_size`` copy the authors' sibling
+  repository (hdusyz/Med-STLPN ``train_cls.py``, which keeps this encoder's layer list in a
+  comment): Adam lr 1e-4 with torch's default betas (0.9, 0.999), no weight decay, the rate
+  decayed by a cosine from 1 to 0.1 over 25 epochs, batch 1, 4-fold cross-validation (not a model
+  setting). That script selects the epoch on its test fold; lungcore selects on a validation split.
+
+Parameters at the defaults (6 categorical variables of cardinalities ``(7, 3, 2, 5, 3, 2)``):
+**43,117,344** -- shared spatial encoder 28,455,964, temporal fusion 14,156,290, everything after
+it (image vector MLP, token projection, clinical embedding, two cross-attentions, head) 505,090.
+``fusion="published"``: 43,150,752 (its fusion 264,192: the published ``CMFA``'s 297,216 less the
+two key FCs); ``t1_only=True``: 28,961,054; image only (``use_clinical=False``): 42,875,296.
+:func:`parameter_groups` gives the split. (lungcore's earlier, unfaithful encoder had 65,824,181.)
 
 Example:
     >>> import torch
@@ -48,7 +89,7 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,21 +101,37 @@ from lungcore import checks
 from lungcore.models.registry import register_model
 from lungcore.nn import MaskedCrossAttention
 
+PUBLISHED_STAGES: tuple[tuple[int, ...], ...] = ((64, 64, 64), (128, 128, 256), (256, 256, 256, 512))
+"""The published encoder layer list (``ConvRes_table([[64, 64, 64], [128, 128, 256], [256, 256, 256, 512]], ...)``)."""
+
+FUSIONS = ("tokens", "published")
+
 
 @dataclass
 class CSFNetConfig:
-    """Hyper-parameters; the defaults reproduce csfnet.md (architecture and training recipe).
+    """Hyper-parameters; the defaults reproduce the authors' code (see the module docstring).
 
+    ``stages``: output width of every residual block, one tuple per stride-2 stage (the published
+    layer list). ``stage_conv_widths``: width of each stage's stride-2 opening conv; None (published)
+    keeps the stage's input width. ``stage_widths`` with ``stage_blocks``: shorthand for ``stages``
+    when every block of a stage has one width (``stages[i] = (stage_widths[i],) * stage_blocks[i]``);
+    normalised into ``stages`` (and reset to None) on construction.
     ``clinical_cardinalities``: categories per clinical variable in the dataset's column order, 0 for
     a numeric variable (``CohortSchema.cardinalities()`` gives it). The default is the paper's six
     categorical NLST variables (race, smoking, gender, binned age, screening result, isolation).
+    ``fusion``: ``"tokens"`` (lungcore's per-patient token cross-attention, the default) or
+    ``"published"`` (the published vector fusion, attended per patient).
+    ``scheduler``: ``"cosine"`` (per optimiser step from ``lr`` to ``lr * min_lr_ratio`` over
+    ``epochs``, the authors' schedule), ``"cosine_warm_restarts"`` (restart every
+    ``restart_epochs``) or ``"none"``.
     """
 
     in_channels: int = 1
     stem_width: int = 4
-    stage_conv_widths: tuple[int, ...] = (64, 128, 256)   # the stride-2 conv of each stage
-    stage_widths: tuple[int, ...] = (64, 256, 512)        # the residual blocks of each stage
-    stage_blocks: tuple[int, ...] = (3, 3, 4)
+    stages: tuple[tuple[int, ...], ...] = PUBLISHED_STAGES
+    stage_conv_widths: Optional[tuple[int, ...]] = None
+    stage_widths: Optional[tuple[int, ...]] = None
+    stage_blocks: Optional[tuple[int, ...]] = None
     cbam_reduction: int = 4
     cbam_kernel: int = 5
     clinical_cardinalities: tuple[int, ...] = (7, 3, 2, 5, 3, 2)
@@ -84,28 +141,44 @@ class CSFNetConfig:
     global_hidden: int = 256          # pooled fused features: 512 -> 256 -> dim
     head_hidden: int = 128            # classifier: 2 * dim -> 128 -> 2
     fusion_init: tuple[float, float] = (0.3, 0.7)
+    fusion: str = "tokens"
     dropout: float = 0.0
     t1_only: bool = False
     use_clinical: bool = True         # False: the image-only ablation variant
-    # training recipe of the authors' sibling code
+    # training recipe of the authors' sibling script (hdusyz/Med-STLPN train_cls.py)
     lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    scheduler: str = "cosine_warm_restarts"
-    restart_epochs: int = 10          # T_0 of CosineAnnealingWarmRestarts (per epoch steps)
-    batch_size: int = 4
-    epochs: int = 100
+    scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    restart_epochs: int = 10          # T_0 of CosineAnnealingWarmRestarts (scheduler "cosine_warm_restarts")
+    batch_size: int = 1
+    epochs: int = 25
     num_classes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("stage_conv_widths", "stage_widths", "stage_blocks", "clinical_cardinalities",
-                     "fusion_init", "betas"):
+        for name in ("clinical_cardinalities", "fusion_init", "betas"):
             setattr(self, name, tuple(getattr(self, name)))
-        n = len(self.stage_widths)
-        if n < 1 or len(self.stage_conv_widths) != n or len(self.stage_blocks) != n:
-            raise ValueError("stage_conv_widths, stage_widths and stage_blocks must have the same non-zero length")
-        if any(b < 1 for b in self.stage_blocks):
-            raise ValueError(f"stage_blocks must be >= 1, got {self.stage_blocks}")
+        if self.stage_widths is not None or self.stage_blocks is not None:
+            if self.stage_widths is None or self.stage_blocks is None:
+                raise ValueError("stage_widths and stage_blocks go together (or give stages)")
+            widths, blocks = tuple(self.stage_widths), tuple(self.stage_blocks)
+            if len(widths) != len(blocks):
+                raise ValueError(f"stage_widths {widths} and stage_blocks {blocks} must have the same length")
+            if any(int(b) < 1 for b in blocks):
+                raise ValueError(f"stage_blocks must be >= 1, got {blocks}")
+            if tuple(tuple(s) for s in self.stages) != PUBLISHED_STAGES:
+                raise ValueError("give either stages or stage_widths/stage_blocks, not both")
+            self.stages = tuple((int(w),) * int(b) for w, b in zip(widths, blocks))
+            self.stage_widths = self.stage_blocks = None
+        self.stages = tuple(tuple(int(w) for w in s) for s in self.stages)
+        if not self.stages or any(not s for s in self.stages) or any(w < 1 for s in self.stages for w in s):
+            raise ValueError(f"stages must be non-empty tuples of positive widths, got {self.stages}")
+        if self.stage_conv_widths is not None:
+            self.stage_conv_widths = tuple(int(w) for w in self.stage_conv_widths)
+            if len(self.stage_conv_widths) != len(self.stages) or min(self.stage_conv_widths) < 1:
+                raise ValueError(f"stage_conv_widths must give one positive width per stage ({len(self.stages)}), "
+                                 f"got {self.stage_conv_widths}")
         if any(c < 0 for c in self.clinical_cardinalities):
             raise ValueError(f"clinical_cardinalities must be >= 0 (0 = numeric), got {self.clinical_cardinalities}")
         if self.use_clinical and not self.clinical_cardinalities:
@@ -114,94 +187,124 @@ class CSFNetConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if len(self.fusion_init) != 2:
             raise ValueError(f"fusion_init must be two numbers, got {self.fusion_init}")
-        checks.one_of("scheduler", self.scheduler, ("cosine_warm_restarts", "none"))
+        checks.one_of("fusion", self.fusion, FUSIONS)
+        checks.one_of("scheduler", self.scheduler, ("cosine", "cosine_warm_restarts", "none"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def feature_width(self) -> int:
+        """Channels of the encoder's output (the last block's width; 512 published)."""
+        return self.stages[-1][-1]
 
     @staticmethod
     def tiny_overrides() -> dict[str, Any]:
         """A few-thousand-parameter configuration for tests (crops of 8 x 16 x 16)."""
-        return dict(stem_width=4, cbam_reduction=1, stage_conv_widths=(4, 4, 8), stage_widths=(4, 8, 8), stage_blocks=(1, 1, 1),
+        return dict(stem_width=4, cbam_reduction=1, stages=((4,), (8,), (8,)),
                     clinical_cardinalities=(2, 3, 2, 4, 2, 2), clinical_embed_dim=16, dim=16, num_heads=4,
                     global_hidden=16, head_hidden=16)
 
 
 # ------------------------------------------------------------------------------ building blocks
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(cout),
-                         nn.ReLU(inplace=True))
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, bias: bool = True) -> nn.Sequential:
+    """Conv3d (same padding) -> BatchNorm3d -> ReLU, the published ``make_conv3d``."""
+    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=bias),
+                         nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
 
 
 class ResidualCBAM3d(nn.Module):
-    """Residual CBAM: ``x + spatial_att(y) * y`` with ``y = channel_att(x) * x``.
+    """Residual CBAM as published: ``s * x + x`` with ``s = spatial_att(channel_att(x) * x)``.
 
-    Channel attention: avg- and max-pooled descriptors through one shared MLP C -> C/r -> C, summed,
-    sigmoid. Spatial attention: channel max and mean -> Conv3d(2 -> 1, k) -> sigmoid.
+    Channel attention: avg- and max-pooled descriptors through one shared bias-free MLP
+    C -> C/r -> C (no activation between), summed, sigmoid. Spatial attention of the channel-attended
+    map: channel max and mean -> Conv3d(2 -> 1, k, no bias) -> sigmoid; it multiplies the input ``x``.
     """
 
     def __init__(self, channels: int, reduction: int = 4, kernel: int = 5) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
-        self.spatial = nn.Conv3d(2, 1, kernel, padding=kernel // 2)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.Linear(hidden, channels, bias=False))
+        self.spatial = nn.Conv3d(2, 1, kernel, padding=kernel // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        avg = x.mean(dim=(2, 3, 4))
-        mx = x.amax(dim=(2, 3, 4))
-        ca = torch.sigmoid(self.mlp(avg) + self.mlp(mx))[:, :, None, None, None]
-        y = x * ca
+        ca = torch.sigmoid(self.mlp(x.mean(dim=(2, 3, 4))) + self.mlp(x.amax(dim=(2, 3, 4))))
+        y = x * ca[:, :, None, None, None]
         desc = torch.cat([y.amax(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)], dim=1)
-        return x + torch.sigmoid(self.spatial(desc)) * y
+        return torch.sigmoid(self.spatial(desc)) * x + x
 
 
 class ResidualBlock3d(nn.Module):
-    """Two 3x3x3 conv-BN(-ReLU) layers plus a 1x1x1 conv-BN projection shortcut when widths differ."""
+    """Published residual block: two 3x3x3 conv-BN-ReLU plus a 1x1x1 conv-BN-ReLU shortcut, summed."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv_bn_relu(cin, cout), nn.Conv3d(cout, cout, 3, padding=1, bias=False),
-                                  nn.BatchNorm3d(cout))
-        self.shortcut = (nn.Identity() if cin == cout else
-                         nn.Sequential(nn.Conv3d(cin, cout, 1, bias=False), nn.BatchNorm3d(cout)))
+        self.body = nn.Sequential(_conv_bn_relu(cin, cout), _conv_bn_relu(cout, cout))
+        self.shortcut = _conv_bn_relu(cin, cout, kernel=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        return self.body(x) + self.shortcut(x)
 
 
 class SpatialEncoder(nn.Module):
-    """The shared-weight 3D residual CBAM CNN: (N, C, D, H, W) -> (N, stage_widths[-1], D/8, H/8, W/8)."""
+    """The shared-weight 3D residual CBAM CNN: (N, C, D, H, W) -> (N, stages[-1][-1], D/2^s, H/2^s, W/2^s)
+    for ``s = len(stages)`` stride-2 stages. ``stem`` and each of ``stages`` are separate modules
+    (:meth:`stage_outputs` returns every one's output)."""
 
     def __init__(self, cfg: CSFNetConfig) -> None:
         super().__init__()
         w = cfg.stem_width
-        layers: list[nn.Module] = [_conv_bn_relu(cfg.in_channels, w), _conv_bn_relu(w, w),
-                                   ResidualCBAM3d(w, cfg.cbam_reduction, cfg.cbam_kernel)]
+        self.stem = nn.Sequential(_conv_bn_relu(cfg.in_channels, w), _conv_bn_relu(w, w),
+                                  ResidualCBAM3d(w, cfg.cbam_reduction, cfg.cbam_kernel))
+        stages: list[nn.Module] = []
         cin = w
-        for conv_w, width, blocks in zip(cfg.stage_conv_widths, cfg.stage_widths, cfg.stage_blocks):
-            layers.append(_conv_bn_relu(cin, conv_w, stride=2))
-            layers.extend(ResidualBlock3d(conv_w if b == 0 else width, width) for b in range(blocks))
-            layers.append(ResidualCBAM3d(width, cfg.cbam_reduction, cfg.cbam_kernel))
-            cin = width
-        self.layers = nn.Sequential(*layers)
+        for i, widths in enumerate(cfg.stages):
+            opener = cin if cfg.stage_conv_widths is None else cfg.stage_conv_widths[i]
+            layers: list[nn.Module] = [_conv_bn_relu(cin, opener, stride=2, bias=False)]
+            cin = opener
+            for width in widths:
+                layers.append(ResidualBlock3d(cin, width))
+                cin = width
+            layers.append(ResidualCBAM3d(cin, cfg.cbam_reduction, cfg.cbam_kernel))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+
+    def stage_outputs(self, x: Tensor) -> list[Tensor]:
+        """Outputs of the stem and of every stage, in order."""
+        outs = [self.stem(x)]
+        for stage in self.stages:
+            outs.append(stage(outs[-1]))
+        return outs
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
 
 class TemporalResidualFusion(nn.Module):
-    """``sigmoid(w0) * conv(cat(f0, f1)) + sigmoid(w1) * f1`` (w0, w1 scalars, init 0.3 / 0.7)."""
+    """``sigmoid(w0) * conv(pool(upsample(cat(f0, f1)))) + sigmoid(w1) * f1`` (published).
+
+    Trilinear x2 upsampling (``align_corners=True``), adaptive average pooling back to ``f1``'s size,
+    a 3x3x3 conv 2C -> C with bias (no BN, no activation); scalars ``w0, w1`` initialised 0.3 / 0.7.
+    """
 
     def __init__(self, channels: int, init: tuple[float, float] = (0.3, 0.7)) -> None:
         super().__init__()
-        self.conv = _conv_bn_relu(2 * channels, channels)
+        self.conv = nn.Conv3d(2 * channels, channels, 3, padding=1)
         self.w0 = nn.Parameter(torch.tensor(float(init[0])))
         self.w1 = nn.Parameter(torch.tensor(float(init[1])))
 
     def forward(self, f0: Tensor, f1: Tensor) -> Tensor:
-        return torch.sigmoid(self.w0) * self.conv(torch.cat([f0, f1], dim=1)) + torch.sigmoid(self.w1) * f1
+        x = F.interpolate(torch.cat([f0, f1], dim=1), scale_factor=2, mode="trilinear", align_corners=True)
+        x = self.conv(F.adaptive_avg_pool3d(x, f1.shape[-3:]))
+        return torch.sigmoid(self.w0) * x + torch.sigmoid(self.w1) * f1
 
 
 class ClinicalEmbedding(nn.Module):
     """One token per clinical variable: categorical codes index one shared table through per-variable
-    offsets (TabTransformer); numeric values give ``value * w_v + b_v``; then a linear to ``dim``."""
+    offsets (TabTransformer, as published); numeric values give ``value * w_v + b_v`` (lungcore);
+    then a linear to ``dim`` (published 512 -> 128)."""
 
     def __init__(self, cardinalities: tuple[int, ...], embed_dim: int, dim: int) -> None:
         super().__init__()
@@ -210,8 +313,8 @@ class ClinicalEmbedding(nn.Module):
         self.register_buffer("offsets", offsets, persistent=False)
         self.register_buffer("cardinalities", cards, persistent=False)
         self.register_buffer("categorical", cards > 0, persistent=False)
-        self.table = nn.Embedding(max(int(cards.sum()), 1), embed_dim)
-        n_numeric = int((cards == 0).sum())
+        self.table = nn.Embedding(max(sum(cardinalities), 1), embed_dim)
+        n_numeric = sum(1 for c in cardinalities if c == 0)
         self.numeric_weight = nn.Parameter(torch.randn(n_numeric, embed_dim) * 0.02) if n_numeric else None
         self.numeric_bias = nn.Parameter(torch.zeros(n_numeric, embed_dim)) if n_numeric else None
         self.proj = nn.Linear(embed_dim, dim)
@@ -231,6 +334,35 @@ class ClinicalEmbedding(nn.Module):
         return self.proj(tokens)
 
 
+class PublishedFusion(nn.Module):
+    """The published cross-modal fusion (``CMFA``) of one image and one clinical vector, per patient.
+
+    ``i' = relu(fc(i))``, ``t' = relu(fc(t))``; ``q, v = relu(fc(.))`` of each; ``V = attn(q_t -> v_i) + i'``,
+    ``T = attn(q_i -> v_t) + t'``; returns ``cat(fc(V), fc(T))`` (B, 2 * dim). Each attention has one
+    key per patient (its softmax weight is 1), so ``V`` is a fixed map of the image vector and ``T`` of
+    the clinical vector; the query path gets no gradient. (The published separate key FCs are not
+    built: :class:`~lungcore.nn.MaskedCrossAttention` projects keys and values from one context, and
+    a single key cannot change the output.) ``present`` (B,) False masks a patient's clinical vector
+    out of both attentions (their outputs are then zero).
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.image_in, self.clinical_in = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.image_value, self.clinical_value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.image_query, self.clinical_query = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.clinical_to_image = MaskedCrossAttention(dim, num_heads, attn_dropout=dropout)
+        self.image_to_clinical = MaskedCrossAttention(dim, num_heads, attn_dropout=dropout)
+        self.image_out, self.clinical_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, image: Tensor, clinical: Tensor, present: Tensor) -> Tensor:
+        i, t = F.relu(self.image_in(image))[:, None], F.relu(self.clinical_in(clinical))[:, None]
+        mask = present[:, None]
+        v = self.clinical_to_image(F.relu(self.clinical_query(t)), F.relu(self.image_value(i)), query_mask=mask) + i
+        c = self.image_to_clinical(F.relu(self.image_query(i)), F.relu(self.clinical_value(t)), key_mask=mask) + t
+        return torch.cat([self.image_out(v[:, 0]), self.clinical_out(c[:, 0])], dim=-1)
+
+
 def _masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Mean over axis 1 of (B, L, C) over the tokens where ``mask`` (B, L) is True (zeros if none)."""
     if mask is None:
@@ -242,16 +374,16 @@ def _masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------------- network
 @register_model("csfnet")
 class CSFNet(nn.Module):
-    """CSF-Net malignancy classifier (see the module docstring for the architecture and fixes).
+    """CSF-Net malignancy classifier (see the module docstring for what is published and what is lungcore's).
 
     ``forward(ct, clinical, clinical_mask, ct_mask=None) -> {"logits": (B, 2)}`` with ``ct``
     (B, 2, C, D, H, W) float (T0 first; the published crop is 16 x 64 x 64, any size divisible by
-    8 works), ``clinical`` (B, V) float codes, ``clinical_mask`` (B, V) bool, optional ``ct_mask``
-    (B, 2) bool (a missing T0 is replaced by T1). Training contract of
+    ``2 ** len(stages)`` works), ``clinical`` (B, V) float codes, ``clinical_mask`` (B, V) bool,
+    optional ``ct_mask`` (B, 2) bool (a missing T0 is replaced by T1). Training contract of
     :mod:`lungcore.models.registry`: ``task = "classification"``, ``stages = ("train",)``,
-    ``loss(batch, stage)``, ``predict(batch)``; :meth:`make_optimizer` builds the paper's optimiser.
+    ``loss(batch, stage)``, ``predict(batch)``; :meth:`make_optimizer` builds the authors' optimiser.
 
-    Parameters at the defaults: 80,486,073 (see the module docstring).
+    Parameters at the defaults: 43,117,344 (see the module docstring).
     """
 
     config_class = CSFNetConfig
@@ -267,7 +399,7 @@ class CSFNet(nn.Module):
         The cohort sets ``clinical_cardinalities`` (the fitted schema's variables in column order,
         numeric and categorical in any order) and, for a cohort without clinical variables,
         ``use_clinical=False``. It checks the time points (two image columns, T0 then T1) and the
-        input size (the preprocessing ``crop``: multiples of 8, three stride-2 stages). A user value
+        input size (the preprocessing ``crop``: multiples of 8 with the three published stride-2 stages). A user value
         that contradicts the cohort raises ``ValueError`` naming both.
 
         Example:
@@ -284,8 +416,11 @@ class CSFNet(nn.Module):
             raise ValueError(f"CSF-Net reads two time points (T0, T1): the schema's image_columns must name two "
                              f"columns, got {list(schema.image_columns)}")
         crop = tuple(int(c) for c in settings.crop)
-        if any(c % 8 for c in crop) or min(crop) < 8:
-            raise ValueError(f"data.preprocess.crop {crop}: CSF-Net needs multiples of 8 (three stride-2 stages)")
+        arch = {k: v for k, v in user.items() if k in ("stages", "stage_widths", "stage_blocks")}
+        n_stages = len(CSFNetConfig(**arch).stages)
+        if any(c % 2 ** n_stages for c in crop) or min(crop) < 2 ** n_stages:
+            raise ValueError(f"data.preprocess.crop {crop}: CSF-Net needs multiples of {2 ** n_stages} "
+                             f"({n_stages} stride-2 stages)")
         cards = tuple(schema.cardinalities())
         if "clinical_cardinalities" in user and tuple(user["clinical_cardinalities"]) != cards:
             raise contradiction("clinical_cardinalities", user["clinical_cardinalities"],
@@ -304,14 +439,18 @@ class CSFNet(nn.Module):
         if not isinstance(cfg, CSFNetConfig):
             raise TypeError(f"config must be a CSFNetConfig, got {type(cfg).__name__}")
         self.config = cfg
-        feat = cfg.stage_widths[-1]
+        feat = cfg.feature_width
         self.encoder = SpatialEncoder(cfg)
         self.fusion = None if cfg.t1_only else TemporalResidualFusion(feat, cfg.fusion_init)
         self.global_mlp = nn.Sequential(nn.Linear(feat, cfg.global_hidden), nn.ReLU(inplace=True),
                                         nn.Dropout(cfg.dropout), nn.Linear(cfg.global_hidden, cfg.dim))
-        self.token_proj = nn.Linear(feat, cfg.dim)
+        published = cfg.use_clinical and cfg.fusion == "published"
+        self.token_proj = None if published else nn.Linear(feat, cfg.dim)
         if cfg.use_clinical:
             self.clinical_embed = ClinicalEmbedding(cfg.clinical_cardinalities, cfg.clinical_embed_dim, cfg.dim)
+        if published:
+            self.cross_fusion = PublishedFusion(cfg.dim, cfg.num_heads, cfg.dropout)
+        elif cfg.use_clinical:
             self.clinical_to_image = MaskedCrossAttention(cfg.dim, cfg.num_heads, attn_dropout=cfg.dropout)
             self.image_to_clinical = MaskedCrossAttention(cfg.dim, cfg.num_heads, attn_dropout=cfg.dropout)
             self.clinical_out = nn.Linear(cfg.dim, cfg.dim)
@@ -327,8 +466,10 @@ class CSFNet(nn.Module):
             raise TypeError(f"ct must be a floating tensor, got {ct.dtype}")
         b = ct.shape[0]
         checks.shape("ct", ct, (b, 2, cfg.in_channels, None, None, None))
-        if any(s % 8 for s in ct.shape[-3:]) or min(ct.shape[-3:]) < 8:
-            raise ValueError(f"ct spatial size must be multiples of 8 (three stride-2 stages), got {tuple(ct.shape[-3:])}")
+        k = 2 ** len(cfg.stages)
+        if any(s % k for s in ct.shape[-3:]) or min(ct.shape[-3:]) < k:
+            raise ValueError(f"ct spatial size must be multiples of {k} ({len(cfg.stages)} stride-2 stages), "
+                             f"got {tuple(ct.shape[-3:])}")
         v = len(cfg.clinical_cardinalities)
         checks.tensor("clinical", clinical, ndim=2, device=ct.device)
         checks.shape("clinical", clinical, (b, v))
@@ -339,7 +480,7 @@ class CSFNet(nn.Module):
             checks.shape("ct_mask", ct_mask, (b, 2))
 
     def image_features(self, ct: Tensor, ct_mask: Optional[Tensor] = None) -> Tensor:
-        """(B, 2, C, D, H, W) -> fused feature map (B, F, D/8, H/8, W/8)."""
+        """(B, 2, C, D, H, W) -> fused feature map (B, F, D/2^s, H/2^s, W/2^s), ``s = len(stages)`` (3 published)."""
         t0, t1 = ct[:, 0], ct[:, 1]
         if self.fusion is None:
             return self.encoder(t1)
@@ -352,13 +493,16 @@ class CSFNet(nn.Module):
     def forward(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor,
                 ct_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
         self._check(ct, clinical, clinical_mask, ct_mask)
+        cfg = self.config
         fused = self.image_features(ct, ct_mask)
+        glob = self.global_mlp(fused.mean(dim=(2, 3, 4)))                     # (B, dim): the image vector
+        if cfg.use_clinical and cfg.fusion == "published":
+            clin = _masked_mean(self.clinical_embed(clinical, clinical_mask), clinical_mask)
+            return {"logits": self.head(self.cross_fusion(glob, clin, clinical_mask.any(dim=1)))}
         spatial = self.token_proj(fused.flatten(2).transpose(1, 2))          # (B, P, dim)
-        glob = self.global_mlp(fused.mean(dim=(2, 3, 4)))[:, None]           # (B, 1, dim)
-        image = torch.cat([spatial, glob], dim=1)                             # (B, P + 1, dim)
-        if not self.config.use_clinical:
-            pooled = torch.cat([image.mean(dim=1), glob[:, 0]], dim=-1)
-            return {"logits": self.head(pooled)}
+        image = torch.cat([spatial, glob[:, None]], dim=1)                    # (B, P + 1, dim)
+        if not cfg.use_clinical:
+            return {"logits": self.head(torch.cat([image.mean(dim=1), glob], dim=-1))}
         clin = self.clinical_embed(clinical, clinical_mask)                   # (B, V, dim)
         clin_att = clin + self.clinical_to_image(clin, image, query_mask=clinical_mask)
         img_att = image + self.image_to_clinical(image, clin, key_mask=clinical_mask)
@@ -409,34 +553,56 @@ class CSFNet(nn.Module):
         return {"logits": logits, "probability": torch.softmax(logits.float(), dim=-1)[:, 1]}
 
     def make_optimizer(self, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
-        """The paper's recipe: Adam(lr, betas) and CosineAnnealingWarmRestarts(T_0 = restart_epochs
-        epochs), stepped once per optimiser step (``scheduler.step()``); scheduler None if "none"."""
+        """The authors' recipe: Adam(lr, betas, weight_decay) and, stepped once per optimiser step
+        (``scheduler.step()``), a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``epochs``
+        (``"cosine"``), CosineAnnealingWarmRestarts(T_0 = ``restart_epochs`` epochs) or None (``"none"``).
+
+        Example:
+            >>> net = CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides(), epochs=2))
+            >>> opt, sched = net.make_optimizer(steps_per_epoch=3)
+            >>> for _ in range(6):
+            ...     opt.step(); sched.step()
+            >>> round(opt.param_groups[0]["lr"] / net.config.lr, 6)
+            0.1
+        """
         cfg = self.config
         opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        steps = max(1, steps_per_epoch)
         sched = None
-        if cfg.scheduler == "cosine_warm_restarts":
-            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                opt, T_0=max(1, cfg.restart_epochs * max(1, steps_per_epoch)))
+        if cfg.scheduler == "cosine":
+            total, low = max(1, cfg.epochs * steps), cfg.min_lr_ratio
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        elif cfg.scheduler == "cosine_warm_restarts":
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
         return opt, sched
 
     def paper_recipe(self) -> dict[str, Any]:
-        """The paper's optimiser as ``lungcore.train`` settings (``recipe: paper``): Adam with this
-        config's lr, betas and weight decay, cosine warm restarts every ``restart_epochs`` (or a
-        constant rate with ``scheduler="none"``), no warm-up, no gradient clipping.
+        """The authors' optimiser as ``lungcore.train`` settings (``recipe: paper``): Adam with this
+        config's lr, betas and weight decay; a cosine to ``min_lr_ratio`` over the stage (or warm
+        restarts every ``restart_epochs``, or a constant rate); no warm-up, no gradient clipping.
+        (Epochs, batch size and the 4-fold cross-validation of the authors' script are run settings,
+        not optimiser settings: set them in the run's config.)
 
         Example:
-            >>> CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides())).paper_recipe()["betas"]
-            (0.5, 0.999)
+            >>> r = CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides())).paper_recipe()
+            >>> r["optimizer"], r["betas"], r["schedule"], r["min_lr_ratio"]
+            ('adam', (0.9, 0.999), 'cosine', 0.1)
         """
         cfg = self.config
+        schedule = {"cosine": "cosine", "cosine_warm_restarts": "restarts", "none": "constant"}[cfg.scheduler]
         return {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay,
-                "schedule": "restarts" if cfg.scheduler == "cosine_warm_restarts" else "constant",
-                "restart_epochs": float(cfg.restart_epochs), "warmup_epochs": 0.0, "min_lr_ratio": 0.0,
-                "grad_clip": 0.0}
+                "schedule": schedule, "restart_epochs": float(cfg.restart_epochs), "warmup_epochs": 0.0,
+                "min_lr_ratio": cfg.min_lr_ratio if cfg.scheduler == "cosine" else 0.0, "grad_clip": 0.0}
 
 
 def parameter_groups(model: CSFNet) -> dict[str, int]:
-    """Parameter count per top-level part (``encoder``, ``fusion``, ...) plus ``total``."""
+    """Parameter count per top-level part (``encoder``, ``fusion``, ...) plus ``total``.
+
+    Example:
+        >>> parameter_groups(CSFNet())["encoder"]
+        28455964
+    """
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
         part = name.split(".")[0]
@@ -445,4 +611,4 @@ def parameter_groups(model: CSFNet) -> dict[str, int]:
     return out
 
 
-__all__ = ["CSFNet", "CSFNetConfig", "parameter_groups"]
+__all__ = ["CSFNet", "CSFNetConfig", "PUBLISHED_STAGES", "parameter_groups"]

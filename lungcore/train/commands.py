@@ -79,7 +79,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on)")
     p.add_argument("--recipe", choices=["lungcore", "paper"],
                    help="paper: the optimiser and schedule the model's paper published (CSF-Net: Adam 1e-4, "
-                        "betas (0.5, 0.999), cosine warm restarts); --lr still overrides the rate (default: lungcore)")
+                        "betas (0.9, 0.999), cosine to 0.1x; epochs 25 and batch 1 are yours to pass); --lr still overrides the rate (default: lungcore)")
 
 
 def train(args: argparse.Namespace) -> int:

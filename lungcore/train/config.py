@@ -111,7 +111,7 @@ class TrainConfig:
     mean / ROC AUC, validation loss for pretraining); ``patience``: epochs without improvement
     before stopping a stage early (0: never); ``recipe``: ``"lungcore"`` (the ``optim`` section as
     given) or ``"paper"`` (the optimiser and schedule the model's paper published replace the
-    ``optim`` fields they name: CSF-Net's Adam 1e-4, betas (0.5, 0.999), cosine warm restarts;
+    ``optim`` fields they name: CSF-Net's Adam 1e-4, betas (0.9, 0.999), cosine to 0.1x per epoch;
     a model whose paper gives none raises)."""
 
     model: str = "cmml"
