@@ -80,15 +80,24 @@ def preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes on this machine (default: the cores available, divided among torchrun's "
+                        "local processes); composes with --shard: each shard's images are spread over them")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a CT that fails is named by its manifest row in the report and the others are still "
+                        "done (exit status 1); default: stop at the first failure")
 
 
 def preprocess(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lungcore.data.manifest import ManifestError, read_manifest
-    from lungcore.data.preprocess import PreprocessSettings, Preprocessor, preprocess_manifest, shard_from_env
+    from lungcore.data.preprocess import (PreprocessSettings, Preprocessor, default_workers, preprocess_manifest,
+                                          shard_from_env)
 
     try:
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
         manifest = read_manifest(args.manifest, args.schema, images="exists")
         shard = shard_from_env(args.shard)
     except (ManifestError, FileNotFoundError, ValueError) as exc:
@@ -101,8 +110,9 @@ def preprocess(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, **changes)
     pre = Preprocessor(settings, cache_dir=args.out, device=args.device)
     try:
-        report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet)
-    except ValueError as exc:
+        report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet,
+                                     workers=args.workers or default_workers(), keep_going=args.keep_going)
+    except (ValueError, RuntimeError) as exc:
         print(f"lungcore preprocess: {exc}", file=sys.stderr)
         return 1
     report["settings"] = settings.to_dict()
@@ -115,6 +125,14 @@ def preprocess(args: argparse.Namespace) -> int:
         split = ", ".join(f"{k[:-2]} {report[k]:.2f} s ({100 * report[k] / busy:.0f}%)" if busy else f"{k[:-2]} 0 s"
                           for k in ("read_s", "resample_s", "hash_s", "cache_io_s"))
         print(f"shard {report['shard']}: {report['images']} CTs, {report['boxes']} crops in {report['seconds']:.2f} s "
-              f"= {report['volumes_per_s']} volumes/s; cache {report['hits']} hits, {report['misses']} misses, "
-              f"{report['rebuilt']} rebuilt; time: {split}")
+              f"= {report['volumes_per_s']} volumes/s with {report['workers']} worker"
+              f"{'s' if report['workers'] != 1 else ''}; cache {report['hits']} hits, {report['misses']} misses, "
+              f"{report['rebuilt']} rebuilt; time (summed over workers): {split}")
+    for f in report["failed"]:
+        print(f"lungcore preprocess: failed: row {f['row']}, column {f['column']!r}, value {f['path']!r}: {f['error']}",
+              file=sys.stderr)
+    if report["failed"]:
+        print(f"lungcore preprocess: {len(report['failed'])} of {report['images']} CTs failed (listed in "
+              f"{args.out / f'report-{shard[0]}-of-{shard[1]}.json'})", file=sys.stderr)
+        return 1
     return 0
