@@ -322,7 +322,10 @@ def _gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
             filled = _inflate_chunks(module, data, out, offset, path)
     finally:
         data.release()
-        mapped.close()
+        try:
+            mapped.close()
+        except BufferError:  # a view still alive (an exception's frame): unmapped when it is collected
+            pass
     if filled < nbytes:
         raise ValueError(f"CT image {path} is truncated: {offset + filled} bytes of data after decompression, "
                          f"the header needs {offset + nbytes}")
@@ -347,6 +350,9 @@ def _inflate_reader(module: Any, data: memoryview, out: np.ndarray, offset: int,
             if not k:
                 break
             filled += k
+        tail = memoryview(bytearray(1 << 16))
+        while reader.readinto(tail):  # to the end of the stream: its CRC checks (the trailer is 8 bytes)
+            pass
         return filled
     except EOFError:  # the stream ends before its end-of-stream marker
         raise ValueError(f"CT image {path} is truncated: its gzip stream ends early") from None
@@ -363,13 +369,13 @@ def _inflate_chunks(module: Any, data: memoryview, out: np.ndarray, offset: int,
     nbytes = len(out)
     skip, filled, pos, step = offset, 0, 0, 1 << 18
     d = module.decompressobj(31)
-    while filled < nbytes and pos < len(data):
-        piece = data[pos:pos + step]
-        try:
-            block = d.decompress(piece)
-        except module.error as exc:
-            raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from exc
-        pos += len(piece)
+    while pos < len(data):  # to the end of the input: every member's CRC checks (after the volume: bytes)
+        with data[pos:pos + step] as piece:  # released at once: the mapping closes only without views
+            try:
+                block = d.decompress(piece)
+            except module.error as exc:
+                raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from None
+            pos += len(piece)
         if d.eof:  # end of a gzip member: the rest of the input starts the next one
             pos -= len(d.unused_data)
             d = module.decompressobj(31)
