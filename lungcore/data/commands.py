@@ -3,7 +3,7 @@
 Example:
     $ lungcore synth --kind nodules --n 20 --out cohort/ --preset tiny
     $ lungcore validate --manifest cohort/manifest.csv
-    $ lungcore preprocess --manifest cohort/manifest.csv --out cache/ --shard 0/2
+    $ lungcore preprocess --manifest cohort/manifest.csv --out cache/ --shard 0/2 --workers 8 --keep-going
 """
 from __future__ import annotations
 

@@ -15,6 +15,11 @@ renamed (a crash never leaves half an entry); the zip CRC and the stored metadat
 every read and a corrupted or mismatching entry is rebuilt. Content digests are memoised by
 (size, mtime) of the source in ``CACHE/sources/`` so a cached epoch does not rehash every scan.
 
+A cohort is filled by :func:`preprocess_manifest` (``lungcore preprocess``; ``lungcore train``
+calls it before its first epoch): its shard of the images (``--shard i/n`` or torchrun's
+RANK/WORLD_SIZE: the engine across machines sharing one cache folder) spread over a pool of
+``workers`` processes on this machine (the engine across cores), one report per shard.
+
 Example:
     >>> import tempfile
     >>> from lungcore.data import PreprocessSettings, Preprocessor, synth_cohort, read_manifest
@@ -27,6 +32,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +40,7 @@ import os
 import time
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -529,12 +535,13 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     bar = tqdm(total=len(images), desc=f"preprocess {i}/{n}", unit="CT", disable=not progress)
     try:
         if workers == 1:
-            for path in images:
-                try:
-                    preprocessor.crops(path, centres_of(path), frame)
-                except IMAGE_ERRORS as exc:
-                    fail(path, _message(exc))
-                bar.update()
+            with _torch_threads(threads):
+                for path in images:
+                    try:
+                        preprocessor.crops(path, centres_of(path), frame)
+                    except IMAGE_ERRORS as exc:
+                        fail(path, _message(exc))
+                    bar.update()
         else:
             _run_pool(preprocessor, images, centres_of, frame, workers,
                       threads or max(1, available_cores() // workers), fail, bar)
@@ -546,6 +553,22 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
             "boxes": sum(len(jobs[p]) for p in images), "seconds": round(wall, 3),
             "volumes_per_s": round(len(images) / wall, 2) if wall > 0 else None,
             **s.as_dict(), "failed": failed}
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's (and so the C++ resampler's) thread count set to ``threads`` inside the block; None: unchanged."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_pool(preprocessor: Preprocessor, images: list[Path], centres_of: Any, frame: str, workers: int,
