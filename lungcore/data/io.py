@@ -8,10 +8,11 @@ slice becomes a one-slice volume whose depth spacing is its ``SliceThickness``.
 
 Two readers give the same result (array values, dtype, affine; tests/data/test_io_native.py):
 
-* ``reader="native"`` (what ``"auto"``, the default, uses): nibabel's header + one read (one
-  zlib pass for ``.nii.gz``) of the voxels, which are already in (z, y, x) C order; pydicom's
-  ``dcmread`` per slice, the pixels taken from the buffer, slices sorted by their position along
-  the slice normal. No MONAI needed (the GPU machine has none).
+* ``reader="native"`` (what ``"auto"``, the default, uses): nibabel's header + one read of the
+  voxels, which are already in (z, y, x) C order (``.nii.gz``: the file memory-mapped and inflated
+  by python-isal, else zlib-ng, else zlib, straight into the array: see :func:`_gunzip`);
+  pydicom's ``dcmread`` per slice, the pixels taken from the buffer, slices sorted by their
+  position along the slice normal. No MONAI needed (the GPU machine has none).
 * ``reader="monai"``: MONAI's ``LoadImage`` (NibabelReader / PydicomReader), whose (x, y, z)
   array and RAS affine are converted once: the reference. MONAI stacks a DICOM series by
   ``InstanceNumber``; the native reader stacks by position and then orders the stack so that
@@ -597,7 +598,8 @@ def _read_dicom_native(path: Path, dtype: Any, int16: bool = False) -> tuple[np.
         if pixels.shape != (rows, cols):
             raise ValueError(f"DICOM file {name} has pixels of shape {pixels.shape}, not {rows} x {cols}")
         scale = scales[k] if scales[k] is not None or not rescaled else (1.0, 0.0)
-        if out.dtype == np.int16 and not _fill_slice_int16(out[k], pixels, scale[1]):
+        if out.dtype == np.int16 and not _fill_slice_int16(out[k], pixels, scale[1],
+                                                           int(getattr(ds, "BitsStored", 16) or 16)):
             # HU outside int16 (rare: a 16-bit unsigned scanner value near 65535): float32 from here on
             widened = np.empty(out.shape, dtype=np.float32)
             widened[:k] = out[:k]
@@ -614,21 +616,28 @@ def _integer_shift(scales: list[tuple[float, float] | None], stored: np.dtype) -
         s is None or (s[0] == 1.0 and float(s[1]).is_integer() and abs(s[1]) < 2 ** 23) for s in scales)
 
 
-def _fill_slice_int16(out: np.ndarray, pixels: np.ndarray, intercept: float) -> bool:
+def _fill_slice_int16(out: np.ndarray, pixels: np.ndarray, intercept: float, bits_stored: int) -> bool:
     """``out[...] = pixels + intercept`` in int16 when every value fits (then True), else False and
-    ``out`` untouched. The bound comes from the pixel type when that is enough (12-bit data, int16
-    pixels with a small intercept), else from the slice's min and max."""
+    ``out`` untouched. The bound comes from ``BitsStored`` where that is enough (12-bit data), else
+    from the slice's max (or min) on the side that could overflow. The sum is computed in int16
+    with wrap-around, which is exact whenever the true sum fits int16 (it is then the true sum
+    modulo 2**16): one vectorised pass, no int32 temporary."""
     shift = int(intercept)
-    info = np.iinfo(pixels.dtype)
-    lo, hi = info.min + shift, info.max + shift
-    if lo < -32768 or hi > 32767:
-        lo, hi = int(pixels.min()) + shift, int(pixels.max()) + shift
-        if lo < -32768 or hi > 32767:
-            return False
+    if not -32768 <= shift <= 32767:
+        return False
+    bits = min(bits_stored, pixels.dtype.itemsize * 8)
+    signed = pixels.dtype.kind == "i"
+    lo = (-(1 << (bits - 1)) if signed else 0) + shift
+    hi = ((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1) + shift
+    if hi > 32767 and int(pixels.max()) + shift > 32767:
+        return False
+    if lo < -32768 and int(pixels.min()) + shift < -32768:
+        return False
+    wrapped = pixels.view(np.int16) if pixels.dtype.itemsize == 2 else pixels
     if shift == 0:
-        out[...] = pixels
-    else:  # int32 arithmetic, cast once on the store (values fit, so the cast is exact)
-        np.add(pixels, np.int32(shift), out=out, dtype=np.int32, casting="unsafe")
+        out[...] = wrapped
+    else:
+        np.add(wrapped, np.int16(shift), out=out, casting="unsafe")
     return True
 
 

@@ -6,7 +6,7 @@ the same ``resample_crop``. Checked against it, bit for bit, for every read path
 path: ``.nii.gz`` through each inflater that is installed (python-isal's and zlib-ng's gzip
 readers inflating straight into the array, zlib's chunked fallback), ``.nii``, scaled NIfTI
 (float32), DICOM series kept as int16 HU (uint16 pixels + intercept -1024: the per-slice range
-check; int16 pixels + intercept 0: the bound from the pixel type), DICOM whose HU overflow int16
+check; 12-bit data: the bound from BitsStored; int16 pixels + intercept 0: from the pixel type), DICOM whose HU overflow int16
 (the float32 fallback mid-series), and DICOM with a non-unit slope (float32); linear and cubic.
 Plus the inflaters against ``gzip.decompress`` on multi-member and corrupt files.
 """
@@ -74,6 +74,13 @@ def files(tmp_path_factory):
         ds.RescaleIntercept = "0"
         ds.PixelData = hu[k].astype("<i2").tobytes()
     _rewrite_series(out["dicom int16"], signed)
+    # 12-bit data (what most scanners store): int16 HU, the bound from BitsStored
+    out["dicom 12-bit"] = write_dicom_series(d / "bits12", hu, AFFINE)
+
+    def twelve(ds, k):
+        ds.BitsStored, ds.HighBit = 12, 11
+        assert np.frombuffer(ds.PixelData, dtype="<u2").max() < 4096
+    _rewrite_series(out["dicom 12-bit"], twelve)
     # HU above 32767 in the later slices (uint16 near 40000 - 1024): int16 until then, float32 after
     out["dicom overflow"] = write_dicom_series(d / "overflow", hu, AFFINE)
 
@@ -93,7 +100,7 @@ def files(tmp_path_factory):
 
 
 HOT_DTYPE = {"nii.gz": np.int16, "nii": np.int16, "scaled.nii.gz": np.float32, "dicom uint16": np.int16,
-             "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32}
+             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32}
 
 
 def _reference_crops(path, settings, centres):
@@ -125,7 +132,7 @@ def test_crops_are_bit_identical_to_the_reference_read(files, kind, order, monke
 
 def test_int16_dicom_holds_the_float32_values(files):
     """``int16=True`` is today's float32 read, narrowed: the same numbers (and the old path stays callable)."""
-    for kind in ("dicom uint16", "dicom int16", "dicom overflow", "dicom slope"):
+    for kind in ("dicom uint16", "dicom 12-bit", "dicom int16", "dicom overflow", "dicom slope"):
         narrow = read_ct(files[kind], dtype=None, int16=True)
         today = read_ct(files[kind], dtype=None)
         assert today.array.dtype == np.float32
