@@ -19,7 +19,7 @@ with each pass. Providers (CTs/s end to end, from source files to crops in a cac
   (linear, to the target spacing) -> the same window and crop, one ITK thread (per core).
 * ``monai_1w`` / ``monai_2w``: ``LoadImaged`` -> ``Spacingd`` -> ``ScaleIntensityRanged`` -> a
   crop around the lesion, through ``PersistentDataset`` and a ``DataLoader`` with 1 or 2 workers
-  (cold: an empty persistent cache), on the first ``LUNGCORE_COHORT_MONAI`` CTs (default 8:
+  (cold: an empty persistent cache), on the first ``LUNGCORE_COHORT_MONAI`` CTs (default 6:
   MONAI resamples the whole volume, tens of seconds per CT here), half NIfTI and half DICOM
   (0: left out).
 
@@ -296,8 +296,8 @@ def run_results(device: str, quick: bool, out: Path | None = None) -> list[Resul
     from lungcore.data.io import _inflater
 
     n = int(os.environ.get("LUNGCORE_COHORT_N", 4 if quick else 64))
-    n_monai = min(n, int(os.environ.get("LUNGCORE_COHORT_MONAI", 2 if quick else 8)))
-    rounds = int(os.environ.get("LUNGCORE_COHORT_ROUNDS", 1 if quick else 3))
+    n_monai = min(n, int(os.environ.get("LUNGCORE_COHORT_MONAI", 2 if quick else 6)))
+    rounds = int(os.environ.get("LUNGCORE_COHORT_ROUNDS", 1 if quick else 2))
     base = Path(os.environ.get("LUNGCORE_BENCH_DATA", Path.home() / ".cache" / "lungcore"))
     root = base / f"cohort-scale-{'quick' if quick else 'full'}-n{n}"
     manifest = read_manifest(build_cohort(root, n, quick), images="exists")
