@@ -482,7 +482,7 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     image are cropped in one call. ``workers`` > 1 spreads this shard's images over that many
     processes on this machine (each with ``threads`` threads for the resampler; default: the cores
     available divided among the workers); the report is still one: counts, wall seconds, CTs/s,
-    and the time split (summed over the workers: CPU seconds). A bad image raises a ``ValueError``
+    and the time split (summed over the workers: worker-seconds). A bad image raises a ``ValueError``
     naming its manifest row, column and path; with ``keep_going`` it is listed under ``failed``
     instead and every other image is still done. The cache stays atomic (each entry is written
     under a temporary name and renamed, so concurrent workers and machines never see half of one).
