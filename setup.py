@@ -82,6 +82,9 @@ setup(
         "lifelines>=0.27",
         "monai>=1.3",
         "nibabel>=5.0",
+        # .nii.gz inflated about 2x faster than zlib, straight into the array (lungcore/data/io.py;
+        # benchmarks/bench_cohort_scale.py); zlib when absent (the GPU machine installs --no-deps)
+        "isal>=1.6",
         "pydicom>=2.4",
         "pyyaml>=6.0",
         "tqdm>=4.60",
@@ -91,7 +94,7 @@ setup(
         "cuda": ["cupy-cuda12x>=13.0"],
         "cuda13": ["cupy-cuda13x>=13.0"],
         "test": ["pytest>=7.4", "pytest-xdist>=3.3", "scikit-survival>=0.22", "scipy>=1.10"],
-        "bench": ["scikit-survival>=0.22", "scipy>=1.10"],
+        "bench": ["scikit-survival>=0.22", "scipy>=1.10", "SimpleITK>=2.2"],
     },
     entry_points={"console_scripts": ["lungcore = lungcore.cli:main"]},
 )

@@ -3,7 +3,8 @@
     python -m benchmarks.run [--only NAME ...] [--device cpu|cuda] [--quick] [--out DIR]
 
 Every ``benchmarks/bench_*.py`` module is discovered (see ``benchmarks/harness.py`` for what a
-module defines). Results go to ``benchmarks/results/<device>-<date>/`` by default (committed runs
+module defines; a module may instead define ``run_results(device, quick, out) -> list[Result]``
+when it times whole passes itself, as ``bench_cohort_scale.py`` does). Results go to ``benchmarks/results/<device>-<date>/`` by default (committed runs
 keep the device name, date and commit in ``results.json``); ``--out`` writes elsewhere (the demo
 writes under ``runs/``, which git ignores).
 """
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         op = getattr(module, "NAME", name)
         results: list[Result] = []
+        if hasattr(module, "run_results"):  # a benchmark that times whole passes itself (cohort_scale)
+            results.extend(module.run_results(device, args.quick, out))
         for case in module.cases(device, args.quick):
             results.extend(run_case(op, case, device, budget_s=args.budget))
         print(f"\n## {op}\n{markdown_table(results)}", flush=True)

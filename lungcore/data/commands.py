@@ -3,7 +3,7 @@
 Example:
     $ lungcore synth --kind nodules --n 20 --out cohort/ --preset tiny
     $ lungcore validate --manifest cohort/manifest.csv
-    $ lungcore preprocess --manifest cohort/manifest.csv --out cache/ --shard 0/2
+    $ lungcore preprocess --manifest cohort/manifest.csv --out cache/ --shard 0/2 --workers 8 --keep-going
 """
 from __future__ import annotations
 
@@ -113,6 +113,12 @@ def preprocess_args(p: argparse.ArgumentParser) -> None:
                         "(hash every file: catches a rewrite with the same size and time; default: stat)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (default: one line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: bar on)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes on this machine (default: the cores available, divided among torchrun's "
+                        "local processes); composes with --shard: each shard's images are spread over them")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a CT that fails is named by its manifest row in the report and the others are still "
+                        "done (exit status 1); default: stop at the first failure")
 
 
 def preprocess(args: argparse.Namespace) -> int:
@@ -120,13 +126,16 @@ def preprocess(args: argparse.Namespace) -> int:
 
     from lungcore import usage
     from lungcore.data.manifest import ManifestError, read_manifest
-    from lungcore.data.preprocess import PreprocessSettings, Preprocessor, preprocess_manifest, shard_from_env
+    from lungcore.data.preprocess import (PreprocessSettings, Preprocessor, default_workers, preprocess_manifest,
+                                          shard_from_env)
 
     try:  # every argument is checked before the first image is read
         usage.positive(args.spacing, "--spacing")
         usage.positive(args.crop, "--crop", integer=True)
         if args.window is not None and not args.window[0] < args.window[1]:
             raise usage.UsageError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+        if args.workers is not None and args.workers < 1:
+            raise usage.UsageError(f"--workers must be >= 1, got {args.workers}")
         usage.device(args.device)
         usage.out_folder(args.out, "--out", overwrite=True)  # a cache is shared: only writability matters
         shard = shard_from_env(args.shard)
@@ -145,8 +154,9 @@ def preprocess(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, **changes)
     pre = Preprocessor(settings, cache_dir=args.out, device=args.device, verify=args.verify)
     try:
-        report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet)
-    except ValueError as exc:
+        report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet,
+                                     workers=args.workers or default_workers(), keep_going=args.keep_going)
+    except (ValueError, RuntimeError) as exc:
         print(f"lungcore preprocess: {exc}", file=sys.stderr)
         return 1
     report["settings"] = settings.to_dict()
@@ -159,6 +169,14 @@ def preprocess(args: argparse.Namespace) -> int:
         split = ", ".join(f"{k[:-2]} {report[k]:.2f} s ({100 * report[k] / busy:.0f}%)" if busy else f"{k[:-2]} 0 s"
                           for k in ("read_s", "resample_s", "hash_s", "cache_io_s"))
         print(f"shard {report['shard']}: {report['images']} CTs, {report['boxes']} crops in {report['seconds']:.2f} s "
-              f"= {report['volumes_per_s']} volumes/s; cache {report['hits']} hits, {report['misses']} misses, "
-              f"{report['rebuilt']} rebuilt; time: {split}")
+              f"= {report['volumes_per_s']} volumes/s with {report['workers']} worker"
+              f"{'s' if report['workers'] != 1 else ''}; cache {report['hits']} hits, {report['misses']} misses, "
+              f"{report['rebuilt']} rebuilt; time (summed over workers): {split}")
+    for f in report["failed"]:
+        print(f"lungcore preprocess: failed: row {f['row']}, column {f['column']!r}, value {f['path']!r}: {f['error']}",
+              file=sys.stderr)
+    if report["failed"]:
+        print(f"lungcore preprocess: {len(report['failed'])} of {report['images']} CTs failed (listed in "
+              f"{args.out / f'report-{shard[0]}-of-{shard[1]}.json'})", file=sys.stderr)
+        return 1
     return 0

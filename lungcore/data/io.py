@@ -8,10 +8,11 @@ slice becomes a one-slice volume whose depth spacing is its ``SliceThickness``.
 
 Two readers give the same result (array values, dtype, affine; tests/data/test_io_native.py):
 
-* ``reader="native"`` (what ``"auto"``, the default, uses): nibabel's header + one read (one
-  zlib pass for ``.nii.gz``) of the voxels, which are already in (z, y, x) C order; pydicom's
-  ``dcmread`` per slice, the pixels taken from the buffer, slices sorted by their position along
-  the slice normal. No MONAI needed (the GPU machine has none).
+* ``reader="native"`` (what ``"auto"``, the default, uses): nibabel's header + one read of the
+  voxels, which are already in (z, y, x) C order (``.nii.gz``: the file memory-mapped and inflated
+  by python-isal, else zlib-ng, else zlib, straight into the array: see :func:`_gunzip`);
+  pydicom's ``dcmread`` per slice, the pixels taken from the buffer, slices sorted by their
+  position along the slice normal. No MONAI needed (the GPU machine has none).
 * ``reader="monai"``: MONAI's ``LoadImage`` (NibabelReader / PydicomReader), whose (x, y, z)
   array and RAS affine are converted once: the reference. MONAI stacks a DICOM series by
   ``InstanceNumber``; the native reader stacks by position and then orders the stack so that
@@ -131,7 +132,7 @@ def _canonical(dtype: np.dtype) -> np.dtype:
 
 
 def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bool = True,
-            reader: str = "auto") -> CTImage:
+            reader: str = "auto", int16: bool = False) -> CTImage:
     """Read a NIfTI file or a DICOM series (a folder, or one ``.dcm``) as a :class:`CTImage`.
 
     Returns the array in (z, y, x) order and the affine from (z, y, x, 1) to LPS mm (see the
@@ -139,6 +140,11 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     NIfTI without scaling; DICOM with ``RescaleSlope``/``RescaleIntercept`` is always float32):
     half the memory. ``contiguous=False`` may return the (z, y, x) array as a strided view instead
     of copying it (what the preprocessing hot path uses; ``resample_crop`` takes any strides).
+
+    ``int16`` (with ``dtype=None``, native reader): a DICOM series whose rescale is slope 1 and an
+    integer intercept (what CT scanners write) comes back as int16 HU, the same values as the
+    float32 array (float32 if a value does not fit int16): half the memory, and the resampler,
+    which takes int16, converts only the voxels it samples (what the preprocessing hot path uses).
 
     ``reader``: ``"native"`` reads with nibabel/pydicom directly (no MONAI needed; on a
     160 x 512 x 512 CT 2.7x faster for ``.nii.gz``, 5x for a DICOM series, 47x for ``.nii``: see
@@ -161,7 +167,7 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     if reader != "monai":
         try:
             if is_dicom_path(path):
-                array, affine = _read_dicom_native(path, dtype)
+                array, affine = _read_dicom_native(path, dtype, int16)
             else:
                 array, affine = _read_nifti_native(path, dtype)
         except NativeReaderUnsupported:
@@ -260,27 +266,120 @@ def _nifti_affine(img: Any) -> np.ndarray:
     return np.array(img.affine, dtype=np.float64)  # MONAI only rewrites pixdim: the affine stays
 
 
+# gzip inflaters, fastest first (measured on a 160 x 512 x 512 int16 .nii.gz, 2 cores: python-isal
+# about 1.6-2x zlib, zlib-ng between; benchmarks/bench_cohort_scale.py measures them again on every
+# run). LUNGCORE_INFLATER=isal|zlib-ng|zlib forces one (tests, benchmarks).
+INFLATERS = ("isal", "zlib-ng", "zlib")
+
+
+def _inflater() -> tuple[str, Any]:
+    """(name, module) of the inflater ``_gunzip`` uses: the first of :data:`INFLATERS` installed,
+    or the one ``LUNGCORE_INFLATER`` names (an error if that one is not installed)."""
+    import os
+
+    forced = os.environ.get("LUNGCORE_INFLATER", "")
+    if forced and forced not in INFLATERS:
+        raise ValueError(f"LUNGCORE_INFLATER must be one of {INFLATERS}, got {forced!r}")
+    for name in ((forced,) if forced else INFLATERS):
+        try:
+            if name == "isal":
+                from isal import isal_zlib as module
+            elif name == "zlib-ng":
+                from zlib_ng import zlib_ng as module
+            else:
+                import zlib as module
+        except ImportError:
+            if forced:
+                raise ValueError(f"LUNGCORE_INFLATER={forced}: that package is not installed") from None
+            continue
+        return name, module
+    raise AssertionError("zlib is always there")
+
+
 def _gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
     """Bytes ``[offset, offset + nbytes)`` of the gzip file ``path`` decompressed into a fresh,
-    writable uint8 array: zlib fed 256 KiB of input at a time, each piece copied straight into
-    place (no growing buffer, no second full-size copy); multi-member files too."""
-    import zlib
+    writable uint8 array (multi-member files too).
 
-    with open(path, "rb") as f:
-        data = memoryview(f.read())
+    Copies: the file is memory-mapped (its compressed bytes are never copied); python-isal and
+    zlib-ng inflate straight into the returned array (their C gzip reader's ``readinto``): each
+    byte of the volume is written once. The zlib fallback inflates 256 KiB of input at a time into
+    a bytes object and copies that into place: one extra pass over the volume, no full-size
+    temporary.
+    """
+    import mmap
+
+    name, module = _inflater()
     out = np.empty(nbytes, dtype=np.uint8)
-    skip, filled, pos, step = offset, 0, 0, 1 << 18
-    d = zlib.decompressobj(31)
-    while filled < nbytes and pos < len(data):
-        piece = data[pos:pos + step]
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            raise ValueError(f"CT image {path} is truncated: the file is empty")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = memoryview(mapped)
+    try:
+        if hasattr(module, "_GzipReader"):
+            filled = _inflate_reader(module, data, out, offset, path)
+        else:
+            filled = _inflate_chunks(module, data, out, offset, path)
+    finally:
+        data.release()
         try:
-            block = d.decompress(piece)
-        except zlib.error as exc:
-            raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from exc
-        pos += len(piece)
+            mapped.close()
+        except BufferError:  # a view still alive (an exception's frame): unmapped when it is collected
+            pass
+    if filled < nbytes:
+        raise ValueError(f"CT image {path} is truncated: {offset + filled} bytes of data after decompression, "
+                         f"the header needs {offset + nbytes}")
+    return out
+
+
+def _inflate_reader(module: Any, data: memoryview, out: np.ndarray, offset: int, path: Path) -> int:
+    """python-isal / zlib-ng: their C gzip reader over the mapped file, ``readinto`` the array."""
+    reader = module._GzipReader(data)
+    target = memoryview(out)
+    try:
+        head = memoryview(bytearray(offset)) if offset else None
+        skipped = 0
+        while head is not None and skipped < offset:
+            k = reader.readinto(head[skipped:])
+            if not k:
+                return 0
+            skipped += k
+        filled = 0
+        while filled < len(out):
+            k = reader.readinto(target[filled:])
+            if not k:
+                break
+            filled += k
+        tail = memoryview(bytearray(1 << 16))
+        while reader.readinto(tail):  # to the end of the stream: its CRC checks (the trailer is 8 bytes)
+            pass
+        return filled
+    except EOFError:  # the stream ends before its end-of-stream marker
+        raise ValueError(f"CT image {path} is truncated: its gzip stream ends early") from None
+    except (OSError, module.error) as exc:  # BadGzipFile (an OSError), a corrupt deflate stream
+        raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from None
+    finally:
+        target.release()
+        reader.close()
+        del reader
+
+
+def _inflate_chunks(module: Any, data: memoryview, out: np.ndarray, offset: int, path: Path) -> int:
+    """zlib (no gzip reader in C): ``decompressobj`` fed 256 KiB at a time, each piece copied into place."""
+    nbytes = len(out)
+    skip, filled, pos, step = offset, 0, 0, 1 << 18
+    d = module.decompressobj(31)
+    while pos < len(data):  # to the end of the input: every member's CRC checks (after the volume: bytes)
+        with data[pos:pos + step] as piece:  # released at once: the mapping closes only without views
+            try:
+                block = d.decompress(piece)
+            except module.error as exc:
+                raise ValueError(f"CT image {path}: corrupt gzip data: {exc}") from None
+            pos += len(piece)
         if d.eof:  # end of a gzip member: the rest of the input starts the next one
             pos -= len(d.unused_data)
-            d = zlib.decompressobj(31)
+            d = module.decompressobj(31)
         if skip:
             cut = min(skip, len(block))
             block, skip = block[cut:], skip - cut
@@ -288,10 +387,7 @@ def _gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
         if take:
             out[filled:filled + take] = np.frombuffer(block, dtype=np.uint8, count=take)
             filled += take
-    if filled < nbytes:
-        raise ValueError(f"CT image {path} is truncated: {offset + filled} bytes of data after decompression, "
-                         f"the header needs {offset + nbytes}")
-    return out
+    return filled
 
 
 def _read_nifti_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -409,8 +505,9 @@ def _fill_slice(out: np.ndarray, pixels: np.ndarray, rescale: tuple[float, float
     out[...] = pixels.astype(np.float32) * np.float64(slope) + np.float64(intercept)
 
 
-def _read_dicom_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A DICOM series folder (or one file) -> ((z, y, x) array, LPS affine of (z, y, x) indices)."""
+def _read_dicom_native(path: Path, dtype: Any, int16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series folder (or one file) -> ((z, y, x) array, LPS affine of (z, y, x) indices);
+    ``int16`` (with ``dtype`` None): int16 HU where the rescale keeps the values integers that fit."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -492,14 +589,56 @@ def _read_dicom_native(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
                          f"{rows} x {cols} slice")
     rescaled = any(s is not None for s in scales)
     final = _result_dtype(np.float64 if rescaled else first_pixels.dtype, dtype)
+    if int16 and dtype is None and rescaled and _integer_shift(scales, first_pixels.dtype):
+        final = np.dtype(np.int16)
     out = np.empty((n, rows, cols), dtype=final)
 
     for k, (ds, name) in enumerate(datasets):
         pixels = first_pixels if k == 0 else _dicom_slice(ds, name)
         if pixels.shape != (rows, cols):
             raise ValueError(f"DICOM file {name} has pixels of shape {pixels.shape}, not {rows} x {cols}")
-        _fill_slice(out[k], pixels, scales[k] if scales[k] is not None or not rescaled else (1.0, 0.0))
+        scale = scales[k] if scales[k] is not None or not rescaled else (1.0, 0.0)
+        if out.dtype == np.int16 and not _fill_slice_int16(out[k], pixels, scale[1],
+                                                           int(getattr(ds, "BitsStored", 16) or 16)):
+            # HU outside int16 (rare: a 16-bit unsigned scanner value near 65535): float32 from here on
+            widened = np.empty(out.shape, dtype=np.float32)
+            widened[:k] = out[:k]
+            out = widened
+        if out.dtype != np.int16:
+            _fill_slice(out[k], pixels, scale)
     return out, affine
+
+
+def _integer_shift(scales: list[tuple[float, float] | None], stored: np.dtype) -> bool:
+    """Every slice's rescale is slope 1 and an integer intercept on integer pixels of at most 16 bits:
+    the HU values are integers (exactly what the float32 path computes)."""
+    return stored.kind in "iu" and stored.itemsize <= 2 and all(
+        s is None or (s[0] == 1.0 and float(s[1]).is_integer() and abs(s[1]) < 2 ** 23) for s in scales)
+
+
+def _fill_slice_int16(out: np.ndarray, pixels: np.ndarray, intercept: float, bits_stored: int) -> bool:
+    """``out[...] = pixels + intercept`` in int16 when every value fits (then True), else False and
+    ``out`` untouched. The bound comes from ``BitsStored`` where that is enough (12-bit data), else
+    from the slice's max (or min) on the side that could overflow. The sum is computed in int16
+    with wrap-around, which is exact whenever the true sum fits int16 (it is then the true sum
+    modulo 2**16): one vectorised pass, no int32 temporary."""
+    shift = int(intercept)
+    if not -32768 <= shift <= 32767:
+        return False
+    bits = min(bits_stored, pixels.dtype.itemsize * 8)
+    signed = pixels.dtype.kind == "i"
+    lo = (-(1 << (bits - 1)) if signed else 0) + shift
+    hi = ((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1) + shift
+    if hi > 32767 and int(pixels.max()) + shift > 32767:
+        return False
+    if lo < -32768 and int(pixels.min()) + shift < -32768:
+        return False
+    wrapped = pixels.view(np.int16) if pixels.dtype.itemsize == 2 else pixels
+    if shift == 0:
+        out[...] = wrapped
+    else:
+        np.add(wrapped, np.int16(shift), out=out, casting="unsafe")
+    return True
 
 
 def read_ct_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray | None]:

@@ -286,6 +286,19 @@ def _dataset(data: CohortData, rows: list[int], augment: bool):
                          augment=Augmentation() if augment else None)
 
 
+def _fill_cache(data: CohortData, cfg: TrainConfig, rank: int, world: int) -> None:
+    """Crop every CT of the cohort into the cache before the first epoch with ``lungcore preprocess``'s
+    function and pool: this rank's shard over ``data.num_workers`` processes (in this process when
+    0 or 1), so the loaders read crops only. A bad CT stops here, named by its manifest row."""
+    from lungcore.data.preprocess import Preprocessor, preprocess_manifest
+
+    if data.cache_dir is None:
+        return
+    preprocess_manifest(data.manifest, Preprocessor(data.settings, cache_dir=data.cache_dir), shard=(rank, world),
+                        workers=max(1, cfg.data.num_workers), progress=cfg.progress and rank == 0)
+    dist_utils.barrier()
+
+
 def _model_task(name: str) -> str:
     from lungcore.models.registry import model_class
 
@@ -608,6 +621,7 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     datasets = {"train": _dataset(data, data.splits["train"], cfg.data.augment),
                 "val": _dataset(data, data.splits["val"], False),
                 "test": _dataset(data, data.splits["test"], False)}
+    _fill_cache(data, cfg, rank, world)
     eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
 
     for si in range(start_stage, len(stages)):

@@ -213,3 +213,100 @@ def test_other_interpolation_orders(nodules, order):
     linear = Preprocessor(PreprocessSettings()).crop(manifest.images[0][0], manifest.centres[0, 0])
     assert crop.shape == (16, 64, 64) and np.isfinite(crop).all()
     assert np.abs(crop - linear).mean() < 0.05
+
+
+# -- the worker pool (--workers), --keep-going ----------------------------------------------------------
+
+def _entries(cache) -> dict[str, np.ndarray]:
+    out = {}
+    for p in sorted(cache.glob("??/*.npz")):
+        with np.load(p) as z:
+            out[p.name] = z["crop"]
+    return out
+
+
+def test_two_workers_fill_the_same_cache_as_one(nodules, tmp_path):
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    one = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path / "one"), workers=1)
+    pre = Preprocessor(settings, cache_dir=tmp_path / "two")
+    two = preprocess_manifest(manifest, pre, workers=2)
+    # one report: the workers' counts are merged into the parent's stats
+    assert two["workers"] == 2 and two["images"] == 8 and two["boxes"] == 8 and two["failed"] == []
+    assert (two["misses"], two["images_read"], two["resample_calls"]) == (8, 8, 8) == (pre.stats.misses,
+                                                                                       pre.stats.images_read, 8)
+    assert two["read_s"] > 0 and two["resample_s"] > 0 and one["misses"] == 8
+    a, b = _entries(tmp_path / "one"), _entries(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert not list((tmp_path / "two").rglob("*.tmp")), "temporary files left behind"
+    # a second pass over the pool: all hits, nothing read
+    again = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path / "two"), workers=2)
+    assert (again["hits"], again["misses"], again["images_read"]) == (8, 0, 0)
+
+
+def test_workers_compose_with_shards(nodules, tmp_path):
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    reports = [preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path), shard=(i, 2), workers=2)
+               for i in range(2)]
+    assert [r["images"] for r in reports] == [4, 4] and sum(r["misses"] for r in reports) == 8
+    assert preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path))["hits"] == 8
+
+
+def _with_a_broken_image(nodules, tmp_path):
+    """The cohort's manifest copied beside a corrupt copy of one of its .nii.gz (row 3, column ct_t0)."""
+    import shutil
+
+    manifest, _ = nodules
+    src = manifest.path.parent
+    dst = tmp_path / "cohort"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("cache*"))
+    m = read_manifest(dst / "manifest.csv")
+    bad = m.images[1][0]
+    assert str(bad).endswith(".nii.gz")
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2])  # a truncated download
+    return m, bad
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_keep_going_names_the_failed_row_and_does_the_rest(nodules, tmp_path, workers):
+    m, bad = _with_a_broken_image(nodules, tmp_path)
+    settings = PreprocessSettings.csfnet()
+    with pytest.raises(ValueError, match=rf"row 3, column 'ct_t0', value '{bad}': .*truncated"):
+        preprocess_manifest(m, Preprocessor(settings, cache_dir=tmp_path / "stop"), workers=workers)
+    report = preprocess_manifest(m, Preprocessor(settings, cache_dir=tmp_path / "go"), workers=workers,
+                                 keep_going=True)
+    assert [(f["row"], f["column"], f["path"]) for f in report["failed"]] == [(3, "ct_t0", str(bad))]
+    assert "truncated" in report["failed"][0]["error"]
+    assert report["misses"] == 8 and len(list((tmp_path / "go").glob("??/*.npz"))) == 7
+
+
+def test_preprocess_command_workers_and_keep_going(nodules, tmp_path, capsys):
+    import json
+
+    from lungcore.cli import main
+
+    m, bad = _with_a_broken_image(nodules, tmp_path)
+    args = ["preprocess", "--manifest", str(m.path), "--out", str(tmp_path / "cache"), "--quiet", "--device", "cpu",
+            "--workers", "2"]
+    assert main(args) == 1
+    assert f"row 3, column 'ct_t0', value '{bad}'" in capsys.readouterr().err
+    assert main(args + ["--keep-going"]) == 1
+    captured = capsys.readouterr()
+    assert "with 2 workers" in captured.out and "1 of 8 CTs failed" in captured.err
+    assert f"failed: row 3, column 'ct_t0', value '{bad}'" in captured.err
+    report = json.loads((tmp_path / "cache" / "report-0-of-1.json").read_text())
+    assert report["workers"] == 2 and report["failed"][0]["row"] == 3
+    assert main(args[:-2] + ["--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_pool_arguments_are_checked(nodules):
+    manifest, _ = nodules
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        preprocess_manifest(manifest, Preprocessor(PreprocessSettings.csfnet()), workers=0)
+    with pytest.raises(ValueError, match="workers > 1 needs a cache folder"):
+        preprocess_manifest(manifest, Preprocessor(PreprocessSettings.csfnet()), workers=2)

@@ -1,0 +1,175 @@
+"""The fast read paths change speed, not values: crops bit-identical to the reference read's.
+
+Reference: MONAI's reader (``read_ct(reader="monai")``, float32 HU for DICOM, the stored int16
+for NIfTI), code this work did not touch and that the native reader was proved equal to, then
+the same ``resample_crop``. Checked against it, bit for bit, for every read path of the hot
+path: ``.nii.gz`` through each inflater that is installed (python-isal's and zlib-ng's gzip
+readers inflating straight into the array, zlib's chunked fallback), ``.nii``, scaled NIfTI
+(float32), DICOM series kept as int16 HU (uint16 pixels + intercept -1024: the per-slice range
+check; 12-bit data: the bound from BitsStored; int16 pixels + intercept 0: from the pixel type), DICOM whose HU overflow int16
+(the float32 fallback mid-series), and DICOM with a non-unit slope (float32); linear and cubic.
+Plus the inflaters against ``gzip.decompress`` on multi-member and corrupt files.
+"""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from lungcore.data import PreprocessSettings, Preprocessor, canonical_orientation, read_ct, write_dicom_series
+from lungcore.data.io import INFLATERS, _gunzip, _inflater, write_nifti
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("monai")
+
+
+def _installed() -> list[str]:
+    import importlib.util
+
+    mods = {"isal": "isal", "zlib-ng": "zlib_ng", "zlib": "zlib"}
+    return [n for n in INFLATERS if importlib.util.find_spec(mods[n]) is not None]
+
+
+SHAPE = (23, 70, 61)
+AFFINE = np.array([[0.0, 0.0, 0.74, -20.0], [0.0, 0.81, 0.0, -30.5], [-2.5, 0.0, 0.0, 40.0], [0, 0, 0, 1.0]])
+
+
+def _hu(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    body = ((y - 35) / 30.0) ** 2 + ((x - 30) / 27.0) ** 2 < 1
+    hu = np.where(body, 40, -1000) + 3 * z + rng.normal(scale=60, size=SHAPE)
+    return np.rint(hu).astype(np.int16)
+
+
+def _rewrite_series(folder, fn) -> None:
+    """Apply ``fn(ds, k)`` to every slice file of a series and save it again."""
+    for k, f in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(str(f))
+        fn(ds, k)
+        ds.save_as(str(f), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paths")
+    hu = _hu()
+    out = {}
+    out["nii.gz"] = write_nifti(d / "ct.nii.gz", hu, AFFINE)
+    out["nii"] = write_nifti(d / "ct.nii", hu, AFFINE)
+    img = nib.load(str(out["nii"]))
+    scaled = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine, img.header)
+    scaled.header.set_slope_inter(0.5, -3.0)
+    nib.save(scaled, str(d / "scaled.nii.gz"))
+    out["scaled.nii.gz"] = d / "scaled.nii.gz"
+    # uint16 pixels + intercept -1024, slope 1 (what scanners write): int16 HU, per-slice range check
+    out["dicom uint16"] = write_dicom_series(d / "uint16", hu, AFFINE)
+    # int16 pixels holding HU, intercept 0: int16 HU, the bound from the pixel type
+    out["dicom int16"] = write_dicom_series(d / "int16", hu, AFFINE)
+
+    def signed(ds, k):
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = "0"
+        ds.PixelData = hu[k].astype("<i2").tobytes()
+    _rewrite_series(out["dicom int16"], signed)
+    # 12-bit data (what most scanners store): int16 HU, the bound from BitsStored
+    out["dicom 12-bit"] = write_dicom_series(d / "bits12", hu, AFFINE)
+
+    def twelve(ds, k):
+        ds.BitsStored, ds.HighBit = 12, 11
+        assert np.frombuffer(ds.PixelData, dtype="<u2").max() < 4096
+    _rewrite_series(out["dicom 12-bit"], twelve)
+    # HU above 32767 in the later slices (uint16 near 40000 - 1024): int16 until then, float32 after
+    out["dicom overflow"] = write_dicom_series(d / "overflow", hu, AFFINE)
+
+    def bright(ds, k):
+        if k >= 15:
+            pixels = np.frombuffer(ds.PixelData, dtype="<u2").copy()
+            pixels[::97] = 40000
+            ds.PixelData = pixels.tobytes()
+    _rewrite_series(out["dicom overflow"], bright)
+    # a non-unit slope: float32 HU as before
+    out["dicom slope"] = write_dicom_series(d / "slope", hu, AFFINE)
+
+    def slope(ds, k):
+        ds.RescaleSlope = "0.5"
+    _rewrite_series(out["dicom slope"], slope)
+    return out
+
+
+HOT_DTYPE = {"nii.gz": np.int16, "nii": np.int16, "scaled.nii.gz": np.float32, "dicom uint16": np.int16,
+             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32}
+
+
+def _reference_crops(path, settings, centres):
+    from lungcore.ops import resample_crop
+
+    image = canonical_orientation(read_ct(path, dtype=None, contiguous=False, reader="monai"))
+    idx = np.stack([image.world_to_index(c) for c in centres])
+    return resample_crop(image.array, image.spacing, settings.spacing, idx, settings.crop, order=settings.order,
+                         fill=settings.fill, window=settings.window, out_dtype=np.float32)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("kind", list(HOT_DTYPE))
+def test_crops_are_bit_identical_to_the_reference_read(files, kind, order, monkeypatch):
+    path = files[kind]
+    settings = PreprocessSettings(spacing=(2.0, 1.0, 1.0), crop=(8, 24, 24), window=(-1000.0, 400.0), order=order)
+    ref_image = canonical_orientation(read_ct(path, reader="monai"))
+    centres = [ref_image.index_to_world(np.array([11.2, 30.7, 25.1])),
+               ref_image.index_to_world(np.array([2.0, 5.5, 58.0]))]  # near a corner: fill voxels too
+    expected = _reference_crops(path, settings, centres)
+    for inflater in (_installed() if kind.endswith(".gz") else ["default"]):
+        if inflater != "default":
+            monkeypatch.setenv("LUNGCORE_INFLATER", inflater)
+        pre = Preprocessor(settings)
+        source, _ = pre.read(path)
+        assert source.array.dtype == HOT_DTYPE[kind], (kind, inflater)  # the path this case is about ran
+        np.testing.assert_array_equal(pre.crops(path, centres), expected, err_msg=f"{kind} {inflater}")
+
+
+def test_int16_dicom_holds_the_float32_values(files):
+    """``int16=True`` is today's float32 read, narrowed: the same numbers (and the old path stays callable)."""
+    for kind in ("dicom uint16", "dicom 12-bit", "dicom int16", "dicom overflow", "dicom slope"):
+        narrow = read_ct(files[kind], dtype=None, int16=True)
+        today = read_ct(files[kind], dtype=None)
+        assert today.array.dtype == np.float32
+        assert narrow.array.dtype == HOT_DTYPE[kind]
+        np.testing.assert_array_equal(narrow.array.astype(np.float32), today.array, err_msg=kind)
+        np.testing.assert_array_equal(narrow.affine, today.affine)
+    assert read_ct(files["dicom overflow"], dtype=None).array.max() > 32767
+
+
+@pytest.mark.parametrize("inflater", _installed())
+def test_inflaters_give_gzip_bytes(tmp_path, inflater, monkeypatch):
+    monkeypatch.setenv("LUNGCORE_INFLATER", inflater)
+    assert _inflater()[0] == inflater
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 50, size=300_000, dtype=np.uint8).tobytes()
+    p = tmp_path / "two.gz"
+    p.write_bytes(gzip.compress(raw[:100_001]) + gzip.compress(raw[100_001:]))  # two members
+    got = _gunzip(p, 777, 250_000)
+    assert got.flags.writeable and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.frombuffer(raw[777:250_777], dtype=np.uint8))
+    with pytest.raises(ValueError, match="truncated"):
+        _gunzip(p, 0, 400_000)  # the header asks for more than the file holds
+    whole = gzip.compress(raw)
+    p.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        _gunzip(p, 0, 300_000)
+    broken = bytearray(whole)
+    broken[len(broken) // 3: len(broken) // 3 + 64] = b"\xff" * 64
+    p.write_bytes(bytes(broken))
+    with pytest.raises(ValueError, match="corrupt gzip data|truncated"):
+        _gunzip(p, 0, 300_000)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        _gunzip(p, 0, 10)
+
+
+def test_unknown_inflater_is_an_error(monkeypatch):
+    monkeypatch.setenv("LUNGCORE_INFLATER", "brotli")
+    with pytest.raises(ValueError, match="LUNGCORE_INFLATER must be one of"):
+        _inflater()
