@@ -7,8 +7,11 @@ is written. :func:`learnability` lists what makes a cohort unable to teach or se
 (no events, an all-censored or one-class validation split, a single patient).
 
 Example:
-    >>> # from lungcore.train.preflight import read_every_image
-    >>> # read_every_image(manifest, rows, settings, cache_dir="cache")   # ManifestError if any is bad
+    >>> import tempfile
+    >>> from lungcore.data import PreprocessSettings, read_manifest, synth_cohort
+    >>> m = read_manifest(synth_cohort("survival", tempfile.mkdtemp(), n=3, preset="tiny")["manifest"])
+    >>> read_every_image(m, range(len(m)), PreprocessSettings.cmml())   # ManifestError if any is bad
+    {'cached': 0, 'read': 3}
 """
 from __future__ import annotations
 
