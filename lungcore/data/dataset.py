@@ -116,21 +116,19 @@ class CohortDataset(torch.utils.data.Dataset):
 
     def _ct(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.manifest
-        crops = []
+        ct = torch.zeros(len(m.images[i]), 1, *self.settings.crop)  # (T, 1, D, H, W); a missing scan stays zeros
         present = []
         for t, path in enumerate(m.images[i]):
+            present.append(path is not None)
             if path is None:
-                crops.append(np.zeros(self.settings.crop, dtype=np.float32))
-                present.append(False)
                 continue
             centre = m.centres[i, t]
             try:
-                crops.append(self.preprocessor.crop(path, None if np.isnan(centre).any() else centre, self.frame))
+                crop = self.preprocessor.crop(path, None if np.isnan(centre).any() else centre, self.frame)
             except ValueError as exc:
                 col = m.schema.image_columns[t]
                 raise ValueError(f"row {m.rows[i]}, column {col!r}, value {str(path)!r}: {exc}") from None
-            present.append(True)
-        ct = torch.from_numpy(np.stack(crops)).unsqueeze(1)  # (T, 1, D, H, W)
+            ct[t, 0] = torch.from_numpy(crop)
         if self.augment is not None and any(present):
             # one transform for every time point (T0/T1 stay aligned); a missing scan stays zeros
             ct = self.augment(ct)

@@ -150,7 +150,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o.lr, betas=o.betas)
+    # foreach: one multi-tensor update instead of a Python loop over the parameters (torch picks it on
+    # CUDA only; on CPU the loop cost 70 ms a step for CMML's clinical branch)
+    return cls(groups, lr=o.lr, betas=o.betas, foreach=True)
 
 
 def _log(out: Path, message: str, echo: bool = True) -> None:
