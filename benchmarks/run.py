@@ -65,11 +65,21 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| op | shape | provider | median ms | speedup | vs | peak MiB |",
-             "|---|---|---|---:|---:|---|---:|"]
+    """One row per (shape, provider); a "% of floor" column (H200 floor / median) when any result
+    has a floor (CUDA runs of the ops that ``benchmarks.floors`` covers)."""
+    floors = any(r.floor_ms is not None for r in results)
+    head = "| op | shape | provider | median ms | speedup | vs | peak MiB |"
+    rule = "|---|---|---|---:|---:|---|---:|"
+    if floors:
+        head += " floor ms | % of floor |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for r in results:
-        lines.append(f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
-                     f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
+        line = (f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
+                f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
+        if floors:
+            line += f" {_fmt(r.floor_ms, '.4f')} | {_fmt(r.pct_of_floor, '.1f')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, record
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -346,7 +346,7 @@ def attention_forward(q, k, v, key_mask, query_mask, out, lse, seed, scale: floa
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *skm, *sqm,
         bh, h, b1, lq, lk, d, scale * _LOG2E, dropout_p,
         HAS_KM=key_mask is not None, HAS_QM=query_mask is not None, DROPOUT=dropout_p > 0,
-        DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d),
+        DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d), enable_fp_fusion=FP_FUSION,
     )
     record("masked_cross_attention.forward")
 
@@ -361,7 +361,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_mask, query_mask, seed, 
     qm, *sqm = _mask_args(query_mask)
     gy, gz = _grid_bh(bh)
     common = dict(HAS_KM=key_mask is not None, HAS_QM=query_mask is not None, DROPOUT=dropout_p > 0,
-                  DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d))
+                  DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d), enable_fp_fusion=FP_FUSION)
     grid_q = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), gy, gz)  # noqa: E731
     _bwd_dq_kernel[grid_q](
         q, k, v, km if km is not None else q, qm if qm is not None else q, out, grad_out, lse, delta, dq, seed,

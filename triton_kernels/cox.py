@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, multiprocessors, record
 
 # "empty" log-scale: exp(NEG - m) == 0 and exp(NEG - NEG) * 0 == 0, never NaN (constexpr: jit
 # functions may only read constexpr globals on a real GPU compile)
@@ -342,7 +342,7 @@ def _shift(risk: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 
 def default_block(n: int, device: torch.device) -> int:
     """Subjects per program: big blocks on a GPU, small grids in the interpreter."""
-    if device.type != "cuda":
+    if multiprocessors(device) is None:
         return 128
     return 1024 if n <= (1 << 18) else 2048
 
@@ -358,14 +358,16 @@ def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: di
     meta = dict(MODE=mode, REVERSE=reverse, HAS_W=flags["HAS_W"], HAS_STRATA=flags["HAS_STRATA"],
                 EFRON=flags["EFRON"], G_VEC=flags.get("G_VEC", False), ACC=acc_tl, BLOCK=block)
     warps = 4 if block <= 1024 else 8
-    _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps, **meta)
+    _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps,
+                                 enable_fp_fusion=FP_FUSION, **meta)
     record("cox.scan_aggregate")
     # padded lanes of the carry scan are identities, so a minimum width costs nothing
-    cb = min(1024, max(32, triton.next_power_of_2(nb))) if tensors["perm"].is_cuda else min(64, triton.next_power_of_2(nb))
-    _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4)
+    cb = min(1024, max(32, triton.next_power_of_2(nb))) if multiprocessors(tensors["perm"].device) else min(64, triton.next_power_of_2(nb))
+    _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4,
+                             enable_fp_fusion=FP_FUSION)
     record("cox.scan_carry")
     _scan_apply_kernel[(nb,)](*args, incl, out if out is not None else tensors["stats"], n, nb,
-                              num_warps=warps, **meta)
+                              num_warps=warps, enable_fp_fusion=FP_FUSION, **meta)
     record("cox.scan_apply")
 
 
@@ -397,7 +399,7 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
     out = torch.empty(2 * nb if reduce else n, device=risk.device, dtype=acc_torch)
     _loss_kernel[(nb,)](risk, t["shift"], perm, t["w"], event, start_of, stats, usum, out, n, nb,
                         HAS_W=weight is not None, EFRON=efron, REDUCE=reduce, ACC=acc_tl, BLOCK=block,
-                        num_warps=4 if block <= 1024 else 8)
+                        num_warps=4 if block <= 1024 else 8, enable_fp_fusion=FP_FUSION)
     record("cox.loss")
     if reduce:
         return out[:nb].sum(), out[nb:].sum(), stats

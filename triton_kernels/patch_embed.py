@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, multiprocessors, record
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
@@ -338,16 +338,16 @@ def forward(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         *volume.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2],
         HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_VIS=visible is not None,
-        PAD=bool(pad), DOT_FP32=_interpreting())
+        PAD=bool(pad), DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.forward")
     return out
 
 
 def _default_split(M: int, E: int, KDIM: int, device: torch.device) -> int:
     """Split the M reduction so that the weight-gradient grid fills the GPU (>= ~2 waves)."""
-    if device.type != "cuda":
+    sms = multiprocessors(device)
+    if sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(E, 64) * triton.cdiv(KDIM, 64)
     return int(max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256), 32)))
 
@@ -379,7 +379,7 @@ def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torc
         M, E, KDIM, T, N, D, H, W, nH, nW, rows_per_split,
         *volume.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2], HAS_VIS=visible is not None, PAD=bool(pad),
-        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), SPLIT=split)
+        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), SPLIT=split, enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_weight")
     dweight = (dw[0] if split == 1 else dw.sum(0)).reshape(weight_shape)
     dbias = None
@@ -404,7 +404,7 @@ def grad_pos(grad_out: torch.Tensor, visible: torch.Tensor | None, num_tokens: i
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]))
 
-    _grad_pos_kernel[grid](g, inv, dpos, B, N, E, T, HAS_VIS=visible is not None)
+    _grad_pos_kernel[grid](g, inv, dpos, B, N, E, T, HAS_VIS=visible is not None, enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_pos")
     return dpos
 
@@ -438,6 +438,6 @@ def grad_volume(grad_out: torch.Tensor, weight: torch.Tensor, visible: torch.Ten
         M, E, KDIM, T, N, D, H, W, nH, nW,
         *dvol.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2], HAS_VIS=visible is not None, PAD=bool(pad),
-        DOT_FP32=_interpreting())
+        DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_volume")
     return dvol
