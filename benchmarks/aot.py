@@ -226,7 +226,7 @@ OPS = {
 }
 
 
-def record_launches(quick: bool, sms: int, ops: list[str]) -> list[Launch]:
+def record_launches(quick: bool, sms: int, ops: list[str], dtypes: list[str] | None = None) -> list[Launch]:
     """Every launch the ops make at the benchmark shapes, recorded with the grids of an ``sms``-SM GPU."""
     from lungcore import backend
     from lungcore.triton_kernels._launch import sizing_for
@@ -239,8 +239,12 @@ def record_launches(quick: bool, sms: int, ops: list[str]) -> list[Launch]:
     try:
         with rec, sizing_for(sms), backend.use_backend("triton"):
             for op in ops:
-                fn, dtypes, quick_dtypes = OPS[op]
-                fn(rec, quick_dtypes if quick else dtypes, quick)
+                fn, accepted, quick_dtypes = OPS[op]
+                chosen = quick_dtypes if quick else accepted
+                if dtypes is not None:
+                    chosen = tuple(d for d in accepted if _DTYPE_NAMES[d] in dtypes)
+                if chosen:
+                    fn(rec, chosen, quick)
     finally:
         backend.interpreting = saved
     return rec.launches
@@ -651,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors the grids are sized for (H200: 132)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 16), help="parallel compiles")
     parser.add_argument("--only", nargs="+", choices=sorted(OPS), default=None, help="only these ops' kernels")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPE_NAMES.values()), default=None,
+                        help="only these input dtypes (those an op does not accept are skipped)")
     parser.add_argument("--no-cpp", action="store_true", help="skip the CUDA C++ sources")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default benchmarks/results/aot-sm<arch>[-quick])")
@@ -680,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, AttributeError):
             pass
         ops = args.only or sorted(OPS)
-        launches = record_launches(args.quick, args.sms, ops)
+        launches = record_launches(args.quick, args.sms, ops, args.dtypes)
         jobs = bind(launches, args.arch)
         print(f"{len(launches)} launches recorded -> {len(jobs)} distinct compiles; compiling with {args.jobs} workers",
               flush=True)

@@ -177,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = None
     print(f"lungcore benchmarks on {dev_name} ({device}), commit {meta['commit']}, {today}")
 
-    all_results: list[Result] = []
     for name in args.only or names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         op = getattr(module, "NAME", name)
@@ -186,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(run_case(op, case, device, budget_s=args.budget))
         print(f"\n## {op}\n{markdown_table(results)}", flush=True)
         plot(op, results, out / f"{op}.png", f"{op} on {dev_name}")
-        all_results.extend(results)
-
-    merged = merge_results(out / "results.json", meta, all_results)
-    (out / "results.json").write_text(json.dumps(merged, indent=1))
-    (out / "results.md").write_text(results_markdown(merged))
+        # written after every op, so a run stopped part-way (a device call's time limit) keeps
+        # what it measured
+        merged = merge_results(out / "results.json", meta, results)
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        (out / "results.md").write_text(results_markdown(merged))
     print(f"\nwrote {out}/results.json, results.md and one PNG per op")
     return 0
 
