@@ -296,8 +296,13 @@ def _block_names(jit) -> set[str]:
     return {p.name for p in jit.params if p.is_constexpr and p.name.startswith(("BLOCK", "GROUP", "SPLIT", "CB"))}
 
 
-def bind(launches: list[Launch], arch: int) -> list[Job]:
-    """Distinct compile jobs, specialised exactly as Triton's JIT would for a CUDA launch."""
+def bind(launches: list[Launch], arch: int, every_signature: bool = False) -> list[Job]:
+    """Distinct compile jobs, specialised exactly as Triton's JIT would for a CUDA launch.
+
+    One job per (kernel, argument types, constexprs, options): the first shape's integer
+    specialisation (divisibility by 16, alignment) is compiled and the other shapes only add
+    their grids, unless ``every_signature`` compiles each shape's own specialisation too.
+    """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -326,7 +331,7 @@ def bind(launches: list[Launch], arch: int) -> list[Job]:
             variant = " ".join(f"{k}={_short(v)}" for k, v in flags.items())
             key = json.dumps([launch.kernel, {k: str(v) for k, v in signature.items()},
                               sorted((str(k), str(v)) for k, v in constexprs.items()),
-                              sorted((str(k), str(v)) for k, v in attrs.items()),
+                              sorted((str(k), str(v)) for k, v in attrs.items()) if every_signature else [],
                               sorted((k, str(v)) for k, v in opt.items())])
             job = jobs.get(key)
             if job is None:
@@ -657,7 +662,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(OPS), default=None, help="only these ops' kernels")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPE_NAMES.values()), default=None,
                         help="only these input dtypes (those an op does not accept are skipped)")
+    parser.add_argument("--every-signature", action="store_true",
+                        help="compile each benchmark shape's own integer specialisation (default: one per "
+                             "kernel x dtype x config x constexpr variant, the other shapes add their grids)")
     parser.add_argument("--no-cpp", action="store_true", help="skip the CUDA C++ sources")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of the ops not compiled now (and the C++ rows with --no-cpp) from "
+                             "the aot.json already in --out: one table built by several partial runs")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default benchmarks/results/aot-sm<arch>[-quick])")
     args = parser.parse_args(argv)
@@ -687,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         ops = args.only or sorted(OPS)
         launches = record_launches(args.quick, args.sms, ops, args.dtypes)
-        jobs = bind(launches, args.arch)
+        jobs = bind(launches, args.arch, args.every_signature)
         print(f"{len(launches)} launches recorded -> {len(jobs)} distinct compiles; compiling with {args.jobs} workers",
               flush=True)
         results = compile_all(jobs, args.arch, args.jobs, tmp)
@@ -699,6 +710,15 @@ def main(argv: list[str] | None = None) -> int:
         row["resident"] = (resident_blocks(res["registers"], res["shared"], job.options["num_warps"], args.arch)
                            if res["ok"] else None)
         rows.append(row)
+    seconds = time.perf_counter() - t0
+    previous = out / "aot.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        ran = set(ops)
+        rows += [r for r in old["kernels"] if r["kernel"].split(".")[0] not in ran]
+        if args.no_cpp:
+            cpp = old.get("cuda_cpp", [])
+        seconds += old["meta"].get("seconds", 0.0)
     rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["variant"], r["config"]))
     problems = gate(rows, cpp, args.arch)
     ok_rows = [r for r in rows if r["ok"]]
@@ -708,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                 spilling=sum(bool(r["spills"]) for r in ok_rows),
                 max_shared=max((r["shared"] for r in ok_rows), default=0),
                 max_registers=max((r["registers"] for r in ok_rows), default=0),
-                seconds=time.perf_counter() - t0, passed=not problems)
+                seconds=seconds, passed=not problems)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot.json").write_text(json.dumps(dict(meta=meta, kernels=rows, cuda_cpp=cpp, problems=problems),
                                              indent=1, default=str))

@@ -176,20 +176,23 @@ def _forward_kernel(vol_ptr, w_ptr, bias_ptr, pos_ptr, vis_ptr, out_ptr,
              (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)],
         interp=(32, 32, 32, 4, 1),
         names=("BLOCK_E", "BLOCK_K", "BLOCK_M")),
-    key=["M", "E", "KDIM", "PD", "PH", "PW", "HAS_VIS", "PAD", "SPLIT"],
+    key=["M", "E", "KDIM", "PD", "PH", "PW", "HAS_VIS", "PAD", "NEED_BIAS"],
 )
 @triton.jit
 def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
-                        M, E, KDIM, T, N, D, H, W, nH, nW, rows_per_split,
+                        M, E, KDIM, T, N, D, H, W, nH, nW,
                         stride_b, stride_c, stride_d, stride_h, stride_w,
                         stride_vb, stride_vt,
                         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                         HAS_VIS: tl.constexpr, PAD: tl.constexpr, NEED_BIAS: tl.constexpr,
-                        DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+                        DOT_FP32: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    # grid axis 2 splits the M reduction; the launcher sizes it per config (tile count x splits
+    # ~ 2 waves), so each program derives its row range from the grid
     pid_e = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
+    rows_per_split = tl.cdiv(M, tl.num_programs(2))
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     e_ok = e < E
@@ -212,7 +215,8 @@ def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
         else:
             acc += tl.dot(g, a)
         if NEED_BIAS:
-            acc_b += tl.sum(g.to(tl.float32), axis=1)
+            if pid_k == 0:  # the bias gradient is one row sum: only its storing programs compute it
+                acc_b += tl.sum(g.to(tl.float32), axis=1)
     base = split.to(tl.int64) * E * KDIM
     tl.store(dw_ptr + base + e[:, None].to(tl.int64) * KDIM + k[None, :], acc,
              mask=e_ok[:, None] & (k < KDIM)[None, :])
@@ -225,7 +229,9 @@ def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
 # backward: position embedding
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_configs(gpu=[(32, 128, 4, 2), (16, 256, 4, 2), (64, 64, 4, 2)], interp=(16, 32, 4, 1),
+    # small tiles: the grid is (N / BLOCK_T) x (E / BLOCK_E) and each program loops over the batch,
+    # so network A (N = 512, E = 256) launches 128-256 programs instead of 32
+    configs=_configs(gpu=[(8, 64, 2, 2), (16, 64, 2, 2), (4, 128, 4, 2), (8, 128, 4, 2)], interp=(16, 32, 4, 1),
                      names=("BLOCK_T", "BLOCK_E")),
     key=["B", "N", "E", "HAS_VIS"],
 )
@@ -343,19 +349,23 @@ def forward(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def _default_split(M: int, E: int, KDIM: int, device: torch.device) -> int:
-    """Split the M reduction so that the weight-gradient grid fills the GPU (>= ~2 waves)."""
-    sms = multiprocessors(device)
+def _split_for(M: int, E: int, KDIM: int, sms: int | None, block_e: int, block_k: int) -> int:
+    """Splits of the M reduction for one (BLOCK_E, BLOCK_K) tile so that the weight-gradient grid
+    fills the GPU (tiles x splits >= ~2 waves; at least 256 rows per split, at most 32 splits)."""
     if sms is None:
         return 1
-    tiles = triton.cdiv(E, 64) * triton.cdiv(KDIM, 64)
+    tiles = triton.cdiv(E, block_e) * triton.cdiv(KDIM, block_k)
     return int(max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256), 32)))
 
 
 def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torch.Tensor | None,
                      weight_shape: tuple[int, ...], pad: bool, need_bias: bool,
                      split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 (dW in the weight's shape, dBias or None); deterministic (fixed-order partial sums)."""
+    """fp32 (dW in the weight's shape, dBias or None); deterministic (fixed-order partial sums).
+
+    ``split``: programs along M per (E, K) tile; by default sized per autotune config (64 x 64
+    tiles get more splits than 128 x 128 ones, so both fill the GPU).
+    """
     B, C, D, H, W = volume.shape
     E = weight_shape[0]
     patch = tuple(int(s) for s in weight_shape[2:])
@@ -363,28 +373,38 @@ def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torc
     nD, nH, nW, N = _geometry(volume, patch)
     T = grad_out.shape[1]
     M = B * T
-    split = split or _default_split(M, E, KDIM, volume.device)
-    split = max(1, min(split, max(M, 1)))
-    rows_per_split = triton.cdiv(max(M, 1), split)
-    dw = _empty((split, E, KDIM), volume.device, torch.float32)
-    db = _empty((split, E), volume.device, torch.float32) if need_bias else dw
+    sms = multiprocessors(volume.device)
+    cap = max(M, 1)
+    if split:
+        splits_of = lambda meta: max(1, min(split, cap))  # noqa: E731
+    else:
+        splits_of = lambda meta: min(_split_for(M, E, KDIM, sms, meta["BLOCK_E"], meta["BLOCK_K"]), cap)  # noqa: E731
+    most = max(splits_of(cfg.kwargs) for cfg in _grad_weight_kernel.configs)
+    dw = _empty((most, E, KDIM), volume.device, torch.float32)
+    db = _empty((most, E), volume.device, torch.float32) if need_bias else dw
     g = grad_out.contiguous()
     vis, svb, svt = _vis_args(visible, volume)
+    launched: list[int] = []
 
     def grid(meta):
-        return (triton.cdiv(E, meta["BLOCK_E"]), triton.cdiv(KDIM, meta["BLOCK_K"]), split)
+        # evaluated once per launch; the autotuner launches the chosen config last, so
+        # launched[-1] is the number of partials the final launch wrote
+        n_split = splits_of(meta)
+        launched.append(n_split)
+        return (triton.cdiv(E, meta["BLOCK_E"]), triton.cdiv(KDIM, meta["BLOCK_K"]), n_split)
 
     _grad_weight_kernel[grid](
         volume, g, vis, dw, db,
-        M, E, KDIM, T, N, D, H, W, nH, nW, rows_per_split,
+        M, E, KDIM, T, N, D, H, W, nH, nW,
         *volume.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2], HAS_VIS=visible is not None, PAD=bool(pad),
-        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), SPLIT=split, enable_fp_fusion=FP_FUSION)
+        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_weight")
-    dweight = (dw[0] if split == 1 else dw.sum(0)).reshape(weight_shape)
+    used = launched[-1] if launched else most
+    dweight = (dw[0] if used == 1 else dw[:used].sum(0)).reshape(weight_shape)
     dbias = None
     if need_bias:
-        dbias = db[0] if split == 1 else db.sum(0)
+        dbias = db[0] if used == 1 else db[:used].sum(0)
     return dweight, dbias
 
 
