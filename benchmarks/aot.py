@@ -615,8 +615,8 @@ def gate(rows: list[dict], cpp: list[dict], arch: int) -> list[str]:
 def markdown(meta: dict, rows: list[dict], cpp: list[dict], problems: list[str]) -> str:
     sms = meta["sms"]
     lines = [f"# Ahead-of-time compile table: sm_{meta['arch']} ({sms} SMs)", "",
-             f"`python -m benchmarks.aot{' --quick' if meta['quick'] else ''} --arch {meta['arch']}`; triton "
-             f"{meta['triton']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}.", "",
+             "Commands (per op): " + "; ".join(f"{op}: `{c}`" for op, c in sorted(meta.get("runs", {}).items()))
+             + f". Triton {meta['triton']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}.", "",
              f"{meta['compiled']} kernel x dtype x config compiles in {meta['seconds']:.0f} s "
              f"({meta['jobs']} workers): {meta['failures']} failures, {meta['spilling']} with spills, "
              f"max shared memory {meta['max_shared']} B, max registers {meta['max_registers']}. "
@@ -712,9 +712,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     seconds = time.perf_counter() - t0
     previous = out / "aot.json"
+    command = "python -m benchmarks.aot " + " ".join(sys.argv[1:] if argv is None else argv)
+    runs = {op: command for op in ops}
     if args.update and previous.exists():
         old = json.loads(previous.read_text())
         ran = set(ops)
+        runs = {**{op: c for op, c in old["meta"].get("runs", {}).items() if op not in ran}, **runs}
         rows += [r for r in old["kernels"] if r["kernel"].split(".")[0] not in ran]
         if args.no_cpp:
             cpp = old.get("cuda_cpp", [])
@@ -728,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                 spilling=sum(bool(r["spills"]) for r in ok_rows),
                 max_shared=max((r["shared"] for r in ok_rows), default=0),
                 max_registers=max((r["registers"] for r in ok_rows), default=0),
-                seconds=seconds, passed=not problems)
+                seconds=seconds, passed=not problems, runs=runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot.json").write_text(json.dumps(dict(meta=meta, kernels=rows, cuda_cpp=cpp, problems=problems),
                                              indent=1, default=str))

@@ -13,7 +13,7 @@ tensor is never materialised, masked patches are never read, and the epilogue ad
 gathered position rows before one store. Backward:
   * ``_grad_weight_kernel``: dW = dOut^T @ A (A re-gathered from the volume), split over M into
     fp32 partials that the launcher sums in a fixed order (deterministic, no atomics); the
-    programs of the first K tile also reduce dOut over M for the bias gradient.
+    programs of the first K tile then reduce dOut over their rows for the bias gradient.
   * ``_grad_pos_kernel``: dPos[n] = sum_b dOut[b, inv[b, n]] with inv the inverse of ``visible``
     (duplicate-free, so no atomics), or sum_b dOut[b, n] without ``visible``.
   * ``_grad_volume_kernel``: dA = dOut @ W scattered straight into the volume gradient (patches
@@ -214,14 +214,21 @@ def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
             acc += tl.dot(g.to(tl.float32), a.to(tl.float32))
         else:
             acc += tl.dot(g, a)
-        if NEED_BIAS:
-            if pid_k == 0:  # the bias gradient is one row sum: only its storing programs compute it
-                acc_b += tl.sum(g.to(tl.float32), axis=1)
     base = split.to(tl.int64) * E * KDIM
     tl.store(dw_ptr + base + e[:, None].to(tl.int64) * KDIM + k[None, :], acc,
              mask=e_ok[:, None] & (k < KDIM)[None, :])
     if NEED_BIAS:
         if pid_k == 0:
+            # the bias gradient (a row sum of dOut) is computed only by the programs that store it,
+            # in a loop of its own after the GEMM loop (dOut rows are L2-hot), so the pipelined GEMM
+            # loop carries no branch and no extra accumulator
+            for m0 in range(m_begin, m_end, BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                row_ok = _token_rows(vis_ptr, m, m_end, T, N, nH, nW, stride_vb, stride_vt,
+                                     stride_b, stride_d, stride_h, stride_w, PD, PH, PW, HAS_VIS)[5]
+                g = tl.load(dout_ptr + m[None, :].to(tl.int64) * E + e[:, None],
+                            mask=row_ok[None, :] & e_ok[:, None], other=0.0)
+                acc_b += tl.sum(g.to(tl.float32), axis=1)
             tl.store(db_ptr + split * E + e, acc_b, mask=e_ok)
 
 

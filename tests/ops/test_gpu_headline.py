@@ -71,7 +71,7 @@ def check_attention(device: str, dtype: torch.dtype, b: int, h: int, lq: int, lk
     qm = torch.rand(b, lq, generator=g) < 0.9
     grad = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
     # the float64 reference runs on the same device (fast on a GPU, exact either way)
-    refs = [t.to(device).requires_grad_() for t in (q, k, v)]
+    refs = [t.clone().to(device).requires_grad_() for t in (q, k, v)]
     ref = masked_cross_attention_reference(*refs, key_mask=km.to(device), query_mask=qm.to(device))
     ref.backward(grad.to(device))
     xs = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
@@ -105,7 +105,7 @@ def check_patch_embed(device: str, dtype: torch.dtype, B: int, spatial, patch, E
     pos = torch.randn(N, E, generator=g, dtype=torch.float64)
     visible = None if ratio == 1.0 else torch.rand(B, N, generator=g).argsort(dim=1)[:, :T]
     grad = torch.randn(B, T, E, generator=g, dtype=torch.float64)
-    refs = [t.to(device).requires_grad_() for t in (x, w, bias, pos)]
+    refs = [t.clone().to(device).requires_grad_() for t in (x, w, bias, pos)]
     ref = patch_embed3d_reference(*refs, None if visible is None else visible.to(device))
     ref.backward(grad.to(device))
     xs = [t.to(device, dtype).requires_grad_() for t in (x, w, bias, pos)]
@@ -135,7 +135,7 @@ def check_cox(device: str, dtype: torch.dtype, n: int) -> None:
     time = torch.randint(0, 2000, (n,), generator=g).double()
     event = torch.rand(n, generator=g) < 0.7
     for reduction in ("mean", "none"):
-        r_ref = risk.to(device).requires_grad_()
+        r_ref = risk.clone().to(device).requires_grad_()
         ref = cox_ph_loss_reference(r_ref, time.to(device), event.to(device), ties="efron", reduction=reduction)
         upstream = torch.rand(ref.shape, generator=g, dtype=torch.float64)
         ref.backward(upstream.to(device))
