@@ -123,4 +123,9 @@ def test_quick_gate_compiles_every_kernel_for_sm90(tmp_path):
 
         nvcc = [r for r in data["cuda_cpp"] if r["compiler"] == "nvcc"]
         assert {r["kernel"] for r in nvcc} == set(_kernel_names()) and all(r["ok"] for r in nvcc)
+    nvrtc = [r for r in data["cuda_cpp"] if r["compiler"] == "nvrtc" and not r.get("skipped")]
+    if nvrtc:  # the nvidia-cuda-nvrtc wheel is installed: CuPy's own compiler path, same instantiations
+        from lungcore.ops.resample import _kernel_names
+
+        assert {r["kernel"] for r in nvrtc} == set(_kernel_names()) and all(r["ok"] for r in nvrtc)
     assert "| patch_embed._forward_kernel | bf16 |" in (tmp_path / "aot.md").read_text()
