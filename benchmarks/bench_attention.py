@@ -24,6 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from benchmarks import floors
 from benchmarks.harness import Case
 from lungcore.ops import masked_cross_attention, masked_cross_attention_reference
 
@@ -83,16 +84,20 @@ def _providers(q, k, v, km, backward: bool, with_flex: bool):
     return {name: functools.partial(fwd_bwd, fn) for name, fn in fns.items()}, fns
 
 
-def cases(device: str, quick: bool) -> list[Case]:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def shapes(device: str, quick: bool) -> list[tuple[str, tuple[int, int, int, int, int]]]:
+    """The benchmark shapes (label, (B, H, Lq, Lk, D)); benchmarks.aot and the floors use them too."""
     if device == "cuda":
         long = (4, 8, 4096, 4096, 64)
     else:
         long = (1, 8, 1024, 1024, 64) if quick else (1, 8, 2048, 2048, 64)
-    shapes = [("net A cross", (32, 8, 512, 16, 32)), ("net B cross", (32, 4, 128, 6, 32)), ("long", long)]
+    return [("net A cross", (32, 8, 512, 16, 32)), ("net B cross", (32, 4, 128, 6, 32)), ("long", long)]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     densities = [0.5] if quick else [0.25, 0.5, 0.9]
     out = []
-    for label, (b, h, lq, lk, d) in shapes:
+    for label, (b, h, lq, lk, d) in shapes(device, quick):
         for density in densities:
             q, k, v, km = _inputs(b, h, lq, lk, d, density, device, dtype)
             for backward in (False, True):
@@ -116,5 +121,6 @@ def cases(device: str, quick: bool) -> list[Case]:
                     shape=f"{label} B={b} H={h} Lq={lq} Lk={lk} D={d} keep={density:g} {mode}",
                     size=b * h * lq * lk, providers=providers, baseline="eager", check=check,
                     note=str(dtype).replace("torch.", ""),
+                    floor=floors.attention(b, h, lq, lk, d, backward, itemsize=dtype.itemsize),
                 ))
     return out

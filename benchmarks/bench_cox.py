@@ -21,6 +21,7 @@ import importlib.util
 
 import torch
 
+from benchmarks import floors
 from benchmarks.harness import Case
 from lungcore.ops import cox_ph_loss, cox_ph_loss_reference
 
@@ -56,16 +57,20 @@ def _step(fn, risk):
     return run
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def sizes(device: str, quick: bool) -> list[int]:
+    """The benchmark batch sizes (subjects); benchmarks.aot and the floors use them too."""
     if device == "cuda":
-        sizes = [1 << 16, 1 << 20] if quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22]
-    else:
-        sizes = [4_096, 65_536] if quick else [4_096, 65_536, 262_144]
+        return [1 << 16, 1 << 20] if quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22]
+    return [4_096, 65_536] if quick else [4_096, 65_536, 262_144]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    sizes_ = sizes(device, quick)
     have_torchsurv = importlib.util.find_spec("torchsurv") is not None
     have_pycox = importlib.util.find_spec("pycox") is not None
     out = []
     for kind in ("days", "continuous"):
-        for n in sizes:
+        for n in sizes_:
             risk, time, event = _data(n, kind, device)
             t, e = time, event  # bound as defaults below (a loop variable would bind late)
             providers = {
@@ -108,5 +113,5 @@ def cases(device: str, quick: bool) -> list[Case]:
                     assert abs(float(eager_cox(risk, time, event)) / mean - 1) < 1e-4
 
             out.append(Case(shape=f"{kind} n={n:,}", size=n, providers=providers, baseline="eager",
-                            check=check, note="fwd+bwd, Efron"))
+                            check=check, floor=floors.cox(n, risk.element_size(), time.element_size()), note="fwd+bwd, Efron"))
     return out

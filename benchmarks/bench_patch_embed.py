@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks import floors
 from benchmarks.harness import Case
 from lungcore.ops import patch_embed3d
 
@@ -46,7 +47,8 @@ def gather_first_path(x, w, b, pos, visible):
     return F.linear(patches, w.reshape(E, -1), b) + pos[visible]
 
 
-def _shapes(device: str, quick: bool):
+def shapes(device: str, quick: bool) -> list[tuple[str, int, int, tuple[int, int, int], tuple[int, int, int], int]]:
+    """The benchmark shapes (label, B, C, (D, H, W), patch, E); benchmarks.aot and the floors use them too."""
     small = device != "cuda" and quick
     return [("network A", 2 if small else 16, 1, (32, 128, 128), (4, 16, 16), 256),
             ("UNETR", 1 if small else 4, 1, (96, 96, 96), (16, 16, 16), 768)]
@@ -67,7 +69,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     compiled = _compiled_gather_first()
     out: list[Case] = []
-    for label, B, C, spatial, patch, E in _shapes(device, quick):
+    for label, B, C, spatial, patch, E in shapes(device, quick):
         g = torch.Generator().manual_seed(0)
         N = 1
         for s, p in zip(spatial, patch):
@@ -119,5 +121,6 @@ def cases(device: str, quick: bool) -> list[Case]:
                     shape=f"{label} B={B} {C}x{'x'.join(map(str, spatial))} p={'x'.join(map(str, patch))} "
                           f"E={E} ratio={ratio} {mode}",
                     providers=providers, baseline="gather-first", size=B * T, check=check,
+                    floor=floors.patch_embed(B, C, spatial, patch, E, ratio, mode == "fwd+bwd", dtype.itemsize),
                     note=f"{mode}, {str(dtype).replace('torch.', '')}"))
     return out

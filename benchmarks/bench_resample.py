@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import floors as _floors
 from benchmarks.harness import Case, synthetic_ct
 from lungcore.backend import use_backend
 from lungcore.ops import crop_starts, resample_crop, resample_volume, resampled_shape
@@ -119,7 +120,7 @@ def _volume_case(device: str, shape, ct: np.ndarray) -> Case:
     moved = ct.size * 4 + int(np.prod(out_shape)) * 4
     return Case(shape=f"{shape[0]}x{shape[1]}x{shape[2]} -> {out_shape[0]}x{out_shape[1]}x{out_shape[2]}",
                 size=float(np.prod(shape)), providers=providers, baseline="eager", check=check,
-                note=f"float32 in/out moves {moved / 1e6:.0f} MB")
+                note=f"float32 in/out moves {moved / 1e6:.0f} MB", floor=_floors.resample(shape, out_shape, 4, 4, 1))
 
 
 def _crops_case(device: str, shape, ct: np.ndarray, n_boxes: int) -> Case:
@@ -167,7 +168,8 @@ def _crops_case(device: str, shape, ct: np.ndarray, n_boxes: int) -> Case:
 
     return Case(shape=f"{n_boxes} boxes 16x64x64 from {shape[0]}x{shape[1]}x{shape[2]}", size=float(n_boxes),
                 providers={"lungcore fused": fused, "lungcore then crop": lungcore_then_crop, "eager": eager},
-                baseline="eager", check=check, note="resample + lung window + crop")
+                baseline="eager", check=check, note="resample + lung window + crop",
+                floor=_floors.resample_crops(n_boxes, size, OLD, NEW, ct.itemsize, 4))
 
 
 def _cubic_case(device: str, shape, ct: np.ndarray) -> Case:
@@ -218,11 +220,28 @@ def _cubic_case(device: str, shape, ct: np.ndarray) -> Case:
 
     return Case(shape=f"order 3: {shape[0]}x{shape[1]}x{shape[2]} -> {out_shape[0]}x{out_shape[1]}x{out_shape[2]}",
                 size=float(np.prod(shape)), providers=providers, baseline=baseline, check=check,
-                note="cubic B-spline incl. prefilter")
+                note="cubic B-spline incl. prefilter", floor=_floors.resample(shape, out_shape, 4, 4, 3))
+
+
+def _shape(quick: bool) -> tuple[int, int, int]:
+    return (40, 256, 256) if quick else (160, 512, 512)
+
+
+def floors(device: str, quick: bool) -> list[_floors.Floor]:
+    """The H200 floors of the cases below (whole volume fp32 -> fp32, int16 -> fp32, crops, order 3)."""
+    shape = _shape(quick)
+    out_shape = resampled_shape(shape, OLD, NEW)
+    name = f"{shape[0]}x{shape[1]}x{shape[2]} -> {out_shape[0]}x{out_shape[1]}x{out_shape[2]}"
+    n_boxes = 16 if quick else 64
+    return [_floors.resample(shape, out_shape, 4, 4, 1, shape=f"{name} fp32"),
+            _floors.resample(shape, out_shape, 2, 4, 1, shape=f"{name} int16 in"),
+            _floors.resample_crops(n_boxes, (16, 64, 64), OLD, NEW, 2, 4,
+                                   shape=f"{n_boxes} boxes 16x64x64 from {name.split(' ')[0]} (int16 in)"),
+            _floors.resample(shape, out_shape, 4, 4, 3, shape=f"order 3: {name}")]
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    shape = (40, 256, 256) if quick else (160, 512, 512)
+    shape = _shape(quick)
     ct = synthetic_ct(shape)
     return [_volume_case(device, shape, ct), _crops_case(device, shape, ct, 16 if quick else 64),
             _cubic_case(device, shape, ct)]

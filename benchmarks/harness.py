@@ -13,7 +13,8 @@ agree before anything is timed, so a fast wrong answer is never reported.
 
 Timing: on CUDA ``triton.testing.do_bench`` (median, ms); on CPU a warm-up call each, then the
 providers timed round-robin (so a shared machine's load drift hits them alike) and the median of
-the repeats within a time budget. Peak memory: CUDA max allocated; on CPU tracemalloc is not
+the repeats within a time budget. On CUDA each result also carries the case's H200 floor
+(``Case.floor``, from ``benchmarks.floors``) and the measured time as a % of it. Peak memory: CUDA max allocated; on CPU tracemalloc is not
 meaningful for torch, so it is reported as None. Ratios are only quoted within one run.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Case:
     check: Callable[[], None] | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # FLOPs, bytes, ... for the table
+    floor: Any = None                  # benchmarks.floors.Floor of this shape (H200), or None
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Result:
     size: float | None
     baseline: str
     note: str = ""
+    floor_ms: float | None = None      # the case's H200 floor (benchmarks.floors), CUDA runs only
+    pct_of_floor: float | None = None  # floor / median, in % (100 = at the floor)
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -119,9 +123,12 @@ def run_case(op: str, case: Case, device: str, budget_s: float = 2.0) -> list[Re
         for name, (ms, reps) in time_cpu_interleaved(case.providers, budget_s=budget_s).items():
             measured[name] = (ms, reps, None)
     base = measured.get(case.baseline, (None,))[0]
+    # the floors are an H200's: a % of them only means something for times measured on a GPU
+    floor_ms = case.floor.floor_us / 1e3 if case.floor is not None and device == "cuda" else None
     return [
         Result(op=op, shape=case.shape, provider=name, median_ms=ms,
                speedup=(base / ms) if base else None, peak_mb=peak, repeats=reps, size=case.size,
-               baseline=case.baseline, note=case.note)
+               baseline=case.baseline, note=case.note, floor_ms=floor_ms,
+               pct_of_floor=100.0 * floor_ms / ms if floor_ms is not None and ms > 0 else None)
         for name, (ms, reps, peak) in measured.items()
     ]

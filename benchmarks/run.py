@@ -66,11 +66,21 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| op | shape | provider | median ms | speedup | vs | peak MiB |",
-             "|---|---|---|---:|---:|---|---:|"]
+    """One row per (shape, provider); a "% of floor" column (H200 floor / median) when any result
+    has a floor (CUDA runs of the ops that ``benchmarks.floors`` covers)."""
+    floors = any(r.floor_ms is not None for r in results)
+    head = "| op | shape | provider | median ms | speedup | vs | peak MiB |"
+    rule = "|---|---|---|---:|---:|---|---:|"
+    if floors:
+        head += " floor ms | % of floor |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for r in results:
-        lines.append(f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
-                     f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
+        line = (f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
+                f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
+        if floors:
+            line += f" {_fmt(r.floor_ms, '.4f')} | {_fmt(r.pct_of_floor, '.1f')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -168,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = None
     print(f"lungcore benchmarks on {dev_name} ({device}), commit {meta['commit']}, {today}")
 
-    all_results: list[Result] = []
     for name in args.only or names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         op = getattr(module, "NAME", name)
@@ -179,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(run_case(op, case, device, budget_s=args.budget))
         print(f"\n## {op}\n{markdown_table(results)}", flush=True)
         plot(op, results, out / f"{op}.png", f"{op} on {dev_name}")
-        all_results.extend(results)
-
-    merged = merge_results(out / "results.json", meta, all_results)
-    (out / "results.json").write_text(json.dumps(merged, indent=1))
-    (out / "results.md").write_text(results_markdown(merged))
+        # written after every op, so a run stopped part-way (a device call's time limit) keeps
+        # what it measured
+        merged = merge_results(out / "results.json", meta, results)
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        (out / "results.md").write_text(results_markdown(merged))
     print(f"\nwrote {out}/results.json, results.md and one PNG per op")
     return 0
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, record
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -52,18 +52,42 @@ def _configs(kind: str) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     if kind == "fwd" or kind == "dq":
-        shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+        # (BLOCK_M, BLOCK_N, warps, stages); 128 x 32 runs 8 warps: with 4 its fp32 dq pass sat at
+        # the 255-register cap at D = 64 (benchmarks.aot)
+        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
                   (64, 16, 4, 2), (128, 16, 4, 2), (32, 16, 2, 2)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in shapes]
-    # dk/dv: BLOCK_N rows of k/v are owned, BLOCK_M query rows streamed
-    shapes = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+    # dk/dv: BLOCK_N rows of k/v are owned, BLOCK_M query rows streamed; 32 x 128 and 64 x 64 hold
+    # two (BLOCK_N, D) fp32 accumulators and run 8 warps (with 4 they sat at 250-255 registers at D = 64)
+    shapes = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2),
               (32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 2, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
 
-_KEY = ["Lq", "Lk", "BLOCK_D", "HAS_KM", "HAS_QM", "DROPOUT"]
+# Autotuning is keyed on the lengths' power-of-two buckets (LQ_BUCKET, LK_BUCKET: kernel arguments
+# the body never reads), not on the raw lengths, so a new length re-tunes only when it crosses a
+# power of two; the configs are pruned on the same buckets (a config whose tile is longer than the
+# bucket only multiplies padding on the tensor cores), so every length of a bucket gets the same
+# candidates.
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_KM", "HAS_QM", "DROPOUT"]
+
+
+def length_bucket(n: int) -> int:
+    """The autotune bucket of a length: the next power of two, at least 16 (the smallest tile)."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _prune(configs, nargs, **kwargs):
+    """Drop configs whose key tile (BLOCK_N) or query tile (BLOCK_M) exceeds the length's bucket:
+    at network A's Lk = 16 a BLOCK_N of 64-128 is 75-87 % padding. Keeps at least the smallest."""
+    lq, lk = nargs["LQ_BUCKET"], nargs["LK_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= lk and c.kwargs["BLOCK_M"] <= lq]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]))]
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -94,8 +118,8 @@ def _key_valid(KM, skm_b0, skm_b1, skm_l, b0, b1, offs_n, Lk, HAS_KM: tl.constex
     return valid
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY)
-@triton.jit
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET"])
 def _fwd_kernel(
     Q, K, V, KM, QM, O, LSE, SEED,
     sq_b0, sq_b1, sq_h, sq_l, sq_d,
@@ -103,7 +127,7 @@ def _fwd_kernel(
     sv_b0, sv_b1, sv_h, sv_l, sv_d,
     so_b0, so_b1, so_h, so_l, so_d,
     skm_b0, skm_b1, skm_l, sqm_b0, sqm_b1, sqm_l,
-    BH, H, B1, Lq, Lk, D, scale_log2, dropout_p,
+    BH, H, B1, Lq, Lk, D, scale_log2, dropout_p, LQ_BUCKET, LK_BUCKET,
     HAS_KM: tl.constexpr, HAS_QM: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -166,8 +190,8 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_configs("dq"), key=_KEY)
-@triton.jit
+@triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, KM, QM, O, DO, LSE, DELTA, DQ, SEED,
     sq_b0, sq_b1, sq_h, sq_l, sq_d,
@@ -177,7 +201,7 @@ def _bwd_dq_kernel(
     sdo_b0, sdo_b1, sdo_h, sdo_l, sdo_d,
     sdq_b0, sdq_b1, sdq_h, sdq_l, sdq_d,
     skm_b0, skm_b1, skm_l, sqm_b0, sqm_b1, sqm_l,
-    BH, H, B1, Lq, Lk, D, scale, scale_log2, dropout_p,
+    BH, H, B1, Lq, Lk, D, scale, scale_log2, dropout_p, LQ_BUCKET, LK_BUCKET,
     HAS_KM: tl.constexpr, HAS_QM: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -236,8 +260,8 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_KEY)
-@triton.jit
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET"])
 def _bwd_dkdv_kernel(
     Q, K, V, KM, DO, LSE, DELTA, DK, DV, SEED,
     sq_b0, sq_b1, sq_h, sq_l, sq_d,
@@ -247,7 +271,7 @@ def _bwd_dkdv_kernel(
     sdk_b0, sdk_b1, sdk_h, sdk_l, sdk_d,
     sdv_b0, sdv_b1, sdv_h, sdv_l, sdv_d,
     skm_b0, skm_b1, skm_l,
-    BH, H, B1, Lq, Lk, D, scale, scale_log2, dropout_p,
+    BH, H, B1, Lq, Lk, D, scale, scale_log2, dropout_p, LQ_BUCKET, LK_BUCKET,
     HAS_KM: tl.constexpr, HAS_QM: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -344,9 +368,9 @@ def attention_forward(q, k, v, key_mask, query_mask, out, lse, seed, scale: floa
     _fwd_kernel[grid](
         q, k, v, km if km is not None else q, qm if qm is not None else q, out, lse, seed,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *skm, *sqm,
-        bh, h, b1, lq, lk, d, scale * _LOG2E, dropout_p,
+        bh, h, b1, lq, lk, d, scale * _LOG2E, dropout_p, length_bucket(lq), length_bucket(lk),
         HAS_KM=key_mask is not None, HAS_QM=query_mask is not None, DROPOUT=dropout_p > 0,
-        DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d),
+        DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d), enable_fp_fusion=FP_FUSION,
     )
     record("masked_cross_attention.forward")
 
@@ -360,20 +384,21 @@ def attention_backward(grad_out, q, k, v, out, lse, key_mask, query_mask, seed, 
     km, *skm = _mask_args(key_mask)
     qm, *sqm = _mask_args(query_mask)
     gy, gz = _grid_bh(bh)
+    buckets = (length_bucket(lq), length_bucket(lk))
     common = dict(HAS_KM=key_mask is not None, HAS_QM=query_mask is not None, DROPOUT=dropout_p > 0,
-                  DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d))
+                  DOT_FP32=_INTERPRET, BLOCK_D=_block_d(d), enable_fp_fusion=FP_FUSION)
     grid_q = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), gy, gz)  # noqa: E731
     _bwd_dq_kernel[grid_q](
         q, k, v, km if km is not None else q, qm if qm is not None else q, out, grad_out, lse, delta, dq, seed,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out), *_strides5(grad_out), *_strides5(dq),
-        *skm, *sqm, bh, h, b1, lq, lk, d, scale, scale * _LOG2E, dropout_p, **common,
+        *skm, *sqm, bh, h, b1, lq, lk, d, scale, scale * _LOG2E, dropout_p, *buckets, **common,
     )
     record("masked_cross_attention.backward_dq")
     grid_k = lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), gy, gz)  # noqa: E731
     _bwd_dkdv_kernel[grid_k](
         q, k, v, km if km is not None else q, grad_out, lse, delta, dk, dv, seed,
         *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(grad_out), *_strides5(dk), *_strides5(dv),
-        *skm, bh, h, b1, lq, lk, d, scale, scale * _LOG2E, dropout_p, **common,
+        *skm, bh, h, b1, lq, lk, d, scale, scale * _LOG2E, dropout_p, *buckets, **common,
     )
     record("masked_cross_attention.backward_dkdv")
 

@@ -1,8 +1,10 @@
 """Cox partial-likelihood kernels: multi-block segmented scans over time-sorted subjects.
 
 What it computes. Subjects are sorted (outside, by ``torch.sort``) by (stratum, time) ascending;
-``perm`` maps sorted position -> original row, and every kernel gathers ``risk[perm]`` itself, so
-no sorted copies are materialised. A *tie group* is a run of equal (stratum, time); the risk
+``perm`` maps sorted position -> original row. Each launcher gathers risk, weight, event (and a
+per-row upstream gradient) through ``perm`` once, into contiguous sorted buffers, so every scan
+pass streams them in order (coalesced); only the final gradient / per-row store scatters through
+``perm``. A *tie group* is a run of equal (stratum, time); the risk
 set of group g is everything from g's first member to the end of its stratum. Per group:
 
     S_g = sum_{risk set} w e^eta,  T_g = sum_{events in g} w e^eta,  rho_g = T_g / S_g,
@@ -29,12 +31,16 @@ so no loop depends on the group size.
               -> scan C (forward, stratum-segmented, scaled sum of Q_g a_g / S_g) whose apply
               step writes d loss / d risk straight to the original row order.
 
-Memory traffic: each kernel streams perm (8 B), risk (2-4 B, gathered), weight (4 B), event and
-flags (1 B each) and a few fp32 scratch rows; about 100 B per subject forward and 130 B
-backward, plus 7 x N/BLOCK aggregates. No atomics: reruns are bit-identical.
+Memory traffic: one gather of risk (2-8 B), weight (4 B) and event (1 B) per launcher call; then
+each kernel streams the sorted copies, flags (1 B each) and a few fp32 scratch rows in order,
+and perm (8 B) only where it scatters; plus 7 x N/BLOCK aggregates. No atomics: reruns are
+bit-identical.
 Limits: 1-D inputs; risk float16/bfloat16/float32 (fp32 accumulation) or float64 (fp64
 accumulation); d_g is counted in the accumulation dtype (exact to 2^24 events per tie group in
-fp32). BLOCK is shared by the three phases of a scan, so it is chosen by size, not autotuned.
+fp32). BLOCK is shared by the three phases of a scan, so it is chosen by size, not autotuned:
+the largest power of two in [256, 2048] (1024 for fp64) that keeps at least 2 blocks per multiprocessor
+(so n = 65,536 launches 256 blocks on 132 SMs, not 64), with warps sized so that no thread
+holds more than 4 fp64 or 8 fp32 subjects (the fp64 scan state otherwise reaches the register cap).
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, multiprocessors, record
 
 # "empty" log-scale: exp(NEG - m) == 0 and exp(NEG - NEG) * 0 == 0, never NaN (constexpr: jit
 # functions may only read constexpr globals on a real GPU compile)
@@ -70,15 +76,17 @@ def _combine(fs_a, fg_a, m_a, s_a, v1_a, v2_a, v3_a, fs_b, fg_b, m_b, s_b, v1_b,
 
 @triton.jit
 def _load_row(offs, valid, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    # risk, weight and event are the launcher's sorted copies (contiguous); idx (the original row)
+    # is only used by the stores that scatter, and the compiler drops its load elsewhere
     idx = tl.load(perm_ptr + offs, mask=valid, other=0)
     # subtracting the batch's largest live risk first keeps eta - log S exact in fp32 whatever
     # the offset of the risks (the loss and gradient are invariant to it)
-    eta = tl.load(risk_ptr + idx, mask=valid, other=0.0).to(ACC) - tl.load(shift_ptr)
+    eta = tl.load(risk_ptr + offs, mask=valid, other=0.0).to(ACC) - tl.load(shift_ptr)
     if HAS_W:
-        w = tl.load(w_ptr + idx, mask=valid, other=0.0).to(ACC)
+        w = tl.load(w_ptr + offs, mask=valid, other=0.0).to(ACC)
     else:
         w = tl.where(valid, 1.0, 0.0).to(ACC)
-    e = (tl.load(ev_ptr + idx, mask=valid, other=0) != 0) & valid
+    e = (tl.load(ev_ptr + offs, mask=valid, other=0) != 0) & valid
     ev = e & (w > 0)
     return idx, eta, w, e, ev
 
@@ -148,7 +156,7 @@ def _state(offs, valid, N, risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_
                 v1 = tl.where(ev, 1.0 / d, 0.0)
                 v2 = zero
             if G_VEC:
-                g = tl.load(g_ptr + idx, mask=valid, other=0.0).to(ACC)
+                g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(ACC)
             else:
                 g = tl.load(g_ptr).to(ACC)
             v3 = tl.where(e & (w > 0), w * g, 0.0)
@@ -282,7 +290,7 @@ def _scan_apply_kernel(risk_ptr, shift_ptr, perm_ptr, w_ptr, ev_ptr, gstart_ptr,
         b_g = tl.load(sums_ptr + N + j, mask=valid, other=0.0)
         q_g = tl.load(sums_ptr + 2 * N + j, mask=valid, other=0.0)
         if G_VEC:
-            g = tl.load(g_ptr + idx, mask=valid, other=0.0).to(ACC)
+            g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(ACC)
         else:
             g = tl.load(g_ptr).to(ACC)
         live = valid & (w > 0)
@@ -340,11 +348,30 @@ def _shift(risk: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
-def default_block(n: int, device: torch.device) -> int:
-    """Subjects per program: big blocks on a GPU, small grids in the interpreter."""
-    if device.type != "cuda":
+def default_block(n: int, device: torch.device, acc: torch.dtype = torch.float32) -> int:
+    """Subjects per program: on a GPU the largest power of two in [256, 2048] (1024 for fp64)
+    that still gives >= 2 blocks per multiprocessor (n = 65,536: 256 blocks on 132 SMs, not 64);
+    128 in the interpreter."""
+    sms = multiprocessors(device)
+    if sms is None:
         return 128
-    return 1024 if n <= (1 << 18) else 2048
+    top = 1024 if acc == torch.float64 else 2048
+    block = 256
+    while block < top and triton.cdiv(n, 2 * block) >= 2 * sms:
+        block *= 2
+    return block
+
+
+def _warps(block: int, acc: torch.dtype) -> int:
+    """Warps per program: 4 to 8, at most 4 (fp64) or 8 (fp32) subjects per thread, so the
+    7-value scan state of each subject stays in registers."""
+    per_thread = 4 if acc == torch.float64 else 8
+    return max(4, min(8, block // (32 * per_thread)))
+
+
+def _sorted(x: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
+    """One gather into sorted order, contiguous (every scan pass then reads it coalesced)."""
+    return None if x is None else x.index_select(0, perm)
 
 
 def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: dict,
@@ -357,15 +384,18 @@ def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: di
             tensors["sstart"], tensors["start"], tensors["stats"], tensors["sums"], tensors["g"])
     meta = dict(MODE=mode, REVERSE=reverse, HAS_W=flags["HAS_W"], HAS_STRATA=flags["HAS_STRATA"],
                 EFRON=flags["EFRON"], G_VEC=flags.get("G_VEC", False), ACC=acc_tl, BLOCK=block)
-    warps = 4 if block <= 1024 else 8
-    _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps, **meta)
+    warps = _warps(block, acc_torch)
+    _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps,
+                                 enable_fp_fusion=FP_FUSION, **meta)
     record("cox.scan_aggregate")
     # padded lanes of the carry scan are identities, so a minimum width costs nothing
-    cb = min(1024, max(32, triton.next_power_of_2(nb))) if tensors["perm"].is_cuda else min(64, triton.next_power_of_2(nb))
-    _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4)
+    cb = (min(1024, max(32, triton.next_power_of_2(nb))) if multiprocessors(tensors["perm"].device)
+          else min(64, triton.next_power_of_2(nb)))
+    _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4,
+                             enable_fp_fusion=FP_FUSION)
     record("cox.scan_carry")
     _scan_apply_kernel[(nb,)](*args, incl, out if out is not None else tensors["stats"], n, nb,
-                              num_warps=warps, **meta)
+                              num_warps=warps, enable_fp_fusion=FP_FUSION, **meta)
     record("cox.scan_apply")
 
 
@@ -381,11 +411,12 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
     else per-row terms (N,) in the accumulation dtype.
     """
     n = risk.numel()
-    block = block or default_block(n, risk.device)
     acc_tl, acc_torch = _acc_dtype(risk)
+    block = block or default_block(n, risk.device, acc_torch)
     stats = torch.empty(4, n, device=risk.device, dtype=acc_torch)
-    t = dict(risk=risk, shift=_shift(risk, weight), perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
-             sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=stats,
+    risk_s, w_s, ev_s = _sorted(risk, perm), _sorted(weight, perm), _sorted(event, perm)
+    t = dict(risk=risk_s, shift=_shift(risk, weight), perm=perm, w=w_s if w_s is not None else risk_s, ev=ev_s,
+             gstart=gstart, sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=stats,
              g=stats, acc_torch=acc_torch)
     flags = dict(ACC=acc_tl, HAS_W=weight is not None, HAS_STRATA=sstart is not None, EFRON=efron)
     _scan(MODE_STATS, True, t, n, block, flags)
@@ -395,9 +426,9 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
         usum = torch.empty(n, device=risk.device, dtype=acc_torch)
         _scan(MODE_EFRON, True, t, n, block, flags, out=usum)
     out = torch.empty(2 * nb if reduce else n, device=risk.device, dtype=acc_torch)
-    _loss_kernel[(nb,)](risk, t["shift"], perm, t["w"], event, start_of, stats, usum, out, n, nb,
+    _loss_kernel[(nb,)](risk_s, t["shift"], perm, t["w"], ev_s, start_of, stats, usum, out, n, nb,
                         HAS_W=weight is not None, EFRON=efron, REDUCE=reduce, ACC=acc_tl, BLOCK=block,
-                        num_warps=4 if block <= 1024 else 8)
+                        num_warps=_warps(block, acc_torch), enable_fp_fusion=FP_FUSION)
     record("cox.loss")
     if reduce:
         return out[:nb].sum(), out[nb:].sum(), stats
@@ -415,12 +446,15 @@ def cox_backward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | 
     (reduction='none'; ``per_row=True``).
     """
     n = risk.numel()
-    block = block or default_block(n, risk.device)
     acc_tl, acc_torch = _acc_dtype(risk)
+    block = block or default_block(n, risk.device, acc_torch)
     sums = torch.empty(3, n, device=risk.device, dtype=acc_torch)
     g = grad.to(acc_torch).contiguous()
-    t = dict(risk=risk, shift=_shift(risk, weight), perm=perm, w=weight if weight is not None else risk, ev=event, gstart=gstart,
-             sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=sums,
+    if per_row:
+        g = _sorted(g, perm)
+    risk_s, w_s, ev_s = _sorted(risk, perm), _sorted(weight, perm), _sorted(event, perm)
+    t = dict(risk=risk_s, shift=_shift(risk, weight), perm=perm, w=w_s if w_s is not None else risk_s, ev=ev_s,
+             gstart=gstart, sstart=sstart if sstart is not None else gstart, start=start_of, stats=stats, sums=sums,
              g=g, acc_torch=acc_torch)
     flags = dict(ACC=acc_tl, HAS_W=weight is not None, HAS_STRATA=sstart is not None, EFRON=efron,
                  G_VEC=per_row)

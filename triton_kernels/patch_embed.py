@@ -13,7 +13,7 @@ tensor is never materialised, masked patches are never read, and the epilogue ad
 gathered position rows before one store. Backward:
   * ``_grad_weight_kernel``: dW = dOut^T @ A (A re-gathered from the volume), split over M into
     fp32 partials that the launcher sums in a fixed order (deterministic, no atomics); the
-    programs of the first K tile also reduce dOut over M for the bias gradient.
+    programs of the first K tile then reduce dOut over their rows for the bias gradient.
   * ``_grad_pos_kernel``: dPos[n] = sum_b dOut[b, inv[b, n]] with inv the inverse of ``visible``
     (duplicate-free, so no atomics), or sum_b dOut[b, n] without ``visible``.
   * ``_grad_volume_kernel``: dA = dOut @ W scattered straight into the volume gradient (patches
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lungcore.triton_kernels._launch import record
+from lungcore.triton_kernels._launch import FP_FUSION, multiprocessors, record
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
@@ -176,20 +176,23 @@ def _forward_kernel(vol_ptr, w_ptr, bias_ptr, pos_ptr, vis_ptr, out_ptr,
              (128, 128, 32, 8, 4), (64, 64, 128, 4, 3)],
         interp=(32, 32, 32, 4, 1),
         names=("BLOCK_E", "BLOCK_K", "BLOCK_M")),
-    key=["M", "E", "KDIM", "PD", "PH", "PW", "HAS_VIS", "PAD", "SPLIT"],
+    key=["M", "E", "KDIM", "PD", "PH", "PW", "HAS_VIS", "PAD", "NEED_BIAS"],
 )
 @triton.jit
 def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
-                        M, E, KDIM, T, N, D, H, W, nH, nW, rows_per_split,
+                        M, E, KDIM, T, N, D, H, W, nH, nW,
                         stride_b, stride_c, stride_d, stride_h, stride_w,
                         stride_vb, stride_vt,
                         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                         HAS_VIS: tl.constexpr, PAD: tl.constexpr, NEED_BIAS: tl.constexpr,
-                        DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+                        DOT_FP32: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    # grid axis 2 splits the M reduction; the launcher sizes it per config (tile count x splits
+    # ~ 2 waves), so each program derives its row range from the grid
     pid_e = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
+    rows_per_split = tl.cdiv(M, tl.num_programs(2))
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     e_ok = e < E
@@ -211,13 +214,21 @@ def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
             acc += tl.dot(g.to(tl.float32), a.to(tl.float32))
         else:
             acc += tl.dot(g, a)
-        if NEED_BIAS:
-            acc_b += tl.sum(g.to(tl.float32), axis=1)
     base = split.to(tl.int64) * E * KDIM
     tl.store(dw_ptr + base + e[:, None].to(tl.int64) * KDIM + k[None, :], acc,
              mask=e_ok[:, None] & (k < KDIM)[None, :])
     if NEED_BIAS:
         if pid_k == 0:
+            # the bias gradient (a row sum of dOut) is computed only by the programs that store it,
+            # in a loop of its own after the GEMM loop (dOut rows are L2-hot), so the pipelined GEMM
+            # loop carries no branch and no extra accumulator
+            for m0 in range(m_begin, m_end, BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                row_ok = _token_rows(vis_ptr, m, m_end, T, N, nH, nW, stride_vb, stride_vt,
+                                     stride_b, stride_d, stride_h, stride_w, PD, PH, PW, HAS_VIS)[5]
+                g = tl.load(dout_ptr + m[None, :].to(tl.int64) * E + e[:, None],
+                            mask=row_ok[None, :] & e_ok[:, None], other=0.0)
+                acc_b += tl.sum(g.to(tl.float32), axis=1)
             tl.store(db_ptr + split * E + e, acc_b, mask=e_ok)
 
 
@@ -225,7 +236,9 @@ def _grad_weight_kernel(vol_ptr, dout_ptr, vis_ptr, dw_ptr, db_ptr,
 # backward: position embedding
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_configs(gpu=[(32, 128, 4, 2), (16, 256, 4, 2), (64, 64, 4, 2)], interp=(16, 32, 4, 1),
+    # small tiles: the grid is (N / BLOCK_T) x (E / BLOCK_E) and each program loops over the batch,
+    # so network A (N = 512, E = 256) launches 128-256 programs instead of 32
+    configs=_configs(gpu=[(8, 64, 2, 2), (16, 64, 2, 2), (4, 128, 4, 2), (8, 128, 4, 2)], interp=(16, 32, 4, 1),
                      names=("BLOCK_T", "BLOCK_E")),
     key=["B", "N", "E", "HAS_VIS"],
 )
@@ -338,24 +351,28 @@ def forward(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         *volume.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2],
         HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_VIS=visible is not None,
-        PAD=bool(pad), DOT_FP32=_interpreting())
+        PAD=bool(pad), DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.forward")
     return out
 
 
-def _default_split(M: int, E: int, KDIM: int, device: torch.device) -> int:
-    """Split the M reduction so that the weight-gradient grid fills the GPU (>= ~2 waves)."""
-    if device.type != "cuda":
+def _split_for(M: int, E: int, KDIM: int, sms: int | None, block_e: int, block_k: int) -> int:
+    """Splits of the M reduction for one (BLOCK_E, BLOCK_K) tile so that the weight-gradient grid
+    fills the GPU (tiles x splits >= ~2 waves; at least 256 rows per split, at most 32 splits)."""
+    if sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(E, 64) * triton.cdiv(KDIM, 64)
+    tiles = triton.cdiv(E, block_e) * triton.cdiv(KDIM, block_k)
     return int(max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 256), 32)))
 
 
 def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torch.Tensor | None,
                      weight_shape: tuple[int, ...], pad: bool, need_bias: bool,
                      split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 (dW in the weight's shape, dBias or None); deterministic (fixed-order partial sums)."""
+    """fp32 (dW in the weight's shape, dBias or None); deterministic (fixed-order partial sums).
+
+    ``split``: programs along M per (E, K) tile; by default sized per autotune config (64 x 64
+    tiles get more splits than 128 x 128 ones, so both fill the GPU).
+    """
     B, C, D, H, W = volume.shape
     E = weight_shape[0]
     patch = tuple(int(s) for s in weight_shape[2:])
@@ -363,28 +380,38 @@ def grad_weight_bias(volume: torch.Tensor, grad_out: torch.Tensor, visible: torc
     nD, nH, nW, N = _geometry(volume, patch)
     T = grad_out.shape[1]
     M = B * T
-    split = split or _default_split(M, E, KDIM, volume.device)
-    split = max(1, min(split, max(M, 1)))
-    rows_per_split = triton.cdiv(max(M, 1), split)
-    dw = _empty((split, E, KDIM), volume.device, torch.float32)
-    db = _empty((split, E), volume.device, torch.float32) if need_bias else dw
+    sms = multiprocessors(volume.device)
+    cap = max(M, 1)
+    if split:
+        splits_of = lambda meta: max(1, min(split, cap))  # noqa: E731
+    else:
+        splits_of = lambda meta: min(_split_for(M, E, KDIM, sms, meta["BLOCK_E"], meta["BLOCK_K"]), cap)  # noqa: E731
+    most = max(splits_of(cfg.kwargs) for cfg in _grad_weight_kernel.configs)
+    dw = _empty((most, E, KDIM), volume.device, torch.float32)
+    db = _empty((most, E), volume.device, torch.float32) if need_bias else dw
     g = grad_out.contiguous()
     vis, svb, svt = _vis_args(visible, volume)
+    launched: list[int] = []
 
     def grid(meta):
-        return (triton.cdiv(E, meta["BLOCK_E"]), triton.cdiv(KDIM, meta["BLOCK_K"]), split)
+        # evaluated once per launch; the autotuner launches the chosen config last, so
+        # launched[-1] is the number of partials the final launch wrote
+        n_split = splits_of(meta)
+        launched.append(n_split)
+        return (triton.cdiv(E, meta["BLOCK_E"]), triton.cdiv(KDIM, meta["BLOCK_K"]), n_split)
 
     _grad_weight_kernel[grid](
         volume, g, vis, dw, db,
-        M, E, KDIM, T, N, D, H, W, nH, nW, rows_per_split,
+        M, E, KDIM, T, N, D, H, W, nH, nW,
         *volume.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2], HAS_VIS=visible is not None, PAD=bool(pad),
-        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), SPLIT=split)
+        NEED_BIAS=need_bias, DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_weight")
-    dweight = (dw[0] if split == 1 else dw.sum(0)).reshape(weight_shape)
+    used = launched[-1] if launched else most
+    dweight = (dw[0] if used == 1 else dw[:used].sum(0)).reshape(weight_shape)
     dbias = None
     if need_bias:
-        dbias = db[0] if split == 1 else db.sum(0)
+        dbias = db[0] if used == 1 else db[:used].sum(0)
     return dweight, dbias
 
 
@@ -404,7 +431,7 @@ def grad_pos(grad_out: torch.Tensor, visible: torch.Tensor | None, num_tokens: i
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]))
 
-    _grad_pos_kernel[grid](g, inv, dpos, B, N, E, T, HAS_VIS=visible is not None)
+    _grad_pos_kernel[grid](g, inv, dpos, B, N, E, T, HAS_VIS=visible is not None, enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_pos")
     return dpos
 
@@ -438,6 +465,6 @@ def grad_volume(grad_out: torch.Tensor, weight: torch.Tensor, visible: torch.Ten
         M, E, KDIM, T, N, D, H, W, nH, nW,
         *dvol.stride(), svb, svt,
         PD=patch[0], PH=patch[1], PW=patch[2], HAS_VIS=visible is not None, PAD=bool(pad),
-        DOT_FP32=_interpreting())
+        DOT_FP32=_interpreting(), enable_fp_fusion=FP_FUSION)
     record("patch_embed3d.grad_volume")
     return dvol

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r'''
     nD, nH, nW = D // P[0], H // P[1], W // P[2]
     ints = dict(M=B * T, E=E, KDIM=C * P[0] * P[1] * P[2], T=T, N=nD * nH * nW, D=D, H=H, W=W, nH=nH, nW=nW,
                 stride_b=C * D * H * W, stride_c=D * H * W, stride_d=H * W, stride_h=W, stride_w=1,
-                stride_vb=T, stride_vt=1, rows_per_split=B * T // 4)
+                stride_vb=T, stride_vt=1)
     common = dict(PD=P[0], PH=P[1], PW=P[2], HAS_VIS=True, PAD=False, DOT_FP32=False)
 
     def build(kernel, ptrs, consts):
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(r'''
         "forward": build(pe._forward_kernel, dict(vol_ptr=bf16, w_ptr=bf16, bias_ptr=bf16, pos_ptr=bf16,
                          out_ptr=bf16, vis_ptr="*i64"), dict(common, HAS_BIAS=True, HAS_POS=True)),
         "grad_weight": build(pe._grad_weight_kernel, dict(vol_ptr=bf16, dout_ptr=bf16, vis_ptr="*i64",
-                             dw_ptr="*fp32", db_ptr="*fp32"), dict(common, NEED_BIAS=True, SPLIT=4)),
+                             dw_ptr="*fp32", db_ptr="*fp32"), dict(common, NEED_BIAS=True)),
         "grad_volume": build(pe._grad_volume_kernel, dict(dout_ptr=bf16, w_ptr=bf16, dvol_ptr=bf16,
                              vis_ptr="*i64"), common),
     }
