@@ -131,6 +131,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
+    return write_checkpoint(payload, path)
+
+
+def write_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to ``path`` atomically (a temporary name in the same folder, then a
+    rename): a killed write never leaves a half checkpoint under the real name."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

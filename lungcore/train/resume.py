@@ -173,23 +173,11 @@ def trainer_stages(cfg: Any) -> list[str]:
 
 def mark_finished(last: str | os.PathLike) -> None:
     """Record in ``last.pt`` that the run finished (test report written): a later ``--resume`` says so."""
-    import tempfile
+    from lungcore.models.registry import read_checkpoint, write_checkpoint
 
-    import torch
-
-    from lungcore.models.registry import read_checkpoint
-
-    last = Path(last)
     payload = read_checkpoint(last)
     payload.setdefault("extra", {}).setdefault("trainer", {})["finished"] = True
-    fd, tmp = tempfile.mkstemp(dir=last.parent, prefix=f".{last.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, last)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_checkpoint(payload, last)
 
 
 def clean_partial_writes(out: str | os.PathLike) -> list[str]:
