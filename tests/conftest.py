@@ -3,7 +3,8 @@
 * Without a CUDA GPU, ``TRITON_INTERPRET=1`` is set *before* any kernel module is imported, so
   Triton kernels run on CPU tensors in the interpreter (tiny grids: ~1 ms per program).
   With a GPU the same tests compile the kernels for real on ``device == "cuda"``.
-* ``@pytest.mark.cuda`` tests skip without a GPU.
+* ``@pytest.mark.cuda`` tests skip without a GPU; ``@pytest.mark.heavy`` tests (the ``demo`` and
+  ``realistic`` presets end to end, minutes each) run only with ``LUNGCORE_HEAVY_TESTS=1``.
 * Fixtures: ``device`` (``"cuda"`` when present, else ``"cpu"``), ``backend`` (a context
   manager factory forcing a backend), ``rng`` (a fresh seeded numpy Generator per test).
 """
@@ -25,12 +26,14 @@ from lungcore.backend import use_backend  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    heavy = os.environ.get("LUNGCORE_HEAVY_TESTS") == "1"
+    skip_heavy = pytest.mark.skip(reason="opt-in (minutes each): run with LUNGCORE_HEAVY_TESTS=1")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "heavy" in item.keywords and not heavy:
+            item.add_marker(skip_heavy)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def test_skipped_block(block):
 
 def test_a_broken_example_fails(tmp_path):
     """The harness can fail: a wrong flag, a wrong import and a stale directive are all caught."""
-    text = ("```bash\nlungcore synth --kind nodules --n 2 --no-such-flag\n```\n\n"
+    text = ("```bash\nlungcore synth --kind nodules --n 2 --out c --no-such-flag\n```\n\n"
             "```python\nfrom lungcore.metrics import no_such_function\n```\n\n"
             "<!-- readme-test: tiny \"--epochs 10\" -> \"--epochs 1\" -->\n```bash\nlungcore --version\n```\n")
     blocks = parse(text)
