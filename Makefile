@@ -23,7 +23,7 @@ venv: $(VENV)/.installed
 
 # The main job: write the demo synthetic cohorts (NIfTI + DICOM), train CMML (pretrain +
 # finetune) and CSF-Net at CPU-friendly sizes, print test metrics next to the generator's
-# oracle; reports (Markdown + PNG) under runs/demo/. About 4 minutes on 2 CPU cores.
+# oracle; reports (Markdown + PNG) under runs/demo/. About 10 minutes on 2 CPU cores.
 demo: venv
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . >/dev/null
 	$(PY) -m lungcore demo --out runs/demo

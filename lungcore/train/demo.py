@@ -5,7 +5,7 @@ trains CMML (masked pretraining, then Cox fine-tuning) and CSF-Net at CPU-friend
 prints their test metrics (bootstrap 95% intervals) next to the generator's oracle on the same
 test patients (the C-index of the true log-hazard, the AUC of the true logit). Each run keeps its
 report folder (``<out>/cmml/report``, ``<out>/csfnet/report``); ``<out>/demo.md`` holds the table.
-Rerunning resumes (finished runs are only re-evaluated). About 6 minutes on 2 shared CPU cores (one torch thread: these small models are
+Rerunning resumes (finished runs are only re-evaluated). About 10 minutes on 2 CPU cores (one torch thread: these small models are
 overhead-bound, and more threads than free cores slowed them 4x on a shared machine).
 
 Example (minutes of training, so not a doctest; ``lungcore demo --quick`` is tested)::
