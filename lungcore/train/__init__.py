@@ -6,7 +6,8 @@ Example:
     2
 """
 from lungcore.train.config import DataConfig, OptimConfig, TrainConfig
-from lungcore.train.loop import FitResult, NonFiniteLossError, evaluate, fit, predict
+from lungcore.train.inference import evaluate, predict
+from lungcore.train.loop import FitResult, NonFiniteLossError, fit
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FitResult", "NonFiniteLossError", "evaluate", "fit",
            "predict"]

@@ -124,7 +124,7 @@ def _inference_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from lungcore.train.loop import evaluate as run
+    from lungcore.train.inference import evaluate as run
     from lungcore.usage import json_safe
 
     try:
@@ -145,7 +145,7 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from lungcore.train.loop import predict as run
+    from lungcore.train.inference import predict as run
 
     try:
         frame = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device,

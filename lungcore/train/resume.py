@@ -119,15 +119,14 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     ``config`` and ``overrides`` are what :func:`lungcore.train.fit` was given; each must agree
     with the config saved in ``out/last.pt`` (see the module docstring for what may change).
     """
-    from lungcore.models.registry import read_checkpoint
+    from lungcore.train.checkpoints import TrainerState
     from lungcore.train.config import TrainConfig
 
     last = Path(out) / "last.pt"
     if not last.is_file():
         raise UsageError(f"--resume: {last} does not exist (nothing to resume; drop --resume)")
-    payload = read_checkpoint(last)
+    trainer, payload = TrainerState.read(last)
     extra = payload.get("extra", {})
-    trainer = extra.get("trainer")
     if trainer is None or "train_config" not in extra:
         raise UsageError(f"--resume: {last} holds no training state")
     saved = TrainConfig.from_dict(extra["train_config"])
@@ -152,32 +151,27 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
         d["epochs"] = int(longer)
     cfg = TrainConfig.from_dict(d)
     stages = trainer_stages(cfg)
-    si = int(trainer["stage_index"])
+    si = int(trainer.stage_index)
     stage = stages[min(si, len(stages) - 1)]
-    stage_done = trainer.get("done") or int(trainer["epoch"]) >= cfg.epochs_for(stage)
-    if trainer.get("finished") and si == len(stages) - 1 and stage_done:
-        why = (f"stopped early at epoch {trainer['epoch']} (patience {saved.patience})" if trainer.get("done")
-               else f"trained {trainer['epoch']}/{saved.epochs_for(stage)} epochs of its last stage {stage!r}")
+    stage_done = trainer.done or int(trainer.epoch) >= cfg.epochs_for(stage)
+    if trainer.finished and si == len(stages) - 1 and stage_done:
+        why = (f"stopped early at epoch {trainer.epoch} (patience {saved.patience})" if trainer.done
+               else f"trained {trainer.epoch}/{saved.epochs_for(stage)} epochs of its last stage {stage!r}")
         raise RunFinished(f"--resume: the run in {out} is finished ({why}; best.pt and the test report are "
                           "written); nothing to resume. Pass a larger --epochs to train its last stage longer")
     return cfg, payload
 
 
 def trainer_stages(cfg: Any) -> list[str]:
-    """The stages a config runs, in order."""
+    """The stages a config runs, in order (``cfg.stage``: one of the model's stages, or all)."""
     from lungcore.models.registry import model_class
 
-    stages = list(model_class(cfg.model).stages)
-    return stages if cfg.stage in ("all", "both") else [cfg.stage]
-
-
-def mark_finished(last: str | os.PathLike) -> None:
-    """Record in ``last.pt`` that the run finished (test report written): a later ``--resume`` says so."""
-    from lungcore.models.registry import read_checkpoint, write_checkpoint
-
-    payload = read_checkpoint(last)
-    payload.setdefault("extra", {}).setdefault("trainer", {})["finished"] = True
-    write_checkpoint(payload, last)
+    stages = list(model_class(cfg.model).stages)  # an unknown model name: a clear ValueError
+    if cfg.stage in ("all", "both"):
+        return stages
+    if cfg.stage not in stages:
+        raise ValueError(f"stage {cfg.stage!r} is not a stage of {cfg.model!r}; stages: {stages} or 'all'")
+    return [cfg.stage]
 
 
 def clean_partial_writes(out: str | os.PathLike) -> list[str]:

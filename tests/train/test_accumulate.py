@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lungcore.train import TrainConfig
-from lungcore.train.loop import _train_epoch
+from lungcore.train.checkpoints import TrainerState
+from lungcore.train.loop import train_epoch
 
 
 class _Regressor(nn.Module):
@@ -27,11 +28,12 @@ class _Regressor(nn.Module):
 
 
 def _batches(x, y, size):
-    return [{"x": x[i:i + size], "y": y[i:i + size], "clinical": x[i:i + size]} for i in range(0, len(x), size)]
+    return [{"x": x[i:i + size], "y": y[i:i + size], "id": [f"s{k}" for k in range(i, min(i + size, len(x)))]}
+            for i in range(0, len(x), size)]
 
 
 class _Loader(list):
-    """What _train_epoch reads of a DataLoader: iteration, len, batch_size, drop_last, sampler."""
+    """What train_epoch reads of a DataLoader: iteration, len, batch_size, drop_last, sampler."""
 
     def __init__(self, batches, size, n):
         super().__init__(batches)
@@ -44,10 +46,10 @@ def _epoch(batches, size, n, accumulate, lr=0.1):
                                  "optim": {"optimizer": "sgd", "lr": lr, "momentum": 0.0, "accumulate": accumulate,
                                            "grad_clip": 0.0}})
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
-    state = {"step": 0, "epoch": 0, "out": Path(".")}
-    _train_epoch(model, model, _Loader(batches, size, n), "train", opt, lambda step: lr, state, cfg,
-                 torch.device("cpu"), "test")
-    return model, state["step"]
+    state = TrainerState()
+    train_epoch(model, model, _Loader(batches, size, n), "train", opt, lambda step: lr, state, cfg,
+                torch.device("cpu"), "test", last_pt=Path("last.pt"))
+    return model, state.step
 
 
 @pytest.mark.parametrize("n, micro, accumulate", [(16, 4, 2), (16, 4, 4), (12, 4, 2), (20, 4, 3)])

@@ -12,7 +12,8 @@ from conftest import tiny_config
 from lungcore.cli import main
 from lungcore.models import read_checkpoint
 from lungcore.train import NonFiniteLossError, TrainConfig, fit
-from lungcore.train.loop import _schedule
+from lungcore.train.config import OptimConfig
+from lungcore.train.schedule import lr_multiplier
 
 
 def test_survival_two_stages_checkpoints_and_report(tmp_path, survival_cohort, cache_dir):
@@ -119,10 +120,12 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
 
 
 def test_schedule_warmup_then_cosine():
-    lr = [_schedule(s, 4, 20, 0.1) for s in range(20)]
+    optim = OptimConfig(schedule="cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    lr = [lr_multiplier(s, optim, 4, 20) for s in range(21)]  # 4 warm-up steps of a 20-step stage
     assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(lr[3:], lr[4:]))
-    assert math.isclose(_schedule(20, 4, 20, 0.1), 0.1)
+    # then half a cosine from 1 to 0.1 over the 16 remaining steps (the closed form, step by step)
+    for s in range(4, 21):
+        assert math.isclose(lr[s], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)), rel_tol=1e-12), s
 
 
 def test_real_csfnet_tiny(tmp_path, nodule_cohort, cache_dir):

@@ -12,7 +12,7 @@ from lungcore.models import create
 from lungcore.models.csfnet import CSFNetConfig
 from lungcore.train import TrainConfig, fit
 from lungcore.train.config import OptimConfig
-from lungcore.train.loop import _apply_recipe, _lr_multiplier, _optimizer
+from lungcore.train.schedule import apply_recipe, lr_multiplier, optimizer
 
 
 def test_restarts_schedule_equals_torch_cosine_warm_restarts():
@@ -22,34 +22,34 @@ def test_restarts_schedule_equals_torch_cosine_warm_restarts():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=restart_epochs * steps_per_epoch)
     for step in range(3 * restart_epochs * steps_per_epoch + 5):  # three restarts and a bit
-        assert math.isclose(base * _lr_multiplier(step, optim, steps_per_epoch, 10**6), opt.param_groups[0]["lr"],
+        assert math.isclose(base * lr_multiplier(step, optim, steps_per_epoch, 10**6), opt.param_groups[0]["lr"],
                             rel_tol=1e-9, abs_tol=1e-12), step
         opt.step()
         ref.step()
 
 
 def test_constant_and_cosine_schedules():
-    assert _lr_multiplier(123, OptimConfig(schedule="constant", warmup_epochs=0), 10, 1000) == 1.0
+    assert lr_multiplier(123, OptimConfig(schedule="constant", warmup_epochs=0), 10, 1000) == 1.0
     cos = OptimConfig(warmup_epochs=1.0, min_lr_ratio=0.1)
-    assert _lr_multiplier(4, cos, 10, 100) == pytest.approx(0.5)  # warm-up
-    assert _lr_multiplier(100, cos, 10, 100) == pytest.approx(0.1)  # decayed to min_lr_ratio
+    assert lr_multiplier(4, cos, 10, 100) == pytest.approx(0.5)  # warm-up
+    assert lr_multiplier(100, cos, 10, 100) == pytest.approx(0.1)  # decayed to min_lr_ratio
     with pytest.raises(ValueError, match="optim.schedule"):
         OptimConfig(schedule="step")
 
 
 def test_paper_recipe_for_csfnet_and_none_for_cmml():
     model = create("csfnet", **CSFNetConfig.tiny_overrides())
-    cfg = _apply_recipe(TrainConfig.from_dict({"model": "csfnet", "recipe": "paper", "optim": {"lr": 5e-3}}), model)
+    cfg = apply_recipe(TrainConfig.from_dict({"model": "csfnet", "recipe": "paper", "optim": {"lr": 5e-3}}), model)
     # the authors' script (hdusyz/Med-STLPN train_cls.py): Adam 1e-4, default betas, cosine 1 -> 0.1
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.betas, cfg.optim.schedule) == ("adam", 1e-4, (0.9, 0.999),
                                                                                            "cosine")
     assert (cfg.optim.min_lr_ratio, cfg.optim.warmup_epochs, cfg.optim.weight_decay) == (0.1, 0.0, 0.0)
-    opt = _optimizer(model, cfg)
+    opt = optimizer(model, cfg)
     assert type(opt) is torch.optim.Adam and opt.param_groups[0]["betas"] == (0.9, 0.999)
     unchanged = TrainConfig.from_dict({"model": "csfnet", "optim": {"lr": 5e-3}})
-    assert _apply_recipe(unchanged, model) is unchanged
+    assert apply_recipe(unchanged, model) is unchanged
     with pytest.raises(ValueError, match="cmml paper publishes no optimiser recipe"):
-        _apply_recipe(TrainConfig(model="cmml", recipe="paper"), torch.nn.Linear(1, 1))
+        apply_recipe(TrainConfig(model="cmml", recipe="paper"), torch.nn.Linear(1, 1))
     with pytest.raises(ValueError, match="recipe must be"):
         TrainConfig(recipe="fast")
 

@@ -1,0 +1,256 @@
+"""Inference with a trained model: per-sample predictions over a loader, the per-epoch validation
+metrics, the test split's report at the end of :func:`lungcore.train.fit`, and :func:`evaluate` /
+:func:`predict` of a checkpoint on a new manifest (coded with the checkpoint's schema).
+
+Example (runs as a doctest in :mod:`lungcore.train.loop`)::
+
+    frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
+    metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungcore.train import distributed as dist_utils
+from lungcore.train.cohort import CohortData, dataset, load_manifest, loader, require_targets
+
+TARGET_KEYS = ("pfs_time", "pfs_event", "pfs_mask", "os_time", "os_event", "os_mask", "label", "label_mask")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision`` "bf16" (or "auto" on CUDA), else a disabled autocast."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (ids and other lists as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def quiet_readers() -> None:
+    """MONAI's DICOM reader warns once per series that nvImageCodec is absent: noise, not news."""
+    import logging
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
+@torch.no_grad()
+def run_predictions(model: nn.Module, batches, device: torch.device, precision: str = "auto",
+                    stage: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Per-sample outputs of ``model.predict`` over a loader (+ the mean of ``model.loss`` if ``stage``)."""
+    from tqdm import tqdm
+
+    model.eval()
+    outputs: dict[str, list[np.ndarray]] = {}
+    ids: list[str] = []
+    targets: dict[str, list[np.ndarray]] = {}
+    losses = []
+    with dist_utils.cross_rank_cox(model, False):
+        for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+            batch = to_device(batch, device)
+            with autocast(device, precision):
+                pred = model.predict(batch)
+                if stage is not None:
+                    loss, _ = model.loss(batch, stage)
+                    losses.append(float(loss.float()))
+            for k, v in pred.items():
+                outputs.setdefault(k, []).append(v.detach().float().cpu().numpy())
+            for k in TARGET_KEYS:
+                if k in batch:
+                    targets.setdefault(k, []).append(batch[k].detach().cpu().numpy())
+            ids += list(batch["id"])
+    result: dict[str, Any] = {"id": ids}
+    result.update({k: np.concatenate(v) for k, v in outputs.items()})
+    result.update({k: np.concatenate(v) for k, v in targets.items()})
+    if stage is not None:
+        result["loss"] = float(np.mean(losses)) if losses else math.nan
+    return result
+
+
+def validation_metrics(task: str, pred: dict[str, Any]) -> dict[str, float]:
+    """The per-epoch validation metrics: C-index per endpoint (and their mean), or ROC AUC etc."""
+    from lungcore import metrics
+
+    out: dict[str, float] = {}
+    if task == "survival":
+        values = []
+        for e in ("pfs", "os"):
+            if e not in pred or f"{e}_time" not in pred:
+                continue
+            m = pred[f"{e}_mask"].astype(bool)
+            try:
+                c = float(metrics.concordance_index(pred[e][m], pred[f"{e}_time"][m], pred[f"{e}_event"][m]))
+            except ValueError:
+                c = math.nan
+            out[f"{e}_cindex"] = c
+            if math.isfinite(c):
+                values.append(c)
+        out["cindex"] = float(np.mean(values)) if values else math.nan
+    else:
+        m = pred["label_mask"].astype(bool)
+        try:
+            out.update(metrics.classification_metrics(pred["label"][m], pred["probability"][m]))
+        except ValueError:
+            out["roc_auc"] = math.nan
+    return out
+
+
+def report_test_split(model, task, data: CohortData, datasets, cfg, device, out: Path, history,
+                    warnings: list[str] = ()) -> dict[str, float]:
+    """The end of a run: predictions on the test split (``predictions_test.csv``), the Breslow
+    baseline of the training split saved in ``best.pt`` (survival), and ``report/``."""
+    from lungcore.models.registry import read_checkpoint, save_model
+    from lungcore.train.report import write_predictions, write_report
+
+    bs = cfg.data.eval_batch_size or cfg.data.batch_size
+    test = run_predictions(model, loader(datasets["test"], bs, num_workers=cfg.data.num_workers), device,
+                           cfg.precision)
+    reference = None
+    if task == "survival":
+        train_eval = dataset(data, data.splits["train"], False)
+        reference = run_predictions(model, loader(train_eval, bs, num_workers=cfg.data.num_workers), device,
+                                    cfg.precision)
+        if hasattr(model, "fit_baseline"):  # Breslow baseline of the training split, saved in best.pt
+            keys = [k for k in reference if k[:3] in ("pfs", "os_") or k in ("pfs", "os")]
+            model.fit_baseline({e: torch.as_tensor(reference[e]) for e in ("pfs", "os") if e in reference},
+                               {k: torch.as_tensor(reference[k]) for k in keys})
+            payload = read_checkpoint(out / "best.pt")
+            save_model(model, out / "best.pt", {**payload["extra"], "baseline": "breslow (training split)"})
+    patients = {i: p for i, p in zip(data.manifest.ids, data.manifest.patient_ids)}
+    test["patient_id"] = [patients[i] for i in test["id"]]
+    write_predictions(test, task, out / "predictions_test.csv")
+    return write_report(out / "report", task, test, reference=reference, history=history,
+                        title=f"{cfg.model} — test split ({len(test['id'])} samples)", warnings=warnings)
+
+
+def _checkpoint_settings(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], Any, Any, Any]:
+    """``(payload, schema, preprocessing settings, model)`` of a checkpoint written by lungcore train."""
+    from lungcore.data import CohortSchema, PreprocessSettings
+    from lungcore.models.registry import load_model, read_checkpoint
+    from lungcore.usage import UsageError
+
+    payload = read_checkpoint(checkpoint)
+    extra = payload.get("extra", {})
+    if "schema" not in extra or "preprocess" not in extra:
+        raise ValueError(f"checkpoint {checkpoint} lacks the cohort schema / preprocessing settings "
+                         "(was it written by lungcore train?)")
+    try:
+        schema = CohortSchema.from_dict(extra["schema"])
+        settings = PreprocessSettings.from_dict(extra["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"checkpoint {checkpoint}: its schema / preprocessing settings are invalid ({exc})") from None
+    model, _ = load_model(checkpoint)  # a wrong shape / unknown model / unknown field: ValueError naming the file
+    return payload, schema, settings, model
+
+
+def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest: str | os.PathLike) -> None:
+    """A manifest with its own schema file of another cohort kind than the checkpoint's is refused."""
+    from lungcore.data import CohortSchema
+    from lungcore.data.schema import schema_beside
+    from lungcore.usage import UsageError
+
+    own = schema_beside(manifest) if Path(manifest).is_file() else None
+    if own is None:
+        return
+    try:
+        kind = CohortSchema.load(own).kind
+    except (ValueError, OSError):
+        kind = schema.kind
+    if kind != schema.kind:
+        raise UsageError(f"--checkpoint {checkpoint} is a {payload['model']} model of {schema.kind!r} cohorts "
+                         f"but --manifest {manifest} is a {kind!r} cohort ({own.name})")
+
+
+def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
+                     num_workers: int = 0, cache_dir: str | os.PathLike | None = None):
+    from lungcore.data import CohortDataset
+    from lungcore.train.preflight import read_every_image
+    from lungcore.usage import device as check_device
+
+    quiet_readers()
+    check_device(device)
+    payload, schema, settings, model = _checkpoint_settings(checkpoint)
+    _check_kind(checkpoint, payload, schema, manifest)
+    m = load_manifest(manifest, schema)
+    read_every_image(m, range(len(m)), settings, cache_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    ds = CohortDataset(m, schema, settings, cache_dir=cache_dir)
+    batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    extra = payload.get("extra", {})
+    task = extra.get("task") or type(model).task
+    return model, m, batches, task, dev, extra
+
+
+def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
+            batch_size: int = 8, device: str | None = None, cache_dir: str | os.PathLike | None = None,
+            overwrite: bool = False, progress: bool = False) -> Any:
+    """Per-row predictions (risks per endpoint, or malignancy probability) as a pandas DataFrame
+    (also written to ``out`` as CSV when given: an existing file only with ``overwrite``; checked
+    before any work). The manifest is coded with the checkpoint's schema.
+
+    Example (runs as a doctest in :mod:`lungcore.train.loop`)::
+
+        frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
+    """
+    from lungcore.train.report import predictions_frame
+    from lungcore.usage import out_file
+
+    if out is not None:
+        out_file(out, "--out", overwrite=overwrite)
+    model, m, batches, task, dev, _ = _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir=cache_dir)
+    pred = run_predictions(model, batches, dev, progress=progress)
+    patients = dict(zip(m.ids, m.patient_ids))
+    pred["patient_id"] = [patients[i] for i in pred["id"]]
+    frame = predictions_frame(pred, task)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(out)
+    return frame
+
+
+def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
+             batch_size: int = 8, device: str | None = None, reference_manifest: str | os.PathLike | None = None,
+             cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             progress: bool = False) -> dict[str, float]:
+    """Metrics of a checkpoint on every row of a labelled manifest (+ a report folder at ``out``).
+
+    For survival models the Breslow baseline and the censoring distribution come from
+    ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
+
+    Example (runs as a doctest in :mod:`lungcore.train.loop`)::
+
+        metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
+    """
+    from lungcore.train.report import summary_metrics, write_report
+    from lungcore.usage import out_folder
+
+    if out is not None:  # checked before any work: an existing report is replaced only with overwrite
+        out_folder(out, "--out", overwrite=overwrite)
+    model, m, batches, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
+                                                           cache_dir=cache_dir)
+    require_targets(m, manifest, getattr(model, "endpoints", None))
+    pred = run_predictions(model, batches, dev, progress=progress)
+    pred["patient_id"] = list(m.patient_ids)
+    reference = None
+    if task == "survival" and reference_manifest is not None:
+        _, _, ref_batches, _, _, _ = _from_checkpoint(checkpoint, reference_manifest, batch_size, device,
+                                                      cache_dir=cache_dir)
+        reference = run_predictions(model, ref_batches, dev)
+    if out is not None:
+        return write_report(Path(out), task, pred, reference=reference, history=None,
+                            title=f"{Path(checkpoint).name} on {Path(manifest).name}")
+    return summary_metrics(task, pred, reference)
