@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lungcore.data import PreprocessSettings, Preprocessor, canonical_orientation, read_ct, write_dicom_series
-from lungcore.data.io import INFLATERS, _gunzip, _inflater, write_nifti
+from lungcore.data.io import INFLATERS, gunzip, inflater as active_inflater, write_nifti
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
@@ -145,31 +145,31 @@ def test_int16_dicom_holds_the_float32_values(files):
 @pytest.mark.parametrize("inflater", _installed())
 def test_inflaters_give_gzip_bytes(tmp_path, inflater, monkeypatch):
     monkeypatch.setenv("LUNGCORE_INFLATER", inflater)
-    assert _inflater()[0] == inflater
+    assert active_inflater()[0] == inflater
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 50, size=300_000, dtype=np.uint8).tobytes()
     p = tmp_path / "two.gz"
     p.write_bytes(gzip.compress(raw[:100_001]) + gzip.compress(raw[100_001:]))  # two members
-    got = _gunzip(p, 777, 250_000)
+    got = gunzip(p, 777, 250_000)
     assert got.flags.writeable and got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.frombuffer(raw[777:250_777], dtype=np.uint8))
     with pytest.raises(ValueError, match="truncated"):
-        _gunzip(p, 0, 400_000)  # the header asks for more than the file holds
+        gunzip(p, 0, 400_000)  # the header asks for more than the file holds
     whole = gzip.compress(raw)
     p.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        _gunzip(p, 0, 300_000)
+        gunzip(p, 0, 300_000)
     broken = bytearray(whole)
     broken[len(broken) // 3: len(broken) // 3 + 64] = b"\xff" * 64
     p.write_bytes(bytes(broken))
     with pytest.raises(ValueError, match="corrupt gzip data|truncated"):
-        _gunzip(p, 0, 300_000)
+        gunzip(p, 0, 300_000)
     p.write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        _gunzip(p, 0, 10)
+        gunzip(p, 0, 10)
 
 
 def test_unknown_inflater_is_an_error(monkeypatch):
     monkeypatch.setenv("LUNGCORE_INFLATER", "brotli")
     with pytest.raises(ValueError, match="LUNGCORE_INFLATER must be one of"):
-        _inflater()
+        active_inflater()

@@ -1,0 +1,90 @@
+"""A CT image in lungcore's conventions: the (z, y, x) array, the affine to LPS millimetres, and
+the dtypes the readers return (see :mod:`lungcore.data.io`).
+
+Example:
+    >>> import numpy as np
+    >>> ct = CTImage(np.zeros((4, 8, 8), np.float32), np.diag([2.5, 0.7, 0.7, 1.0]))
+    >>> ct.shape, ct.spacing, ct.index_to_world([1, 0, 0]).tolist()
+    ((4, 8, 8), (2.5, 0.7, 0.7), [0.0, 0.0, 2.5])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Reorders affine columns between index order (x, y, z) and (z, y, x).
+XYZ_TO_ZYX = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+
+@dataclass
+class CTImage:
+    """A CT volume: ``array`` (z, y, x) HU (float32 unless read with ``dtype=None``), ``affine`` 4x4
+    from (z, y, x, 1) to LPS mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(sz, sy, sx) in mm: the lengths of the affine's index columns."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+    def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """LPS mm ``(..., 3)`` as (x, y, z) -> continuous voxel indices ``(..., 3)`` as (z, y, x)."""
+        xyz = np.asarray(xyz, dtype=np.float64)
+        inv = np.linalg.inv(self.affine)
+        return xyz @ inv[:3, :3].T + inv[:3, 3]
+
+    def index_to_world(self, zyx: np.ndarray) -> np.ndarray:
+        """Voxel indices ``(..., 3)`` as (z, y, x) -> LPS mm ``(..., 3)`` as (x, y, z)."""
+        zyx = np.asarray(zyx, dtype=np.float64)
+        return zyx @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def is_dicom_path(path: str | Path) -> bool:
+    """A folder (DICOM series) or a ``.dcm`` file."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() in (".dcm", ".dicom", ".ima")
+
+
+def dicom_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"DICOM folder {path} holds no files")
+        return files
+    return [path]
+
+
+_STORED_KEPT = (np.dtype(np.float32), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32))
+
+
+class NativeReaderUnsupported(ValueError):
+    """A file the native reader does not handle (multi-frame DICOM, DICOM without geometry tags):
+    ``reader="auto"`` hands it to MONAI when MONAI is installed."""
+
+
+def result_dtype(stored: np.dtype, dtype: Any) -> np.dtype:
+    """The dtype :func:`read_ct` returns for data that comes out of the reader as ``stored``."""
+    if dtype is not None:
+        return canonical(np.dtype(dtype))
+    stored = canonical(np.dtype(stored))
+    return stored if stored in _STORED_KEPT else np.dtype(np.float32)
+
+
+def canonical(dtype: np.dtype) -> np.dtype:
+    """numpy's builtin dtype object for ``dtype``'s type, in native byte order."""
+    return np.dtype(dtype.type) if dtype.kind in "biuf" else dtype
+
+
+def slice_thickness(ds: Any) -> float:
+    """Depth spacing of a lone DICOM slice: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    return float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", 1.0) or 1.0)
