@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,39 +172,23 @@ def _centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[in
             f"image shape {tuple(int(v) for v in shape)}{hint}")
 
 
-def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
-                   images: str = "header", progress: bool = False) -> tuple[Manifest | None, list[ManifestProblem]]:
-    """Parse and validate ``path``; returns ``(manifest or None, every problem found)``.
+def _time_problem(text: str) -> str | None:
+    """Why ``text`` is not a valid event/censoring time, or None."""
+    t = _parse_float(text)
+    if t is None or math.isnan(t):
+        return "time must be a number"
+    if not math.isfinite(t):
+        return "time must be finite"
+    if t < 0:
+        return "time must be >= 0"
+    if t > FLOAT32_MAX:
+        return f"time too large: times are trained in float32 (<= {FLOAT32_MAX:.3g})"
+    return None
 
-    ``schema``: a :class:`CohortSchema`, a path to one, or None for the schema beside the manifest.
-    ``images``: how hard to check image cells: ``"none"``, ``"exists"``, ``"header"`` (default:
-    the file opens and its header parses) or ``"full"`` (the whole image is read).
-    ``progress``: a progress bar over the rows (on stderr).
-    """
-    path = Path(path)
-    if images not in IMAGE_CHECKS:
-        raise ValueError(f"images must be one of {IMAGE_CHECKS}, got {images!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    if schema is None:
-        found = schema_beside(path)
-        if found is None:
-            raise FileNotFoundError(f"no schema for {path}: pass one, or put {path.stem}.schema.json beside it")
-        schema = CohortSchema.load(found)
-    elif not isinstance(schema, CohortSchema):
-        schema = CohortSchema.load(schema)
 
-    # bytes that are not UTF-8 survive as lone surrogates, so the cell holding them is named below
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            return None, [ManifestProblem(1, "", "", "the manifest is empty (no header row)")]
-        body = list(reader)
-
+def _header_problems(header: list[str], columns: dict[str, int], schema: CohortSchema) -> list[ManifestProblem]:
+    """Empty, undecodable or repeated column names, and the columns the schema requires that are missing."""
     problems: list[ManifestProblem] = []
-    columns = {name: j for j, name in enumerate(header)}
     for j, name in enumerate(header):
         if name == "":
             problems.append(ManifestProblem(1, f"#{j + 1}", "", "empty column name"))
@@ -211,7 +196,6 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
             problems.append(ManifestProblem(1, f"#{j + 1}", _shown(name), _not_utf8_message(name)))
         elif header.index(name) != j:
             problems.append(ManifestProblem(1, name, name, "column appears twice"))
-
     required = [schema.id_column, *schema.image_columns, *schema.clinical_names]
     if schema.kind == "nodules":
         required.append(schema.patient_column)
@@ -225,172 +209,212 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     for name in dict.fromkeys(required):
         if name not in columns:
             problems.append(ManifestProblem(1, name, "", "required column is missing"))
-    header_ok = not problems  # a header problem does not hide the problems of the rows: go on
+    return problems
 
-    root = path.parent
-    n = len(body)
-    T = len(schema.image_columns)
-    ids: list[str] = []
-    patient_ids: list[str] = []
-    rows: list[int] = []
-    image_paths: list[list[Path | None]] = []
-    centres = np.full((n, T, 3), np.nan)
-    clinical_raw: dict[str, list[str]] = {v.name: [] for v in schema.clinical}
-    endpoints = {f"{e}_{k}": np.full(n, np.nan) for e in schema.endpoints for k in ("time", "event")}
-    endpoints.update({f"{e}_mask": np.zeros(n, dtype=bool) for e in schema.endpoints})
-    label = np.full(n, -1, dtype=np.int64) if schema.kind == "nodules" else None
-    label_mask = np.zeros(n, dtype=bool) if schema.kind == "nodules" else None
-    first_seen: dict[str, int] = {}
 
-    def cell(record: list[str], name: str) -> str:
-        j = columns.get(name)
+class _Rows:
+    """The body of a manifest being parsed row by row: the arrays the rows fill, the problems they have."""
+
+    def __init__(self, schema: CohortSchema, header: list[str], n: int, root: Path, images: str):
+        self.schema, self.header, self.root, self.image_check = schema, header, root, images
+        self.columns = {name: j for j, name in enumerate(header)}
+        self.problems: list[ManifestProblem] = []
+        self.rows: list[int] = []
+        self.ids: list[str] = []
+        self.patient_ids: list[str] = []
+        self.images: list[list[Path | None]] = []
+        self.centres = np.full((n, len(schema.image_columns), 3), np.nan)
+        self.clinical_raw: dict[str, list[str]] = {v.name: [] for v in schema.clinical}
+        self.endpoints = {f"{e}_{k}": np.full(n, np.nan) for e in schema.endpoints for k in ("time", "event")}
+        self.endpoints.update({f"{e}_mask": np.zeros(n, dtype=bool) for e in schema.endpoints})
+        nodules = schema.kind == "nodules"
+        self.label = np.full(n, -1, dtype=np.int64) if nodules else None
+        self.label_mask = np.zeros(n, dtype=bool) if nodules else None
+        self.first_seen: dict[str, int] = {}
+
+    def cell(self, record: list[str], name: str) -> str:
+        j = self.columns.get(name)
         return record[j].strip() if j is not None and j < len(record) else ""
 
-    from tqdm import tqdm
+    def problem(self, *args: Any) -> None:
+        self.problems.append(ManifestProblem(*args))
 
-    for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress,
-                                    leave=False)):
+    def add(self, i: int, record: list[str]) -> None:
+        """Row ``i`` of the body (spreadsheet row ``i + 2``)."""
         r = i + 2
-        rows.append(r)
+        self.rows.append(r)
+        self._cells(r, record)
+        self._identifiers(r, record)
+        self.images.append([self._image(i, r, t, col, record) for t, col in enumerate(self.schema.image_columns)])
+        self._clinical(r, record)
+        for e in self.schema.endpoints:
+            self._endpoint(i, r, record, e)
+        self._label(i, r, record)
+
+    def _cells(self, r: int, record: list[str]) -> None:
+        header = self.header
         if len(record) > len(header):
-            problems.append(ManifestProblem(r, f"#{len(header) + 1}", record[len(header)],
-                                            f"row has {len(record)} cells, the header {len(header)}"))
+            self.problem(r, f"#{len(header) + 1}", record[len(header)],
+                         f"row has {len(record)} cells, the header {len(header)}")
         elif len(record) < len(header):
-            problems.append(ManifestProblem(r, header[len(record)], "",
-                                            f"row has {len(record)} cells, the header {len(header)} "
-                                            "(is the file cut short?)"))
+            self.problem(r, header[len(record)], "", f"row has {len(record)} cells, the header {len(header)} "
+                         "(is the file cut short?)")
         for j, text in enumerate(record[:len(header)]):
             if _not_utf8(text):
-                problems.append(ManifestProblem(r, header[j], _shown(text), _not_utf8_message(text)))
+                self.problem(r, header[j], _shown(text), _not_utf8_message(text))
                 record[j] = ""  # reported once here; no second problem for the same cell
-        # identifiers
-        ident = cell(record, schema.id_column)
-        if ident == "" and schema.id_column in columns:
-            problems.append(ManifestProblem(r, schema.id_column, "", "id must not be empty"))
+
+    def _identifiers(self, r: int, record: list[str]) -> None:
+        schema = self.schema
+        ident = self.cell(record, schema.id_column)
+        if ident == "" and schema.id_column in self.columns:
+            self.problem(r, schema.id_column, "", "id must not be empty")
         elif ident == "":
             pass  # the id column is missing: reported once, in the header
-        elif ident in first_seen:
-            problems.append(ManifestProblem(r, schema.id_column, ident,
-                                            f"duplicate id (first seen in row {first_seen[ident]})"))
+        elif ident in self.first_seen:
+            self.problem(r, schema.id_column, ident, f"duplicate id (first seen in row {self.first_seen[ident]})")
         else:
-            first_seen[ident] = r
-        ids.append(ident)
-        own_patient = schema.patient_column in columns and schema.patient_column != schema.id_column
-        patient = cell(record, schema.patient_column) if own_patient else ident
+            self.first_seen[ident] = r
+        self.ids.append(ident)
+        own_patient = schema.patient_column in self.columns and schema.patient_column != schema.id_column
+        patient = self.cell(record, schema.patient_column) if own_patient else ident
         if patient == "" and own_patient:
-            problems.append(ManifestProblem(r, schema.patient_column, "", "patient id must not be empty"))
-        patient_ids.append(patient)
+            self.problem(r, schema.patient_column, "", "patient id must not be empty")
+        self.patient_ids.append(patient)
 
-        # images and centres
-        row_images: list[Path | None] = []
-        for t, col in enumerate(schema.image_columns):
-            value = cell(record, col)
-            geometry = None
-            if value == "":
-                row_images.append(None)
+    def _image(self, i: int, r: int, t: int, col: str, record: list[str]) -> Path | None:
+        """The resolved path of image column ``col`` (checked at ``image_check``), its centre parsed."""
+        value = self.cell(record, col)
+        geometry = path = None
+        if value != "":
+            path = Path(value)
+            path = path if path.is_absolute() else self.root / path
+            bad, geometry = _check_image(path, self.image_check)
+            if bad:
+                self.problem(r, col, value, *bad)
+        cols = self.schema.centre_columns.get(col)
+        if not cols or not all(c in self.columns for c in cols):
+            return path
+        cells = [self.cell(record, c) for c in cols]
+        if all(c == "" for c in cells):
+            if self.schema.kind == "nodules" and value != "":
+                self.problem(r, cols[0], "", f"a nodule centre is required for {col}")
+            return path
+        for k, (c, text) in enumerate(zip(cols, cells)):
+            x = _parse_float(text) if text != "" else None
+            if text == "":
+                self.problem(r, c, "", f"centre needs all of {', '.join(cols)} or none")
+            elif x is None or not math.isfinite(x):
+                self.problem(r, c, text, "centre coordinate must be a finite number")
             else:
-                p = Path(value)
-                p = p if p.is_absolute() else root / p
-                bad, geometry = _check_image(p, images)
-                if bad:
-                    problems.append(ManifestProblem(r, col, value, *bad))
-                row_images.append(p)
-            cols = schema.centre_columns.get(col)
-            if cols and all(c in columns for c in cols):
-                cells = [cell(record, c) for c in cols]
-                if all(c == "" for c in cells):
-                    if schema.kind == "nodules" and value != "":
-                        problems.append(ManifestProblem(r, cols[0], "", f"a nodule centre is required for {col}"))
-                    continue
-                for k, (c, text) in enumerate(zip(cols, cells)):
-                    x = _parse_float(text) if text != "" else None
-                    if text == "":
-                        problems.append(ManifestProblem(r, c, "", f"centre needs all of {', '.join(cols)} or none"))
-                    elif x is None or not math.isfinite(x):
-                        problems.append(ManifestProblem(r, c, text, "centre coordinate must be a finite number"))
-                    else:
-                        centres[i, t, k] = x
-                if value != "" and geometry is not None and np.all(np.isfinite(centres[i, t])):
-                    outside = _centre_outside(centres[i, t], schema.centre_frame, geometry)
-                    if outside:
-                        problems.append(ManifestProblem(r, cols[0], cells[0], outside))
-        image_paths.append(row_images)
+                self.centres[i, t, k] = x
+        if value != "" and geometry is not None and np.all(np.isfinite(self.centres[i, t])):
+            outside = _centre_outside(self.centres[i, t], self.schema.centre_frame, geometry)
+            if outside:
+                self.problem(r, cols[0], cells[0], outside)
+        return path
 
-        # clinical
-        for v in schema.clinical:
-            text = cell(record, v.name)
-            clinical_raw[v.name].append(text)
+    def _clinical(self, r: int, record: list[str]) -> None:
+        for v in self.schema.clinical:
+            text = self.cell(record, v.name)
+            self.clinical_raw[v.name].append(text)
             if text == "":
                 continue
             if v.kind == "numeric":
                 x = _parse_float(text)
                 if x is None or not math.isfinite(x):
-                    problems.append(ManifestProblem(r, v.name, text, "not a finite number"))
+                    self.problem(r, v.name, text, "not a finite number")
                 elif abs(x) > FLOAT32_MAX:
-                    problems.append(ManifestProblem(r, v.name, text, "too large: values are standardised and "
-                                                    f"trained in float32 (|value| <= {FLOAT32_MAX:.3g})"))
+                    self.problem(r, v.name, text, "too large: values are standardised and "
+                                 f"trained in float32 (|value| <= {FLOAT32_MAX:.3g})")
             elif v.categories is not None and text not in v.categories:
-                problems.append(ManifestProblem(r, v.name, text, "unknown category; expected one of "
-                                                + ", ".join(map(repr, v.categories))))
+                self.problem(r, v.name, text, "unknown category; expected one of " + ", ".join(map(repr, v.categories)))
 
-        # endpoints
-        for e in schema.endpoints:
-            tcol, ecol = f"{e}_time", f"{e}_event"
-            if tcol not in columns or ecol not in columns:
-                continue
-            ttext, etext = cell(record, tcol), cell(record, ecol)
-            if ttext == "" and etext == "":
-                continue
-            ok = True
-            if ttext == "":
-                problems.append(ManifestProblem(r, tcol, "", f"{ecol} is given but {tcol} is empty"))
-                ok = False
-            else:
-                t_val = _parse_float(ttext)
-                if t_val is None or math.isnan(t_val):
-                    problems.append(ManifestProblem(r, tcol, ttext, "time must be a number"))
-                    ok = False
-                elif not math.isfinite(t_val):
-                    problems.append(ManifestProblem(r, tcol, ttext, "time must be finite"))
-                    ok = False
-                elif t_val < 0:
-                    problems.append(ManifestProblem(r, tcol, ttext, "time must be >= 0"))
-                    ok = False
-                elif t_val > FLOAT32_MAX:
-                    problems.append(ManifestProblem(r, tcol, ttext, "time too large: times are trained in float32 "
-                                                    f"(<= {FLOAT32_MAX:.3g})"))
-                    ok = False
-            if etext == "":
-                problems.append(ManifestProblem(r, ecol, "", f"{tcol} is given but {ecol} is empty"))
-                ok = False
-            elif etext not in ("0", "1", "0.0", "1.0"):
-                problems.append(ManifestProblem(r, ecol, etext, "event must be 0 (censored) or 1 (event)"))
-                ok = False
-            if ok:
-                endpoints[tcol][i] = float(ttext)
-                endpoints[ecol][i] = float(etext)
-                endpoints[f"{e}_mask"][i] = True
+    def _endpoint(self, i: int, r: int, record: list[str], e: str) -> None:
+        tcol, ecol = f"{e}_time", f"{e}_event"
+        if tcol not in self.columns or ecol not in self.columns:
+            return
+        ttext, etext = self.cell(record, tcol), self.cell(record, ecol)
+        if ttext == "" and etext == "":
+            return
+        ok = True
+        if ttext == "":
+            self.problem(r, tcol, "", f"{ecol} is given but {tcol} is empty")
+            ok = False
+        elif (bad := _time_problem(ttext)) is not None:
+            self.problem(r, tcol, ttext, bad)
+            ok = False
+        if etext == "":
+            self.problem(r, ecol, "", f"{tcol} is given but {ecol} is empty")
+            ok = False
+        elif etext not in ("0", "1", "0.0", "1.0"):
+            self.problem(r, ecol, etext, "event must be 0 (censored) or 1 (event)")
+            ok = False
+        if ok:
+            self.endpoints[tcol][i] = float(ttext)
+            self.endpoints[ecol][i] = float(etext)
+            self.endpoints[f"{e}_mask"][i] = True
 
-        # label
-        if label is not None and schema.label_column in columns:
-            text = cell(record, schema.label_column)
-            if text == "":
-                continue
-            if text in ("0", "1", "0.0", "1.0"):
-                label[i] = int(float(text))
-                label_mask[i] = True
-            else:
-                problems.append(ManifestProblem(r, schema.label_column, text,
-                                                "label must be 0 (benign) or 1 (malignant)"))
+    def _label(self, i: int, r: int, record: list[str]) -> None:
+        if self.label is None or self.schema.label_column not in self.columns:
+            return
+        text = self.cell(record, self.schema.label_column)
+        if text == "":
+            return
+        if text in ("0", "1", "0.0", "1.0"):
+            self.label[i] = int(float(text))
+            self.label_mask[i] = True
+        else:
+            self.problem(r, self.schema.label_column, text, "label must be 0 (benign) or 1 (malignant)")
 
-    if n == 0:
-        problems.append(ManifestProblem(2, schema.id_column, "", "the manifest has no rows"))
+
+def _schema_for(path: Path, schema: CohortSchema | str | Path | None) -> CohortSchema:
+    if schema is None:
+        found = schema_beside(path)
+        if found is None:
+            raise FileNotFoundError(f"no schema for {path}: pass one, or put {path.stem}.schema.json beside it")
+        return CohortSchema.load(found)
+    return schema if isinstance(schema, CohortSchema) else CohortSchema.load(schema)
+
+
+def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
+                   images: str = "header", progress: bool = False) -> tuple[Manifest | None, list[ManifestProblem]]:
+    """Parse and validate ``path``; returns ``(manifest or None, every problem found)``.
+
+    ``schema``: a :class:`CohortSchema`, a path to one, or None for the schema beside the manifest.
+    ``images``: how hard to check image cells: ``"none"``, ``"exists"``, ``"header"`` (default:
+    the file opens and its header parses) or ``"full"`` (the whole image is read).
+    ``progress``: a progress bar over the rows (on stderr). Example: see the module docstring.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    if images not in IMAGE_CHECKS:
+        raise ValueError(f"images must be one of {IMAGE_CHECKS}, got {images!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    schema = _schema_for(path, schema)
+    # bytes that are not UTF-8 survive as lone surrogates, so the cell holding them is named below
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            return None, [ManifestProblem(1, "", "", "the manifest is empty (no header row)")]
+        body = list(reader)
+    parsed = _Rows(schema, header, len(body), path.parent, images)
+    parsed.problems += _header_problems(header, parsed.columns, schema)
+    header_ok = not parsed.problems  # a header problem does not hide the problems of the rows: go on
+    for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress, leave=False)):
+        parsed.add(i, record)
+    if not body:
+        parsed.problem(2, schema.id_column, "", "the manifest has no rows")
     if not header_ok:
-        return None, problems
-    manifest = Manifest(path=path, schema=schema, rows=rows, ids=ids, patient_ids=patient_ids, images=image_paths,
-                        centres=centres, clinical_raw=clinical_raw, endpoints=endpoints, label=label,
-                        label_mask=label_mask)
-    return manifest, problems
+        return None, parsed.problems
+    manifest = Manifest(path=path, schema=schema, rows=parsed.rows, ids=parsed.ids, patient_ids=parsed.patient_ids,
+                        images=parsed.images, centres=parsed.centres, clinical_raw=parsed.clinical_raw,
+                        endpoints=parsed.endpoints, label=parsed.label, label_mask=parsed.label_mask)
+    return manifest, parsed.problems
 
 
 def read_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
