@@ -2,20 +2,36 @@
 from __future__ import annotations
 
 import json
+import types
 
 from benchmarks import run as bench_run
 from benchmarks.harness import Case, run_case
 
 
-def test_run_case_checks_then_times():
-    calls = []
-    case = Case(shape="n=1", providers={"eager": lambda: sum(range(2000)), "fast": lambda: 1},
-                check=lambda: calls.append("checked"))
+def test_run_case_checks_then_times(monkeypatch):
+    """The check runs before any timing; medians, repeats and speedups are exactly what a clock
+    that each provider advances by a known step gives (no real timing: the test cannot flake)."""
+    from benchmarks import harness
+
+    now = [0.0]
+    events: list[str] = []
+
+    def provider(name: str, seconds: float):
+        def call():
+            events.append(name)
+            now[0] += seconds  # powers of two: every sum and difference below is exact
+        return call
+
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    case = Case(shape="n=1", providers={"eager": provider("eager", 4 / 256), "fast": provider("fast", 1 / 256)},
+                check=lambda: events.append("checked"))
     results = run_case("toy", case, "cpu", budget_s=0.05)
-    assert calls == ["checked"]
+    # one warm-up call each, then rounds of both until 2 x 50 ms have passed: 5/256 s a round -> 6 rounds
+    assert events == ["checked", "eager", "fast"] + ["eager", "fast"] * 6
     by = {r.provider: r for r in results}
-    assert by["eager"].speedup == 1.0
-    assert by["fast"].speedup > 1.0 and by["fast"].median_ms > 0
+    assert (by["eager"].median_ms, by["fast"].median_ms) == (4 / 256 * 1e3, 1 / 256 * 1e3)
+    assert (by["eager"].repeats, by["fast"].repeats) == (6, 6)
+    assert (by["eager"].speedup, by["fast"].speedup) == (1.0, 4.0)
 
 
 def test_concordance_benchmark_writes_outputs(tmp_path):

@@ -26,7 +26,7 @@ def test_cmml_synthetic_and_ablation(tmp_path):
     for section in ("## 1. Masked pretraining", "## 2. Fine-tuned test C-index", "| 1 |", "CT withheld",
                     "## 3. Breslow"):
         assert section in md
-    assert (tmp_path / "synth" / "cmml_synthetic.png").stat().st_size > 0
+    assert (tmp_path / "synth" / "cmml_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _run("cmml_ablation.py", *common, "--ratios", "0.75,0.9", "--label-fractions", "0.5", "--n-boot", "20",
          "--out", str(tmp_path / "ablation"))
     md = (tmp_path / "ablation" / "cmml_ablation.md").read_text()
@@ -34,10 +34,42 @@ def test_cmml_synthetic_and_ablation(tmp_path):
     assert "pretraining on - off, 50% of the labels" in md and "CT mask ratio 0.75 - 0.9" in md
 
 
+def _auc(label: list[int], score: list[float]) -> float:
+    """ROC AUC as the Mann-Whitney pair count (ties half): the independent oracle of the script's AUCs."""
+    pos = [s for y, s in zip(label, score) if y == 1]
+    neg = [s for y, s in zip(label, score) if y == 0]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
 @pytest.mark.slow
 def test_csfnet_synthetic(tmp_path):
+    """Every model of the ablation is in the table, and the AUC, accuracy and confusion matrix the
+    script reports are those of the test predictions it saved (recomputed here)."""
+    import csv
+
     _run("csfnet_synthetic.py", "--n", "120", "--epochs", "1", "--n-boot", "20", "--threads", "1",
-         "--out", str(tmp_path))
+         "--out", str(tmp_path), "--save-predictions", str(tmp_path / "predictions.csv"))
+    variants = ["full", "published", "t1_only", "image_only"]
+    with open(tmp_path / "csfnet_synthetic.csv", newline="") as f:
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(table) == [*variants, "oracle", "oracle_image"]
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    label = [int(r["label"]) for r in rows]
+    assert 0 < sum(label) < len(label)  # both classes in the test split: the AUC is defined
+    for v in variants:
+        p = [float(r[f"probability_{v}"]) for r in rows]
+        r = table[v]
+        assert abs(float(r["auc"]) - _auc(label, p)) <= 5e-5 + 1e-9, v  # the CSV keeps 4 decimals
+        assert float(r["auc_lo"]) <= float(r["auc"]) <= float(r["auc_hi"]), v
+        correct = sum((q >= 0.5) == (y == 1) for q, y in zip(p, label))
+        assert abs(float(r["accuracy"]) - correct / len(label)) <= 5e-5 + 1e-9, v
+    full = [float(r["probability_full"]) >= 0.5 for r in rows]
+    counts = {(y, int(q)): sum(1 for yy, qq in zip(label, full) if (yy, qq) == (y, q)) for y in (0, 1) for q in (0, 1)}
     md = (tmp_path / "csfnet_synthetic.md").read_text()
-    assert "image oracle" in md or "oracle" in md
-    assert (tmp_path / "csfnet_synthetic_roc.png").stat().st_size > 0
+    assert f"| benign | {counts[0, 0]} | {counts[0, 1]} |" in md
+    assert f"| malignant | {counts[1, 0]} | {counts[1, 1]} |" in md
+    for model in table.values():  # one table row per model
+        assert f"\n| {model['description']} | " in md
+    for png in ("csfnet_synthetic_roc.png", "csfnet_synthetic_confusion.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

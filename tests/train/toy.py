@@ -1,12 +1,11 @@
 """Tiny networks following the training contract of lungcore.models.registry (tests only).
 
 ``toy_survival``: two stages (pretrain: reconstruct the pooled CT; finetune: Cox on PFS + OS).
-``toy_classifier``: one stage, cross-entropy. ``sleep`` slows each loss call (kill/resume test);
-``nan_after`` makes the loss NaN after that many calls (NaN test).
+``toy_classifier``: one stage, cross-entropy. ``nan_after`` makes the loss NaN after that many
+calls (NaN test).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,6 @@ class ToyConfig:
     cardinalities: list[int] = field(default_factory=list)
     hidden: int = 8
     pool: int = 4
-    sleep: float = 0.0
     nan_after: int = -1
 
 
@@ -52,8 +50,6 @@ class _Base(nn.Module):
 
     def _tick(self, loss):
         self.calls += 1
-        if self.config.sleep:
-            time.sleep(self.config.sleep)
         if self.config.nan_after >= 0 and self.training and self.calls > self.config.nan_after:
             loss = loss * float("nan")
         return loss
