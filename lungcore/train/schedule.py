@@ -8,7 +8,7 @@ Example:
     >>> from lungcore.train.config import OptimConfig
     >>> cosine = OptimConfig(schedule="cosine", warmup_epochs=1, min_lr_ratio=0.1)
     >>> [round(lr_multiplier(s, cosine, steps_per_epoch=4, total=20), 3) for s in (0, 3, 4, 19)]
-    [0.25, 1.0, 1.0, 0.101]
+    [0.25, 1.0, 1.0, 0.109]
     >>> steps_per_epoch(n_train=10, world=1, batch_size=4, accumulate=1)   # (steps, drop_last)
     (2, True)
 """

@@ -3,7 +3,8 @@ the dtypes the readers return (see :mod:`lungcore.data.io`).
 
 Example:
     >>> import numpy as np
-    >>> ct = CTImage(np.zeros((4, 8, 8), np.float32), np.diag([2.5, 0.7, 0.7, 1.0]))
+    >>> affine = np.diag([0.7, 0.7, 2.5, 1.0]) @ XYZ_TO_ZYX   # (z, y, x) index -> LPS (x, y, z) mm
+    >>> ct = CTImage(np.zeros((4, 8, 8), np.float32), affine)
     >>> ct.shape, ct.spacing, ct.index_to_world([1, 0, 0]).tolist()
     ((4, 8, 8), (2.5, 0.7, 0.7), [0.0, 0.0, 2.5])
 """
