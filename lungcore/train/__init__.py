@@ -7,7 +7,8 @@ Example:
 """
 from lungcore.train.config import DataConfig, OptimConfig, TrainConfig
 from lungcore.train.inference import evaluate, predict
-from lungcore.train.loop import FitResult, NonFiniteLossError, fit
+from lungcore.train.loop import fit
+from lungcore.train.trainer import FitResult, NonFiniteLossError
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FitResult", "NonFiniteLossError", "evaluate", "fit",
            "predict"]

@@ -23,7 +23,7 @@ ACCUMULATE_HELP = ("micro-batches per optimiser step (effective batch = batch si
 
 def _errors():
     from lungcore.data import ManifestError
-    from lungcore.train.loop import NonFiniteLossError
+    from lungcore.train.trainer import NonFiniteLossError
 
     return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteLossError, ManifestError)
 
@@ -32,7 +32,7 @@ def _fail(command: str, exc: BaseException) -> int:
     """Print the error on stderr; exit 1 when the data or the run failed, 2 for a usage error
     (see :mod:`lungcore.usage`)."""
     from lungcore.data import ManifestError
-    from lungcore.train.loop import NonFiniteLossError
+    from lungcore.train.trainer import NonFiniteLossError
     from lungcore.usage import EXIT_FAILED, EXIT_USAGE
 
     print(f"lungcore {command}: error: {exc}", file=sys.stderr)

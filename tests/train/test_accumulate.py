@@ -11,7 +11,7 @@ from torch import nn
 
 from lungcore.train import TrainConfig
 from lungcore.train.checkpoints import TrainerState
-from lungcore.train.loop import train_epoch
+from lungcore.train.trainer import train_epoch
 
 
 class _Regressor(nn.Module):
