@@ -32,15 +32,18 @@ class Cohort:
     eta: dict[str, np.ndarray]  # the generator's true log-hazard per split
     cardinalities: list[int]
     info: dict[str, Any] = field(default_factory=dict)
+    ids: dict[str, np.ndarray] = field(default_factory=dict)  # patient ids per split, in the tensors' order
 
 
 def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
-                 spacing=(4.0, 3.0, 3.0), crop=(8, 16, 16), log=print) -> Cohort:
+                 spacing=(4.0, 3.0, 3.0), crop=(8, 16, 16), log=print, preset: str = "tiny",
+                 effects: str = "linear") -> Cohort:
     """Write (once) a synthetic survival cohort, preprocess it, hold every split as tensors."""
     workdir = Path(workdir)
     manifest_path = workdir / "manifest.csv"
     t0 = time.time()
-    if not synth_cohort("survival", workdir, n=n, preset="tiny", seed=seed, dicom_every=0, reuse=True)["reused"]:
+    if not synth_cohort("survival", workdir, n=n, preset=preset, seed=seed, dicom_every=0, reuse=True,
+                        effects=effects)["reused"]:
         log(f"synthetic cohort of {n} patients written in {time.time() - t0:.0f} s")
     manifest = read_manifest(manifest_path)
     parts = split_by_patient(manifest, fractions, seed=seed)
@@ -56,13 +59,15 @@ def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
             rows[k].extend(batch[k]) if k == "id" else rows[k].append(batch[k])
     full = {k: torch.cat(v) for k, v in rows.items() if k != "id"}
     ids = np.asarray(rows["id"])
-    splits, eta = {}, {}
+    splits, eta, split_ids = {}, {}, {}
     for name, idx in parts.items():
         idx_t = torch.as_tensor(sorted(idx))
         splits[name] = {k: v[idx_t] for k, v in full.items()}
-        eta[name] = np.asarray([truth[str(ids[i])] for i in sorted(idx)])
+        split_ids[name] = np.asarray([str(ids[i]) for i in sorted(idx)])
+        eta[name] = np.asarray([truth[i] for i in split_ids[name]])
     log(f"cohort ready in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
-    return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop})
+    return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop,
+                                                         "preset": preset, "effects": effects}, split_ids)
 
 
 def add_arguments(ap, *, pretrain_epochs: int, finetune_epochs: int, out: Path) -> None:
