@@ -61,7 +61,7 @@ def survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diame
     at -750 to -450 HU around it), a central cavity (in a quarter of the lesions with solid
     fraction >= 0.6) and a pleural site (30 %), and replaces the imaging part of ``eta`` by
     ``eta_image`` = 0.5 z_size + 0.3 [lobulated] + 0.8 [spiculated] + 0.9 [solid fraction >= 0.5]
-    + 0.8 [pleural contact] + 0.6 [cavity] + 0.5 z_size z_texture (texture: the heterogeneity of
+    + 1.0 [pleural contact] + 0.6 [cavity] + 0.7 z_size z_texture (texture: the heterogeneity of
     the solid core, mattering more in large tumours). Size, density and spread summaries see the
     size term and part of the rest; the margin class, the threshold, the pleura and the
     interaction are what a linear model on them misses.
@@ -95,7 +95,7 @@ def survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diame
         out.update(margin=margin, solid_fraction=solid, ground_glass_hu=float(rng.uniform(-750.0, -450.0)),
                    cavity=cavity, pleural=pleural, shape_seed=int(rng.integers(2**31)))
         eta_image = (0.5 * z_size + 0.3 * (margin == "lobulated") + 0.8 * (margin == "spiculated")
-                     + 0.9 * (solid >= 0.5) + 0.8 * pleural + 0.6 * (cavity > 0) + 0.5 * z_size * z_texture)
+                     + 0.9 * (solid >= 0.5) + 1.0 * pleural + 0.6 * (cavity > 0) + 0.7 * z_size * z_texture)
     else:
         raise ValueError(f"effects must be one of {EFFECTS}, got {effects!r}")
     return {**out, "eta_image": eta_image, "eta": eta_clinical + eta_image}
