@@ -156,7 +156,8 @@ def main() -> None:
           f"fine-tuning {args.finetune_epochs} epochs, CT mask ratios {args.ratios}; {minutes:.1f} min on "
           f"{args.threads} shared CPU threads). Same cohort, split and model size as `cmml_synthetic.md` "
           f"({len(test['ct'])} test patients). Pretraining always uses both modalities; \"CT only\" / "
-          "\"clinical only\" fine-tune and test with the other modality marked absent. Test C-index with "
+          "\"clinical only\" fine-tune and test with the other modality marked absent (completed from the "
+          "present one unless the row says zero). Test C-index with "
           f"bootstrap 95 % intervals ({args.n_boot} resamples).", "",
           "| pretraining | modalities | CT mask ratio | labelled training patients | fine-tuning fusion | "
           "missing modality | PFS C-index [95 % CI] | OS C-index [95 % CI] | best val C-index |",
