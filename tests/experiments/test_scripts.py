@@ -24,14 +24,18 @@ def test_cmml_synthetic_and_ablation(tmp_path):
     _run("cmml_synthetic.py", *common, "--repeat-seeds", "1", "--out", str(tmp_path / "synth"))
     md = (tmp_path / "synth" / "cmml_synthetic.md").read_text()
     for section in ("## 1. Masked pretraining", "## 2. Fine-tuned test C-index", "| 1 |", "CT withheld",
-                    "## 3. Breslow"):
+                    "## 3. Breslow", "whole CT masked", "whole record masked"):
         assert section in md
     assert (tmp_path / "synth" / "cmml_synthetic.png").stat().st_size > 0
     _run("cmml_ablation.py", *common, "--ratios", "0.75,0.9", "--label-fractions", "0.5", "--n-boot", "20",
          "--out", str(tmp_path / "ablation"))
     md = (tmp_path / "ablation" / "cmml_ablation.md").read_text()
-    assert md.count("\n| on |") == 5 and md.count("\n| off |") == 4  # 2 ratios + CT/clinical only + label-scarce
+    # on: 2 ratios + CT/clinical only + label-scarce + fresh fusion at both label counts + zero-filling
+    assert md.count("\n| on |") == 8 and md.count("\n| off |") == 4
     assert "pretraining on - off, 50% of the labels" in md and "CT mask ratio 0.75 - 0.9" in md
+    assert "fusion from the pretrained layers - fresh fusion, 50% of the labels" in md
+    assert "## A modality withheld at test time" in md and "CT withheld: completion - zero-filling" in md
+    assert (tmp_path / "ablation" / "cmml_ablation_withholding.csv").read_text().count("\n") == 1 + 3 * 5
 
 
 @pytest.mark.slow
