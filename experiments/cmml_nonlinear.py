@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/cmml_nonlinear", help="where the two cohorts are written (reused)")
     ap.add_argument("--n", type=int, default=1200, help="patients per cohort")
     ap.add_argument("--seed", type=int, default=0, help="generator and split seed")
+    ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
+                    help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CMML training seeds ('' = baselines only)")
     ap.add_argument("--networks-on", choices=("morphology", "both"), default="morphology",
                     help="train CMML on the morphology cohort only, or on both")
@@ -118,7 +120,7 @@ def main() -> None:
     rows, md_cohorts, md_nets = [], [], []
     for effects in ("linear", "morphology"):
         work = Path(args.workdir) / effects
-        cohort = build_cohort(work, args.n, args.seed, spacing=SPACING, crop=CROP, log=log, preset="fine",
+        cohort = build_cohort(work, args.n, args.seed, spacing=SPACING, crop=CROP, log=log, preset=args.preset,
                               effects=effects)
         test = cohort.splits["test"]
         risks = baselines(cohort, work)
@@ -146,6 +148,13 @@ def main() -> None:
     log("done")
 
 
+def preset_text(name: str) -> str:
+    from lungcore.data.synth import PRESETS
+
+    p = PRESETS[name]
+    return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
+
+
 def write(out: Path, args, rows: list[dict], md_cohorts: list[str], seeds: list[int], minutes: float) -> None:
     with open(out / "cmml_nonlinear.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -157,7 +166,7 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], seeds: list[
 
     md = ["# CMML vs radiomics + Cox when the image effects are non-linear", "",
           f"`{command_line('cmml_nonlinear.py')}` ({minutes:.0f} min on {args.threads} shared CPU thread(s), "
-          f"torch {torch.__version__}). Preset `fine` (48 x 128 x 128 voxels at 2 x 1 x 1 mm), crops "
+          f"torch {torch.__version__}). Preset `{args.preset}` ({preset_text(args.preset)}), crops "
           f"{CROP[0]} x {CROP[1]} x {CROP[2]} at {SPACING[0]:g} x {SPACING[1]:g} x {SPACING[2]:g} mm; CMML width "
           f"{args.width}, depth {args.depth}, patches {tuple(args.patch)}, pretraining {args.pretrain_epochs} and "
           f"fine-tuning {args.finetune_epochs} epochs. Split 50/10/40 % by patient; the linear models are fitted "

@@ -66,7 +66,7 @@ def logistic(x_fit: pd.DataFrame, y_fit: np.ndarray, x_test: pd.DataFrame) -> np
 
 def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
     work = Path(args.workdir) / effects
-    info = synth_cohort("nodules", work, n=args.n, preset="fine", seed=args.seed, dicom_every=0, reuse=True,
+    info = synth_cohort("nodules", work, n=args.n, preset=args.preset, seed=args.seed, dicom_every=0, reuse=True,
                         effects=effects)
     log(f"{effects}: {info['n']} nodules of {info['patients']} patients, {info['positives']} malignant, "
         f"oracle AUC {info['oracle']['auc']:.4f}")
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/csfnet_nonlinear", help="where the two cohorts are written (reused)")
     ap.add_argument("--n", type=int, default=1600, help="nodules per cohort")
     ap.add_argument("--seed", type=int, default=0, help="generator and split seed")
+    ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
+                    help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CSF-Net training seeds ('' = baselines only)")
     ap.add_argument("--networks-on", choices=("morphology", "both"), default="morphology")
     ap.add_argument("--epochs", type=int, default=8)
@@ -143,6 +145,13 @@ def main() -> None:
     log("done")
 
 
+def preset_text(name: str) -> str:
+    from lungcore.data.synth import PRESETS
+
+    p = PRESETS[name]
+    return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
+
+
 def write(out: Path, args, rows: list[dict], cohorts: list[str], minutes: float) -> None:
     from cmml_common import command_line
     from csfnet_synthetic import REDUCED
@@ -158,7 +167,7 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], minutes: float)
 
     md = ["# CSF-Net vs radiomics + logistic regression when malignancy shows in morphology and its change", "",
           f"`{command_line('csfnet_nonlinear.py')}` ({minutes:.0f} min on {args.threads} shared CPU thread(s), "
-          f"torch {torch.__version__}). Preset `fine` (48 x 128 x 128 voxels at 2 x 1 x 1 mm), T0 and T1 crops "
+          f"torch {torch.__version__}). Preset `{args.preset}` ({preset_text(args.preset)}), T0 and T1 crops "
           f"{CROP[0]} x {CROP[1]} x {CROP[2]} at {SPACING[0]:g} x {SPACING[1]:g} x {SPACING[2]:g} mm. CSF-Net: the "
           f"published layer layout at reduced widths ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), "
           f"{args.epochs} epochs, epoch selected on validation AUC. Split 55/15/30 % by patient; the logistic "

@@ -45,3 +45,19 @@ def test_csfnet_synthetic(tmp_path):
     md = (tmp_path / "csfnet_synthetic.md").read_text()
     assert "image oracle" in md or "oracle" in md
     assert (tmp_path / "csfnet_synthetic_roc.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8"]),
+    ("csfnet_nonlinear.py", ["--epochs", "1"]),
+])
+def test_nonlinear_scripts(script, extra, tmp_path):
+    _run(script, "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--train-seeds", "0",
+         "--n-boot", "20", "--out", str(tmp_path), *extra)
+    stem = script.removesuffix(".py")
+    md = (tmp_path / f"{stem}.md").read_text()
+    for cohort in ("linear", "morphology"):
+        assert f"| {cohort} |" in md and f"**{cohort}**: oracle - handcrafted" in md
+    assert "seed 0" in md and "handcrafted" in md
+    assert (tmp_path / f"{stem}.csv").read_text().count("\n") > 6
