@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finetune, model_config,  # noqa: E402
                          paired_difference, predict, pretrain)
-from handcrafted import cox_fit_predict, truth_features  # noqa: E402
+from handcrafted import cox_fit_predict, learned_terms, truth_features  # noqa: E402
 
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
 from lungcore.models import create  # noqa: E402
@@ -63,6 +64,26 @@ def baselines(cohort, workdir: Path) -> dict[str, dict[str, np.ndarray]]:
                                            fit[f"{e}_event"].numpy()[m], x_test)
     out["oracle"] = {e: cohort.eta["test"] for e in ENDPOINTS}
     return out
+
+
+def planted_terms(workdir: Path, ids, effects: str) -> pd.DataFrame:
+    """The generator's formula terms for these patients, from ``truth.csv`` (sizes and textures
+    standardised over the test patients; ``clinical`` = the clinical part of the log-hazard)."""
+    t = pd.read_csv(workdir / "truth.csv", dtype={"patient_id": str}).set_index("patient_id").loc[list(ids)]
+
+    def z(v):
+        return (v - v.mean()) / v.std()
+
+    size, texture = z(np.log(t["diameter_mm"])), z(t["texture"])
+    terms = {"size": size}
+    if effects == "linear":
+        terms["texture"] = texture
+    else:
+        terms.update({"lobulated": t["margin"] == "lobulated", "spiculated": t["margin"] == "spiculated",
+                      "solid >= 0.5": t["solid_fraction"] >= 0.5, "pleural": t["pleural"] == 1,
+                      "cavity": t["cavity"] > 0, "size x texture": size * texture})
+    terms["clinical"] = t["eta"] - t["eta_image"]
+    return pd.DataFrame(terms).astype(float).reset_index(drop=True)
 
 
 def cindex_ci(risk: np.ndarray, data, e: str, n_boot: int) -> tuple[float, float, float]:
@@ -117,7 +138,7 @@ def main() -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
     seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
-    rows, md_cohorts, md_nets = [], [], []
+    rows, md_cohorts, learned = [], [], []
     for effects in ("linear", "morphology"):
         work = Path(args.workdir) / effects
         cohort = build_cohort(work, args.n, args.seed, spacing=SPACING, crop=CROP, log=log, preset=args.preset,
@@ -129,6 +150,13 @@ def main() -> None:
                 log(f"{effects}: CMML, training seed {s}")
                 risks[f"CMML seed {s}"] = train_network(cohort, args, s, log)
         hand = risks["clinical + handcrafted Cox"]
+        terms = planted_terms(work, cohort.ids["test"], effects)
+        for name, r in risks.items():
+            learned.append({"effects": effects, "model": name, **{
+                e: learned_terms(r[e], terms) for e in ENDPOINTS}})
+        pd.DataFrame({"patient_id": cohort.ids["test"], **{f"{name} {e}": r[e] for name, r in risks.items()
+                                                           for e in ENDPOINTS}}).to_csv(work / "test_risks.csv",
+                                                                                          index=False)
         for name, r in risks.items():
             for e in ENDPOINTS:
                 ci = cindex_ci(r[e], test, e, args.n_boot)
@@ -144,7 +172,7 @@ def main() -> None:
         n_te = len(test["ct"])
         events = {e: int(test[f"{e}_event"][test[f"{e}_mask"].bool()].sum()) for e in ENDPOINTS}
         md_cohorts.append(f"| {effects} | {args.n} | {n_te} | {events['pfs']} | {events['os']} |")
-    write(out, args, rows, md_cohorts, seeds, (time.time() - t0) / 60)
+    write(out, args, rows, md_cohorts, learned, (time.time() - t0) / 60)
     log("done")
 
 
@@ -155,7 +183,7 @@ def preset_text(name: str) -> str:
     return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
 
 
-def write(out: Path, args, rows: list[dict], md_cohorts: list[str], seeds: list[int], minutes: float) -> None:
+def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: list[dict], minutes: float) -> None:
     with open(out / "cmml_nonlinear.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -184,7 +212,20 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], seeds: list[
         cells += [fmt_ci((x["minus_handcrafted"], x["mh_low"], x["mh_high"]), True) for x in (p, o)]
         cells += [fmt_ci((x["oracle_minus"], x["om_low"], x["om_high"]), True) for x in (p, o)]
         md.append(f"| {r['effects']} | {r['model']} | " + " | ".join(cells) + " |")
-    md += ["", "## Reading", ""]
+    md += ["", "## What each model's risk responds to", "",
+           "Least-squares coefficients of each model's standardised test risk on the generator's terms "
+           "(`handcrafted.learned_terms`; OS; size and texture standardised, the others 0/1, `clinical` the "
+           "clinical part of the true log-hazard). The oracle's row is the formula up to scale; a term a model "
+           "misses is near 0 in its row.", ""]
+    for effects in ("linear", "morphology"):
+        sub = [r for r in learned if r["effects"] == effects]
+        if not sub:
+            continue
+        names = list(sub[0]["os"])
+        md += [f"| {effects} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        md += [f"| {r['model']} | " + " | ".join(f"{r['os'][k]:+.2f}" for k in names) + " |" for r in sub]
+        md.append("")
+    md += ["## Reading", ""]
     for effects in ("linear", "morphology"):
         gaps = [row(effects, "clinical + handcrafted Cox", e)["oracle_minus"] for e in ENDPOINTS]
         md.append(f"- **{effects}**: oracle - handcrafted = PFS {gaps[0]:+.3f}, OS {gaps[1]:+.3f} "

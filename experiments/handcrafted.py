@@ -49,3 +49,17 @@ def cox_fit_predict(train_x: pd.DataFrame, time: np.ndarray, event: np.ndarray, 
     df = tr.assign(T=np.asarray(time, dtype=float), E=np.asarray(event, dtype=float))
     cph = CoxPHFitter(penalizer=penalizer).fit(df, "T", "E")
     return cph.predict_log_partial_hazard(te).to_numpy()
+
+
+def learned_terms(risk: np.ndarray, terms: pd.DataFrame) -> dict[str, float]:
+    """What a model's risk responds to: least-squares coefficients of the standardised risk on the
+    planted terms (``terms``: one column per term of the generator's formula, as drawn), so that a
+    model that ignores a term gets about 0 there and the oracle gets the formula's weights (up to
+    the common scale). Rows with a missing risk or term are left out."""
+    x = terms.to_numpy(dtype=float)
+    y = np.asarray(risk, dtype=float)
+    ok = np.isfinite(y) & np.isfinite(x).all(axis=1)
+    y = (y[ok] - y[ok].mean()) / (y[ok].std() or 1.0)
+    design = np.c_[np.ones(ok.sum()), x[ok]]
+    coef = np.linalg.lstsq(design, y, rcond=None)[0][1:]
+    return dict(zip(terms.columns, map(float, coef)))
