@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csfnet_synthetic import load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
-from handcrafted import standardise, truth_features, with_changes  # noqa: E402
+from handcrafted import learned_terms, standardise, truth_features, with_changes  # noqa: E402
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
@@ -62,6 +62,23 @@ def logistic(x_fit: pd.DataFrame, y_fit: np.ndarray, x_test: pd.DataFrame) -> np
     tr, te = standardise(x_fit, x_test)
     keep = tr.std() > 0
     return logistic_fit_predict(tr.loc[:, keep].to_numpy(), y_fit, te.loc[:, keep].to_numpy())
+
+
+def planted_terms(truth: pd.DataFrame, ids, effects: str) -> pd.DataFrame:
+    """The generator's formula terms for these nodules (``truth.csv``; size and growth standardised over
+    them; ``clinical`` = the clinical part of the true logit)."""
+    t = truth.loc[list(ids)]
+
+    def z(v):
+        return (v - v.mean()) / v.std()
+
+    terms = {"size": z(t["diameter_t0_mm"]), "growth": z(t["log_growth"])}
+    if effects == "morphology":
+        terms.update({"solid grew >= 0.15": t["solid_t1"] - t["solid_t0"] >= 0.15,
+                      "spiculated at T1": t["margin_t1"] == "spiculated", "pleural": t["pleural"] == 1,
+                      "part-solid x growth": t["solid_t0"].between(0.2, 0.8) * z(t["log_growth"])})
+    terms["clinical"] = t["logit"] - t["logit_image"]
+    return pd.DataFrame(terms).astype(float).reset_index(drop=True)
 
 
 def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
@@ -94,7 +111,11 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
             log(f"{effects}: CSF-Net seed {s}: best epoch {epoch}, validation AUC {val_auc:.4f}")
             probs[f"CSF-Net seed {s}"] = predict(net, data, test)
     groups = np.asarray([manifest.patient_ids[i] for i in test])
-    return probs, {"y": y[test], "groups": groups, "info": info, "n_test": len(test)}
+    ids = [manifest.ids[i] for i in test]
+    pd.DataFrame({"nodule_id": ids, "label": y[test], **probs}).to_csv(work / "test_probabilities.csv", index=False)
+    terms = planted_terms(truth, ids, effects)
+    learned = [{"effects": effects, "model": name, "terms": learned_terms(p, terms)} for name, p in probs.items()]
+    return probs, {"y": y[test], "groups": groups, "info": info, "n_test": len(test), "learned": learned}
 
 
 def main() -> None:
@@ -120,10 +141,11 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
-    rows, cohorts = [], []
+    rows, cohorts, learned = [], [], []
     for effects in ("linear", "morphology"):
         probs, meta = run_cohort(effects, args, log)
         y, groups = meta["y"], meta["groups"]
+        learned += meta["learned"]
         hand = probs["clinical + handcrafted logistic"]
 
         def diff(a, b):
@@ -141,7 +163,7 @@ def main() -> None:
         info = meta["info"]
         cohorts.append(f"| {effects} | {info['n']} | {info['patients']} | {info['positives']} | {meta['n_test']} | "
                        f"{int(y.sum())} |")
-    write(out, args, rows, cohorts, (time.time() - t0) / 60)
+    write(out, args, rows, cohorts, learned, (time.time() - t0) / 60)
     log("done")
 
 
@@ -152,7 +174,7 @@ def preset_text(name: str) -> str:
     return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
 
 
-def write(out: Path, args, rows: list[dict], cohorts: list[str], minutes: float) -> None:
+def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[dict], minutes: float) -> None:
     from cmml_common import command_line
     from csfnet_synthetic import REDUCED
 
@@ -180,7 +202,18 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], minutes: float)
         md.append(f"| {r['effects']} | {r['model']} | {ci(r, 'auc', 'low', 'high')} | "
                   f"{ci(r, 'minus_handcrafted', 'mh_low', 'mh_high', True)} | "
                   f"{ci(r, 'oracle_minus', 'om_low', 'om_high', True)} |")
-    md += ["", "## Reading", ""]
+    md += ["", "## What each model's output responds to", "",
+           "Least-squares coefficients of each model's standardised output (probability; the oracle's logit) "
+           "on the generator's terms (`handcrafted.learned_terms`; size and growth standardised, the others 0/1, "
+           "`clinical` the clinical part of the true logit). The oracle's row is the formula up to scale; a term "
+           "a model misses is near 0 in its row.", ""]
+    for effects in ("linear", "morphology"):
+        sub = [r for r in learned if r["effects"] == effects]
+        names = list(sub[0]["terms"])
+        md += [f"| {effects} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        md += [f"| {r['model']} | " + " | ".join(f"{r['terms'][k]:+.2f}" for k in names) + " |" for r in sub]
+        md.append("")
+    md += ["## Reading", ""]
     for effects in ("linear", "morphology"):
         g = next(r for r in rows if r["effects"] == effects and r["model"] == "clinical + handcrafted logistic")
         md.append(f"- **{effects}**: oracle - handcrafted = {g['oracle_minus']:+.3f} "
