@@ -39,7 +39,16 @@ embedding; a missing value contributes nothing, a masked one is a learned mask t
 missing and masked variables out of the keys. The attention here is plain PyTorch: the graph
 needs per-head, per-query adjacency and a differentiable gate, which the boolean key mask of
 ``lungcore.nn.MaskedCrossAttention`` does not carry (and a few dozen tokens are no kernel target).
-``experiments/cmml_graph.py`` compares the two (results in ``experiments/results/cmml_graph.md``).
+
+Which is the default: ``experiments/cmml_graph.py`` compares the two clinical-only (no CT) in the
+full CMML pipeline (``experiments/results/cmml_graph.md``): on the synthetic cohort (3 seeds, 560
+test patients; seed-mean risks, t2g - dense: PFS +0.001 [-0.006, 0.008], OS +0.002 [-0.005, 0.009]),
+NCCTG lung (228 patients, 3 x 5-fold: -0.003 [-0.023, 0.015]) and GBSG2 (686 patients:
++0.004 [-0.008, 0.017]) they are indistinguishable, so the default is T2G-Former's graph, the
+model CMML's paper states. Trained with lungcore's single learning rate the gated topology stays
+close to its random initialisation (NCCTG lung, one fold: 8 and 4 of the 196 possible edges, 4 heads x 49, of
+the two layers changed over pretraining and fine-tuning); the authors' larger column learning rate would let it
+move, which needs a per-group learning rate in the trainer.
 
 Example:
     >>> import torch
