@@ -183,17 +183,20 @@ def cindex(risk, time_, event, mask=None) -> float:
 
 
 def predict(model, data, batch_size: int = 256) -> dict[str, np.ndarray]:
-    out = {e: [] for e in ENDPOINTS}
+    """Eval-mode risks of a split, per endpoint the model predicts."""
+    out = {e: [] for e in model.endpoints}
     for b in batches(data, batch_size, torch.Generator(), shuffle=False):
         r = model.predict(b)
-        for e in ENDPOINTS:
+        for e in model.endpoints:
             out[e].append(r[e])
     return {e: torch.cat(v).numpy() for e, v in out.items()}
 
 
 def mean_cindex(model, data) -> float:
+    """Mean over the model's endpoints of the split's C-index (a missing ``{e}_mask`` = every patient)."""
     r = predict(model, data)
-    return float(np.mean([cindex(r[e], data[f"{e}_time"], data[f"{e}_event"], data[f"{e}_mask"]) for e in ENDPOINTS]))
+    return float(np.mean([cindex(r[e], data[f"{e}_time"], data[f"{e}_event"], data.get(f"{e}_mask"))
+                          for e in model.endpoints]))
 
 
 def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, encoder_lr_scale: float = 1.0,
@@ -243,11 +246,11 @@ def test_cindex(model, data, eta, n_boot: int = 1000) -> dict[str, dict[str, flo
 
 
 def paired_difference(risk_a: dict[str, np.ndarray], risk_b: dict[str, np.ndarray], data,
-                      n_boot: int = 1000) -> dict[str, tuple[float, float, float]]:
+                      n_boot: int = 1000, endpoints=ENDPOINTS) -> dict[str, tuple[float, float, float]]:
     """Per endpoint: C-index of ``risk_a`` minus that of ``risk_b`` on the same patients, with a
     paired percentile bootstrap 95 % interval."""
     out = {}
-    for e in ENDPOINTS:
+    for e in endpoints:
         m = data[f"{e}_mask"].numpy().astype(bool)
         t, ev = data[f"{e}_time"].numpy()[m], data[f"{e}_event"].numpy()[m]
         out[e] = bootstrap_ci(lambda a, b, tt, ee: float(concordance_index(a, tt, ee) - concordance_index(b, tt, ee)),

@@ -11,12 +11,10 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
   its transpose for depth); when masking, the visible tokens are scattered into
   (B, groups, longest group, C) and ``key_mask``/``query_mask`` mark the real ones, so only
   visible patches are encoded.
-* Clinical table: a **graph Transformer** (T2G-Former style). Per-variable tokenizer (numeric
-  ``w_i x_i + b_i``, categorical embedding), a variable identity embedding, missing variables
-  removed from the keys (their token is the variable identity alone, never an imputed value), a
-  learned relation graph between variables added to the attention logits per layer and head
-  (``(r_head r_tail^T) / sqrt(R)``), and a readout token in front. Plain PyTorch attention: a
-  few dozen tokens.
+* Clinical table: a **graph Transformer** (``lungcore.models.clinical_graph``). Per-variable
+  tokenizer, missing variables removed from the keys (never imputed), a readout node in front;
+  ``clinical_graph="t2g"`` (default) is T2G-Former's gated sparse feature-relation graph with a
+  cross-level readout, ``"dense"`` the earlier soft relation bias.
 * Pretraining (``loss(batch, "pretrain")``): CT masked at ``mask_ratio_ct``; the visible tokens
   are encoded, every masked position gets a learned mask token plus its position embedding, and
   all tokens cross-attend to the *intact* clinical tokens (``ct_from_clinical``: the completion);
@@ -85,6 +83,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lungcore.models.clinical_graph import GRAPHS, ClinicalGraphTransformer, graph_blocks
+from lungcore.models.clinical_graph import Mlp as _Mlp
 from lungcore.models.registry import register_model
 from lungcore.models.survival import BreslowBaseline
 from lungcore.nn import CoxPHLoss, MaskedCrossAttention, PatchEmbed3d
@@ -126,6 +126,7 @@ class CMMLConfig:
     clinical_depth: int = 3
     clinical_heads: int = 8
     clinical_decoder_depth: int = 1
+    clinical_graph: str = "t2g"
     relation_dim: int = 16
     fusion_heads: int = 8
     dropout: float = 0.0
@@ -156,6 +157,8 @@ class CMMLConfig:
             raise ValueError("mask ratios must be in [0, 1)")
         if any(c == 1 or c < 0 for c in self.clinical_cardinalities):
             raise ValueError(f"clinical_cardinalities: 0 (numeric) or >= 2 codes each, got {self.clinical_cardinalities}")
+        if self.clinical_graph not in GRAPHS:
+            raise ValueError(f"clinical_graph must be one of {GRAPHS}, got {self.clinical_graph!r}")
         if self.ties not in ("efron", "breslow"):
             raise ValueError(f"ties must be 'efron' or 'breslow', got {self.ties!r}")
         if not 0.0 <= self.full_mask_prob <= 1.0:
@@ -186,13 +189,6 @@ def _group_layout(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor, int]:
     slot = group * longest + rank
     mask = torch.arange(longest, device=group.device)[None, None, :] < counts[:, :, None]
     return slot, mask, longest
-
-
-class _Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float, dropout: float) -> None:
-        hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
-                         nn.Dropout(dropout))
 
 
 class SliceDepthBlock(nn.Module):
@@ -257,112 +253,6 @@ class SliceDepthTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# clinical branch
-class ClinicalTokenizer(nn.Module):
-    """One token per variable: numeric ``w_i x_i + b_i``, categorical embedding; + identity.
-
-    A missing variable (``present`` False) keeps only its identity embedding and a variable
-    masked for pretraining gets a learned mask token; attention keeps both out of the keys.
-    """
-
-    def __init__(self, cardinalities: tuple[int, ...], dim: int) -> None:
-        super().__init__()
-        self.cardinalities = cardinalities
-        v = len(cardinalities)
-        self.register_buffer("is_cat", torch.tensor([c > 0 for c in cardinalities], dtype=torch.bool), persistent=False)
-        offsets = [0]
-        for c in cardinalities:
-            offsets.append(offsets[-1] + c)
-        self.register_buffer("offset", torch.tensor(offsets[:-1], dtype=torch.long), persistent=False)
-        self.num_weight = nn.Parameter(torch.randn(v, dim) * 0.02)
-        self.num_bias = nn.Parameter(torch.zeros(v, dim))
-        self.cat_embed = nn.Embedding(max(offsets[-1], 1), dim)
-        nn.init.normal_(self.cat_embed.weight, std=0.02)
-        self.var_embed = nn.Parameter(torch.randn(v, dim) * 0.02)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor, present: Tensor, masked: Optional[Tensor] = None) -> Tensor:
-        is_cat = self.is_cat
-        numeric = x[..., None] * self.num_weight + self.num_bias
-        codes = torch.where(is_cat & present, x, torch.zeros_like(x)).round().long().clamp(min=0)
-        # numeric variables look up row 0 (their lookup is discarded below): a numeric variable after
-        # the last categorical one has an offset equal to the table size
-        codes = torch.where(is_cat, codes + self.offset, torch.zeros_like(codes))
-        cat = self.cat_embed(codes)
-        tok = torch.where(is_cat[:, None], cat, numeric)
-        tok = tok * present[..., None].to(tok.dtype)  # a missing value contributes nothing
-        if masked is not None:
-            tok = torch.where(masked[..., None], self.mask_token.to(tok.dtype), tok)
-        return tok + self.var_embed
-
-
-class GraphAttention(nn.Module):
-    """Multi-head self-attention with a learned relation graph as an additive bias."""
-
-    def __init__(self, dim: int, heads: int, tokens: int, relation_dim: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"clinical_dim ({dim}) must be divisible by clinical_heads ({heads})")
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.rel_head = nn.Parameter(torch.randn(heads, tokens, relation_dim) * 0.1)
-        self.rel_tail = nn.Parameter(torch.randn(heads, tokens, relation_dim) * 0.1)
-        self.dropout = dropout
-
-    def relation_bias(self) -> Tensor:
-        """(H, T, T) learned graph: attention bias between every pair of variables."""
-        return self.rel_head @ self.rel_tail.transpose(1, 2) / math.sqrt(self.rel_head.shape[-1])
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        blocked = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
-        bias = self.relation_bias().to(q.dtype)[None] + blocked[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, t, c))
-
-
-class GraphBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, tokens: int, relation_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = GraphAttention(dim, heads, tokens, relation_dim, dropout)
-        self.mlp = _Mlp(dim, 2.0, dropout)
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
-
-
-class ClinicalGraphTransformer(nn.Module):
-    """Clinical encoder: tokenizer, readout token in front, graph blocks, LayerNorm.
-
-    Returns tokens (B, 1 + V, C) and their key mask (B, 1 + V) (readout always True).
-    """
-
-    def __init__(self, cfg: CMMLConfig) -> None:
-        super().__init__()
-        v = len(cfg.clinical_cardinalities)
-        self.tokenizer = ClinicalTokenizer(cfg.clinical_cardinalities, cfg.clinical_dim)
-        self.readout = nn.Parameter(torch.randn(cfg.clinical_dim) * 0.02)
-        self.blocks = nn.ModuleList(GraphBlock(cfg.clinical_dim, cfg.clinical_heads, v + 1, cfg.relation_dim,
-                                               cfg.dropout) for _ in range(cfg.clinical_depth))
-        self.norm = nn.LayerNorm(cfg.clinical_dim)
-
-    def forward(self, clinical: Tensor, present: Tensor, masked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer(clinical, present, masked)
-        b = tok.shape[0]
-        x = torch.cat([self.readout.to(tok.dtype).expand(b, 1, -1), tok], dim=1)
-        visible = present if masked is None else present & ~masked
-        key_mask = torch.cat([visible.new_ones(b, 1), visible], dim=1)
-        for blk in self.blocks:
-            x = blk(x, key_mask)
-        return self.norm(x), key_mask
-
-
-# --------------------------------------------------------------------------------------------
 # the network
 @register_model("cmml")
 class CMML(nn.Module):
@@ -385,7 +275,9 @@ class CMML(nn.Module):
         e, c = cfg.embed_dim, cfg.clinical_dim
         self.num_clinical = len(cfg.clinical_cardinalities)
         self.ct_encoder = SliceDepthTransformer(cfg)
-        self.clinical_encoder = ClinicalGraphTransformer(cfg)
+        self.clinical_encoder = ClinicalGraphTransformer(cfg.clinical_cardinalities, c, cfg.clinical_depth,
+                                                         cfg.clinical_heads, cfg.clinical_graph, cfg.relation_dim,
+                                                         cfg.dropout)
         # cross-modal completion, trained by masked pretraining and (fusion_init="pretrained") the
         # fine-tuning fusion: masked CT (visible tokens + mask tokens at the masked positions) <- intact
         # clinical; a decoder reconstructs the masked patches
@@ -403,9 +295,8 @@ class CMML(nn.Module):
         self.clinical_from_ct = MaskedCrossAttention(c, cfg.fusion_heads if c % cfg.fusion_heads == 0 else 1,
                                                      context_dim=e)
         self.clinical_from_ct_norm = nn.LayerNorm(c)
-        self.clinical_decoder = nn.ModuleList(
-            GraphBlock(c, cfg.clinical_heads, self.num_clinical + 1, cfg.relation_dim, 0.0)
-            for _ in range(cfg.clinical_decoder_depth))
+        self.clinical_decoder = graph_blocks(cfg.clinical_graph, c, cfg.clinical_heads, self.num_clinical,
+                                             cfg.clinical_decoder_depth, cfg.relation_dim, 0.0)
         self.clinical_decoder_norm = nn.LayerNorm(c)
         cards = cfg.clinical_cardinalities
         self.numeric_head = nn.Parameter(torch.randn(self.num_clinical, c) * 0.02)
