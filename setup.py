@@ -65,6 +65,7 @@ setup(
         "lungcore.nn",
         "lungcore.models",
         "lungcore.data",
+        "lungcore.data.synth",
         "lungcore.train",
         "lungcore.triton_kernels",
         "lungcore._cuda",

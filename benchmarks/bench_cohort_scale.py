@@ -71,14 +71,14 @@ def _plan(n: int, quick: bool) -> list[dict[str, Any]]:
 
 def _write_one(root: str, plan: dict[str, Any]) -> dict[str, Any]:
     from lungcore.data.io import write_dicom_series, write_nifti
-    from lungcore.data.synth import _affine, _lesion_site, chest_phantom
+    from lungcore.data.synth.phantom import chest_phantom, lesion_site, scan_affine
 
     i, shape, sp = plan["i"], tuple(plan["shape"]), np.asarray(plan["spacing"])
     rng = np.random.default_rng([SEED, i, 1])
     radius = float(rng.uniform(8.0, 20.0))
-    site = _lesion_site(shape, sp, radius, rng)
+    site = lesion_site(shape, sp, radius, rng)
     vol = chest_phantom(shape, sp, rng, lesions=[(site, radius, float(rng.uniform()))], anatomy_seed=SEED * 1000 + i)
-    affine = _affine(shape, sp, rng, flip_z=i % 3 == 2)
+    affine = scan_affine(shape, sp, rng, flip_z=i % 3 == 2)
     if i % 3 == 2:
         vol = vol[::-1].copy()
     idx = site / sp + (np.asarray(shape) - 1) / 2

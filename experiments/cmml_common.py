@@ -32,15 +32,18 @@ class Cohort:
     eta: dict[str, np.ndarray]  # the generator's true log-hazard per split
     cardinalities: list[int]
     info: dict[str, Any] = field(default_factory=dict)
+    ids: dict[str, np.ndarray] = field(default_factory=dict)  # patient ids per split, in the tensors' order
 
 
 def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
-                 spacing=(4.0, 3.0, 3.0), crop=(8, 16, 16), log=print) -> Cohort:
+                 spacing=(4.0, 3.0, 3.0), crop=(8, 16, 16), log=print, preset: str = "tiny",
+                 effects: str = "linear") -> Cohort:
     """Write (once) a synthetic survival cohort, preprocess it, hold every split as tensors."""
     workdir = Path(workdir)
     manifest_path = workdir / "manifest.csv"
     t0 = time.time()
-    if not synth_cohort("survival", workdir, n=n, preset="tiny", seed=seed, dicom_every=0, reuse=True)["reused"]:
+    if not synth_cohort("survival", workdir, n=n, preset=preset, seed=seed, dicom_every=0, reuse=True,
+                        effects=effects)["reused"]:
         log(f"synthetic cohort of {n} patients written in {time.time() - t0:.0f} s")
     manifest = read_manifest(manifest_path)
     parts = split_by_patient(manifest, fractions, seed=seed)
@@ -56,13 +59,15 @@ def build_cohort(workdir: Path, n: int, seed: int, fractions=(0.5, 0.1, 0.4),
             rows[k].extend(batch[k]) if k == "id" else rows[k].append(batch[k])
     full = {k: torch.cat(v) for k, v in rows.items() if k != "id"}
     ids = np.asarray(rows["id"])
-    splits, eta = {}, {}
+    splits, eta, split_ids = {}, {}, {}
     for name, idx in parts.items():
         idx_t = torch.as_tensor(sorted(idx))
         splits[name] = {k: v[idx_t] for k, v in full.items()}
-        eta[name] = np.asarray([truth[str(ids[i])] for i in sorted(idx)])
+        split_ids[name] = np.asarray([str(ids[i]) for i in sorted(idx)])
+        eta[name] = np.asarray([truth[i] for i in split_ids[name]])
     log(f"cohort ready in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
-    return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop})
+    return Cohort(splits, eta, schema.cardinalities(), {"n": n, "seed": seed, "spacing": spacing, "crop": crop,
+                                                         "preset": preset, "effects": effects}, split_ids)
 
 
 def add_arguments(ap, *, pretrain_epochs: int, finetune_epochs: int, out: Path) -> None:
@@ -178,17 +183,20 @@ def cindex(risk, time_, event, mask=None) -> float:
 
 
 def predict(model, data, batch_size: int = 256) -> dict[str, np.ndarray]:
-    out = {e: [] for e in ENDPOINTS}
+    """Eval-mode risks of a split, per endpoint the model predicts."""
+    out = {e: [] for e in model.endpoints}
     for b in batches(data, batch_size, torch.Generator(), shuffle=False):
         r = model.predict(b)
-        for e in ENDPOINTS:
+        for e in model.endpoints:
             out[e].append(r[e])
     return {e: torch.cat(v).numpy() for e, v in out.items()}
 
 
 def mean_cindex(model, data) -> float:
+    """Mean over the model's endpoints of the split's C-index (a missing ``{e}_mask`` = every patient)."""
     r = predict(model, data)
-    return float(np.mean([cindex(r[e], data[f"{e}_time"], data[f"{e}_event"], data[f"{e}_mask"]) for e in ENDPOINTS]))
+    return float(np.mean([cindex(r[e], data[f"{e}_time"], data[f"{e}_event"], data.get(f"{e}_mask"))
+                          for e in model.endpoints]))
 
 
 def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, encoder_lr_scale: float = 1.0,
@@ -238,11 +246,11 @@ def test_cindex(model, data, eta, n_boot: int = 1000) -> dict[str, dict[str, flo
 
 
 def paired_difference(risk_a: dict[str, np.ndarray], risk_b: dict[str, np.ndarray], data,
-                      n_boot: int = 1000) -> dict[str, tuple[float, float, float]]:
+                      n_boot: int = 1000, endpoints=ENDPOINTS) -> dict[str, tuple[float, float, float]]:
     """Per endpoint: C-index of ``risk_a`` minus that of ``risk_b`` on the same patients, with a
     paired percentile bootstrap 95 % interval."""
     out = {}
-    for e in ENDPOINTS:
+    for e in endpoints:
         m = data[f"{e}_mask"].numpy().astype(bool)
         t, ev = data[f"{e}_time"].numpy()[m], data[f"{e}_event"].numpy()[m]
         out[e] = bootstrap_ci(lambda a, b, tt, ee: float(concordance_index(a, tt, ee) - concordance_index(b, tt, ee)),

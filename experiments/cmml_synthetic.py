@@ -7,7 +7,9 @@ Not a CI test. It writes experiments/results/cmml_synthetic.{md,csv,json,png}:
    vs the per-patch-mean baseline (predict every voxel of a masked patch as that patch's own mean,
    i.e. 0 after normalisation, which even *knows* the mean) and vs the training-set mean patch
    at each position; clinical variables vs the per-variable mean (numeric, MSE) / training
-   frequencies (categorical, cross-entropy and accuracy of the mode).
+   frequencies (categorical, cross-entropy and accuracy of the mode). Also with a whole modality
+   masked (what completing an absent CT / record does): every CT patch from the record alone,
+   every variable from the CT alone.
 2. Fine-tuned test C-index (PFS, OS) vs the generator's oracle (the true log-hazard), both with
    percentile bootstrap 95 % intervals and the paired bootstrap interval of the gap.
 3. Breslow survival probabilities at 6/12/24 months vs Kaplan-Meier on the test split, and a
@@ -59,7 +61,9 @@ def reconstruction_eval(model, train, test, seed: int = 123) -> dict[str, float]
             freqs.append(None)
     sums = {k: 0.0 for k in ("ct_model", "ct_patch_mean", "ct_position_mean", "ct_n", "num_model", "num_mean",
                              "num_n", "num_model_no_ct", "cat_model_ce", "cat_model_ce_no_ct", "cat_freq_ce",
-                             "cat_model_acc", "cat_mode_acc", "cat_n")}
+                             "cat_model_acc", "cat_mode_acc", "cat_n", "ct_whole_model", "ct_whole_position_mean",
+                             "ct_whole_n", "num_whole_model", "num_whole_mean", "num_whole_n", "cat_whole_ce",
+                             "cat_whole_freq_ce", "cat_whole_acc", "cat_whole_mode_acc", "cat_whole_n")}
     for s in range(0, n, 128):
         b = {k: v[s:s + 128] for k, v in test.items()}
         bs = len(b["ct"])
@@ -76,6 +80,33 @@ def reconstruction_eval(model, train, test, seed: int = 123) -> dict[str, float]
         # the same masked clinical values once more with the CT withheld: what the intact CT adds
         no_ct = model.pretrain_losses(b["ct"], b["clinical"], b["clinical_mask"], torch.zeros_like(b["ct_mask"]),
                                       visible=vis, clinical_masked=cmask, return_predictions=True)
+        # a whole modality masked (what completion of an absent CT / record does): every CT patch from
+        # the record alone, every present variable from the CT alone
+        whole = model.pretrain_losses(b["ct"], b["clinical"], b["clinical_mask"], b["ct_mask"], visible=vis,
+                                      clinical_masked=b["clinical_mask"], ct_all_masked=torch.ones(bs, dtype=torch.bool),
+                                      return_predictions=True)
+        ww = whole["ct_masked"].float()
+        sums["ct_whole_model"] += float((((whole["ct_pred"] - whole["ct_target"]) ** 2).mean(-1) * ww).sum())
+        sums["ct_whole_position_mean"] += float((((pos_mean - whole["ct_target"]) ** 2).mean(-1) * ww).sum())
+        sums["ct_whole_n"] += float(ww.sum())
+        for i, k in enumerate(cards):
+            sel = b["clinical_mask"][:, i] & b["ct_mask"]  # completed from a CT
+            if not sel.any():
+                continue
+            x = b["clinical"][sel, i]
+            if k == 0:
+                sums["num_whole_model"] += float(((whole["numeric_pred"][sel, i] - x) ** 2).sum())
+                sums["num_whole_mean"] += float(((num_mean[i] - x) ** 2).sum())
+                sums["num_whole_n"] += int(sel.sum())
+            else:
+                y = x.round().long()
+                logits = whole["categorical_logits"][i][sel]
+                p = freqs[i] / freqs[i].sum()
+                sums["cat_whole_ce"] += float(F.cross_entropy(logits, y, reduction="sum"))
+                sums["cat_whole_freq_ce"] += float(-torch.log(p[y]).sum())
+                sums["cat_whole_acc"] += float((logits.argmax(-1) == y).sum())
+                sums["cat_whole_mode_acc"] += float((y == p.argmax()).sum())
+                sums["cat_whole_n"] += int(sel.sum())
         for i, k in enumerate(cards):
             sel = cmask[:, i]
             if not sel.any():
@@ -112,6 +143,14 @@ def reconstruction_eval(model, train, test, seed: int = 123) -> dict[str, float]
         "categorical_acc_model": sums["cat_model_acc"] / max(sums["cat_n"], 1),
         "categorical_acc_mode": sums["cat_mode_acc"] / max(sums["cat_n"], 1),
         "categorical_masked": sums["cat_n"],
+        "whole_ct_mse_model": sums["ct_whole_model"] / max(sums["ct_whole_n"], 1),
+        "whole_ct_mse_position_mean": sums["ct_whole_position_mean"] / max(sums["ct_whole_n"], 1),
+        "whole_numeric_mse_model": sums["num_whole_model"] / max(sums["num_whole_n"], 1),
+        "whole_numeric_mse_variable_mean": sums["num_whole_mean"] / max(sums["num_whole_n"], 1),
+        "whole_categorical_ce_model": sums["cat_whole_ce"] / max(sums["cat_whole_n"], 1),
+        "whole_categorical_ce_frequencies": sums["cat_whole_freq_ce"] / max(sums["cat_whole_n"], 1),
+        "whole_categorical_acc_model": sums["cat_whole_acc"] / max(sums["cat_whole_n"], 1),
+        "whole_categorical_acc_mode": sums["cat_whole_mode_acc"] / max(sums["cat_whole_n"], 1),
     }
     return res
 
@@ -272,6 +311,17 @@ def main() -> None:
         f"same model, CT withheld: {rec['categorical_ce_model_no_ct']:.4f} |",
         f"| categorical clinical variables, accuracy | {rec_before['categorical_acc_model']:.3f} | "
         f"**{rec['categorical_acc_model']:.3f}** | training mode: {rec['categorical_acc_mode']:.3f} | |",
+        f"| whole CT masked (completed from the record alone), MSE | {rec_before['whole_ct_mse_model']:.4f} | "
+        f"**{rec['whole_ct_mse_model']:.4f}** | training mean patch per position: "
+        f"{rec['whole_ct_mse_position_mean']:.4f} | |",
+        f"| whole record masked (completed from the CT alone), numeric MSE | "
+        f"{rec_before['whole_numeric_mse_model']:.4f} | **{rec['whole_numeric_mse_model']:.4f}** | per-variable "
+        f"mean: {rec['whole_numeric_mse_variable_mean']:.4f} | |",
+        f"| whole record masked, categorical cross-entropy / accuracy | "
+        f"{rec_before['whole_categorical_ce_model']:.4f} / {rec_before['whole_categorical_acc_model']:.3f} | "
+        f"**{rec['whole_categorical_ce_model']:.4f} / {rec['whole_categorical_acc_model']:.3f}** | training "
+        f"frequencies / mode: {rec['whole_categorical_ce_frequencies']:.4f} / "
+        f"{rec['whole_categorical_acc_mode']:.3f} | |",
         "",
         f"({int(rec['ct_masked_patches'])} masked CT patches, {int(rec['numeric_masked'])} masked numeric and "
         f"{int(rec['categorical_masked'])} masked categorical values.) The per-patch-mean baseline is given each "

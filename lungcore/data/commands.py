@@ -49,8 +49,13 @@ def synth_args(p: argparse.ArgumentParser) -> None:
                    help="survival (CMML: one CT per patient, PFS/OS) or nodules (CSF-Net: T0/T1 CTs, label)")
     p.add_argument("--n", type=int, required=True, help="patients (survival) or nodules (nodules)")
     p.add_argument("--out", type=Path, required=True, help="output folder (manifest.csv, schema, images/)")
-    p.add_argument("--preset", choices=("tiny", "demo", "realistic"), default="tiny",
-                   help="volume size (default: tiny)")
+    p.add_argument("--preset", choices=("tiny", "fine", "demo", "realistic"), default="tiny",
+                   help="volume size: tiny 24x48x48 at 4x3x3 mm, fine 48x128x128 at 2x1x1 mm, demo 64x128x128 "
+                        "at 2.5x1.8x1.8 mm, realistic 300x512x512 at 1x0.7x0.7 mm (default: tiny)")
+    p.add_argument("--effects", choices=("linear", "morphology"), default="linear",
+                   help="what sets the imaging part of the risk: linear (tumour size and texture) or morphology "
+                        "(margin, solid core, cavity, pleural contact, an interaction; what a linear model on "
+                        "size/density features misses) (default: linear)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")
     p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none; default: 4)")
     p.add_argument("--overwrite", action="store_true",
@@ -86,7 +91,7 @@ def synth(args: argparse.Namespace) -> int:
         elif old.exists():
             old.unlink()
     info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
-                        dicom_every=args.dicom_every, verbose=not args.quiet)
+                        dicom_every=args.dicom_every, verbose=not args.quiet, effects=args.effects)
     oracle = ", ".join(f"{k} {v:.3f}" for k, v in info["oracle"].items())
     print(f"wrote {info['n']} {info['kind']} rows to {info['manifest']} (schema {info['schema'].name}); "
           f"oracle {oracle}")

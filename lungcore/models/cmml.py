@@ -11,26 +11,55 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
   its transpose for depth); when masking, the visible tokens are scattered into
   (B, groups, longest group, C) and ``key_mask``/``query_mask`` mark the real ones, so only
   visible patches are encoded.
-* Clinical table: a **graph Transformer** (T2G-Former style). Per-variable tokenizer (numeric
-  ``w_i x_i + b_i``, categorical embedding), a variable identity embedding, missing variables
-  removed from the keys (their token is the variable identity alone, never an imputed value), a
-  learned relation graph between variables added to the attention logits per layer and head
-  (``(r_head r_tail^T) / sqrt(R)``), and a readout token in front. Plain PyTorch attention: a
-  few dozen tokens.
-* Pretraining (``loss(batch, "pretrain")``): CT masked at ``mask_ratio_ct``, its visible tokens
-  cross-attend to the *intact* clinical tokens, a light Slice-Depth decoder with a mask token
-  reconstructs the masked patches (MSE on per-patch normalised voxels); clinical variables masked
-  at ``mask_ratio_clinical`` cross-attend to the *intact* CT tokens and a graph decoder
-  reconstructs them (MSE numeric, cross-entropy categorical). Loss = L_ct + lambda L_cli.
-* Fine-tuning (``loss(batch, "finetune")``): both branches, bidirectional masked cross-attention,
-  pooled (CT token mean, clinical readout) and two linear risk heads; loss = Efron Cox loss
-  (``lungcore.nn.CoxPHLoss``, i.e. ``lungcore.ops.cox_ph_loss``) per endpoint with the endpoint masks, summed. During training a
-  whole modality is dropped per patient with probability ``modality_dropout`` so that inference
-  without CT (``ct_mask`` False) or without any clinical value (``clinical_mask`` all False)
-  gives meaningful risks.
+* Clinical table: a **graph Transformer** (``lungcore.models.clinical_graph``). Per-variable
+  tokenizer, missing variables removed from the keys (never imputed), a readout node in front;
+  ``clinical_graph="t2g"`` (default) is T2G-Former's gated sparse feature-relation graph with a
+  cross-level readout, ``"dense"`` the earlier soft relation bias.
+* Pretraining (``loss(batch, "pretrain")``): CT masked at ``mask_ratio_ct``; the visible tokens
+  are encoded, every masked position gets a learned mask token plus its position embedding, and
+  all tokens cross-attend to the *intact* clinical tokens (``ct_from_clinical``: the completion);
+  a light Slice-Depth decoder reconstructs the masked patches (MSE on per-patch normalised voxels).
+  Clinical variables masked at ``mask_ratio_clinical`` (mask token) cross-attend to the *intact*
+  CT tokens (``clinical_from_ct``) and a graph decoder reconstructs them (MSE numeric,
+  cross-entropy categorical). With probability ``full_mask_prob`` per patient and direction the
+  whole CT / the whole record is masked, so completion also learns an absent modality.
+  Loss = L_ct + lambda L_cli.
+* Fine-tuning (``loss(batch, "finetune")``): both branches, bidirectional masked cross-attention
+  through the **pretrained** completion layers (``fusion_init="pretrained"``; ``"fresh"`` builds
+  new ``fuse_*`` layers for the ablation), pooled (CT token mean, clinical readout), two linear
+  risk heads; loss = Efron Cox loss (``lungcore.nn.CoxPHLoss``, i.e.
+  ``lungcore.ops.cox_ph_loss``) per endpoint with the endpoint masks, summed.
+* A missing modality is **completed** (``missing_modality="complete"``): a patient without a CT
+  (``ct_mask`` False) gets the CT tokens that pretraining's fully masked case taught (mask tokens
+  + positions cross-attending to its clinical tokens, pooled like encoded CT tokens); a patient
+  without any clinical value (``clinical_mask`` all False) gets the record that the pretrained path
+  reconstructs from its CT (a fully masked record cross-attends to the CT tokens, the graph decoder
+  predicts every variable: numeric values, most likely codes), encoded like any record. ``"zero"`` is the earlier behaviour (zero CT pool; a record of variable identities only). During
+  fine-tuning a whole modality is dropped per patient with probability ``modality_dropout``, so
+  the head learns from completed modalities too.
 * Survival probabilities: ``fit_baseline`` estimates a Breslow baseline hazard on the training
   split (``lungcore.models.survival``); ``survival(batch, horizons)`` returns S(t) per patient.
   The baseline lives in the state dict, so checkpoints carry it.
+
+What the paper states (/work/shared/papers/cmml.md: abstract and figure caption; no code is
+public): the two branches (Slice-Depth Transformer; graph-based Transformer over the clinical
+variables), pretraining with an intact and a masked copy of each modality where the masked
+modality's features are completed from the intact features of the other by cross-modal attention
+and decoders reconstruct the masked parts (a learnable mask token in the visual decoder), then
+fine-tuning with a survival objective on PFS and OS, C-index as the metric; the mask ratio matters.
+
+lungcore's choices (the paper does not state them): input 32 x 128 x 128 and patches 4 x 16 x 16;
+every width, depth and head count; mask ratios 0.75 (CT) and 0.3 (clinical); lambda = 1; the
+reconstruction losses (normalised-voxel MSE, MSE / cross-entropy per variable); the Cox partial
+likelihood with Efron ties as the survival objective; one joint model with a PFS and an OS head;
+modality dropout 0.1; whole-modality masking 0.1 in pretraining; the completion design (the mask
+token enters before the cross-modal completion rather than inside the decoder, so the completion
+fills masked positions; fine-tuning reuses the completion layers as its fusion; an absent CT is
+completed at the feature level, not reconstructed as voxels, which the normalised-voxel target could
+not give back; an absent record at the value level, since the clinical readout never attends to
+masked variables and completed tokens alone would not reach the head); mean pooling + readout + linear
+heads; the Breslow baseline. Checkpoints of the CMML before pretrained fusion (``decoder_mask_token``,
+``fuse_*``) do not load: retrain them.
 
 Example:
     >>> import torch
@@ -54,11 +83,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lungcore.models.clinical_graph import GRAPHS, ClinicalGraphTransformer, graph_blocks
+from lungcore.models.clinical_graph import Mlp as _Mlp
 from lungcore.models.registry import register_model
 from lungcore.models.survival import BreslowBaseline
 from lungcore.nn import CoxPHLoss, MaskedCrossAttention, PatchEmbed3d
 
 ENDPOINTS = ("pfs", "os")
+FUSION_INITS = ("pretrained", "fresh")
+MISSING_MODALITY = ("complete", "zero")
 
 
 @dataclass
@@ -68,6 +101,14 @@ class CMMLConfig:
     ``clinical_cardinalities``: one entry per clinical variable, 0 = numeric, k >= 2 = categorical
     with k codes (the default is ``lungcore.data.synth``'s survival schema: age, sex, ECOG, stage,
     PD-L1, smoking; use ``CohortSchema.cardinalities()`` for a real cohort).
+
+    ``full_mask_prob``: per patient and pretraining direction, the probability of masking the whole
+    CT / the whole record (teaches completion of an absent modality). ``fusion_init``:
+    ``"pretrained"`` fine-tunes the fusion from the pretrained cross-modal completion layers,
+    ``"fresh"`` builds new ``fuse_*`` layers. ``missing_modality``: ``"complete"`` completes an
+    absent CT / record from the other modality, ``"zero"`` zero-fills (the behaviour before
+    pretrained fusion; with ``fusion_init="fresh"`` the earlier fine-tuning forward exactly). Which
+    defaults the paper states and which are lungcore's choices: the module docstring.
     """
 
     in_channels: int = 1
@@ -85,6 +126,7 @@ class CMMLConfig:
     clinical_depth: int = 3
     clinical_heads: int = 8
     clinical_decoder_depth: int = 1
+    clinical_graph: str = "t2g"
     relation_dim: int = 16
     fusion_heads: int = 8
     dropout: float = 0.0
@@ -95,6 +137,9 @@ class CMMLConfig:
     modality_dropout: float = 0.1
     ties: str = "efron"
     endpoints: tuple[str, ...] = ENDPOINTS
+    full_mask_prob: float = 0.1
+    fusion_init: str = "pretrained"
+    missing_modality: str = "complete"
 
     def __post_init__(self) -> None:
         self.img_size = tuple(int(s) for s in self.img_size)
@@ -112,8 +157,16 @@ class CMMLConfig:
             raise ValueError("mask ratios must be in [0, 1)")
         if any(c == 1 or c < 0 for c in self.clinical_cardinalities):
             raise ValueError(f"clinical_cardinalities: 0 (numeric) or >= 2 codes each, got {self.clinical_cardinalities}")
+        if self.clinical_graph not in GRAPHS:
+            raise ValueError(f"clinical_graph must be one of {GRAPHS}, got {self.clinical_graph!r}")
         if self.ties not in ("efron", "breslow"):
             raise ValueError(f"ties must be 'efron' or 'breslow', got {self.ties!r}")
+        if not 0.0 <= self.full_mask_prob <= 1.0:
+            raise ValueError(f"full_mask_prob must be in [0, 1], got {self.full_mask_prob}")
+        if self.fusion_init not in FUSION_INITS:
+            raise ValueError(f"fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
+        if self.missing_modality not in MISSING_MODALITY:
+            raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {self.missing_modality!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,13 +189,6 @@ def _group_layout(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor, int]:
     slot = group * longest + rank
     mask = torch.arange(longest, device=group.device)[None, None, :] < counts[:, :, None]
     return slot, mask, longest
-
-
-class _Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float, dropout: float) -> None:
-        hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
-                         nn.Dropout(dropout))
 
 
 class SliceDepthBlock(nn.Module):
@@ -207,112 +253,6 @@ class SliceDepthTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# clinical branch
-class ClinicalTokenizer(nn.Module):
-    """One token per variable: numeric ``w_i x_i + b_i``, categorical embedding; + identity.
-
-    A missing variable (``present`` False) keeps only its identity embedding and a variable
-    masked for pretraining gets a learned mask token; attention keeps both out of the keys.
-    """
-
-    def __init__(self, cardinalities: tuple[int, ...], dim: int) -> None:
-        super().__init__()
-        self.cardinalities = cardinalities
-        v = len(cardinalities)
-        self.register_buffer("is_cat", torch.tensor([c > 0 for c in cardinalities], dtype=torch.bool), persistent=False)
-        offsets = [0]
-        for c in cardinalities:
-            offsets.append(offsets[-1] + c)
-        self.register_buffer("offset", torch.tensor(offsets[:-1], dtype=torch.long), persistent=False)
-        self.num_weight = nn.Parameter(torch.randn(v, dim) * 0.02)
-        self.num_bias = nn.Parameter(torch.zeros(v, dim))
-        self.cat_embed = nn.Embedding(max(offsets[-1], 1), dim)
-        nn.init.normal_(self.cat_embed.weight, std=0.02)
-        self.var_embed = nn.Parameter(torch.randn(v, dim) * 0.02)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor, present: Tensor, masked: Optional[Tensor] = None) -> Tensor:
-        is_cat = self.is_cat
-        numeric = x[..., None] * self.num_weight + self.num_bias
-        codes = torch.where(is_cat & present, x, torch.zeros_like(x)).round().long().clamp(min=0)
-        # numeric variables look up row 0 (their lookup is discarded below): a numeric variable after
-        # the last categorical one has an offset equal to the table size
-        codes = torch.where(is_cat, codes + self.offset, torch.zeros_like(codes))
-        cat = self.cat_embed(codes)
-        tok = torch.where(is_cat[:, None], cat, numeric)
-        tok = tok * present[..., None].to(tok.dtype)  # a missing value contributes nothing
-        if masked is not None:
-            tok = torch.where(masked[..., None], self.mask_token.to(tok.dtype), tok)
-        return tok + self.var_embed
-
-
-class GraphAttention(nn.Module):
-    """Multi-head self-attention with a learned relation graph as an additive bias."""
-
-    def __init__(self, dim: int, heads: int, tokens: int, relation_dim: int, dropout: float) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"clinical_dim ({dim}) must be divisible by clinical_heads ({heads})")
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.rel_head = nn.Parameter(torch.randn(heads, tokens, relation_dim) * 0.1)
-        self.rel_tail = nn.Parameter(torch.randn(heads, tokens, relation_dim) * 0.1)
-        self.dropout = dropout
-
-    def relation_bias(self) -> Tensor:
-        """(H, T, T) learned graph: attention bias between every pair of variables."""
-        return self.rel_head @ self.rel_tail.transpose(1, 2) / math.sqrt(self.rel_head.shape[-1])
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        blocked = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
-        bias = self.relation_bias().to(q.dtype)[None] + blocked[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, t, c))
-
-
-class GraphBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, tokens: int, relation_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = GraphAttention(dim, heads, tokens, relation_dim, dropout)
-        self.mlp = _Mlp(dim, 2.0, dropout)
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
-
-
-class ClinicalGraphTransformer(nn.Module):
-    """Clinical encoder: tokenizer, readout token in front, graph blocks, LayerNorm.
-
-    Returns tokens (B, 1 + V, C) and their key mask (B, 1 + V) (readout always True).
-    """
-
-    def __init__(self, cfg: CMMLConfig) -> None:
-        super().__init__()
-        v = len(cfg.clinical_cardinalities)
-        self.tokenizer = ClinicalTokenizer(cfg.clinical_cardinalities, cfg.clinical_dim)
-        self.readout = nn.Parameter(torch.randn(cfg.clinical_dim) * 0.02)
-        self.blocks = nn.ModuleList(GraphBlock(cfg.clinical_dim, cfg.clinical_heads, v + 1, cfg.relation_dim,
-                                               cfg.dropout) for _ in range(cfg.clinical_depth))
-        self.norm = nn.LayerNorm(cfg.clinical_dim)
-
-    def forward(self, clinical: Tensor, present: Tensor, masked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer(clinical, present, masked)
-        b = tok.shape[0]
-        x = torch.cat([self.readout.to(tok.dtype).expand(b, 1, -1), tok], dim=1)
-        visible = present if masked is None else present & ~masked
-        key_mask = torch.cat([visible.new_ones(b, 1), visible], dim=1)
-        for blk in self.blocks:
-            x = blk(x, key_mask)
-        return self.norm(x), key_mask
-
-
-# --------------------------------------------------------------------------------------------
 # the network
 @register_model("cmml")
 class CMML(nn.Module):
@@ -335,13 +275,17 @@ class CMML(nn.Module):
         e, c = cfg.embed_dim, cfg.clinical_dim
         self.num_clinical = len(cfg.clinical_cardinalities)
         self.ct_encoder = SliceDepthTransformer(cfg)
-        self.clinical_encoder = ClinicalGraphTransformer(cfg)
-        # pretraining: masked CT <- intact clinical; decoder with mask tokens
+        self.clinical_encoder = ClinicalGraphTransformer(cfg.clinical_cardinalities, c, cfg.clinical_depth,
+                                                         cfg.clinical_heads, cfg.clinical_graph, cfg.relation_dim,
+                                                         cfg.dropout)
+        # cross-modal completion, trained by masked pretraining and (fusion_init="pretrained") the
+        # fine-tuning fusion: masked CT (visible tokens + mask tokens at the masked positions) <- intact
+        # clinical; a decoder reconstructs the masked patches
+        self.ct_mask_token = nn.Parameter(torch.zeros(e))
         self.ct_from_clinical = MaskedCrossAttention(e, cfg.fusion_heads if e % cfg.fusion_heads == 0 else 1,
                                                      context_dim=c)
         self.ct_from_clinical_norm = nn.LayerNorm(e)
         self.decoder_embed = nn.Linear(e, cfg.decoder_dim)
-        self.decoder_mask_token = nn.Parameter(torch.zeros(cfg.decoder_dim))
         self.decoder_pos = nn.Parameter(torch.randn(self.ct_encoder.num_tokens, cfg.decoder_dim) * 0.02)
         self.decoder_blocks = nn.ModuleList(SliceDepthBlock(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio, 0.0)
                                             for _ in range(cfg.decoder_depth))
@@ -351,19 +295,21 @@ class CMML(nn.Module):
         self.clinical_from_ct = MaskedCrossAttention(c, cfg.fusion_heads if c % cfg.fusion_heads == 0 else 1,
                                                      context_dim=e)
         self.clinical_from_ct_norm = nn.LayerNorm(c)
-        self.clinical_decoder = nn.ModuleList(
-            GraphBlock(c, cfg.clinical_heads, self.num_clinical + 1, cfg.relation_dim, 0.0)
-            for _ in range(cfg.clinical_decoder_depth))
+        self.clinical_decoder = graph_blocks(cfg.clinical_graph, c, cfg.clinical_heads, self.num_clinical,
+                                             cfg.clinical_decoder_depth, cfg.relation_dim, 0.0)
         self.clinical_decoder_norm = nn.LayerNorm(c)
         cards = cfg.clinical_cardinalities
         self.numeric_head = nn.Parameter(torch.randn(self.num_clinical, c) * 0.02)
         self.numeric_head_bias = nn.Parameter(torch.zeros(self.num_clinical))
         self.categorical_heads = nn.ModuleList(nn.Linear(c, k) if k > 0 else nn.Identity() for k in cards)
-        # fine-tuning: bidirectional fusion, pooled, two risk heads
-        self.fuse_ct = MaskedCrossAttention(e, cfg.fusion_heads if e % cfg.fusion_heads == 0 else 1, context_dim=c)
-        self.fuse_clinical = MaskedCrossAttention(c, cfg.fusion_heads if c % cfg.fusion_heads == 0 else 1,
-                                                  context_dim=e)
-        self.fuse_ct_norm, self.fuse_clinical_norm = nn.LayerNorm(e), nn.LayerNorm(c)
+        # fine-tuning: bidirectional fusion (the pretrained completion layers, or fresh ones), pooled,
+        # two risk heads
+        if cfg.fusion_init == "fresh":
+            self.fuse_ct = MaskedCrossAttention(e, cfg.fusion_heads if e % cfg.fusion_heads == 0 else 1,
+                                                context_dim=c)
+            self.fuse_clinical = MaskedCrossAttention(c, cfg.fusion_heads if c % cfg.fusion_heads == 0 else 1,
+                                                      context_dim=e)
+            self.fuse_ct_norm, self.fuse_clinical_norm = nn.LayerNorm(e), nn.LayerNorm(c)
         self.head_norm = nn.LayerNorm(e + c)
         self.risk_head = nn.Linear(e + c, len(cfg.endpoints))
         nn.init.zeros_(self.risk_head.bias)
@@ -461,19 +407,104 @@ class CMML(nn.Module):
         x = ct.reshape(b, ch, d // pd, pd, h // ph, ph, w // pw, pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (d // pd) * (h // ph) * (w // pw), ch * pd * ph * pw)
 
-    def _fuse(self, ct_tok: Optional[Tensor], rows: Optional[Tensor], cli_tok: Tensor, cli_keys: Tensor) -> Tensor:
+    def _fusion_layers(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """(CT <- clinical attention, its norm, clinical <- CT attention, its norm) that fine-tuning fuses
+        with: the pretrained completion layers, or the fresh ``fuse_*`` ones (``fusion_init``)."""
+        if self.config.fusion_init == "fresh":
+            return self.fuse_ct, self.fuse_ct_norm, self.fuse_clinical, self.fuse_clinical_norm
+        return self.ct_from_clinical, self.ct_from_clinical_norm, self.clinical_from_ct, self.clinical_from_ct_norm
+
+    def ct_mask_tokens(self, b: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(b, N, E): a fully masked CT, the learned mask token plus the position embedding of every patch."""
+        tok = self.ct_mask_token
+        pos = self.ct_encoder.embed.pos_embed
+        if pos is not None:
+            tok = tok + pos
+        return tok.to(dtype).expand(b, self.ct_encoder.num_tokens, -1)
+
+    def complete_ct(self, tokens: Tensor, cli_tok: Tensor, cli_keys: Tensor) -> Tensor:
+        """CT tokens (n, N, E) completed from the intact clinical tokens by the pretrained cross-attention."""
+        return tokens + self.ct_from_clinical(self.ct_from_clinical_norm(tokens), cli_tok, key_mask=cli_keys)
+
+    def complete_clinical(self, tokens: Tensor, ct_tok: Tensor) -> Tensor:
+        """Clinical tokens (n, 1 + V, C) completed from the intact CT tokens by the pretrained cross-attention."""
+        return tokens + self.clinical_from_ct(self.clinical_from_ct_norm(tokens), ct_tok)
+
+    def decode_clinical(self, tokens: Tensor, key_mask: Tensor) -> tuple[Tensor, list[Optional[Tensor]]]:
+        """The pretrained graph decoder and heads on (completed) clinical tokens (B, 1 + V, C):
+        numeric predictions (B, V) and per variable the categorical logits (B, k) (None if numeric)."""
+        for blk in self.clinical_decoder:
+            tokens = blk(tokens, key_mask)
+        h = self.clinical_decoder_norm(tokens)[:, 1:]  # (B, V, C)
+        numeric = (h * self.numeric_head).sum(-1) + self.numeric_head_bias
+        logits = [self.categorical_heads[i](h[:, i]) if k > 0 else None
+                  for i, k in enumerate(self.config.clinical_cardinalities)]
+        return numeric, logits
+
+    def complete_record(self, ct_tok: Tensor) -> Tensor:
+        """(n, V) clinical values completed from the CT tokens ``ct_tok`` (n, N, E) the way masked
+        pretraining taught it: a fully masked record cross-attends to the CT (``clinical_from_ct``)
+        and the graph decoder reconstructs every variable (numeric: its prediction; categorical: the
+        most likely code). Differentiable in the numeric values."""
+        n, v = ct_tok.shape[0], self.num_clinical
+        everything = torch.ones(n, v, dtype=torch.bool, device=ct_tok.device)
+        tok, keys = self.clinical_encoder(ct_tok.new_zeros(n, v), everything, everything)
+        numeric, logits = self.decode_clinical(self.complete_clinical(tok, ct_tok), keys)
+        cols = [numeric[:, i] if lg is None else lg.argmax(dim=1).to(numeric.dtype) for i, lg in enumerate(logits)]
+        return torch.stack(cols, dim=1)
+
+    def _fuse(self, ct_tok: Optional[Tensor], rows: Optional[Tensor], ct_present: Tensor, cli_tok: Tensor,
+              cli_keys: Tensor) -> Tensor:
         """Bidirectional fusion -> head features (B, E + C). ``ct_tok`` (n, N, E): the CT tokens of the
-        patients ``rows`` (None = all; ``ct_tok`` None = nobody has a CT)."""
+        patients ``rows`` (None = all; ``ct_tok`` None = nobody has a CT).
+
+        A patient without a CT gets (``missing_modality="complete"``) the CT tokens that pretraining
+        taught the model to complete from the clinical tokens (mask tokens at every position, cross-
+        attention to the clinical tokens), or (``"zero"``) a zero CT pool; its clinical readout has no
+        CT to attend to. With ``fusion_init="pretrained"`` the completion layer is the fusion; with
+        ``"fresh"`` the completed tokens then go through the fresh fusion like any others.
+        """
+        cfg = self.config
         b = cli_tok.shape[0]
+        attn_ct, norm_ct, attn_cli, norm_cli = self._fusion_layers()
+        fresh, complete = cfg.fusion_init == "fresh", cfg.missing_modality == "complete"
         readout = cli_tok[:, 0]
-        ct_pool = cli_tok.new_zeros(b, self.config.embed_dim)
+        ct_pool = cli_tok.new_zeros(b, cfg.embed_dim)
         if ct_tok is not None:
             cli_s, keys_s = self._rows_of(cli_tok, rows), self._rows_of(cli_keys, rows)
-            ct2 = ct_tok + self.fuse_ct(self.fuse_ct_norm(ct_tok), cli_s, key_mask=keys_s)
-            cli2 = cli_s + self.fuse_clinical(self.fuse_clinical_norm(cli_s), ct_tok)
+            ct2 = ct_tok + attn_ct(norm_ct(ct_tok), cli_s, key_mask=keys_s)
+            cli2 = cli_s + attn_cli(norm_cli(cli_s), ct_tok)
             ct_pool = self._put_rows(ct_pool, rows, ct2.mean(dim=1))
             readout = self._put_rows(readout, rows, cli2[:, 0])
+        if complete and not bool(ct_present.all()):
+            miss = (~ct_present).nonzero().squeeze(1)
+            cli_m, keys_m = cli_tok[miss], cli_keys[miss]
+            x = self.complete_ct(self.ct_mask_tokens(int(miss.numel()), cli_tok.dtype), cli_m, keys_m)
+            if fresh:
+                x = x + attn_ct(norm_ct(x), cli_m, key_mask=keys_m)
+            ct_pool = ct_pool.index_copy(0, miss, x.mean(dim=1).to(ct_pool.dtype))
         return self.head_norm(torch.cat([ct_pool, readout], dim=-1))
+
+    def _complete_records(self, clinical: Tensor, clinical_mask: Tensor, ct_tok: Tensor, rows: Optional[Tensor]
+                          ) -> tuple[Tensor, Tensor]:
+        """``clinical``/``clinical_mask`` with every patient that has a CT but no clinical value given
+        the record :meth:`complete_record` reconstructs from its CT (then encoded like any record)."""
+        absent = self._rows_of(~clinical_mask.any(dim=1), rows)
+        if not bool(absent.any()):
+            return clinical, clinical_mask
+        which = absent.nonzero().squeeze(1)
+        target = which if rows is None else rows[which]
+        values = self.complete_record(ct_tok[which]).to(clinical.dtype)
+        return clinical.index_copy(0, target, values), clinical_mask.index_fill(0, target, True)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """``nn.Module.load_state_dict``, refusing with one clear message a state dict of the CMML
+        before pretrained fusion (it has ``decoder_mask_token`` and fresh ``fuse_*`` layers)."""
+        if "decoder_mask_token" in state_dict and "ct_mask_token" not in state_dict:
+            raise RuntimeError(
+                "CMML weights from before the pretrained fusion (decoder_mask_token, fresh fuse_* layers): this "
+                "CMML fine-tunes with the pretrained cross-modal layers and completes missing modalities; retrain it")
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     # ---------------------------------------------------------------------------- inference
     def forward(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor,
@@ -481,14 +512,19 @@ class CMML(nn.Module):
         """Risks (log-hazards) ``{"pfs": (B,), "os": (B,)}``; higher = earlier event.
 
         ``ct`` (B, 1, D, H, W); ``clinical`` (B, V) float32 (categorical codes as floats);
-        ``clinical_mask`` (B, V) bool; ``ct_mask`` (B,) bool, False = the patient has no CT.
+        ``clinical_mask`` (B, V) bool; ``ct_mask`` (B,) bool, False = the patient has no CT (its
+        voxels are never read). A missing modality is completed or zero-filled (``missing_modality``).
         """
         clinical_mask = clinical_mask.to(torch.bool)
         self._check(ct, clinical, clinical_mask)
-        rows = self._ct_rows(self._ct_present(ct, ct_mask))
+        ct_present = self._ct_present(ct, ct_mask)
+        rows = self._ct_rows(ct_present)
         ct_tok = None if rows is not None and rows.numel() == 0 else self.ct_encoder(self._rows_of(ct, rows))
+        if self.config.missing_modality == "complete" and ct_tok is not None:
+            clinical, clinical_mask = self._complete_records(clinical, clinical_mask, ct_tok, rows)
         cli_tok, cli_keys = self.clinical_encoder(clinical, clinical_mask)
-        risk = self.risk_head(self._fuse(ct_tok, rows, cli_tok, cli_keys))
+        feats = self._fuse(ct_tok, rows, ct_present, cli_tok, cli_keys)
+        risk = self.risk_head(feats)
         return {name: risk[:, i] for i, name in enumerate(self.endpoints)}
 
     @torch.no_grad()
@@ -562,8 +598,10 @@ class CMML(nn.Module):
         return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
     def random_clinical_mask(self, present: Tensor, ratio: Optional[float] = None,
-                             generator: Optional[torch.Generator] = None) -> Tensor:
-        """(B, V) bool: present variables chosen for masking (about ``ratio`` of them, >= 1 when any)."""
+                             generator: Optional[torch.Generator] = None, full: Optional[Tensor] = None) -> Tensor:
+        """(B, V) bool: present variables chosen for masking (about ``ratio`` of them, >= 1 when any,
+        and at least one left visible when two or more are present); ``full`` (B,) bool rows mask
+        every present variable (a fully missing record, which completion must learn)."""
         ratio = self.config.mask_ratio_clinical if ratio is None else ratio
         noise = torch.rand(present.shape, device=present.device, generator=generator)
         noise = noise.masked_fill(~present, 2.0)
@@ -571,15 +609,24 @@ class CMML(nn.Module):
         n_mask = torch.where(n_present > 0, (n_present.float() * ratio).round().clamp(min=1), torch.zeros_like(n_present.float()))
         n_mask = torch.minimum(n_mask, (n_present - 1).clamp(min=0).float()) if present.shape[1] > 1 else n_mask
         rank = noise.argsort(dim=1).argsort(dim=1)
-        return (rank < n_mask) & present
+        masked = (rank < n_mask) & present
+        return masked if full is None else masked | (full.reshape(-1, 1).to(torch.bool) & present)
 
     def pretrain_losses(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor, ct_mask: Optional[Tensor] = None,
                         visible: Optional[Tensor] = None, clinical_masked: Optional[Tensor] = None,
-                        return_predictions: bool = False) -> dict[str, Tensor]:
+                        return_predictions: bool = False, ct_all_masked: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Cross-modality masked reconstruction, both directions: ``{"ct": L_ct, "clinical": L_cli}``.
 
-        ``visible`` (B, T) CT token indices and ``clinical_masked`` (B, V) bool override the
-        random masks (tests, evaluation); with ``return_predictions`` the dict also holds
+        CT direction: the visible tokens are encoded, every masked position gets the mask token plus
+        its position embedding, all N tokens cross-attend to the intact clinical tokens (the
+        completion), the decoder reconstructs the masked patches. Clinical direction: the masked
+        variables are mask tokens, the tokens cross-attend to the intact CT tokens, the graph decoder
+        reconstructs them. With probability ``full_mask_prob`` per patient and direction the whole
+        CT / the whole record is masked, so the completion layers also learn an absent modality.
+
+        ``visible`` (B, T) CT token indices, ``ct_all_masked`` (B,) bool (patients whose whole CT is
+        masked; drawn only with the random ``visible``) and ``clinical_masked`` (B, V) bool override
+        the random masks (tests, evaluation); with ``return_predictions`` the dict also holds
         ``ct_pred`` (B, N, P), ``ct_target`` (B, N, P), ``ct_masked`` (B, N) bool,
         ``numeric_pred`` (B, V) and ``categorical_logits`` (list of (B, k) or None).
         """
@@ -589,10 +636,14 @@ class CMML(nn.Module):
         b = ct.shape[0]
         ct_present = self._ct_present(ct, ct_mask)
         n = self.ct_encoder.num_tokens
+        p_full = cfg.full_mask_prob
         if visible is None:
             visible = self.random_visible(b, ct.device)
+            if ct_all_masked is None and p_full > 0:
+                ct_all_masked = torch.rand(b, device=ct.device) < p_full
         if clinical_masked is None:
-            clinical_masked = self.random_clinical_mask(clinical_mask)
+            clinical_masked = self.random_clinical_mask(
+                clinical_mask, full=torch.rand(b, device=ct.device) < p_full if p_full > 0 else None)
         clinical_masked = clinical_masked & clinical_mask
 
         # intact copies of both modalities; every CT step runs on the patients with a CT only
@@ -605,17 +656,18 @@ class CMML(nn.Module):
         ct_full = self.ct_encoder(sub(ct)) if n_ct else None
         cli_full, cli_keys = self.clinical_encoder(clinical, clinical_mask)
 
-        # CT direction: visible tokens -> + intact clinical -> decoder with mask tokens
+        # CT direction: visible tokens + mask tokens -> completed from the intact clinical -> decoder
         masked_tok = torch.ones(b, n, dtype=torch.bool, device=ct.device).scatter(1, visible, False)
+        if ct_all_masked is not None:
+            masked_tok = masked_tok | ct_all_masked.reshape(b, 1).to(device=ct.device, dtype=torch.bool)
         if n_ct:
-            ct_s, vis_s = sub(ct), sub(visible)
+            ct_s, vis_s, masked_s = sub(ct), sub(visible), sub(masked_tok)
             vis_tok = self.ct_encoder(ct_s, vis_s)
-            vis_tok = vis_tok + self.ct_from_clinical(self.ct_from_clinical_norm(vis_tok), sub(cli_full),
-                                                      key_mask=sub(cli_keys))
-            dec_vis = self.decoder_embed(vis_tok)
-            full = self.decoder_mask_token.to(dec_vis.dtype).expand(n_ct, n, -1)
-            idx = vis_s[..., None].expand(-1, -1, dec_vis.shape[-1])
-            full = full.scatter(1, idx, dec_vis) + self.decoder_pos
+            mask_tok = self.ct_mask_tokens(n_ct, vis_tok.dtype)
+            idx = vis_s[..., None].expand(-1, -1, vis_tok.shape[-1])
+            tokens = torch.where(masked_s[..., None], mask_tok, mask_tok.scatter(1, idx, vis_tok))
+            tokens = self.complete_ct(tokens, sub(cli_full), sub(cli_keys))
+            full = self.decoder_embed(tokens) + self.decoder_pos
             layouts = self.ct_encoder.layouts(None)
             for blk in self.decoder_blocks:
                 full = blk(full, *layouts)
@@ -634,22 +686,16 @@ class CMML(nn.Module):
         cli_m, keys_m = self.clinical_encoder(clinical, clinical_mask, clinical_masked)
         if n_ct:  # without a CT there is nothing to attend to: the tokens stay as they are
             cli_s = sub(cli_m)
-            cli_m = self._put_rows(cli_m, rows, cli_s + self.clinical_from_ct(self.clinical_from_ct_norm(cli_s), ct_full))
-        for blk in self.clinical_decoder:
-            cli_m = blk(cli_m, keys_m)
-        h = self.clinical_decoder_norm(cli_m)[:, 1:]  # (B, V, C)
-        numeric_pred = (h * self.numeric_head).sum(-1) + self.numeric_head_bias
+            cli_m = self._put_rows(cli_m, rows, self.complete_clinical(cli_s, ct_full))
+        numeric_pred, logits_all = self.decode_clinical(cli_m, keys_m)
         loss_terms = []
         counts = []
-        logits_all: list[Optional[Tensor]] = []
         for i, k in enumerate(cfg.clinical_cardinalities):
             sel = clinical_masked[:, i]
             if k == 0:
-                logits_all.append(None)
                 err = (numeric_pred[:, i] - clinical[:, i]) ** 2
             else:
-                logits = self.categorical_heads[i](h[:, i])
-                logits_all.append(logits)
+                logits = logits_all[i]
                 target_i = clinical[:, i].round().long().clamp(0, k - 1)
                 err = F.cross_entropy(logits, target_i, reduction="none")
             loss_terms.append((err * sel.to(err.dtype)).sum())

@@ -48,7 +48,7 @@ def test_deterministic_by_seed(tmp_path):
 
 
 def test_reuse_only_what_the_same_arguments_wrote(tmp_path, monkeypatch):
-    import lungcore.data.synth as synth
+    import lungcore.data.synth.cohort as synth
 
     first = synth_cohort("survival", tmp_path, n=6, preset="tiny", seed=2, reuse=True)
     again = synth_cohort("survival", tmp_path, n=6, preset="tiny", seed=2, reuse=True)
@@ -90,3 +90,106 @@ def test_synth_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote 3 nodules rows" in out and "oracle auc" in out
     assert main(["validate", "--manifest", str(tmp_path / "manifest.csv")]) == 0
+
+
+@pytest.mark.parametrize("kind, manifest_sha1, voxel_sum", [
+    ("survival", "610180d31076457c0f7e5a468f11c06c8ddfb9ae", -33795473.0),
+    ("nodules", "0a9bfa9edeb05fadde0851bdf28f9d83333c0f7d", -33808160.0),
+])
+def test_linear_cohorts_are_unchanged(kind, manifest_sha1, voxel_sum, tmp_path):
+    """The ``linear`` cohorts are byte-for-byte those generator version 2 wrote before the package split
+    and the ``morphology`` option (manifest hash and first CT's voxel sum recorded from that code)."""
+    import hashlib
+
+    info = synth_cohort(kind, tmp_path, n=6, seed=5, dicom_every=0)
+    assert hashlib.sha1(info["manifest"].read_bytes()).hexdigest() == manifest_sha1
+    m = read_manifest(info["manifest"])
+    first = next(p for row in m.images for p in row if p is not None)
+    assert float(read_ct(first).array.astype(np.float64).sum()) == voxel_sum
+
+
+@pytest.mark.parametrize("kind", ["survival", "nodules"])
+def test_morphology_cohort_on_disk(kind, tmp_path):
+    info = synth_cohort(kind, tmp_path, n=6, preset="tiny", seed=1, effects="morphology", dicom_every=0)
+    assert info["effects"] == "morphology"
+    truth = list(csv.DictReader(open(tmp_path / "truth.csv")))
+    if kind == "survival":
+        assert {"margin", "solid_fraction", "cavity", "pleural", "eta_image", "feat_sphericity"} <= set(truth[0])
+    else:
+        assert {"margin_t0", "margin_t1", "solid_t0", "solid_t1", "feat_t0_solid_fraction",
+                "feat_t1_solid_fraction"} <= set(truth[0])
+    again = synth_cohort(kind, tmp_path, n=6, preset="tiny", seed=1, effects="morphology", dicom_every=0, reuse=True)
+    assert again["reused"]
+    assert not synth_cohort(kind, tmp_path, n=6, preset="tiny", seed=1, dicom_every=0, reuse=True)["reused"]
+    with pytest.raises(ValueError, match="effects must be one of"):
+        synth_cohort(kind, tmp_path, n=6, effects="quadratic")
+
+
+def test_a_cohort_written_before_the_effects_option_is_reused(tmp_path):
+    import json
+
+    synth_cohort("survival", tmp_path, n=3, seed=0, dicom_every=0)
+    saved = json.loads((tmp_path / "synth.json").read_text())
+    del saved["effects"]
+    (tmp_path / "synth.json").write_text(json.dumps(saved))
+    assert synth_cohort("survival", tmp_path, n=3, seed=0, dicom_every=0, reuse=True)["reused"]
+
+
+def test_morphology_risk_is_not_linear_in_size_and_density():
+    """The planted imaging log-hazard: exactly linear in size and texture for ``linear``; for
+    ``morphology`` a least-squares fit on size, texture, solid fraction and cavity (what size,
+    density and spread summaries stand for) leaves a large part unexplained."""
+    from lungcore.data.synth.survival import survival_patient
+
+    def r2(effects):
+        draws = [survival_patient(np.random.default_rng([9, i]), max_diameter=30.0, min_diameter=8.0,
+                                  effects=effects) for i in range(3000)]
+        x = np.array([[1.0, np.log(d["diameter"]), d["texture"], d.get("solid_fraction", 0.0),
+                       float(d.get("cavity", 0.0) > 0)] for d in draws])
+        y = np.array([d["eta_image"] for d in draws])
+        resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        return 1.0 - resid.var() / y.var()
+
+    assert r2("linear") == pytest.approx(1.0)
+    assert r2("morphology") < 0.6
+
+
+def test_lesion_morphology_shows_in_the_features():
+    """Each morphology parameter moves the feature a radiomics pipeline reads for it."""
+    from lungcore.data.synth import Lesion, lesion_features
+
+    sp = np.array([1.0, 1.0, 1.0])
+
+    def features(**kw):
+        vol = np.full((48, 48, 48), -850.0, dtype=np.float32)
+        box, mask = Lesion((0.0, 0.0, 0.0), 7.0, shape_seed=3, **kw).paint(vol, sp, np.random.default_rng(0))
+        return lesion_features(vol, box, mask, sp)
+
+    smooth, spiculated = features(margin="smooth"), features(margin="spiculated")
+    lobulated = features(margin="lobulated")
+    assert spiculated["sphericity"] < smooth["sphericity"] - 0.1
+    assert lobulated["sphericity"] < smooth["sphericity"]
+    assert features(solid_fraction=0.2)["solid_fraction"] < 0.4 < 0.6 < features(solid_fraction=0.8)["solid_fraction"]
+    assert features(cavity=0.5)["p10_hu"] < smooth["p10_hu"] - 300
+    assert smooth["diameter_mm"] == pytest.approx(14.0, rel=0.08)
+    with pytest.raises(ValueError, match="margin must be one of"):
+        Lesion((0.0, 0.0, 0.0), 5.0, margin="jagged")
+
+
+def test_pleural_lesions_touch_the_chest_wall():
+    from lungcore.data.synth.lesions import pleural_site
+    from lungcore.data.synth.phantom import LUNG_HU, chest_phantom
+
+    shape, sp = (48, 128, 128), np.array([2.0, 1.0, 1.0])
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        site = pleural_site(shape, sp, 5.0, rng)
+        empty = chest_phantom(shape, sp, np.random.default_rng(0), noise_hu=0.0)
+        from lungcore.data.synth import Lesion
+
+        masks: list = []
+        chest_phantom(shape, sp, np.random.default_rng(0), noise_hu=0.0, lesions=[Lesion(tuple(site), 5.0)],
+                      masks=masks)
+        box, mask = masks[0]
+        under = empty[box][mask]
+        assert (under == LUNG_HU).mean() > 0.3 and (under != LUNG_HU).mean() > 0.05  # in the lung, into the wall

@@ -24,14 +24,18 @@ def test_cmml_synthetic_and_ablation(tmp_path):
     _run("cmml_synthetic.py", *common, "--repeat-seeds", "1", "--out", str(tmp_path / "synth"))
     md = (tmp_path / "synth" / "cmml_synthetic.md").read_text()
     for section in ("## 1. Masked pretraining", "## 2. Fine-tuned test C-index", "| 1 |", "CT withheld",
-                    "## 3. Breslow"):
+                    "## 3. Breslow", "whole CT masked", "whole record masked"):
         assert section in md
     assert (tmp_path / "synth" / "cmml_synthetic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _run("cmml_ablation.py", *common, "--ratios", "0.75,0.9", "--label-fractions", "0.5", "--n-boot", "20",
          "--out", str(tmp_path / "ablation"))
     md = (tmp_path / "ablation" / "cmml_ablation.md").read_text()
-    assert md.count("\n| on |") == 5 and md.count("\n| off |") == 4  # 2 ratios + CT/clinical only + label-scarce
+    # on: 2 ratios + CT/clinical only + label-scarce + fresh fusion at both label counts + zero-filling
+    assert md.count("\n| on |") == 8 and md.count("\n| off |") == 4
     assert "pretraining on - off, 50% of the labels" in md and "CT mask ratio 0.75 - 0.9" in md
+    assert "fusion from the pretrained layers - fresh fusion, 50% of the labels" in md
+    assert "## A modality withheld at test time" in md and "CT withheld: completion - zero-filling" in md
+    assert (tmp_path / "ablation" / "cmml_ablation_withholding.csv").read_text().count("\n") == 1 + 3 * 5
 
 
 # the predictions file keeps 6 decimals: two scores (or a score and the 0.5 threshold) closer than this
@@ -85,3 +89,19 @@ def test_csfnet_synthetic(tmp_path):
         assert f"\n| {model['description']} | " in md
     for png in ("csfnet_synthetic_roc.png", "csfnet_synthetic_confusion.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8"]),
+    ("csfnet_nonlinear.py", ["--epochs", "1"]),
+])
+def test_nonlinear_scripts(script, extra, tmp_path):
+    _run(script, "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--train-seeds", "0",
+         "--n-boot", "20", "--out", str(tmp_path), *extra)
+    stem = script.removesuffix(".py")
+    md = (tmp_path / f"{stem}.md").read_text()
+    for cohort in ("linear", "morphology"):
+        assert f"| {cohort} |" in md and f"**{cohort}**: oracle - handcrafted" in md
+    assert "seed 0" in md and "handcrafted" in md
+    assert (tmp_path / f"{stem}.csv").read_text().count("\n") > 6

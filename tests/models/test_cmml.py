@@ -89,7 +89,7 @@ def test_grid_path_equals_padded_path():
 
 
 def test_shapes_and_finite(device):
-    m = tiny().to(device)
+    m = tiny(full_mask_prob=0.0).to(device)  # no whole-modality masking: every patient keeps 2 visible tokens
     batch = make_batch(4, device)
     out = m(batch["ct"], batch["clinical"], batch["clinical_mask"], batch["ct_mask"])
     assert set(out) == {"pfs", "os"}
@@ -125,7 +125,11 @@ def test_gradients_reach_every_parameter():
     m = tiny(modality_dropout=0.0)
     batch = make_batch(6)
     names = dict(m.named_parameters())
-    pre, _ = m.loss(batch, "pretrain")
+    # every variable masked for some patients (a random mask of 6 patients may miss a categorical head)
+    checker = (torch.arange(6)[:, None] + torch.arange(len(CARDS))) % 2 == 0
+    out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"],
+                            clinical_masked=checker & batch["clinical_mask"])
+    pre = out["ct"] + out["clinical"]
     fin, _ = m.loss(batch, "finetune")
     (pre + fin).backward()
     missing = [n for n, p in names.items() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
@@ -139,7 +143,7 @@ def test_finetune_gradients_reach_encoders():
     m = tiny(modality_dropout=0.0)
     loss, _ = m.loss(make_batch(6), "finetune")
     loss.backward()
-    for prefix in ("ct_encoder.", "clinical_encoder.", "fuse_ct.", "fuse_clinical.", "risk_head."):
+    for prefix in ("ct_encoder.", "clinical_encoder.", "ct_from_clinical.", "clinical_from_ct.", "risk_head."):
         # the pretraining mask token is the one parameter fine-tuning does not use, and the risk head's
         # bias has a zero gradient (the Cox loss is shift-invariant)
         ps = [p for n, p in m.named_parameters() if n.startswith(prefix) and "mask_token" not in n
@@ -411,3 +415,233 @@ def test_config_from_cohort():
         CMML.config_from_cohort(schema, settings, {"endpoints": ("pfs", "os")})
     with pytest.raises(ValueError, match=r"crop \(10, 64, 64\) must be a multiple of CMML's patch_size"):
         CMML.config_from_cohort(schema, PreprocessSettings(crop=(10, 64, 64)))
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning fusion = the pretrained completion layers; a missing modality is completed
+def _reference_features(m, batch, ct_attn, ct_norm, cli_attn, cli_norm):
+    """Head features of patients with both modalities, written out from the fusion layers given."""
+    ct_tok = m.ct_encoder(batch["ct"])
+    cli_tok, keys = m.clinical_encoder(batch["clinical"], batch["clinical_mask"])
+    ct2 = ct_tok + ct_attn(ct_norm(ct_tok), cli_tok, key_mask=keys)
+    cli2 = cli_tok + cli_attn(cli_norm(cli_tok), ct_tok)
+    return torch.cat([ct2.mean(1), cli2[:, 0]], dim=-1)
+
+
+def _features(m, batch):
+    """The fused features of ``m.predict(batch)`` (B, E + C: CT pool, clinical readout) before the head's norm."""
+    seen = []
+    h = m.head_norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    try:
+        m.predict(batch)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+def _pretrain_step(m, batch):
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    loss, _ = m.loss(batch, "pretrain")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_finetuning_fuses_with_the_pretrained_completion_layers():
+    m = tiny(modality_dropout=0.0)
+    batch = make_batch(5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _pretrain_step(m, batch)
+    state = m.state_dict()
+    assert not any(k.startswith("fuse_") for k in state)  # no fresh fusion layers exist
+    for name in ("ct_from_clinical.", "clinical_from_ct.", "ct_mask_token"):  # pretraining trained them
+        assert any(not torch.equal(state[k], before[k]) for k in state if k.startswith(name)), name
+    # a fine-tuning model built from the pretrained weights fuses with exactly those tensors
+    ft = tiny(modality_dropout=0.0)
+    ft.load_state_dict(state)
+    for k in state:
+        if k.startswith(("ct_from_clinical", "clinical_from_ct")):
+            assert torch.equal(ft.state_dict()[k], state[k])
+    ft.eval()
+    with torch.no_grad():
+        ref = _reference_features(ft, batch, ft.ct_from_clinical, ft.ct_from_clinical_norm, ft.clinical_from_ct,
+                                  ft.clinical_from_ct_norm)
+    torch.testing.assert_close(_features(ft, batch), ref, rtol=1e-5, atol=1e-6)
+    # and perturbing a pretrained completion layer changes the fine-tuned risks
+    r0 = ft.predict(batch)["os"]
+    with torch.no_grad():
+        ft.ct_from_clinical.out_proj.weight.add_(0.5)
+    assert not torch.allclose(ft.predict(batch)["os"], r0)
+
+
+def test_fresh_fusion_option_ignores_the_pretrained_layers():
+    m = tiny(fusion_init="fresh", modality_dropout=0.0).eval()
+    batch = make_batch(5)
+    assert any(k.startswith("fuse_ct.") for k in m.state_dict())
+    with torch.no_grad():
+        ref = _reference_features(m, batch, m.fuse_ct, m.fuse_ct_norm, m.fuse_clinical, m.fuse_clinical_norm)
+    torch.testing.assert_close(_features(m, batch), ref, rtol=1e-5, atol=1e-6)
+    r0 = m.predict(batch)["pfs"]
+    with torch.no_grad():
+        for p in (*m.ct_from_clinical.parameters(), *m.clinical_from_ct.parameters()):
+            p.add_(1.0)
+    torch.testing.assert_close(m.predict(batch)["pfs"], r0)  # both modalities present: not used
+    # fine-tuning trains the fresh layers
+    m.train()
+    loss, _ = m.loss(batch, "finetune")
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fuse_ct.parameters())
+    with pytest.raises(ValueError, match="fusion_init"):
+        tiny(fusion_init="new")
+    with pytest.raises(ValueError, match="missing_modality"):
+        tiny(missing_modality="impute")
+    with pytest.raises(ValueError, match="full_mask_prob"):
+        tiny(full_mask_prob=1.5)
+
+
+def test_patient_without_ct_gets_completed_tokens():
+    m = tiny().eval()
+    batch = make_batch(4)
+    batch["ct_mask"] = torch.tensor([False, True, False, True])
+    e = m.config.embed_dim
+    feats = _features(m, batch)
+    # reference: mask tokens + positions completed from the clinical tokens, pooled
+    with torch.no_grad():
+        cli_tok, keys = m.clinical_encoder(batch["clinical"], batch["clinical_mask"])
+        ref = m.complete_ct(m.ct_mask_tokens(4), cli_tok, keys).mean(1)
+    torch.testing.assert_close(feats[[0, 2], :e], ref[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats[[0, 2], e:], cli_tok[[0, 2], 0], rtol=1e-5, atol=1e-6)  # no CT to attend to
+    # it depends on the clinical values
+    other = dict(batch, clinical=batch["clinical"].flip(0))
+    assert not torch.allclose(_features(m, other)[0, :e], feats[0, :e])
+    # zero-fill option: the earlier behaviour (zero CT pool, readout untouched), a different risk
+    zero = tiny(missing_modality="zero").eval()
+    zf = _features(zero, batch)
+    with torch.no_grad():
+        old = torch.cat([torch.zeros(4, e), zero.clinical_encoder(batch["clinical"], batch["clinical_mask"])[0][:, 0]], -1)
+    torch.testing.assert_close(zf[[0, 2]], old[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(zero.predict(batch)["pfs"][[0, 2]], m.predict(batch)["pfs"][[0, 2]])
+    torch.testing.assert_close(zero.predict(batch)["pfs"][[1, 3]], m.predict(batch)["pfs"][[1, 3]])
+
+
+def test_patient_without_clinical_record_gets_completed_values():
+    m = tiny()
+    batch = make_batch(4)
+    _pretrain_step(m, batch)
+    m.eval()
+    batch["clinical_mask"][[1, 2]] = False
+    out = m.predict(batch)
+    # reference: the pretrained path written out (fully masked record + cross-attention to the CT +
+    # graph decoder), its values then given to the model as an ordinary record
+    with torch.no_grad():
+        everything = torch.ones_like(batch["clinical_mask"])
+        tok, keys = m.clinical_encoder(torch.zeros_like(batch["clinical"]), everything, everything)
+        ct_tok = m.ct_encoder(batch["ct"])
+        tok = tok + m.clinical_from_ct(m.clinical_from_ct_norm(tok), ct_tok)
+        numeric, logits = m.decode_clinical(tok, keys)
+    values = torch.stack([numeric[:, i] if k == 0 else logits[i].argmax(1).float() for i, k in enumerate(CARDS)], 1)
+    assert all(0 <= values[:, i].min() and values[:, i].max() < k for i, k in enumerate(CARDS) if k)
+    filled = dict(batch, clinical=batch["clinical"].clone(), clinical_mask=batch["clinical_mask"].clone())
+    filled["clinical"][[1, 2]] = values[[1, 2]]
+    filled["clinical_mask"][[1, 2]] = True
+    ref = m.predict(filled)
+    for e in m.endpoints:
+        torch.testing.assert_close(out[e], ref[e], rtol=1e-5, atol=1e-6)
+    # the completed record depends on the CT; the record's own (absent) values never matter
+    with torch.no_grad():
+        assert not torch.allclose(m.complete_record(ct_tok.flip(0))[1], m.complete_record(ct_tok)[1])
+    garbage = dict(batch, clinical=torch.where(batch["clinical_mask"], batch["clinical"], torch.full_like(batch["clinical"], 7.0)))
+    torch.testing.assert_close(m.predict(garbage)["os"], out["os"])
+    zero = tiny(missing_modality="zero")
+    zero.load_state_dict(m.state_dict())  # the same weights, zero-filled
+    zero.eval()
+    assert not torch.allclose(zero.predict(batch)["os"][[1, 2]], out["os"][[1, 2]])
+    torch.testing.assert_close(zero.predict(batch)["os"][[0, 3]], out["os"][[0, 3]])
+    # fine-tuning on patients without a record trains the numeric reconstruction through the risk
+    m.train()
+    loss, _ = m.loss(dict(batch, clinical_mask=torch.zeros_like(batch["clinical_mask"])), "finetune")
+    loss.backward()
+    assert m.numeric_head.grad.abs().sum() > 0 and m.clinical_from_ct.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_completion_gradients():
+    """Without a CT, fine-tuning trains the completion path (mask token, positions, CT <- clinical
+    attention, clinical encoder) and not the CT encoder's blocks; zero-fill never uses the mask token."""
+    for mode in ("complete", "zero"):
+        m = tiny(missing_modality=mode, modality_dropout=0.0)
+        batch = make_batch(6)
+        batch["ct_mask"] = torch.zeros(6, dtype=torch.bool)
+        loss, _ = m.loss(batch, "finetune")
+        loss.backward()
+        used = m.ct_mask_token.grad is not None and m.ct_mask_token.grad.abs().sum() > 0
+        assert used == (mode == "complete")
+        if mode == "complete":
+            assert m.ct_encoder.embed.pos_embed.grad.abs().sum() > 0
+            assert all(p.grad.abs().sum() > 0 for p in m.ct_from_clinical.parameters())
+        assert all(p.grad is None for p in m.ct_encoder.blocks.parameters())
+        assert m.clinical_encoder.readout.grad.abs().sum() > 0
+
+
+def test_pretraining_masks_whole_modalities():
+    m = tiny(full_mask_prob=1.0)
+    batch = make_batch(4)
+    out = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], return_predictions=True)
+    assert out["ct_masked"].all()  # every CT token masked
+    assert torch.equal(out["clinical_masked"], batch["clinical_mask"])  # every present variable masked
+    # a fully masked CT is reconstructed from the clinical record alone: the voxels do not matter ...
+    vis = m.random_visible(4, torch.device("cpu"))
+    everything = torch.ones(4, dtype=torch.bool)
+    cm = torch.zeros_like(batch["clinical_mask"])
+    a = m.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], visible=vis,
+                          clinical_masked=cm, ct_all_masked=everything, return_predictions=True)
+    b = m.pretrain_losses(torch.randn_like(batch["ct"]), batch["clinical"], batch["clinical_mask"], visible=vis,
+                          clinical_masked=cm, ct_all_masked=everything, return_predictions=True)
+    torch.testing.assert_close(a["ct_pred"], b["ct_pred"])
+    # ... the clinical values do, and L_ct trains the completion path
+    c = m.pretrain_losses(batch["ct"], batch["clinical"].flip(0), batch["clinical_mask"].flip(0), visible=vis,
+                          clinical_masked=cm, ct_all_masked=everything, return_predictions=True)
+    assert not torch.allclose(a["ct_pred"], c["ct_pred"])
+    a["ct"].backward()
+    assert m.ct_mask_token.grad.abs().sum() > 0 and m.ct_from_clinical_norm.weight.grad.abs().sum() > 0
+    # the default draws whole-modality masks for some patients only; 0 never
+    full = m.random_clinical_mask(batch["clinical_mask"], full=torch.tensor([True, False, False, False]))
+    assert torch.equal(full[0], batch["clinical_mask"][0])
+    m0 = tiny(full_mask_prob=0.0)
+    for _ in range(5):
+        out = m0.pretrain_losses(batch["ct"], batch["clinical"], batch["clinical_mask"], return_predictions=True)
+        assert not out["ct_masked"].all(dim=1).any()
+
+
+def test_old_behaviour_via_options():
+    """fusion_init="fresh" + missing_modality="zero" is the fine-tuning forward of the CMML before
+    pretrained fusion (fresh fuse_* layers, zero CT pool without a CT, identity-only record tokens)."""
+    m = tiny(fusion_init="fresh", missing_modality="zero").eval()
+    batch = make_batch(5)
+    batch["ct_mask"] = torch.tensor([True, False, True, True, False])
+    batch["clinical_mask"][2] = False
+    with torch.no_grad():
+        cli_tok, keys = m.clinical_encoder(batch["clinical"], batch["clinical_mask"])
+        ct_tok = m.ct_encoder(batch["ct"])
+        ct2 = ct_tok + m.fuse_ct(m.fuse_ct_norm(ct_tok), cli_tok, key_mask=keys)
+        cli2 = cli_tok + m.fuse_clinical(m.fuse_clinical_norm(cli_tok), ct_tok)
+        has = batch["ct_mask"][:, None]
+        pool = torch.where(has, ct2.mean(1), torch.zeros_like(ct2[:, 0]))
+        readout = torch.where(has, cli2[:, 0], cli_tok[:, 0])
+        ref = m.risk_head(m.head_norm(torch.cat([pool, readout], -1)))
+    out = m.predict(batch)
+    torch.testing.assert_close(out["pfs"], ref[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["os"], ref[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_from_before_pretrained_fusion_fails_clearly(tmp_path):
+    path = save_model(tiny(), tmp_path / "new.pt")
+    payload = torch.load(path, weights_only=True)
+    state = payload["state_dict"]
+    state["decoder_mask_token"] = torch.zeros(TINY["decoder_dim"])  # the earlier layout
+    del state["ct_mask_token"]
+    for k, v in tiny(fusion_init="fresh").state_dict().items():
+        if k.startswith("fuse_"):
+            state[k] = v
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt.*before the pretrained fusion.*retrain"):
+        load_model(tmp_path / "old.pt")
