@@ -187,9 +187,10 @@ def main() -> None:
                   + " |")
     md += ["", "## A modality withheld at test time", "",
            "The same test patients with their CT (`ct_mask` False) or their whole clinical record "
-           "(`clinical_mask` all False) marked absent. `complete`: the absent modality's tokens are completed "
-           "from the other one through the pretrained cross-modal layers (mask tokens + positions -> "
-           "cross-attention); `zero`: a zero CT pool / a record of variable identities only (the earlier "
+           "(`clinical_mask` all False) marked absent. `complete`: the absent modality is completed from the "
+           "other one through the pretrained path (CT: mask tokens + positions -> cross-attention to the "
+           "record; record: a fully masked record -> cross-attention to the CT -> the graph decoder's "
+           "values); `zero`: a zero CT pool / a record of variable identities only (the earlier "
            "behaviour). Fine-tuning drops a whole modality for 10 % of the patients each "
            "(`modality_dropout`), filled the way the model's `missing_modality` says; the test-time fill "
            "is switched on the same weights. Also in `cmml_ablation_withholding.csv`.", "",
