@@ -161,7 +161,7 @@ def main() -> None:
     minutes = (time.time() - t0) / 60
     md = ["# CMML ablation on the synthetic survival cohort", "",
           f"`{command_line('cmml_ablation.py')}` (options as given; rows: {args.subset}; pretraining {args.pretrain_epochs} and "
-          f"fine-tuning {args.finetune_epochs} epochs, CT mask ratios {args.ratios}; {minutes:.1f} min on "
+          f"fine-tuning {args.finetune_epochs} epochs, CT mask ratios {args.ratios if args.subset == 'all' else default_ratio}; {minutes:.1f} min on "
           f"{args.threads} shared CPU threads). Same cohort, split and model size as `cmml_synthetic.md` "
           f"({len(test['ct'])} test patients). Pretraining always uses both modalities; \"CT only\" / "
           "\"clinical only\" fine-tune and test with the other modality marked absent (completed from the "
