@@ -34,7 +34,8 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
   + positions cross-attending to its clinical tokens, pooled like encoded CT tokens); a patient
   without any clinical value (``clinical_mask`` all False) gets the record that the pretrained path
   reconstructs from its CT (a fully masked record cross-attends to the CT tokens, the graph decoder
-  predicts every variable: numeric values, most likely codes), encoded like any record. ``"zero"`` is the earlier behaviour (zero CT pool; a record of variable identities only). During
+  predicts every variable: numeric values, most likely codes), encoded like any record.
+  ``"zero"`` is the earlier behaviour (zero CT pool; a record of variable identities only). During
   fine-tuning a whole modality is dropped per patient with probability ``modality_dropout``, so
   the head learns from completed modalities too.
 * Survival probabilities: ``fit_baseline`` estimates a Breslow baseline hazard on the training
