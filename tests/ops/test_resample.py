@@ -41,7 +41,7 @@ def _run(fn, volume: np.ndarray, device: str, *args, **kwargs) -> np.ndarray:
         else:
             out = fn(volume, *args, **kwargs)
             assert isinstance(out, np.ndarray)
-    assert launches[f"resample.{which}_boxes"] >= 1, dict(launches)
+    assert launches[f"{fn.__name__}.{which}_forward"] >= 1, dict(launches)
     return out
 
 

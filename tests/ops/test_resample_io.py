@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lungcore.ops import resample_volume, resampled_affine, resampled_shape
-from lungcore.ops.resample import _kernel_names, cuda_source_dir
+from lungcore.cuda_kernels.resample import cuda_source_dir, kernel_names as _kernel_names
 
 ndi = pytest.importorskip("scipy.ndimage")
 ROOT = Path(__file__).resolve().parents[2]
