@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import rel_error as rel
+from _tolerance import tolerance
 
 from lungcore.backend import count_launches
 from lungcore.ops import masked_cross_attention, masked_cross_attention_reference
@@ -15,16 +17,8 @@ FWD, DQ, DKDV = ("masked_cross_attention.forward", "masked_cross_attention.backw
                  "masked_cross_attention.backward_dkdv")
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "NaN/inf in result"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if b.norm() > 0 else float(a.norm())
-
-
 def tol(dtype: torch.dtype, device: str) -> float:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 2e-2
-    return 2e-3 if device == "cuda" else 1e-5  # tf32 tl.dot on GPU
+    return tolerance(dtype, dot=True, device=device)  # tf32 tl.dot on a GPU
 
 
 def make(gen, shape_q, lk, dtype=torch.float64):

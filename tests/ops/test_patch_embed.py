@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import rel_error, tolerance
 
 from lungcore.backend import count_launches, use_backend
 from lungcore.ops import patch_embed3d, patch_embed3d_reference
@@ -15,15 +16,10 @@ KERNELS = ("patch_embed3d.forward", "patch_embed3d.grad_weight", "patch_embed3d.
 
 
 def _tol(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32:
-        return 2e-3 if device == "cuda" else 1e-5   # tf32 tl.dot on a GPU (DESIGN tolerances)
-    return 2e-2
+    return tolerance(dtype, dot=True, device=device)  # tf32 tl.dot on a GPU
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite values"
-    out, ref = out.detach(), ref.detach()
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+_rel = rel_error
 
 
 def _visible(rng, B: int, N: int, T: int, device: str, dtype=torch.int64) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tolerance import rel_error, tolerance
 
 from lungcore import backend as lc_backend
 from lungcore.ops import crop_starts, resample_crop, resample_volume, resampled_affine, resampled_shape
@@ -52,8 +53,7 @@ def _scipy_resample(volume: np.ndarray, old, new, order: int) -> np.ndarray:
                                 output_shape=shape, order=order, mode="nearest")
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+_rel = rel_error
 
 
 @pytest.mark.parametrize("old,new", SPACINGS)

@@ -147,21 +147,33 @@ def test_cuda_sources_ship_in_the_package(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "lungcore" / "_cuda" / "resample.cu").is_file()
     assert (tmp_path / "lungcore" / "ops" / "resample.py").is_file()
+    assert (tmp_path / "lungcore" / "cuda_kernels" / "resample.py").is_file()
 
 
-def test_monai_spacing_peer_agrees_on_extent(rng):
-    """MONAI Spacing (the slow peer) gives the same values in the interior for an axis-aligned volume."""
+def test_monai_spacing_peer_agrees_on_values(rng):
+    """MONAI Spacing (the slow peer) and lungcore both sample a linear field exactly at their own
+    grids (trilinear is exact on linear data): lungcore's voxel-centre-aligned grid (DESIGN.md),
+    MONAI's first-voxel-anchored one (one slice fewer), both with edge clamping."""
     pytest.importorskip("monai")
     from monai.data import MetaTensor
     from monai.transforms import Spacing
 
-    volume = (rng.normal(size=(8, 20, 20)) * 100).astype(np.float32)
-    old = (2.0, 0.5, 0.5)
+    n, old = (8, 20, 20), (2.0, 0.5, 0.5)
+    coef = rng.normal(size=3) * 10
+    field = lambda z, y, x: coef[0] * z + coef[1] * y + coef[2] * x + 5.0  # noqa: E731
+    volume = field(*np.meshgrid(*(np.arange(k, dtype=np.float64) for k in n), indexing="ij")).astype(np.float32)
     out = resample_volume(volume, old, 1.0)
     image = MetaTensor(torch.from_numpy(volume)[None], affine=torch.diag(torch.tensor([*old, 1.0], dtype=torch.float64)))
-    monai_out = Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear", padding_mode="border")(image)
-    assert tuple(monai_out.shape[1:]) == (15, 10, 10)  # MONAI keeps the first voxel centre: one slice fewer
-    assert out.shape == (16, 10, 10)
+    monai_out = Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear", padding_mode="border")(image)[0].numpy()
+    assert monai_out.shape == (15, 10, 10) and out.shape == (16, 10, 10)
+    s = 1.0 / np.asarray(old)
+
+    def expected(shape, first):  # input index of output index j on each axis, clamped to the voxel centres
+        axes = [np.clip(first[a] + s[a] * np.arange(shape[a]), 0, n[a] - 1) for a in range(3)]
+        return field(*np.meshgrid(*axes, indexing="ij"))
+
+    np.testing.assert_allclose(out, expected(out.shape, 0.5 * s - 0.5), atol=1e-3)
+    np.testing.assert_allclose(monai_out, expected(monai_out.shape, np.zeros(3)), atol=1e-3)
 
 
 HOST_HARNESS = r"""
