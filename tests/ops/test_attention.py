@@ -349,3 +349,25 @@ def test_memory_is_linear_in_length_on_gpu(backend):
     extra = torch.cuda.max_memory_allocated() - base
     inputs = 3 * q.numel() * q.element_size()
     assert extra < 4 * inputs, (extra, inputs)  # out, grads, lse, delta: a few input sizes, not L^2
+
+
+def test_each_backend_runs_what_it_names(monkeypatch):
+    """reference -> masked_cross_attention_reference; torch -> SDPA; triton refuses float64."""
+    import lungcore.ops.attention as module
+    from lungcore.backend import use_backend
+
+    calls = []
+    real = module.masked_cross_attention_reference
+    monkeypatch.setattr(module, "masked_cross_attention_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make(gen, (2, 2, 5, 8), 7, dtype=torch.float32)
+    km = torch.rand(2, 7, generator=gen) < 0.7
+    with use_backend("reference"):
+        ref = masked_cross_attention(q, k, v, km)
+    assert calls == [1]
+    with use_backend("torch"), count_launches() as launches:
+        fast = masked_cross_attention(q, k, v, km)
+    assert calls == [1] and not launches
+    assert rel(fast, ref) < tolerance(torch.float32)
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        masked_cross_attention(q.double(), k.double(), v.double(), km)
