@@ -18,6 +18,8 @@
 // Limits: 3-D volumes of int8/uint8/int16/uint16/int32/float32/float64 with any strides;
 // output C-contiguous (N, D, H, W) of float32/float64 or the input dtype. Non-finite output
 // values (NaN/inf in the sampled input) are reported to the caller, which raises.
+// Backward (resample_boxes_backward, spline_prefilter3_adjoint): the transpose, without atomics
+// (threads own input z-planes), float32/float64; it writes a dense gradient of the whole volume.
 #include "bindings.h"
 
 #include <pybind11/stl.h>

@@ -21,6 +21,12 @@
 // saturate. A non-finite result sets *bad (the caller raises).
 // Limits: int8/uint8/int16/uint16/int32/float32/float64 input with any element strides,
 // C-contiguous (N, D, H, W) output of float32/float64 or the input type; H <= 65535.
+// Backward (lungcore_resample_boxes_backward, float32/float64): the forward's transpose, same
+// launch shape, each box voxel's gradient atomicAdd-ed onto its K^3 taps of a zeroed C-contiguous
+// gradient volume (reads the box gradient once, the sampled volume again only with a window;
+// float atomics: reruns agree to rounding, not bit for bit); order 3 then runs
+// lungcore_spline_prefilter3_adjoint along the axes in reverse. lc_sample_backward and
+// lc_prefilter_line_adjoint are host+device: the tests run them on the CPU against the C++ core.
 
 #if defined(__CUDACC_RTC__) || defined(__CUDA_ARCH__)
 #define LC_DMUL(a, b) __dmul_rn(a, b)
