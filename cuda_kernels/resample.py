@@ -90,8 +90,9 @@ def _launch_shape(n_box: int, d: int, h: int, w: int):
 
 
 def boxes(vol: torch.Tensor, starts: np.ndarray, size, grid, scale, offset, order: int, fill: float,
-          window, out_dtype: torch.dtype, op: str) -> tuple[torch.Tensor, bool]:
-    """Resample the boxes of ``vol`` (CUDA; any element strides); returns (out, all values finite)."""
+          window, out_dtype: torch.dtype, op: str, flips=()) -> tuple[torch.Tensor, bool]:
+    """Resample the boxes of ``vol`` (CUDA; any element strides) read mirrored along ``flips``
+    (a negative-stride view, no copy); returns (out, all values finite)."""
     n_box = int(starts.shape[0])
     out = torch.empty((n_box, *size), dtype=out_dtype, device=vol.device)
     if out.numel() == 0:
@@ -103,8 +104,11 @@ def boxes(vol: torch.Tensor, starts: np.ndarray, size, grid, scale, offset, orde
         shape, geometry = _geometry(vol, starts, grid, scale, offset)
         lo, hi = window if window is not None else (0.0, 1.0)
         i64 = np.int64
-        args = (cupy.from_dlpack(vol.detach()), cupy.from_dlpack(out), cupy.asarray(starts.astype(np.int64)),
-                i64(n_box), *(i64(v) for v in size), *shape[:3], *(i64(s) for s in vol.stride()), *shape[3:],
+        src = cupy.from_dlpack(vol.detach())
+        src = cupy.flip(src, axis=tuple(flips)) if flips else src
+        args = (src, cupy.from_dlpack(out), cupy.asarray(starts.astype(np.int64)),
+                i64(n_box), *(i64(v) for v in size), *shape[:3], *(i64(s // src.itemsize) for s in src.strides),
+                *shape[3:],
                 *geometry, np.int32(order), np.float64(fill), np.int32(window is not None), np.float64(lo),
                 np.float64(hi), bad)
         kernel(grid_dims, block, args)

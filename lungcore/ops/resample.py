@@ -299,11 +299,12 @@ class _CppKernels:
     """The C++ kernels of csrc/cpu/resample.cpp on CPU tensors (numpy views share their memory)."""
 
     @staticmethod
-    def boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op):
+    def boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, flips=()):
         from lungcore import _C
 
         out = torch.empty((starts.shape[0], *size), dtype=out_dtype)
-        finite = _C.resample_boxes(vol.numpy(), out.numpy(), starts, tuple(grid), tuple(scale), tuple(offset),
+        array = np.flip(vol.numpy(), axis=tuple(flips)) if flips else vol.numpy()  # a view: the kernel takes any strides
+        finite = _C.resample_boxes(array, out.numpy(), starts, tuple(grid), tuple(scale), tuple(offset),
                                    order, fill, window, _cpu_threads())
         backend.record_launch(f"{op}.cpu_forward")
         return out, finite
@@ -371,12 +372,17 @@ def _spline_coefficients(vol: torch.Tensor, out_dtype: torch.dtype, which: str, 
     return coef
 
 
-def _forward(which, vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op) -> torch.Tensor:
+def _forward(which, vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op,
+             flips: Sequence[int] = ()) -> torch.Tensor:
+    """The boxes of ``vol`` flipped along ``flips`` (a numpy/CuPy view with negative strides, sampled
+    in place by the kernels: no copy)."""
     kern_out = torch.float32 if out_dtype in _KERNEL_OUT else out_dtype
-    if order == 3:
-        vol = _spline_coefficients(vol, kern_out, which, op)
+    if order == 3:  # the coefficients are a new array anyway
+        vol = _spline_coefficients(vol.flip(list(flips)) if flips else vol, kern_out, which, op)
         offset = tuple(o + _SPLINE_PAD for o in offset)
-    out, finite = _kernels(which).boxes(vol, starts, size, grid, scale, offset, order, fill, window, kern_out, op)
+        flips = ()
+    out, finite = _kernels(which).boxes(vol, starts, size, grid, scale, offset, order, fill, window, kern_out, op,
+                                        tuple(flips))
     if not finite:
         raise ValueError("volume holds NaN or inf values where it is sampled")
     return out.to(out_dtype)
@@ -411,20 +417,24 @@ def _checked(out: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("lungcore::resample_boxes", mutates_args=())
 def _resample_boxes_op(volume: torch.Tensor, starts: list[int], size: list[int], grid: list[int],
                        scale: list[float], offset: list[float], order: int, fill: float,
-                       window: Optional[list[float]], out_dtype: torch.dtype, op: str) -> torch.Tensor:
+                       window: Optional[list[float]], out_dtype: torch.dtype, op: str,
+                       flips: list[int]) -> torch.Tensor:
+    """``flips``: axes along which ``volume`` is read mirrored (numpy/CuPy views with negative
+    strides arrive as their positive-stride base plus these axes; never set for autograd inputs)."""
     st = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
     win = None if window is None else (float(window[0]), float(window[1]))
     which = backend.backend_for(op, volume.device)
     if which == "reference":
+        volume = volume.flip(flips) if flips else volume
         return _checked(_boxes_reference(volume, st, size, grid, scale, offset, order, fill, win, out_dtype),
                         volume.dtype)
     host = volume.detach() if which == "cupy" else volume.detach().cpu()  # "cpu" forced on a CUDA tensor
-    out = _forward(which, host, st, size, grid, scale, offset, order, fill, win, out_dtype, op)
+    out = _forward(which, host, st, size, grid, scale, offset, order, fill, win, out_dtype, op, flips)
     return out.to(volume.device)
 
 
 @_resample_boxes_op.register_fake
-def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype, op):
+def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, flips):
     return volume.new_empty((len(starts) // 3, *size), dtype=out_dtype)
 
 
@@ -450,7 +460,9 @@ def _(grad, volume, starts, grid, scale, offset, order, window, op):
 
 
 def _setup_context(ctx, inputs, output):
-    volume, starts, size, grid, scale, offset, order, fill, window, _, op = inputs
+    volume, starts, size, grid, scale, offset, order, fill, window, _, op, flips = inputs
+    if flips and volume.requires_grad:
+        raise RuntimeError("resample: flipped views are numpy/CuPy inputs only (not differentiable)")
     ctx.params = (starts, grid, scale, offset, order, window, op)
     ctx.save_for_backward(volume)  # shape/dtype always; its values only with a window
 
@@ -458,7 +470,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, grad):
     (volume,) = ctx.saved_tensors
     if not volume.dtype.is_floating_point:
-        return (None,) * 11
+        return (None,) * 12
     starts, grid, scale, offset, order, window, op = ctx.params
     if backend.backend_for(op, grad.device) == "reference":  # the oracle's own autograd, in float64
         with torch.enable_grad():
@@ -466,17 +478,18 @@ def _backward_rule(ctx, grad):
             out = _boxes_reference(probe, np.asarray(starts, np.int64).reshape(-1, 3), grad.shape[1:], grid, scale,
                                    offset, order, 0.0, None if window is None else tuple(window), torch.float64)
             (g,) = torch.autograd.grad(out, probe, grad.to(torch.float64))
-        return (g.to(volume.dtype),) + (None,) * 10
-    return (_resample_boxes_backward_op(grad, volume, *ctx.params),) + (None,) * 10
+        return (g.to(volume.dtype),) + (None,) * 11
+    return (_resample_boxes_backward_op(grad, volume, *ctx.params),) + (None,) * 11
 
 
 _resample_boxes_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public functions
-def _as_tensor(volume: Any) -> tuple[torch.Tensor, str]:
-    """``volume`` as a 3-D torch tensor of a dtype the kernels read, sharing memory where it can,
-    and its kind ("torch", "numpy", "cupy") to convert the result back."""
+def _as_tensor(volume: Any) -> tuple[torch.Tensor, str, list[int]]:
+    """``volume`` as a 3-D torch tensor of a dtype the kernels read, sharing memory where it can;
+    its kind ("torch", "numpy", "cupy") to convert the result back; and the axes along which a
+    numpy/CuPy view runs backwards (negative strides: the tensor is its unflipped base, no copy)."""
     if isinstance(volume, torch.Tensor):
         kind = "torch"
         if type(volume) is not torch.Tensor:  # e.g. MONAI MetaTensor: its affine would be stale after resampling
@@ -492,18 +505,17 @@ def _as_tensor(volume: Any) -> tuple[torch.Tensor, str]:
     if min(volume.shape) < 1:
         raise ValueError(f"volume must not be empty, got shape {tuple(volume.shape)}")
     read = checks.volume_dtype("volume", volume.dtype)
-    if kind == "numpy":
-        if volume.dtype != read:
-            volume = volume.astype(read)
-        if any(s < 0 or s % volume.itemsize for s in volume.strides):  # torch views need positive element strides
-            volume = np.ascontiguousarray(volume)
-        return torch.from_numpy(volume), kind
-    if kind == "cupy":
-        if volume.dtype != read:
-            volume = volume.astype(read)
-        volume = torch.from_dlpack(volume)
-    target = _torch_dtype(read)
-    return (volume if volume.dtype == target else volume.to(target)), kind
+    if kind == "torch":
+        target = _torch_dtype(read)
+        return (volume if volume.dtype == target else volume.to(target)), kind, []
+    if volume.dtype != read:
+        volume = volume.astype(read)
+    if any(s % volume.itemsize for s in volume.strides):
+        volume = volume.copy()
+    flips = [a for a in range(3) if volume.strides[a] < 0]
+    if flips:  # e.g. preprocess.canonical_orientation's flipped views: the base, read mirrored
+        volume = volume[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+    return (torch.from_numpy(volume) if kind == "numpy" else torch.from_dlpack(volume)), kind, flips
 
 
 def _from_tensor(out: torch.Tensor, kind: str) -> Any:
@@ -521,7 +533,7 @@ def _run(volume: Any, centers: Any, size: Any, spacing: Any, new_spacing: Any, o
     order = checks.interpolation_order("order", order)
     fill = checks.finite_number("fill", fill)
     window = checks.hu_window("window", window)
-    vol, kind = _as_tensor(volume)
+    vol, kind, flips = _as_tensor(volume)
     grid, scale, offset = _grid(vol.shape, spacing, new_spacing)
     odt = _out_dtype(out_dtype, volume.dtype, order, window, kind)
     if centers is None:  # the whole volume: one box covering the full grid
@@ -533,7 +545,7 @@ def _run(volume: Any, centers: Any, size: Any, spacing: Any, new_spacing: Any, o
         starts = crop_starts(centers, vol.shape, spacing, new_spacing, size)
     out = torch.ops.lungcore.resample_boxes(vol, starts.reshape(-1).tolist(), list(size), list(grid), list(scale),
                                             list(offset), order, fill, None if window is None else list(window),
-                                            odt, op)
+                                            odt, op, flips)
     return _from_tensor(out, kind)
 
 
