@@ -4,9 +4,10 @@ The extension is plain pybind11 over the numpy buffer protocol: it is never link
 libtorch, so one build serves every torch version. Every ``csrc/**/*.cpp`` file is compiled in;
 a file registers its Python bindings itself (``LUNGCORE_BINDINGS`` in ``csrc/bindings.h``), so
 adding an op never edits a shared list. CUDA sources under ``csrc/cuda`` are not built here: they
-are compiled at run time through CuPy (NVRTC); they ship as package data of ``lungcore._cuda``
-(a package_dir mapping of csrc/cuda), so a wheel carries them and an editable install finds them
-in the checkout.
+are compiled at run time through CuPy (NVRTC) by their launchers in ``cuda_kernels/`` (installed
+as ``lungcore.cuda_kernels``, beside ``triton_kernels/`` -> ``lungcore.triton_kernels``); they ship
+as package data of ``lungcore._cuda`` (a package_dir mapping of csrc/cuda), so a wheel carries them
+and an editable install finds them in the checkout.
 
     pip install -e .            # g++ (with OpenMP) is all it needs; no CUDA toolkit, no GPU
 """
@@ -71,9 +72,11 @@ setup(
         "lungcore.metrics",
         "lungcore.train",
         "lungcore.triton_kernels",
+        "lungcore.cuda_kernels",
         "lungcore._cuda",
     ],
-    package_dir={"lungcore.triton_kernels": "triton_kernels", "lungcore._cuda": "csrc/cuda"},
+    package_dir={"lungcore.triton_kernels": "triton_kernels", "lungcore.cuda_kernels": "cuda_kernels",
+                 "lungcore._cuda": "csrc/cuda"},
     package_data={"lungcore._cuda": ["*.cu", "*.cuh"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},

@@ -17,7 +17,7 @@ What it does
      spills = LOCAL / 4 bytes), shared memory from the compiled metadata, and the tensor-core
      instruction from the PTX (``wgmma``, ``mma`` or none).
   4. Compiles ``csrc/cuda/resample.cu`` with nvcc (``-arch=sm_<arch> -cubin``) for every
-     instantiation CuPy asks NVRTC for (``lungcore.ops.resample._kernel_names``), and with NVRTC
+     instantiation CuPy asks NVRTC for (``lungcore.cuda_kernels.resample.kernel_names``), and with NVRTC
      itself (CuPy's name expressions, ``--std=c++14``) when the ``nvidia-cuda-nvrtc`` wheel is
      installed.
   5. Writes ``aot.json`` and ``aot.md`` (one row per kernel x dtype x config: registers, spills,
@@ -465,14 +465,14 @@ def resident_blocks(registers: int, shared: int, num_warps: int, arch: int) -> i
 
 # ------------------------------------------------------------------------------- CUDA C++
 def _resample_names() -> list[str]:
-    from lungcore.ops.resample import _kernel_names
+    from lungcore.cuda_kernels.resample import kernel_names
 
-    return _kernel_names()
+    return kernel_names()
 
 
 def cuda_cpp(arch: int, workdir: str) -> list[dict]:
     """resample.cu through nvcc (-cubin) and NVRTC (when installed): one row per instantiation."""
-    from lungcore.ops.resample import cuda_source_dir
+    from lungcore.cuda_kernels.resample import cuda_source_dir
 
     source = cuda_source_dir() / "resample.cu"
     names = _resample_names()

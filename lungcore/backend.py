@@ -1,13 +1,14 @@
 """Backend selection: which implementation of an op runs for a given device.
 
 Backends:
-    ``reference``  the plain-PyTorch / Python oracle beside every op (always available)
+    ``reference``  the plain-PyTorch / Python oracle beside every op, ``X_reference`` (always available)
+    ``torch``      a fast path written in PyTorch (SDPA, oneDNN's Conv3d) where one beats the oracle
     ``triton``     the fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)
     ``cpu``        the C++/OpenMP core in ``lungcore._C``
     ``cupy``       CUDA C++ compiled at run time through CuPy (volume ops)
 
-Automatic choice: CUDA tensors -> Triton (or CuPy for volumes); CPU tensors -> the C++ core where
-the op has one, else the reference. ``LUNGCORE_BACKEND=reference|triton|cpu|cupy`` (or the
+Automatic choice: CUDA tensors -> Triton (or CuPy for volumes); CPU tensors -> the C++ core or the
+``torch`` path where the op has one, else the reference. ``LUNGCORE_BACKEND=reference|torch|triton|cpu|cupy`` (or the
 :func:`use_backend` context manager) forces a backend for every op that implements it; ops that
 do not implement the forced backend keep their automatic choice, and :func:`count_launches`
 tells a test which kernels really ran.
@@ -32,7 +33,7 @@ from typing import Iterator
 
 from lungcore.triton_kernels import _launch
 
-BACKENDS = ("reference", "triton", "cpu", "cupy")
+BACKENDS = ("reference", "torch", "triton", "cpu", "cupy")
 _DEFAULT_PREFERENCE = {"cuda": ("triton", "cupy", "reference"), "cpu": ("cpu", "reference")}
 
 
@@ -132,7 +133,7 @@ def forced_backend() -> str | None:
 
 
 def _available(backend: str, device_type: str) -> bool:
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         return True
     if backend == "triton":
         return triton_importable() and (device_type == "cuda" or interpreting())

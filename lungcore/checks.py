@@ -20,20 +20,25 @@ import torch
 ArrayLike = Any  # numpy array, torch tensor (CPU or CUDA), CuPy array, or a sequence
 
 
+def to_host(name: str, values: ArrayLike, dtype: Any = None) -> np.ndarray:
+    """``values`` as a numpy array on the host: torch tensors (detached, copied from CUDA), CuPy
+    arrays, numpy arrays and (nested) sequences; ``TypeError`` naming ``name`` otherwise."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu").numpy()
+    elif hasattr(values, "__cuda_array_interface__") and hasattr(values, "get"):
+        values = values.get()  # CuPy
+    try:
+        return np.asarray(values, dtype=dtype)
+    except Exception as exc:  # ragged lists, strings, unconvertible objects
+        raise TypeError(f"{name} must be array-like numbers, got {type(values).__name__}") from exc
+
+
 def host_1d(name: str, values: ArrayLike, dtype: type = np.float64) -> np.ndarray:
     """``values`` as a contiguous 1-D numpy array of ``dtype`` on the host.
 
     Accepts numpy arrays, torch tensors (detached, copied from CUDA), CuPy arrays and sequences.
     """
-    if isinstance(values, torch.Tensor):
-        array = values.detach().to("cpu").numpy()
-    elif hasattr(values, "__cuda_array_interface__") and hasattr(values, "get"):
-        array = values.get()  # CuPy
-    else:
-        try:
-            array = np.asarray(values)
-        except Exception as exc:  # ragged lists, unconvertible objects
-            raise TypeError(f"{name} must be array-like, got {type(values).__name__}") from exc
+    array = to_host(name, values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
@@ -136,3 +141,129 @@ def one_of(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def finite_number(name: str, value: Any) -> float:
+    """``value`` as a finite float; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a number, got {value!r}") from exc
+    if not np.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+# ----------------------------------------------------------------------------------------------
+# volumes and grids (resample_volume, resample_crop, the data layer)
+
+def spacing3(name: str, value: Any, allow_scalar: bool = False) -> tuple[float, float, float]:
+    """Voxel spacing (z, y, x) in mm: 3 finite numbers > 0 (or one number when ``allow_scalar``).
+
+    Example:
+        >>> spacing3("new_spacing", 1.0, allow_scalar=True)
+        (1.0, 1.0, 1.0)
+    """
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be 3 numbers (z, y, x) in mm, got {value!r}")
+    arr = to_host(name, value, dtype=np.float64)
+    if arr.ndim == 0:
+        if not allow_scalar:
+            raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got a scalar {value!r}")
+        arr = np.full(3, float(arr))
+    if arr.shape != (3,):
+        raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be finite and > 0 on every axis, got {tuple(arr.tolist())}")
+    return (float(arr[0]), float(arr[1]), float(arr[2]))
+
+
+def size3(name: str, value: Any) -> tuple[int, int, int]:
+    """3 positive integers (D, H, W), or one int for a cube.
+
+    Example:
+        >>> size3("size", 16)
+        (16, 16, 16)
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value, value)
+    try:
+        sizes = tuple(int(v) for v in value)
+        whole = all(float(v) == int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be 3 positive integers (D, H, W), got {value!r}") from exc
+    if len(sizes) != 3 or not whole or min(sizes) < 1:
+        raise ValueError(f"{name} must be 3 positive integers (D, H, W) in output voxels, got {value!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
+    """(N, 3) float64 voxel indices (z, y, x) inside a volume of ``shape`` ([-0.5, n - 0.5] per axis);
+    a single point (3,) becomes (1, 3). The error names the first bad row."""
+    points = to_host(name, value, dtype=np.float64)
+    if points.ndim == 1 and points.shape[0] == 3:
+        points = points[None]
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3) (z, y, x input voxel indices), got {points.shape}")
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"{name}[{i}] is {points[i].tolist()}: {name} must be finite")
+    n = np.asarray(shape, dtype=np.float64)
+    outside = ((points < -0.5) | (points > n - 0.5)).any(axis=1)
+    if outside.any():
+        i = _first_bad(outside)
+        raise ValueError(f"{name}[{i}] = {points[i].tolist()} lies outside the volume of shape {tuple(shape)} "
+                         f"(valid input indices are [-0.5, n - 0.5] per axis)")
+    return points
+
+
+def hu_window(name: str, value: Any) -> tuple[float, float] | None:
+    """``None`` or a finite (low, high) HU window with low < high."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be (low, high) in HU, got {value!r}") from exc
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(f"{name} must be finite (low, high) with low < high, got {value!r}")
+    return lo, hi
+
+
+def interpolation_order(name: str, value: Any) -> int:
+    """0 (nearest), 1 (linear) or 3 (cubic B-spline); bools are refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be one of (0, 1, 3), got {value!r}")
+    return int(one_of(name, value, (0, 1, 3)))
+
+
+# the dtypes the volume kernels read, and what other inputs become first
+VOLUME_DTYPES = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64))
+_VOLUME_PROMOTE = {np.dtype(np.bool_): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
+
+
+def volume_dtype(name: str, dtype: Any) -> np.dtype:
+    """The numpy dtype a volume kernel reads for a volume of ``dtype`` (numpy or torch; bool ->
+    uint8, float16/bfloat16 -> float32); ``TypeError`` for anything else."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return np.dtype(np.float32)
+    dt = numpy_dtype(name, dtype)
+    dt = _VOLUME_PROMOTE.get(dt, dt)
+    if dt not in VOLUME_DTYPES:
+        raise TypeError(f"{name} dtype must be one of int8, uint8, int16, uint16, int32, float16, bfloat16, "
+                        f"float32, float64 or bool, got {dtype}")
+    return dt
+
+
+def numpy_dtype(name: str, dtype: Any) -> np.dtype:
+    """``dtype`` (numpy or torch) as a numpy dtype; ``TypeError`` naming ``name`` when it has none
+    (torch.bfloat16 has no numpy twin)."""
+    try:
+        if isinstance(dtype, torch.dtype):
+            return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+        return np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a numpy or torch dtype with a numpy equivalent, got {dtype!r}") from exc

@@ -56,7 +56,10 @@ def _info(args: argparse.Namespace) -> int:
         "cpp_extension": backend.cpp_available(),
         "cupy_device": backend.cupy_available(),
         "forced_backend": backend.forced_backend(),
-        "ops": {op: {d: backend.backend_for(op, d) for d in devices} for op in sorted(backend.registered_ops())},
+        # per op, from the one registry: the backends it implements, then the one chosen per device
+        "ops": {op: {"backends": [b for b in backend.BACKENDS if b in info.backends],
+                     **{d: backend.backend_for(op, d) for d in devices}}
+                for op, info in sorted(backend.registered_ops().items())},
     }
     if backend.cpp_available():
         from lungcore import _C
@@ -70,9 +73,10 @@ def _info(args: argparse.Namespace) -> int:
                 "openmp_threads", "cupy_device", "forced_backend"):
         if key in report:
             print(f"  {key:18s} {report[key]}")
-    print("  backend per op:")
-    for op, per_device in report["ops"].items():
-        print(f"    {op:28s} " + "  ".join(f"{d}: {b}" for d, b in per_device.items()))
+    print(f"    {'op':26s} {'backends (implemented)':35s} chosen now")
+    for op, entry in report["ops"].items():
+        chosen = "  ".join(f"{d}: {entry[d]}" for d in devices)
+        print(f"    {op:26s} {', '.join(entry['backends']):35s} {chosen}")
     return 0
 
 

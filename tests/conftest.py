@@ -11,13 +11,18 @@
 from __future__ import annotations
 
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# test helpers shared across folders (tests/_tolerance.py) import as top-level modules
+sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -20,7 +20,7 @@ _counts: Counter[str] = Counter()
 
 
 def record(kernel: str, n: int = 1) -> None:
-    """Count ``n`` launches of ``kernel`` (e.g. ``"cox.forward"``)."""
+    """Count ``n`` launches of ``kernel`` (``"<op>.<kernel>"``, e.g. ``"cox_ph_loss.scan_apply"``)."""
     with _lock:
         _counts[kernel] += n
 

@@ -387,16 +387,16 @@ def _scan(mode: int, reverse: bool, tensors: dict, n: int, block: int, flags: di
     warps = _warps(block, acc_torch)
     _scan_aggregate_kernel[(nb,)](*args, agg, n, nb, num_warps=warps,
                                  enable_fp_fusion=FP_FUSION, **meta)
-    record("cox.scan_aggregate")
+    record("cox_ph_loss.scan_aggregate")
     # padded lanes of the carry scan are identities, so a minimum width costs nothing
     cb = (min(1024, max(32, triton.next_power_of_2(nb))) if multiprocessors(tensors["perm"].device)
           else min(64, triton.next_power_of_2(nb)))
     _scan_carry_kernel[(1,)](agg, incl, nb, REVERSE=reverse, ACC=acc_tl, CB=cb, num_warps=4,
                              enable_fp_fusion=FP_FUSION)
-    record("cox.scan_carry")
+    record("cox_ph_loss.scan_carry")
     _scan_apply_kernel[(nb,)](*args, incl, out if out is not None else tensors["stats"], n, nb,
                               num_warps=warps, enable_fp_fusion=FP_FUSION, **meta)
-    record("cox.scan_apply")
+    record("cox_ph_loss.scan_apply")
 
 
 def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None, event: torch.Tensor,
@@ -429,7 +429,7 @@ def cox_forward(risk: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | N
     _loss_kernel[(nb,)](risk_s, t["shift"], perm, t["w"], ev_s, start_of, stats, usum, out, n, nb,
                         HAS_W=weight is not None, EFRON=efron, REDUCE=reduce, ACC=acc_tl, BLOCK=block,
                         num_warps=_warps(block, acc_torch), enable_fp_fusion=FP_FUSION)
-    record("cox.loss")
+    record("cox_ph_loss.loss")
     if reduce:
         return out[:nb].sum(), out[nb:].sum(), stats
     return out, None, stats

@@ -18,6 +18,8 @@
 // Limits: 3-D volumes of int8/uint8/int16/uint16/int32/float32/float64 with any strides;
 // output C-contiguous (N, D, H, W) of float32/float64 or the input dtype. Non-finite output
 // values (NaN/inf in the sampled input) are reported to the caller, which raises.
+// Backward (resample_boxes_backward, spline_prefilter3_adjoint): the transpose, without atomics
+// (threads own input z-planes), float32/float64; it writes a dense gradient of the whole volume.
 #include "bindings.h"
 
 #include <pybind11/stl.h>
@@ -143,6 +145,64 @@ inline int max_threads() {
 #endif
 }
 
+// The interpolated values v[0..W) of output row (kz, ky) of one box (before fill and window):
+// the K*K input rows it needs are first blended over the x-range the box touches (contiguous,
+// vectorised), then interpolated along x from that row buffer `rw` (length n[2] + 1) in L1.
+// Shared by the forward and by the backward (which needs v where a window may clamp).
+template <typename In, typename Acc>
+inline void sample_row(const In* src, const std::array<AxisTable<Acc>, 3>& t, int64_t kz, int64_t ky, int64_t W,
+                       int64_t sz, int64_t sy, int64_t sx, Acc* rw, Acc* v) {
+    const auto& tz = t[0];
+    const auto& ty = t[1];
+    const auto& tx = t[2];
+    const int K = tx.K;
+    const int64_t* ix = tx.idx.data();
+    const Acc* wx = tx.w.data();
+    const int64_t* iz = &tz.idx[kz * K];
+    const int64_t* iy = &ty.idx[ky * K];
+    const Acc* wz = &tz.w[kz * K];
+    const Acc* wy = &ty.w[ky * K];
+    const int64_t x0 = tx.lo, x1 = tx.hi;
+    if (K == 1) {
+        const In* r0 = src + iz[0] * sz + iy[0] * sy;
+        for (int64_t x = x0; x <= x1; ++x) rw[x] = static_cast<Acc>(r0[x * sx]);
+        for (int64_t kx = 0; kx < W; ++kx) v[kx] = rw[ix[kx]];
+    } else if (K == 2) {
+        const Acc c00 = wz[0] * wy[0], c01 = wz[0] * wy[1], c10 = wz[1] * wy[0], c11 = wz[1] * wy[1];
+        const In* r00 = src + iz[0] * sz + iy[0] * sy;
+        const In* r01 = src + iz[0] * sz + iy[1] * sy;
+        const In* r10 = src + iz[1] * sz + iy[0] * sy;
+        const In* r11 = src + iz[1] * sz + iy[1] * sy;
+        if (sx == 1) {
+            for (int64_t x = x0; x <= x1; ++x)
+                rw[x] = c00 * static_cast<Acc>(r00[x]) + c01 * static_cast<Acc>(r01[x]) +
+                        c10 * static_cast<Acc>(r10[x]) + c11 * static_cast<Acc>(r11[x]);
+        } else {
+            for (int64_t x = x0; x <= x1; ++x)
+                rw[x] = c00 * static_cast<Acc>(r00[x * sx]) + c01 * static_cast<Acc>(r01[x * sx]) +
+                        c10 * static_cast<Acc>(r10[x * sx]) + c11 * static_cast<Acc>(r11[x * sx]);
+        }
+        for (int64_t kx = 0; kx < W; ++kx) v[kx] = wx[2 * kx] * rw[ix[2 * kx]] + wx[2 * kx + 1] * rw[ix[2 * kx + 1]];
+    } else {
+        for (int64_t x = x0; x <= x1; ++x) rw[x] = Acc(0);
+        for (int qz = 0; qz < 4; ++qz) {
+            const In* r0 = src + iz[qz] * sz + iy[0] * sy;
+            const In* r1 = src + iz[qz] * sz + iy[1] * sy;
+            const In* r2 = src + iz[qz] * sz + iy[2] * sy;
+            const In* r3 = src + iz[qz] * sz + iy[3] * sy;
+            const Acc c0 = wz[qz] * wy[0], c1 = wz[qz] * wy[1], c2 = wz[qz] * wy[2], c3 = wz[qz] * wy[3];
+            for (int64_t x = x0; x <= x1; ++x)
+                rw[x] += c0 * static_cast<Acc>(r0[x * sx]) + c1 * static_cast<Acc>(r1[x * sx]) +
+                         c2 * static_cast<Acc>(r2[x * sx]) + c3 * static_cast<Acc>(r3[x * sx]);
+        }
+        for (int64_t kx = 0; kx < W; ++kx) {
+            const int64_t* i = ix + 4 * kx;
+            const Acc* w = wx + 4 * kx;
+            v[kx] = w[0] * rw[i[0]] + w[1] * rw[i[1]] + w[2] * rw[i[2]] + w[3] * rw[i[3]];
+        }
+    }
+}
+
 // Returns true when every written value is finite. Window and the finiteness check (float input
 // only: integers cannot make NaN) are template flags so the inner loops carry no dead branches.
 template <typename In, typename Out, typename Acc, bool Window, bool Check>
@@ -194,54 +254,8 @@ bool resample_boxes_impl(const In* src, Out* dst, const int64_t* starts, int64_t
                 for (int64_t kx = 0; kx < W; ++kx) out[kx] = fill_out;
                 continue;
             }
-            const int K = tx.K;
-            const int64_t* ix = tx.idx.data();
-            const Acc* wx = tx.w.data();
-            const int64_t* iz = &tz.idx[kz * K];
-            const int64_t* iy = &ty.idx[ky * K];
-            const Acc* wz = &tz.w[kz * K];
-            const Acc* wy = &ty.w[ky * K];
-            const int64_t x0 = tx.lo, x1 = tx.hi;
-            Acc* rw = row.data();
-            Acc* v = vals.data();
-            if (K == 1) {
-                const In* r0 = src + iz[0] * sz + iy[0] * sy;
-                for (int64_t x = x0; x <= x1; ++x) rw[x] = static_cast<Acc>(r0[x * sx]);
-                for (int64_t kx = 0; kx < W; ++kx) v[kx] = rw[ix[kx]];
-            } else if (K == 2) {
-                const Acc c00 = wz[0] * wy[0], c01 = wz[0] * wy[1], c10 = wz[1] * wy[0], c11 = wz[1] * wy[1];
-                const In* r00 = src + iz[0] * sz + iy[0] * sy;
-                const In* r01 = src + iz[0] * sz + iy[1] * sy;
-                const In* r10 = src + iz[1] * sz + iy[0] * sy;
-                const In* r11 = src + iz[1] * sz + iy[1] * sy;
-                if (sx == 1) {
-                    for (int64_t x = x0; x <= x1; ++x)
-                        rw[x] = c00 * static_cast<Acc>(r00[x]) + c01 * static_cast<Acc>(r01[x]) +
-                                c10 * static_cast<Acc>(r10[x]) + c11 * static_cast<Acc>(r11[x]);
-                } else {
-                    for (int64_t x = x0; x <= x1; ++x)
-                        rw[x] = c00 * static_cast<Acc>(r00[x * sx]) + c01 * static_cast<Acc>(r01[x * sx]) +
-                                c10 * static_cast<Acc>(r10[x * sx]) + c11 * static_cast<Acc>(r11[x * sx]);
-                }
-                for (int64_t kx = 0; kx < W; ++kx) v[kx] = wx[2 * kx] * rw[ix[2 * kx]] + wx[2 * kx + 1] * rw[ix[2 * kx + 1]];
-            } else {
-                for (int64_t x = x0; x <= x1; ++x) rw[x] = Acc(0);
-                for (int qz = 0; qz < 4; ++qz) {
-                    const In* r0 = src + iz[qz] * sz + iy[0] * sy;
-                    const In* r1 = src + iz[qz] * sz + iy[1] * sy;
-                    const In* r2 = src + iz[qz] * sz + iy[2] * sy;
-                    const In* r3 = src + iz[qz] * sz + iy[3] * sy;
-                    const Acc c0 = wz[qz] * wy[0], c1 = wz[qz] * wy[1], c2 = wz[qz] * wy[2], c3 = wz[qz] * wy[3];
-                    for (int64_t x = x0; x <= x1; ++x)
-                        rw[x] += c0 * static_cast<Acc>(r0[x * sx]) + c1 * static_cast<Acc>(r1[x * sx]) +
-                                 c2 * static_cast<Acc>(r2[x * sx]) + c3 * static_cast<Acc>(r3[x * sx]);
-                }
-                for (int64_t kx = 0; kx < W; ++kx) {
-                    const int64_t* i = ix + 4 * kx;
-                    const Acc* w = wx + 4 * kx;
-                    v[kx] = w[0] * rw[i[0]] + w[1] * rw[i[1]] + w[2] * rw[i[2]] + w[3] * rw[i[3]];
-                }
-            }
+            sample_row<In, Acc>(src, tables[b], kz, ky, W, sz, sy, sx, row.data(), vals.data());
+            const Acc* v = vals.data();
             if constexpr (Check) {  // OR of (x - x != 0): true for NaN and +-inf; vectorises, no FP chain
                 int flag = 0;
                 for (int64_t kx = 0; kx < W; ++kx) flag |= (v[kx] - v[kx]) != Acc(0);
@@ -348,6 +362,192 @@ bool run_in(const py::array& vol, py::array& out, const int64_t* starts, int64_t
     throw std::invalid_argument("out dtype must be float32, float64 or the volume's dtype");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward: the transpose of resample_boxes with respect to the sampled volume. Each box voxel's
+// gradient (zero where it is fill; times the window's slope, or zero where the window clamps) is
+// scattered onto its K^3 taps with the forward's weights, in two passes:
+// 1. per output row (parallel over rows): the gradient row is scattered along x into its own
+//    buffer over the x-range the box touches (the forward's x-interpolation, transposed); with a
+//    window the row's values are resampled first (sample_row, the forward's own arithmetic) to
+//    find where the window clamps;
+// 2. per input z-plane (parallel over planes, each owned by one thread that also zeroes it: no
+//    atomics, bit-identical reruns, `grad_volume` is overwritten): every (box, row) whose z-tap hits the plane adds its x-buffer times wz * wy to the
+//    K input rows of its y-taps (the forward's row blend, transposed), in a fixed order.
+template <typename T, bool Window>
+void boxes_backward_impl(const T* grad, const T* src, T* dst, const int64_t* starts, int64_t nbox, const Params& p) {
+    std::vector<std::array<AxisTable<T>, 3>> tables(nbox);
+    std::vector<int64_t> offset(nbox + 1, 0);  // start of each box's x-buffers in `xs`
+    const int64_t D = p.size[0], H = p.size[1], W = p.size[2];
+    for (int64_t b = 0; b < nbox; ++b) {
+        for (int a = 0; a < 3; ++a)
+            tables[b][a] = axis_table<T>(starts[3 * b + a], p.size[a], p.grid[a], p.n[a], p.scale[a],
+                                         p.offset[a], p.order);
+        const auto& tx = tables[b][2];
+        offset[b + 1] = offset[b] + (tx.hi >= 0 ? D * H * (tx.hi - tx.lo + 1) : 0);
+    }
+    const int64_t rows = nbox * D * H;
+    const int K = taps_of(p.order);
+    const int team = p.threads > 0 ? p.threads : max_threads();
+    const bool parallel = p.threads != 1 && rows * W >= (int64_t(1) << 16);
+    std::vector<T> xs(static_cast<size_t>(offset[nbox]));
+    const T wlo = static_cast<T>(p.lo), whi = static_cast<T>(p.hi);
+    const T winv = static_cast<T>(Window ? 1.0 / (p.hi - p.lo) : 1.0);
+#pragma omp parallel if (parallel) num_threads(team)
+    {
+        std::vector<T> rw(static_cast<size_t>(p.n[2]) + 1), v(static_cast<size_t>(W));
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = r / (D * H), kz = (r / H) % D, ky = r % H;
+            const auto& tx = tables[b][2];
+            if (tx.hi < 0 || !tables[b][0].valid[kz] || !tables[b][1].valid[ky]) continue;  // fill row
+            T* out = &xs[offset[b] + (kz * H + ky) * (tx.hi - tx.lo + 1)] - tx.lo;  // indexed by input x
+            for (int64_t x = tx.lo; x <= tx.hi; ++x) out[x] = T(0);
+            const T* g = grad + r * W;
+            if constexpr (Window)
+                sample_row<T, T>(src, tables[b], kz, ky, W, p.stride[0], p.stride[1], p.stride[2], rw.data(), v.data());
+            for (int64_t kx = 0; kx < W; ++kx) {
+                if (!tx.valid[kx]) continue;
+                T gk = g[kx];
+                if constexpr (Window) gk = (v[kx] >= wlo && v[kx] <= whi) ? gk * winv : T(0);  // torch.clamp's subgradient
+                for (int q = 0; q < K; ++q) out[tx.idx[kx * K + q]] += tx.w[kx * K + q] * gk;
+            }
+        }
+    }
+    const int64_t n1 = p.n[1], n2 = p.n[2];
+#pragma omp parallel for schedule(dynamic, 1) if (parallel) num_threads(team)
+    for (int64_t z = 0; z < p.n[0]; ++z) {
+        T* plane = dst + z * n1 * n2;
+        std::fill(plane, plane + n1 * n2, T(0));  // the owner zeroes its plane: no separate memset pass
+        for (int64_t b = 0; b < nbox; ++b) {
+            const auto& tz = tables[b][0];
+            const auto& ty = tables[b][1];
+            const auto& tx = tables[b][2];
+            if (tx.hi < 0) continue;
+            const int64_t len = tx.hi - tx.lo + 1;
+            for (int64_t kz = 0; kz < D; ++kz) {
+                if (!tz.valid[kz]) continue;
+                for (int qz = 0; qz < K; ++qz) {
+                    const T wz = tz.w[kz * K + qz];
+                    if (tz.idx[kz * K + qz] != z || wz == T(0)) continue;
+                    for (int64_t ky = 0; ky < H; ++ky) {
+                        if (!ty.valid[ky]) continue;
+                        const T* xr = &xs[offset[b] + (kz * H + ky) * len];
+                        for (int qy = 0; qy < K; ++qy) {
+                            const T c = wz * ty.w[ky * K + qy];
+                            T* row = plane + ty.idx[ky * K + qy] * n2 + tx.lo;
+                            for (int64_t x = 0; x < len; ++x) row[x] += c * xr[x];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+void resample_boxes_backward(py::array grad, py::object volume, py::array grad_volume,
+                             py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
+                             std::array<int64_t, 3> grid, std::array<double, 3> scale, std::array<double, 3> offset,
+                             int order, py::object window, int threads) {
+    if (grad.ndim() != 4 || !(grad.flags() & py::array::c_style)) throw std::invalid_argument("grad must be a C-contiguous (boxes, D, H, W) array");
+    if (grad_volume.ndim() != 3 || !(grad_volume.flags() & py::array::c_style) || !grad_volume.writeable())
+        throw std::invalid_argument("grad_volume must be a writeable C-contiguous 3-D array");
+    if (!grad.dtype().equal(grad_volume.dtype())) throw std::invalid_argument("grad and grad_volume must share one dtype");
+    if (starts.ndim() != 2 || starts.shape(1) != 3 || starts.shape(0) != grad.shape(0))
+        throw std::invalid_argument("starts must have shape (boxes, 3) matching grad");
+    if (order != 0 && order != 1 && order != 3) throw std::invalid_argument("order must be 0, 1 or 3");
+    Params p;
+    for (int a = 0; a < 3; ++a) {
+        p.n[a] = grad_volume.shape(a);
+        p.stride[a] = grad_volume.strides(a) / static_cast<py::ssize_t>(grad_volume.itemsize());
+        p.size[a] = grad.shape(a + 1);
+        p.grid[a] = grid[a];
+        p.scale[a] = scale[a];
+        p.offset[a] = offset[a];
+        if (!(std::isfinite(scale[a]) && scale[a] > 0) || !std::isfinite(offset[a]))
+            throw std::invalid_argument("scale must be finite and > 0, offset finite");
+    }
+    p.order = order;
+    p.threads = threads;
+    py::array src;
+    if (!window.is_none()) {
+        auto w = window.cast<std::array<double, 2>>();
+        if (!(std::isfinite(w[0]) && std::isfinite(w[1]) && w[1] > w[0])) throw std::invalid_argument("window must be (low, high) with low < high, finite");
+        p.window = true;
+        p.lo = w[0];
+        p.hi = w[1];
+        if (volume.is_none()) throw std::invalid_argument("a window needs the sampled volume (the clamp depends on the values)");
+        src = volume.cast<py::array>();
+        if (!src.dtype().equal(grad.dtype()) || !(src.flags() & py::array::c_style) || src.ndim() != 3)
+            throw std::invalid_argument("volume must be a C-contiguous 3-D array of grad's dtype");
+        for (int a = 0; a < 3; ++a)
+            if (src.shape(a) != grad_volume.shape(a)) throw std::invalid_argument("volume and grad_volume must have one shape");
+    }
+    const int64_t nbox = grad.shape(0);
+    if (grad_volume.size() == 0) return;
+    const int64_t* st = starts.data();
+    auto run = [&](auto tag) {
+        using T = decltype(tag);
+        const T* g = static_cast<const T*>(grad.data());
+        const T* s = p.window ? static_cast<const T*>(src.data()) : nullptr;
+        T* d = static_cast<T*>(grad_volume.mutable_data());
+        py::gil_scoped_release release;
+        if (p.window) boxes_backward_impl<T, true>(g, s, d, st, nbox, p);
+        else boxes_backward_impl<T, false>(g, s, d, st, nbox, p);
+    };
+    if (is<float>(grad)) run(float{});
+    else if (is<double>(grad)) run(double{});
+    else throw std::invalid_argument("grad must be float32 or float64");
+}
+
+// Adjoint of prefilter_lines along one axis (the backward of order 3): the recursions run in
+// reverse order with transposed coefficients. One line per iteration, elements `inner` apart.
+template <typename T>
+void prefilter_lines_adjoint(T* c, int64_t outer, int64_t n, int64_t inner, int threads) {
+    if (n < 2) return;
+    const T z = static_cast<T>(std::sqrt(3.0) - 2.0);
+    const T gain = T(6);
+    const T anti = z / (z * z - T(1));
+    const int64_t horizon = std::min<int64_t>(n, 30);
+    const int team = threads > 0 ? threads : max_threads();
+#pragma omp parallel for schedule(dynamic, 64) num_threads(team) if (threads != 1)
+    for (int64_t line = 0; line < outer * inner; ++line) {
+        T* g = c + (line / inner) * n * inner + (line % inner);
+        auto at = [&](int64_t k) -> T& { return g[k * inner]; };
+        T acc = at(0);  // anti-causal pass, reversed: c[k] = z (c[k+1] - y[k])
+        for (int64_t k = 0; k < n - 1; ++k) {
+            const T next = at(k + 1) + z * acc;
+            at(k) = -z * acc;
+            acc = next;
+        }
+        at(n - 1) = anti * acc;  // c[n-1] = anti (y[n-1] + z y[n-2])
+        at(n - 2) += anti * z * acc;
+        for (int64_t k = n - 1; k >= 1; --k) {  // causal pass, reversed: y[k] = gain x[k] + z y[k-1]
+            const T t = at(k);
+            at(k) = gain * t;
+            at(k - 1) += z * t;
+        }
+        const T y0 = at(0);  // y[0] = gain * sum_k z^k x[k]
+        at(0) = T(0);
+        T zk = 1;
+        for (int64_t k = 0; k < horizon; ++k) { at(k) += gain * zk * y0; zk *= z; }
+    }
+}
+
+void spline_prefilter3_adjoint(py::array c, int threads) {
+    if (c.ndim() != 3) throw std::invalid_argument("coefficients must be 3-D");
+    if (!(c.flags() & py::array::c_style) || !c.writeable()) throw std::invalid_argument("coefficients must be C-contiguous and writeable");
+    const int64_t n0 = c.shape(0), n1 = c.shape(1), n2 = c.shape(2);
+    auto run = [&](auto* data) {
+        py::gil_scoped_release release;
+        prefilter_lines_adjoint(data, n0 * n1, n2, 1, threads);  // the forward's axes, reversed
+        prefilter_lines_adjoint(data, n0, n1, n2, threads);
+        prefilter_lines_adjoint(data, 1, n0, n1 * n2, threads);
+    };
+    if (py::dtype::of<float>().equal(c.dtype())) run(static_cast<float*>(c.mutable_data()));
+    else if (py::dtype::of<double>().equal(c.dtype())) run(static_cast<double*>(c.mutable_data()));
+    else throw std::invalid_argument("coefficients must be float32 or float64");
+}
+
 bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
                     std::array<int64_t, 3> grid, std::array<double, 3> scale, std::array<double, 3> offset,
                     int order, double fill, py::object window, int threads) {
@@ -399,6 +599,14 @@ bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array
 LUNGCORE_BINDINGS(resample) {
     m.def("spline_prefilter3", &lungcore::spline_prefilter3, py::arg("coefficients"), py::arg("threads") = 0,
           "In place: samples -> cubic B-spline coefficients along every axis (mirror boundaries).");
+    m.def("spline_prefilter3_adjoint", &lungcore::spline_prefilter3_adjoint, py::arg("gradient"),
+          py::arg("threads") = 0, "In place: the transpose of spline_prefilter3 (its backward).");
+    m.def("resample_boxes_backward", &lungcore::resample_boxes_backward, py::arg("grad"), py::arg("volume"),
+          py::arg("grad_volume"), py::arg("starts"), py::arg("grid"), py::arg("scale"), py::arg("offset"),
+          py::arg("order"), py::arg("window") = py::none(), py::arg("threads") = 0,
+          "Writes into `grad_volume` the gradient of resample_boxes for `grad` (boxes, D, H, W): the "
+          "transpose of the forward's interpolation, deterministic (no atomics). `volume` (the sampled "
+          "volume, same dtype) is needed only with a window.");
     m.def("resample_boxes", &lungcore::resample_boxes, py::arg("volume"), py::arg("out"), py::arg("starts"),
           py::arg("grid"), py::arg("scale"), py::arg("offset"), py::arg("order"), py::arg("fill"),
           py::arg("window") = py::none(), py::arg("threads") = 0,

@@ -21,6 +21,12 @@
 // saturate. A non-finite result sets *bad (the caller raises).
 // Limits: int8/uint8/int16/uint16/int32/float32/float64 input with any element strides,
 // C-contiguous (N, D, H, W) output of float32/float64 or the input type; H <= 65535.
+// Backward (lungcore_resample_boxes_backward, float32/float64): the forward's transpose, same
+// launch shape, each box voxel's gradient atomicAdd-ed onto its K^3 taps of a zeroed C-contiguous
+// gradient volume (reads the box gradient once, the sampled volume again only with a window;
+// float atomics: reruns agree to rounding, not bit for bit); order 3 then runs
+// lungcore_spline_prefilter3_adjoint along the axes in reverse. lc_sample_backward and
+// lc_prefilter_line_adjoint are host+device: the tests run them on the CPU against the C++ core.
 
 #if defined(__CUDACC_RTC__) || defined(__CUDA_ARCH__)
 #define LC_DMUL(a, b) __dmul_rn(a, b)
@@ -128,6 +134,7 @@ LC_HD Acc lc_interp(const In* __restrict__ src, long long jz, long long jy, long
     return v;
 }
 
+
 // The value of box voxel (b, kz, ky, kx): interpolation, fill, window. Host and device.
 template <typename In, typename Out>
 LC_HD typename lc_acc<In, Out>::type lc_sample(
@@ -155,6 +162,79 @@ LC_HD typename lc_acc<In, Out>::type lc_sample(
         v = (v - wlo) * (Acc)(1.0 / (hi - lo));
     }
     return v;
+}
+
+// Transpose of lc_interp: add g * weight to each of the K^3 taps through `add(pointer, value)`
+// (atomicAdd on the device; a plain += in the host build the tests compile).
+template <int K, typename T, typename Add>
+LC_HD void lc_scatter(T* __restrict__ dst, T g, long long jz, long long jy, long long jx,
+                      long long n0, long long n1, long long n2, long long st0, long long st1, long long st2,
+                      double s0, double s1, double s2, double o0, double o1, double o2, Add add) {
+    long long iz[K], iy[K], ix[K];
+    T wz[K], wy[K], wx[K];
+    lc_axis<K, T>(jz, n0, st0, s0, o0, iz, wz);
+    lc_axis<K, T>(jy, n1, st1, s1, o1, iy, wy);
+    lc_axis<K, T>(jx, n2, st2, s2, o2, ix, wx);
+#pragma unroll
+    for (int a = 0; a < K; ++a)
+#pragma unroll
+        for (int b = 0; b < K; ++b) {
+            const T gab = g * wz[a] * wy[b];
+#pragma unroll
+            for (int c = 0; c < K; ++c)
+                if (wx[c] != T(0) && gab != T(0)) add(dst + iz[a] + iy[b] + ix[c], gab * wx[c]);
+        }
+}
+
+// Gradient of box voxel (b, kz, ky, kx) with respect to the sampled volume, scattered onto its
+// taps: zero for fill voxels and where the window clamps (torch.clamp's subgradient), the
+// window's slope elsewhere. `src` (the sampled volume) is read only when `window` is set.
+template <typename T, typename Add>
+LC_HD void lc_sample_backward(
+    const T* __restrict__ src, T* __restrict__ dst, const long long* __restrict__ starts, T g, long long b,
+    long long kz, long long ky, long long kx, long long n0, long long n1, long long n2, long long st0,
+    long long st1, long long st2, long long m0, long long m1, long long m2, double s0, double s1, double s2,
+    double o0, double o1, double o2, int order, int window, double lo, double hi, Add add) {
+    const long long jz = starts[3 * b + 0] + kz;
+    const long long jy = starts[3 * b + 1] + ky;
+    const long long jx = starts[3 * b + 2] + kx;
+    if (jz < 0 || jz >= m0 || jy < 0 || jy >= m1 || jx < 0 || jx >= m2) return;  // fill: no gradient
+    if (window) {
+        const T v = lc_sample<T, T>(src, starts, b, kz, ky, kx, n0, n1, n2, st0, st1, st2, m0, m1, m2,
+                                    s0, s1, s2, o0, o1, o2, order, 0.0, 0, lo, hi);
+        if (!(v >= (T)lo && v <= (T)hi)) return;
+        g = g * (T)(1.0 / (hi - lo));
+    }
+    if (order == 0) lc_scatter<1, T>(dst, g, jz, jy, jx, n0, n1, n2, st0, st1, st2, s0, s1, s2, o0, o1, o2, add);
+    else if (order == 1) lc_scatter<2, T>(dst, g, jz, jy, jx, n0, n1, n2, st0, st1, st2, s0, s1, s2, o0, o1, o2, add);
+    else lc_scatter<4, T>(dst, g, jz, jy, jx, n0, n1, n2, st0, st1, st2, s0, s1, s2, o0, o1, o2, add);
+}
+
+// One line of the adjoint (transpose) of lc_prefilter_line, in place: the backward of order 3.
+template <typename T>
+LC_HD void lc_prefilter_line_adjoint(T* base, long long n, long long step) {
+    if (n < 2) return;
+    const T z = (T)(-0.26794919243112270);
+    const T gain = (T)6;
+    const T anti = z / (z * z - (T)1);
+    const long long horizon = n < 30 ? n : 30;
+    T acc = base[0];
+    for (long long k = 0; k < n - 1; ++k) {
+        const T next = base[(k + 1) * step] + z * acc;
+        base[k * step] = -z * acc;
+        acc = next;
+    }
+    base[(n - 1) * step] = anti * acc;
+    base[(n - 2) * step] += anti * z * acc;
+    for (long long k = n - 1; k >= 1; --k) {
+        const T t = base[k * step];
+        base[k * step] = gain * t;
+        base[(k - 1) * step] += z * t;
+    }
+    const T y0 = base[0];
+    base[0] = (T)0;
+    T zk = 1;
+    for (long long k = 0; k < horizon; ++k) { base[k * step] += gain * zk * y0; zk *= z; }
 }
 
 // One line of the cubic B-spline prefilter (see lungcore_spline_prefilter3), elements `step` apart.
@@ -216,5 +296,39 @@ __global__ void lungcore_spline_prefilter3(T* __restrict__ c, long long outer, l
     if (line >= outer * inner) return;
     const long long o = line / inner, i = line - o * inner;
     lc_prefilter_line<T>(c + o * n * inner + i, n, inner);
+}
+struct lc_atomic_add {
+    template <typename T> __device__ void operator()(T* p, T v) const { atomicAdd(p, v); }
+};
+
+// Backward of lungcore_resample_boxes: same launch shape, one thread per box voxel, its gradient
+// scattered with atomicAdd onto a zeroed, C-contiguous gradient volume (float32: order of the
+// additions varies between runs, reruns agree to rounding; float64 likewise).
+template <typename T>
+__global__ void lungcore_resample_boxes_backward(
+    const T* __restrict__ grad, const T* __restrict__ src, T* __restrict__ dst,
+    const long long* __restrict__ starts, long long nbox, long long D, long long H, long long W,
+    long long n0, long long n1, long long n2, long long m0, long long m1, long long m2,
+    double s0, double s1, double s2, double o0, double o1, double o2, int order, int window, double lo, double hi) {
+    const long long kx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long ky = blockIdx.y;
+    if (kx >= W) return;
+    for (long long bz = blockIdx.z; bz < nbox * D; bz += gridDim.z) {
+        const long long b = bz / D;
+        const long long kz = bz - b * D;
+        const T g = grad[(bz * H + ky) * W + kx];
+        if (g == T(0)) continue;
+        lc_sample_backward<T>(src, dst, starts, g, b, kz, ky, kx, n0, n1, n2, n1 * n2, n2, 1, m0, m1, m2,
+                              s0, s1, s2, o0, o1, o2, order, window, lo, hi, lc_atomic_add());
+    }
+}
+
+// Adjoint of lungcore_spline_prefilter3 along one axis, one thread per line.
+template <typename T>
+__global__ void lungcore_spline_prefilter3_adjoint(T* __restrict__ c, long long outer, long long n, long long inner) {
+    const long long line = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (line >= outer * inner) return;
+    const long long o = line / inner, i = line - o * inner;
+    lc_prefilter_line_adjoint<T>(c + o * n * inner + i, n, inner);
 }
 #endif

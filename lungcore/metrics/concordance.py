@@ -98,7 +98,7 @@ def _counts(risk: np.ndarray, time: np.ndarray, event: np.ndarray, weight: np.nd
     if choice == "cpu":
         from lungcore import _C
 
-        backend.record_launch("concordance.cpu")
+        backend.record_launch("concordance_index.cpu")
         return _C.concordance_counts(risk, time, event.astype(np.uint8), weight, float(tied_tol))
     return _counts_reference(risk, time, event, weight, tied_tol)
 

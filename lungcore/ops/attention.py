@@ -7,15 +7,15 @@ Dispatch (``lungcore.backend``, op name ``"masked_cross_attention"``):
     ``triton``     CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``): the flash-style
                    kernels of ``lungcore.triton_kernels.attention`` behind two registered ops,
                    ``lungcore::masked_cross_attention_fwd`` / ``..._bwd`` (one opaque
-                   differentiable op for torch.compile and autocast).
-    ``reference``  CPU tensors: ``F.scaled_dot_product_attention`` with the boolean mask. It was
-                   about 1.5-7x faster than the materialised eager reference on 2 shared CPU
-                   cores at our network shapes, forward and backward, in every interleaved
-                   measurement (benchmarks/bench_attention.py). SDPA is an aten op that
-                   torch.compile and autocast already understand, so no wrapper op is needed.
-                   Rows whose keys are all masked are given an all-True mask before SDPA and
-                   zeroed after it, so they are finite (and have zero gradient) on every torch
-                   version, not only on those whose SDPA special-cases them.
+                   differentiable op for torch.compile and autocast). float32/16/bf16 only.
+    ``torch``      CPU tensors by default: ``F.scaled_dot_product_attention`` with the boolean
+                   mask. It was about 1.5-7x faster than the materialised reference on 2 shared
+                   CPU cores at our network shapes, forward and backward (benchmarks/bench_attention.py).
+                   SDPA is an aten op that torch.compile and autocast already understand, so no
+                   wrapper op is needed. Rows whose keys are all masked are given an all-True mask
+                   before SDPA and zeroed after it, so they are finite (and have zero gradient) on
+                   every torch version.
+    ``reference``  :func:`masked_cross_attention_reference` (the oracle; forced only).
 
 Semantics (all backends): a query row whose keys are all masked, or which ``query_mask`` marks
 False, outputs zeros and passes zero gradient to q, k and v. Dropout (``dropout_p > 0``) is
@@ -36,10 +36,10 @@ from lungcore import checks
 from lungcore.backend import backend_for, register_op
 
 OP = "masked_cross_attention"
-register_op(OP, ("triton",), preference={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+register_op(OP, ("triton", "torch"), preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference")})
 
 MAX_HEAD_DIM = 128
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: CPU path only
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: torch/reference only
 
 
 # --------------------------------------------------------------------------------- reference
@@ -217,11 +217,17 @@ def masked_cross_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     scale, dropout_p = float(scale), float(dropout_p)
 
-    if backend_for(OP, q.device) != "triton":
+    which = backend_for(OP, q.device)
+    if which == "torch":
         return _sdpa_path(q, k, v, key_mask, query_mask, scale, dropout_p)
-
+    if which == "reference":
+        keep = None
+        if dropout_p > 0:
+            keep = torch.rand((*q.shape[:-1], lk), device=q.device) >= dropout_p
+        return masked_cross_attention_reference(q, k, v, key_mask, query_mask, scale, keep, dropout_p)
     if q.dtype == torch.float64:
-        raise TypeError("q: the Triton kernels take float32, float16 or bfloat16, got torch.float64")
+        raise TypeError("q: the Triton kernels take float32, float16 or bfloat16, got torch.float64 "
+                        "(use the 'torch' or 'reference' backend for float64)")
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=q.device)

@@ -194,7 +194,7 @@ def _cox_op(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, weights
     if impl == "cpu":
         from lungcore import _C
 
-        backend.record_launch("cox.cpu_forward")
+        backend.record_launch("cox_ph_loss.cpu_forward")
         terms, total, norm, order = _C.cox_forward(
             risk.detach().to(torch.float64).numpy(), time.detach().to(torch.float64).numpy(),
             event.numpy(), None if weights is None else weights.to(torch.float64).numpy(),
@@ -253,7 +253,7 @@ def _cox_backward_op(grad_loss: torch.Tensor, risk: torch.Tensor, time: torch.Te
     if impl == "cpu":
         from lungcore import _C
 
-        backend.record_launch("cox.cpu_backward")
+        backend.record_launch("cox_ph_loss.cpu_backward")
         n = risk.numel()
         g64 = g.detach().to(torch.float64).reshape(-1)
         g64 = g64.expand(n).contiguous() if not per_row else g64.contiguous()

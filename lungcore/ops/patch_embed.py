@@ -18,16 +18,16 @@ Decisions:
 * A spatial size that is not a multiple of the patch raises ``ValueError`` unless ``pad=True``,
   which zero-pads at the high end of each axis (like ``F.pad(x, (0, pw', 0, ph', 0, pd'))``); the
   kernels pad with load masks, never with a copy.
-* Inputs share one floating dtype (fp32/fp16/bf16; float64 runs the reference, for gradcheck);
-  under ``torch.autocast`` they are cast to the autocast dtype first. Kernels accumulate in fp32. The Triton backward is deterministic (no
-  atomics): the weight gradient sums fixed split-M partials in a fixed order.
+* Inputs share one floating dtype (fp32/fp16/bf16 on every backend; float64 on ``torch`` and
+  ``reference`` only: with Triton chosen it raises ``TypeError``); under ``torch.autocast`` they are
+  cast to the autocast dtype first. Kernels accumulate in fp32. The Triton backward is
+  deterministic (no atomics): the weight gradient sums fixed split-M partials in a fixed order.
 
-Backends: ``triton`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``) and ``reference``
-(plain PyTorch, the gather-first path: reshape/permute, gather, ``F.linear``, position add).
-torch.compile sees the registered op ``lungcore::patch_embed3d`` (opaque, with a registered
-backward op); eager calls run the same forward/backward through an ``autograd.Function``, which
-skips the custom-op dispatch (about 90 us less host time per differentiable call, measured on
-this CPU) because small masked-pretraining shapes are launch-bound.
+Backends (``lungcore.backend``, op ``"patch_embed3d"``): ``triton`` (CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``) behind the registered op ``lungcore::patch_embed3d`` and its registered
+backward op (one opaque differentiable op for torch.compile and autocast, eager and compiled);
+``torch`` (the CPU default: oneDNN's strided Conv3d for all tokens, else the gather-first path,
+plain autograd); ``reference`` (:func:`patch_embed3d_reference`, the oracle).
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ from lungcore import checks
 from lungcore.backend import backend_for, register_op
 
 OP = "patch_embed3d"
-register_op(OP, backends=("triton",))
+register_op(OP, ("triton", "torch"), preference={"cuda": ("triton", "torch", "reference"),
+                                            "cpu": ("torch", "reference")})
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference only
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: not on Triton
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 _kernels = None
@@ -109,36 +110,6 @@ def _patches(volume: torch.Tensor, patch: tuple[int, int, int], pad: bool) -> to
             .reshape(B, nD * nH * nW, C * pd * ph * pw))
 
 
-def _reference_backward(grad_out, volume, weight, visible, pad, need_volume, need_weight, need_bias, need_pos):
-    """(d_volume, d_weight, d_bias, d_pos) of the reference, None where not needed."""
-    E = weight.shape[0]
-    patch = tuple(int(s) for s in weight.shape[2:])
-    B, C, D, H, W = volume.shape
-    nD, nH, nW = token_grid((D, H, W), patch, pad)
-    N = nD * nH * nW
-    g = grad_out.to(weight.dtype)
-    idx = None if visible is None else visible.long()
-    dvol = dw = db = dpos = None
-    if need_weight:
-        a = _patches(volume, patch, pad)
-        if idx is not None:
-            a = torch.gather(a, 1, idx[:, :, None].expand(-1, -1, a.shape[2]))
-        dw = torch.einsum("bte,btk->ek", g, a).reshape(weight.shape)
-    if need_bias:
-        db = g.sum(dim=(0, 1))
-    if need_pos:
-        dpos = g.sum(0) if idx is None else g.new_zeros(N, E).index_add_(0, idx.reshape(-1), g.reshape(-1, E))
-    if need_volume:
-        da = g @ weight.reshape(E, -1)                                   # (B, T, K)
-        if idx is not None:
-            da = g.new_zeros(B, N, da.shape[2]).scatter_add_(1, idx[:, :, None].expand(-1, -1, da.shape[2]), da)
-        pd, ph, pw = patch
-        full = (da.reshape(B, nD, nH, nW, C, pd, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
-                .reshape(B, C, nD * pd, nH * ph, nW * pw))
-        dvol = full[:, :, :D, :H, :W].to(volume.dtype)
-    return dvol, dw, db, dpos
-
-
 def check_visible_set(visible: torch.Tensor, num_tokens: int) -> None:
     """``ValueError`` when a row of ``visible`` repeats an index or leaves [0, num_tokens) (one sync)."""
     if visible.numel() == 0:
@@ -156,51 +127,6 @@ def check_visible_set(visible: torch.Tensor, num_tokens: int) -> None:
         raise ValueError(f"visible row {row} repeats a token index: visible must list distinct tokens per row")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    # float64 (gradcheck) always runs the reference: the kernels are fp32/fp16/bf16
-    return backend_for(OP, t.device) == "triton" and t.dtype != torch.float64
-
-
-# ----------------------------------------------------------------------------------------------
-# the registered op (opaque to torch.compile) and its autograd
-# ----------------------------------------------------------------------------------------------
-def _forward_impl(volume, weight, bias, pos_embed, visible, pad: bool, check_visible: bool) -> torch.Tensor:
-    if visible is not None and check_visible:
-        nD, nH, nW = token_grid(volume.shape[2:], tuple(weight.shape[2:]), pad)
-        check_visible_set(visible, nD * nH * nW)
-    if _use_triton(volume):
-        return _triton().forward(volume, weight, bias, pos_embed, visible, pad)
-    return patch_embed3d_reference(volume, weight, bias, pos_embed, visible, pad).contiguous()
-
-
-def _backward_impl(grad_out, volume, weight, visible, pad: bool, need_volume: bool, need_weight: bool,
-                   need_bias: bool, need_pos: bool) -> list[torch.Tensor | None]:
-    """[d_volume, d_weight, d_bias, d_pos], None where not needed."""
-    if _use_triton(grad_out):
-        kernels = _triton()
-        g = grad_out.contiguous()
-        dvol = dw = db = dpos = None
-        if need_volume:
-            dvol = kernels.grad_volume(g, weight, visible, tuple(volume.shape), pad)
-        if need_weight or need_bias:
-            dw32, db32 = kernels.grad_weight_bias(volume, g, visible, tuple(weight.shape), pad, need_bias)
-            dw = dw32.to(weight.dtype) if need_weight else None
-            db = db32.to(weight.dtype) if need_bias else None
-        if need_pos:
-            nD, nH, nW = token_grid(volume.shape[2:], tuple(weight.shape[2:]), pad)
-            dpos = kernels.grad_pos(g, visible, nD * nH * nW, weight.dtype)
-        return [dvol, dw, db, dpos]
-    # reference: explicit formulas on the gather-first patch matrix (inside a custom op autograd
-    # is off, so the oracle's backward is written out; gradcheck checks it)
-    grads = _reference_backward(grad_out, volume, weight, visible, pad, need_volume, need_weight, need_bias, need_pos)
-    return [g.contiguous() if g is not None else None for g in grads]
-
-
-def _needs(ctx) -> tuple[bool, bool, bool, bool]:
-    need_volume, need_weight, need_bias, need_pos = (bool(n) for n in ctx.needs_input_grad[:4])
-    return need_volume, need_weight, need_bias and ctx.has_bias, need_pos and ctx.has_pos
-
-
 # ----------------------------------------------------------------------------------------------
 # the registered op (what torch.compile sees: one opaque differentiable op) and its autograd
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +134,10 @@ def _needs(ctx) -> tuple[bool, bool, bool, bool]:
 def _patch_embed3d_op(volume: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       pos_embed: Optional[torch.Tensor], visible: Optional[torch.Tensor], pad: bool,
                       check_visible: bool) -> torch.Tensor:
-    return _forward_impl(volume, weight, bias, pos_embed, visible, pad, check_visible)
+    if visible is not None and check_visible:
+        nD, nH, nW = token_grid(volume.shape[2:], tuple(weight.shape[2:]), pad)
+        check_visible_set(visible, nD * nH * nW)
+    return _triton().forward(volume, weight, bias, pos_embed, visible, pad)
 
 
 @_patch_embed3d_op.register_fake
@@ -222,8 +151,19 @@ def _(volume, weight, bias, pos_embed, visible, pad, check_visible):
 def _patch_embed3d_backward_op(grad_out: torch.Tensor, volume: torch.Tensor, weight: torch.Tensor,
                                visible: Optional[torch.Tensor], pad: bool, need_volume: bool,
                                need_weight: bool, need_bias: bool, need_pos: bool) -> list[torch.Tensor]:
-    """[d_volume, d_weight, d_bias, d_pos]; a gradient not needed is an empty tensor."""
-    grads = _backward_impl(grad_out, volume, weight, visible, pad, need_volume, need_weight, need_bias, need_pos)
+    """[d_volume, d_weight, d_bias, d_pos] from the Triton kernels; a gradient not needed is an empty tensor."""
+    kernels = _triton()
+    g = grad_out.contiguous()
+    grads = [None, None, None, None]
+    if need_volume:
+        grads[0] = kernels.grad_volume(g, weight, visible, tuple(volume.shape), pad)
+    if need_weight or need_bias:
+        dw32, db32 = kernels.grad_weight_bias(volume, g, visible, tuple(weight.shape), pad, need_bias)
+        grads[1] = dw32.to(weight.dtype) if need_weight else None
+        grads[2] = db32.to(weight.dtype) if need_bias else None
+    if need_pos:
+        nD, nH, nW = token_grid(volume.shape[2:], tuple(weight.shape[2:]), pad)
+        grads[3] = kernels.grad_pos(g, visible, nD * nH * nW, weight.dtype)
     # outputs of a custom op must not alias each other: a fresh empty tensor per missing gradient
     return [g if g is not None else grad_out.new_empty(0) for g in grads]
 
@@ -246,37 +186,17 @@ def _setup_context(ctx, inputs, output):
     ctx.has_pos = pos_embed is not None
 
 
-def _backward_with(impl, ctx, grad_out):
-    """Gradients of the 7 forward inputs from ``impl`` (the registered backward op or its eager body)."""
+def _backward(ctx, grad_out):
     volume, weight, visible = ctx.saved_tensors
-    needs = _needs(ctx)
+    need_volume, need_weight, need_bias, need_pos = (bool(n) for n in ctx.needs_input_grad[:4])
+    needs = (need_volume, need_weight, need_bias and ctx.has_bias, need_pos and ctx.has_pos)
     if not any(needs):
         return None, None, None, None, None, None, None
-    grads = impl(grad_out, volume, weight, visible, ctx.pad, *needs)
+    grads = _patch_embed3d_backward_op(grad_out, volume, weight, visible, ctx.pad, *needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
-def _backward(ctx, grad_out):
-    return _backward_with(_patch_embed3d_backward_op, ctx, grad_out)
-
-
 _patch_embed3d_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerPatchEmbed3d(torch.autograd.Function):
-    """The same forward/backward without the custom-op dispatch (~40 us less host time per call
-    in eager mode, where small masked-pretraining shapes are launch-bound); never used while
-    torch.compile traces, which sees the registered op instead."""
-
-    @staticmethod
-    def forward(ctx, volume, weight, bias, pos_embed, visible, pad, check_visible):
-        out = _forward_impl(volume, weight, bias, pos_embed, visible, pad, check_visible)
-        _setup_context(ctx, (volume, weight, bias, pos_embed, visible, pad, check_visible), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _backward_with(_backward_impl, ctx, grad_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +208,7 @@ def patch_embed3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Patch tokens of a 3D volume: patchify + linear + bias + position embedding + visible gather.
 
     Args:
-        volume: (B, C, D, H, W) float32/float16/bfloat16 (float64: reference path), any strides.
+        volume: (B, C, D, H, W) float32/float16/bfloat16 (float64 not on Triton), any strides.
         weight: (E, C, pd, ph, pw), Conv3d's layout; the patch size is ``weight.shape[2:]``.
         bias: optional (E,).
         pos_embed: optional (N, E) added per token index, N = (D/pd)*(H/ph)*(W/pw).
@@ -346,17 +266,17 @@ def patch_embed3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             if t is not None and t.dtype != volume.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but volume has {volume.dtype}: "
                                 "the inputs must share one dtype (or run under torch.autocast)")
-    if torch.compiler.is_compiling():
+    which = backend_for(OP, volume.device)
+    if which == "triton":
+        if volume.dtype == torch.float64:
+            raise TypeError("volume: the Triton kernels take float32, float16 or bfloat16, got torch.float64 "
+                            "(use the 'torch' or 'reference' backend for float64, e.g. for gradcheck)")
         return _patch_embed3d_op(volume, weight, bias, pos_embed, visible, bool(pad), bool(check_visible))
-    if not _use_triton(volume):
-        # eager reference path: plain autograd through the gather-first oracle is as fast as the
-        # gather-first baseline (the written-out backward exists for the opaque compiled op only)
-        if visible is not None and check_visible:
-            check_visible_set(visible, N)
-        if visible is None and not pad and volume.device.type == "cpu":
-            # every token: oneDNN's strided Conv3d beat reshape/permute + linear by ~1.6x on CPU
-            # (benchmarks/bench_patch_embed.py); cuDNN is the slow one on GPUs, not this
-            out = F.conv3d(volume, weight, bias, stride=patch).flatten(2).transpose(1, 2)
-            return out if pos_embed is None else out + pos_embed
-        return patch_embed3d_reference(volume, weight, bias, pos_embed, visible, pad)
-    return _EagerPatchEmbed3d.apply(volume, weight, bias, pos_embed, visible, bool(pad), bool(check_visible))
+    if visible is not None and check_visible and not torch.compiler.is_compiling():
+        check_visible_set(visible, N)
+    if which == "torch" and visible is None and not pad and volume.device.type == "cpu":
+        # every token: oneDNN's strided Conv3d beat reshape/permute + linear by ~1.6x on CPU
+        # (benchmarks/bench_patch_embed.py); cuDNN is the slow one on GPUs, not this
+        out = F.conv3d(volume, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+        return out if pos_embed is None else out + pos_embed
+    return patch_embed3d_reference(volume, weight, bias, pos_embed, visible, pad)

@@ -30,9 +30,12 @@ Grid convention (DESIGN.md "Spatial conventions"), per array axis (z, y, x) with
 Orders: 0 (nearest; ties round up, as scipy), 1 (trilinear) and 3 (cubic B-spline, scipy's recipe
 for mode="nearest": edge-pad by 12 voxels, prefilter with mirror ends, sample the padded spline;
 it overshoots at sharp edges like scipy's, so HU may leave the input range).
-Backends (``lungcore.backend``): ``cpu`` = the OpenMP C++ core ``lungcore._C``, ``cupy`` = CUDA C++
-(``csrc/cuda/resample.cu``) compiled at run time through CuPy NVRTC (CUDA torch tensors go through
-DLPack, no host round trip), ``reference`` = the PyTorch oracle.
+Backends (``lungcore.backend``): ``cpu`` = the OpenMP C++ core ``lungcore._C`` (csrc/cpu/resample.cpp),
+``cupy`` = CUDA C++ (csrc/cuda/resample.cu) launched by ``lungcore.cuda_kernels.resample`` through
+CuPy NVRTC, ``reference`` = the float64 PyTorch oracles below. Every input kind (numpy, torch CPU or
+CUDA, CuPy) goes through the one registered op ``lungcore::resample_boxes`` (numpy by sharing
+memory, CuPy through DLPack: no copies) and its registered backward op, which runs the forward's
+transpose as a kernel on each backend (C++ without atomics, CUDA with atomicAdd).
 
 Example:
     >>> import numpy as np
@@ -46,11 +49,9 @@ Example:
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -65,44 +66,28 @@ __all__ = [
     "crop_starts",
     "resample_volume_reference",
     "resample_crop_reference",
-    "cuda_source_dir",
 ]
 
-backend.register_op("resample_volume", ("cpu", "cupy"),
-                    preference={"cpu": ("cpu", "reference"), "cuda": ("cupy", "reference")})
-backend.register_op("resample_crop", ("cpu", "cupy"),
-                    preference={"cpu": ("cpu", "reference"), "cuda": ("cupy", "reference")})
+for _op in ("resample_volume", "resample_crop"):
+    backend.register_op(_op, ("cpu", "cupy"), preference={"cpu": ("cpu", "reference"), "cuda": ("cupy", "reference")})
 
-_IN_DTYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64)
-_C_TYPES = {np.dtype(np.int8): "signed char", np.dtype(np.uint8): "unsigned char",
-            np.dtype(np.int16): "short", np.dtype(np.uint16): "unsigned short",
-            np.dtype(np.int32): "int", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _MAX_OUTPUT_VOXELS = 2**34
+_SPLINE_PAD = 12  # scipy's pad for mode="nearest" before the spline prefilter (|z|^12 ~ 1e-7)
 
 
 # ----------------------------------------------------------------------------- geometry
-def _spacing3(name: str, value: Any, allow_scalar: bool) -> tuple[float, float, float]:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().tolist()
-    if np.isscalar(value) and not isinstance(value, (str, bytes)):
-        if not allow_scalar:
-            raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got a scalar {value!r}")
-        value = (value, value, value)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be 3 numbers (z, y, x) in mm, got {value!r}") from exc
-    if arr.shape != (3,):
-        raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be finite and > 0 on every axis, got {tuple(arr.tolist())}")
-    return (float(arr[0]), float(arr[1]), float(arr[2]))
-
-
 def _scale_offset(spacing, new_spacing) -> tuple[tuple[float, ...], tuple[float, ...]]:
     scale = tuple(float(new) / float(old) for old, new in zip(spacing, new_spacing))
     offset = tuple(0.5 * s - 0.5 for s in scale)
     return scale, offset
+
+
+def _grid(shape: Sequence[int], spacing: Any, new_spacing: Any):
+    """(full output grid, scale, offset) of a volume of ``shape``; the spacings checked."""
+    spacing = checks.spacing3("spacing", spacing)
+    new_spacing = checks.spacing3("new_spacing", new_spacing, allow_scalar=True)
+    scale, offset = _scale_offset(spacing, new_spacing)
+    return resampled_shape(shape, spacing, new_spacing), scale, offset
 
 
 def resampled_shape(shape: Sequence[int], spacing: Any, new_spacing: Any) -> tuple[int, int, int]:
@@ -114,8 +99,8 @@ def resampled_shape(shape: Sequence[int], spacing: Any, new_spacing: Any) -> tup
     """
     if len(shape) != 3:
         raise ValueError(f"shape must have 3 entries (z, y, x), got {tuple(shape)}")
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
+    spacing = checks.spacing3("spacing", spacing)
+    new_spacing = checks.spacing3("new_spacing", new_spacing, allow_scalar=True)
     return tuple(max(1, int(math.floor(int(n) * old / new + 0.5)))
                  for n, old, new in zip(shape, spacing, new_spacing))  # type: ignore[return-value]
 
@@ -132,55 +117,16 @@ def resampled_affine(affine: Any, spacing: Any, new_spacing: Any) -> np.ndarray:
         >>> resampled_affine(np.diag([2.5, 0.7, 0.7, 1.0]), (2.5, 0.7, 0.7), 1.0)[:3, 3]
         array([-0.75,  0.15,  0.15])
     """
-    a = np.asarray(affine, dtype=np.float64)
+    a = checks.to_host("affine", affine, dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
+    spacing = checks.spacing3("spacing", spacing)
+    new_spacing = checks.spacing3("new_spacing", new_spacing, allow_scalar=True)
     scale, offset = _scale_offset(spacing, new_spacing)
     t = np.eye(4)
     t[:3, :3] = np.diag(scale)
     t[:3, 3] = offset
     return a @ t
-
-
-def _centers(centers: Any, shape: Sequence[int]) -> np.ndarray:
-    if isinstance(centers, torch.Tensor):
-        centers = centers.detach().cpu().numpy()
-    elif hasattr(centers, "__cuda_array_interface__") and hasattr(centers, "get"):
-        centers = centers.get()
-    try:
-        c = np.asarray(centers, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"centers must be numbers of shape (N, 3), got {type(centers).__name__}") from exc
-    if c.ndim == 1 and c.shape[0] == 3:
-        c = c[None]
-    if c.ndim != 2 or c.shape[1] != 3:
-        raise ValueError(f"centers must have shape (N, 3) (z, y, x input voxel indices), got {c.shape}")
-    bad = ~np.isfinite(c).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"centers[{i}] is {c[i].tolist()}: centers must be finite")
-    n = np.asarray(shape, dtype=np.float64)
-    outside = ((c < -0.5) | (c > n - 0.5)).any(axis=1)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise ValueError(f"centers[{i}] = {c[i].tolist()} lies outside the volume of shape {tuple(shape)} "
-                         f"(valid input indices are [-0.5, n - 0.5] per axis)")
-    return c
-
-
-def _size3(size: Any) -> tuple[int, int, int]:
-    if isinstance(size, (int, np.integer)):
-        size = (size, size, size)
-    try:
-        s = tuple(int(v) for v in size)
-        ok = all(float(v) == int(v) for v in size)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"size must be 3 positive integers (D, H, W), got {size!r}") from exc
-    if len(s) != 3 or not ok or min(s) < 1:
-        raise ValueError(f"size must be 3 positive integers (D, H, W) in output voxels, got {size!r}")
-    return s  # type: ignore[return-value]
 
 
 def crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: Any,
@@ -195,96 +141,44 @@ def crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: A
         >>> crop_starts([[80.0, 256.0, 256.0]], (160, 512, 512), (2.5, 0.7, 0.7), 1.0, (16, 64, 64))
         array([[193, 147, 147]])
     """
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
-    c = _centers(centers, shape)
-    size = _size3(size)
+    spacing = checks.spacing3("spacing", spacing)
+    new_spacing = checks.spacing3("new_spacing", new_spacing, allow_scalar=True)
+    c = checks.points_in_volume("centers", centers, shape)
+    size = checks.size3("size", size)
     scale, _ = _scale_offset(spacing, new_spacing)
     u = (c + 0.5) / np.asarray(scale) - 0.5
     return (np.floor(u + 0.5).astype(np.int64) - np.asarray(size, dtype=np.int64) // 2)
 
 
-# ----------------------------------------------------------------------------- inputs
-def _kind(volume: Any) -> str:
-    if isinstance(volume, torch.Tensor):
-        return "torch"
-    if isinstance(volume, np.ndarray):
-        return "numpy"
-    if hasattr(volume, "__cuda_array_interface__") and type(volume).__module__.startswith("cupy"):
-        return "cupy"
-    raise TypeError(f"volume must be a numpy array, a torch tensor or a CuPy array, got {type(volume).__name__}")
-
-
-def _np_dtype(dtype: Any) -> np.dtype:
-    if isinstance(dtype, torch.dtype):
-        return np.dtype(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else np.dtype("float32")
-    return np.dtype(dtype)
+# ----------------------------------------------------------------------------- dtypes
+def _out_dtype(out_dtype: Any, in_dtype: Any, order: int, window: Any, kind: str) -> torch.dtype:
+    """The output torch dtype: default the input's for order 0 without a window, else float32
+    (float64 for float64 input); float16/bfloat16 are computed in float32 and rounded once."""
+    read = checks.volume_dtype("volume", in_dtype)
+    if out_dtype is None:
+        if order == 0 and window is None:
+            return _torch_dtype(read)
+        return torch.float64 if read == np.float64 else torch.float32
+    if out_dtype in (torch.bfloat16, "bfloat16"):
+        if kind != "torch":
+            raise TypeError(f"out_dtype=bfloat16 needs a torch tensor volume ({kind} arrays have no bfloat16)")
+        return torch.bfloat16
+    dt = checks.numpy_dtype("out_dtype", out_dtype)
+    if dt not in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), read):
+        raise TypeError(f"out_dtype must be float16, bfloat16, float32, float64 or the volume's dtype ({read}), got {dt}")
+    if window is not None and not np.issubdtype(dt, np.floating):
+        raise TypeError(f"out_dtype must be floating when a window is given (values in [0, 1]), got {dt}")
+    return _torch_dtype(dt)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
-def _in_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype the kernels read (bool -> uint8, float16 -> float32); TypeError for others."""
-    if dtype == np.bool_:
-        return np.dtype(np.uint8)
-    if dtype == np.float16:
-        return np.dtype(np.float32)
-    if dtype not in [np.dtype(d) for d in _IN_DTYPES]:
-        raise TypeError(f"volume dtype must be one of int8, uint8, int16, uint16, int32, float16, float32, "
-                        f"float64 or bool, got {dtype}")
-    return dtype
-
-
-def _out_dtype(out_dtype: Any, in_dtype: np.dtype, order: int, window: Any) -> np.dtype:
-    if out_dtype is None:
-        if order == 0 and window is None:
-            return in_dtype
-        return np.dtype(np.float64) if in_dtype == np.float64 else np.dtype(np.float32)
-    try:
-        dt = _np_dtype(out_dtype)
-    except TypeError as exc:
-        raise TypeError(f"out_dtype must be a numpy/torch dtype, got {out_dtype!r}") from exc
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64), in_dtype):
-        raise TypeError(f"out_dtype must be float32, float64 or the volume's dtype ({in_dtype}), got {dt}")
-    if window is not None and not np.issubdtype(dt, np.floating):
-        raise TypeError(f"out_dtype must be floating when a window is given (values in [0, 1]), got {dt}")
-    return dt
-
-
-def _window(window: Any) -> tuple[float, float] | None:
-    if window is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in window)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"window must be (low, high) in HU, got {window!r}") from exc
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ValueError(f"window must be finite (low, high) with low < high, got {window!r}")
-    return lo, hi
-
-
-def _order(order: Any) -> int:
-    if isinstance(order, bool):
-        raise ValueError(f"order must be one of (0, 1, 3), got {order!r}")
-    return int(checks.one_of("order", order, (0, 1, 3)))
-
-
-def _fill(fill: Any) -> float:
-    try:
-        f = float(fill)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"fill must be a number (HU), got {fill!r}") from exc
-    if not math.isfinite(f):
-        raise ValueError(f"fill must be finite, got {fill!r}")
-    return f
+_KERNEL_OUT = (torch.float16, torch.bfloat16)  # computed in float32 by the kernels, then rounded
 
 
 # ----------------------------------------------------------------------------- reference
-_SPLINE_PAD = 12  # scipy's pad for mode="nearest" before the spline prefilter (|z|^12 ~ 1e-7)
-
-
 def _axis_table(start: int, size: int, grid: int, n: int, scale: float, offset: float, order: int):
     """(idx (size, K), weights (size, K), valid (size,)) for one axis; K = 1, 2, 4 taps for order 0, 1, 3."""
     j = np.arange(start, start + size, dtype=np.int64)
@@ -367,248 +261,292 @@ def resample_volume_reference(volume: torch.Tensor, spacing: Any, new_spacing: A
         torch.Size([8, 5, 6])
     """
     checks.tensor("volume", volume, ndim=3)
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
-    order = _order(order)
-    grid = resampled_shape(volume.shape, spacing, new_spacing)
-    scale, offset = _scale_offset(spacing, new_spacing)
-    dt = _torch_dtype(_out_dtype(out_dtype, _in_dtype(_np_dtype(volume.dtype)), order, None))
+    order = checks.interpolation_order("order", order)
+    grid, scale, offset = _grid(volume.shape, spacing, new_spacing)
+    dt = _out_dtype(out_dtype, volume.dtype, order, None, "torch")
     return _boxes_reference(volume, np.zeros((1, 3), np.int64), grid, grid, scale, offset, order,
-                            _fill(fill), None, dt)[0]
+                            checks.finite_number("fill", fill), None, dt)[0]
 
 
 def resample_crop_reference(volume: torch.Tensor, spacing: Any, new_spacing: Any, centers: Any, size: Any, *,
                             order: int = 1, fill: float = -1024.0, window: Any = None,
                             out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Plain-PyTorch float64 oracle of :func:`resample_crop` (torch tensor in and out)."""
+    """Plain-PyTorch float64 oracle of :func:`resample_crop` (torch tensor in and out).
+
+    Example:
+        >>> import torch
+        >>> resample_crop_reference(torch.zeros(4, 5, 6), (2.0, 1.0, 1.0), 1.0, [[2, 2, 3]], 3).shape
+        torch.Size([1, 3, 3, 3])
+    """
     checks.tensor("volume", volume, ndim=3)
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
-    order = _order(order)
-    win = _window(window)
-    size = _size3(size)
+    order = checks.interpolation_order("order", order)
+    win = checks.hu_window("window", window)
+    size = checks.size3("size", size)
     starts = crop_starts(centers, volume.shape, spacing, new_spacing, size)
-    grid = resampled_shape(volume.shape, spacing, new_spacing)
-    scale, offset = _scale_offset(spacing, new_spacing)
-    dt = _torch_dtype(_out_dtype(out_dtype, _in_dtype(_np_dtype(volume.dtype)), order, win))
-    return _boxes_reference(volume, starts, size, grid, scale, offset, order, _fill(fill), win, dt)
+    grid, scale, offset = _grid(volume.shape, spacing, new_spacing)
+    dt = _out_dtype(out_dtype, volume.dtype, order, win, "torch")
+    return _boxes_reference(volume, starts, size, grid, scale, offset, order, checks.finite_number("fill", fill),
+                            win, dt)
 
 
-# ----------------------------------------------------------------------------- CPU (C++)
-def _cpu_boxes(vol: np.ndarray, starts: np.ndarray, size, grid, scale, offset, order, fill, window,
-               out_dtype: np.dtype) -> np.ndarray:
-    from lungcore import _C
+# ----------------------------------------------------------------------------- kernels
+# Host logic shared by the C++ and CUDA paths; only the four kernel calls differ per backend.
+def _cpu_threads() -> int:
+    return torch.get_num_threads()  # the threads torch uses (1 in DataLoader workers)
 
-    if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
-        coef_dtype = np.float64 if np.float64 in (vol.dtype, out_dtype) or vol.dtype == np.int32 else np.float32
-        # np.pad keeps the input's memory order (F for a transposed view); the in-place
-        # prefilter needs a C-ordered buffer it owns
-        vol = np.ascontiguousarray(np.pad(vol.astype(coef_dtype, copy=False), _SPLINE_PAD, mode="edge"))
-        _C.spline_prefilter3(vol, torch.get_num_threads())
+
+class _CppKernels:
+    """The C++ kernels of csrc/cpu/resample.cpp on CPU tensors (numpy views share their memory)."""
+
+    @staticmethod
+    def boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, flips=()):
+        from lungcore import _C
+
+        out = torch.empty((starts.shape[0], *size), dtype=out_dtype)
+        array = np.flip(vol.numpy(), axis=tuple(flips)) if flips else vol.numpy()  # a view: the kernel takes any strides
+        finite = _C.resample_boxes(array, out.numpy(), starts, tuple(grid), tuple(scale), tuple(offset),
+                                   order, fill, window, _cpu_threads())
+        backend.record_launch(f"{op}.cpu_forward")
+        return out, finite
+
+    @staticmethod
+    def prefilter(c, op):
+        from lungcore import _C
+
+        _C.spline_prefilter3(c.numpy(), _cpu_threads())
+        backend.record_launch(f"{op}.cpu_prefilter")
+
+    @staticmethod
+    def prefilter_adjoint(g, op):
+        from lungcore import _C
+
+        _C.spline_prefilter3_adjoint(g.numpy(), _cpu_threads())
+        backend.record_launch(f"{op}.cpu_prefilter_adjoint")
+
+    @staticmethod
+    def boxes_backward(grad, src, shape, starts, grid, scale, offset, order, window, op):
+        from lungcore import _C
+
+        grad_volume = torch.empty(shape, dtype=grad.dtype)  # the kernel zeroes each plane it owns
+        _C.resample_boxes_backward(grad.numpy(), None if src is None else src.numpy(), grad_volume.numpy(),
+                                   starts, tuple(grid), tuple(scale), tuple(offset), order, window, _cpu_threads())
+        backend.record_launch(f"{op}.cpu_backward")
+        return grad_volume
+
+
+def _kernels(which: str):
+    if which == "cupy":
+        from lungcore.cuda_kernels import resample as cuda
+
+        return cuda
+    return _CppKernels
+
+
+def _coefficient_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (in_dtype, out_dtype) or in_dtype == torch.int32 else torch.float32
+
+
+def _edge_pad(vol: torch.Tensor, pad: int) -> torch.Tensor:
+    """``vol`` edge-padded by ``pad`` voxels on every side (any dtype and device), C-contiguous."""
+    for axis in range(3):
+        n = vol.shape[axis]
+        vol = vol.index_select(axis, torch.arange(-pad, n + pad, device=vol.device).clamp_(0, n - 1))
+    return vol.contiguous()
+
+
+def _fold_edge_pad(g: torch.Tensor, pad: int) -> torch.Tensor:
+    """Transpose of :func:`_edge_pad`: each padded slab summed onto the edge it copies."""
+    for axis in range(3):
+        n = g.shape[axis] - 2 * pad
+        idx = torch.arange(-pad, n + pad, device=g.device).clamp_(0, n - 1)
+        shape = list(g.shape)
+        shape[axis] = n
+        g = g.new_zeros(shape).index_add_(axis, idx, g)
+    return g
+
+
+def _spline_coefficients(vol: torch.Tensor, out_dtype: torch.dtype, which: str, op: str) -> torch.Tensor:
+    """scipy's recipe for order 3, mode="nearest": edge-pad by 12, prefilter in place."""
+    coef = _edge_pad(vol.to(_coefficient_dtype(vol.dtype, out_dtype)), _SPLINE_PAD)
+    _kernels(which).prefilter(coef, op)
+    return coef
+
+
+def _forward(which, vol, starts, size, grid, scale, offset, order, fill, window, out_dtype, op,
+             flips: Sequence[int] = ()) -> torch.Tensor:
+    """The boxes of ``vol`` flipped along ``flips`` (a numpy/CuPy view with negative strides, sampled
+    in place by the kernels: no copy)."""
+    kern_out = torch.float32 if out_dtype in _KERNEL_OUT else out_dtype
+    if order == 3:  # the coefficients are a new array anyway
+        vol = _spline_coefficients(vol.flip(list(flips)) if flips else vol, kern_out, which, op)
         offset = tuple(o + _SPLINE_PAD for o in offset)
-    out = np.empty((starts.shape[0], *size), dtype=out_dtype)
-    finite = _C.resample_boxes(vol, out, np.ascontiguousarray(starts, dtype=np.int64), tuple(grid),
-                               tuple(scale), tuple(offset), order, fill, window,
-                               torch.get_num_threads())  # the threads torch uses (1 in DataLoader workers)
-    backend.record_launch("resample.cpu_boxes")
+        flips = ()
+    out, finite = _kernels(which).boxes(vol, starts, size, grid, scale, offset, order, fill, window, kern_out, op,
+                                        tuple(flips))
     if not finite:
         raise ValueError("volume holds NaN or inf values where it is sampled")
-    return out
+    return out.to(out_dtype)
 
 
-# ----------------------------------------------------------------------------- CUDA (CuPy)
-def cuda_source_dir() -> Path:
-    """Folder holding the CUDA sources: ``lungcore/_cuda`` in a wheel, ``csrc/cuda`` in a checkout."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "_cuda", here.parent / "csrc" / "cuda"):
-        if (candidate / "resample.cu").is_file():
-            return candidate
-    try:  # editable installs map the package lungcore._cuda onto csrc/cuda
-        import importlib.resources
-
-        root = importlib.resources.files("lungcore._cuda")
-        if root.joinpath("resample.cu").is_file():
-            return Path(str(root))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    raise FileNotFoundError("CUDA sources (resample.cu) not found next to lungcore or in csrc/cuda")
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_module():
-    import cupy
-
-    source = (cuda_source_dir() / "resample.cu").read_text()
-    names = _kernel_names()
-    # CuPy caches the compiled module on disk (~/.cupy/kernel_cache), so NVRTC runs once per machine
-    return cupy.RawModule(code=source, options=("--std=c++14",), name_expressions=names)
-
-
-def _kernel_names() -> list[str]:
-    """Every kernel instantiation the CuPy module compiles (the nvcc test compiles the same)."""
-    names = [_kernel_name(i, o) for i in map(np.dtype, _IN_DTYPES)
-             for o in dict.fromkeys([np.dtype(np.float32), np.dtype(np.float64), i])]
-    names += [_kernel_name(np.dtype(c), np.dtype(o)) for c in (np.float32, np.float64) for o in _IN_DTYPES
-              if not np.issubdtype(o, np.floating)]  # order 3: float coefficients -> integer output
-    return names + [f"lungcore_spline_prefilter3<{t}>" for t in ("float", "double")]
-
-
-def _kernel_name(in_dtype: np.dtype, out_dtype: np.dtype) -> str:
-    return f"lungcore_resample_boxes<{_C_TYPES[in_dtype]}, {_C_TYPES[out_dtype]}>"
-
-
-def _cupy_boxes(vol, starts: np.ndarray, size, grid, scale, offset, order, fill, window, out_dtype: np.dtype):
-    import cupy
-
-    in_dtype = np.dtype(vol.dtype)
-    n_box = int(starts.shape[0])
-    d, h, w = (int(v) for v in size)
-    out = cupy.empty((n_box, d, h, w), dtype=out_dtype)
-    if out.size == 0:
-        return out
-    if h > 65535:
-        raise ValueError(f"size: the CUDA kernel supports at most 65535 rows per slice, got {h}")
-    module = _cuda_module()
-    if order == 3:  # scipy's recipe for mode="nearest": edge-pad by 12, prefilter, sample the padded spline
-        coef = np.float64 if np.float64 in (in_dtype, out_dtype) or in_dtype == np.int32 else np.float32
-        vol = cupy.pad(vol.astype(coef, copy=False), _SPLINE_PAD, mode="edge")
-        prefilter = module.get_function(f"lungcore_spline_prefilter3<{_C_TYPES[np.dtype(coef)]}>")
-        n0, n1, n2 = vol.shape
-        for outer, n, inner in ((1, n0, n1 * n2), (n0, n1, n2), (n0 * n1, n2, 1)):
-            prefilter(((outer * inner + 255) // 256,), (256,), (vol, np.int64(outer), np.int64(n), np.int64(inner)))
-        backend.record_launch("resample.cupy_prefilter")
+def _backward(which, grad, volume, shape, dtype, starts, grid, scale, offset, order, window, op) -> torch.Tensor:
+    """d(volume) for ``grad`` (N, D, H, W): the forward's transpose, computed in ``dtype``."""
+    src = None
+    if order == 3:
+        if window is not None:
+            src = _spline_coefficients(volume.to(dtype), dtype, which, op)
+        shape = tuple(n + 2 * _SPLINE_PAD for n in shape)
         offset = tuple(o + _SPLINE_PAD for o in offset)
-        in_dtype = np.dtype(coef)
-    kernel = module.get_function(_kernel_name(in_dtype, out_dtype))
-    starts_dev = cupy.asarray(np.ascontiguousarray(starts, dtype=np.int64))
-    bad = cupy.zeros(1, dtype=np.int32)
-    bx = 32
-    while bx < w and bx < 128:
-        bx *= 2
-    strides = [s // vol.itemsize for s in vol.strides]
-    lo, hi = window if window is not None else (0.0, 1.0)
-    i64, f64 = np.int64, np.float64
-    args = (vol, out, starts_dev, i64(n_box), i64(d), i64(h), i64(w),
-            *(i64(v) for v in vol.shape), *(i64(v) for v in strides), *(i64(v) for v in grid),
-            *(f64(v) for v in scale), *(f64(v) for v in offset),
-            np.int32(order), f64(fill), np.int32(window is not None), f64(lo), f64(hi), bad)
-    kernel(((w + bx - 1) // bx, h, min(n_box * d, 65535)), (bx, 1, 1), args)
-    backend.record_launch("resample.cupy_boxes")
-    if np.issubdtype(in_dtype, np.floating) and int(bad.get()[0]):  # 4-byte readback, only for float input
-        raise ValueError("volume holds NaN or inf values where it is sampled")
-    return out
+    elif window is not None:
+        src = volume.to(dtype).contiguous()
+    kernels = _kernels(which)
+    g = kernels.boxes_backward(grad.to(dtype).contiguous(), src, shape, starts, grid, scale, offset, order, window, op)
+    if order == 3:
+        kernels.prefilter_adjoint(g, op)
+        g = _fold_edge_pad(g, _SPLINE_PAD)
+    return g
 
 
-# ----------------------------------------------------------------------------- dispatch
-def _run_boxes(vol: Any, kind: str, starts: np.ndarray, size, grid, scale, offset, order, fill, window,
-               out_dtype: np.dtype, op: str) -> Any:
-    """Run the boxes on ``vol`` (already a supported dtype) with the backend of ``op``; same kind out."""
-    if kind == "torch":
-        return torch.ops.lungcore.resample_boxes(vol, starts.reshape(-1).tolist(), list(size), list(grid),
-                                                 list(scale), list(offset), order, fill,
-                                                 None if window is None else list(window),
-                                                 _torch_dtype(out_dtype))
-    if kind == "cupy":
-        which = backend.backend_for(op, "cuda")
-        if which == "cupy":
-            return _cupy_boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype)
-        import cupy
-
-        host = _run_boxes(cupy.asnumpy(vol), "numpy", starts, size, grid, scale, offset, order, fill, window,
-                          out_dtype, op)
-        return cupy.asarray(host)
-    which = backend.backend_for(op, "cpu")
-    if which == "cpu":
-        return _cpu_boxes(vol, starts, size, grid, scale, offset, order, fill, window, out_dtype)
-    out = _checked(_boxes_reference(torch.from_numpy(vol), starts, size, grid, scale, offset, order, fill,
-                                    window, _torch_dtype(out_dtype)), vol.dtype)
-    return out.numpy()
-
-
-def _checked(out: torch.Tensor, in_dtype: Any) -> torch.Tensor:
+def _checked(out: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor:
     """The reference path raises on NaN/inf like the kernels do (float inputs only)."""
-    if np.issubdtype(_np_dtype(in_dtype), np.floating) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    if in_dtype.is_floating_point and out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise ValueError("volume holds NaN or inf values where it is sampled")
     return out
 
 
+# ----------------------------------------------------------------------------- the registered op
 @torch.library.custom_op("lungcore::resample_boxes", mutates_args=())
 def _resample_boxes_op(volume: torch.Tensor, starts: list[int], size: list[int], grid: list[int],
                        scale: list[float], offset: list[float], order: int, fill: float,
-                       window: list[float] | None, out_dtype: torch.dtype) -> torch.Tensor:
+                       window: Optional[list[float]], out_dtype: torch.dtype, op: str,
+                       flips: list[int]) -> torch.Tensor:
+    """``flips``: axes along which ``volume`` is read mirrored (numpy/CuPy views with negative
+    strides arrive as their positive-stride base plus these axes; never set for autograd inputs)."""
     st = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
     win = None if window is None else (float(window[0]), float(window[1]))
-    odt = _np_dtype(out_dtype)
-    device_type = volume.device.type
-    which = backend.backend_for("resample_crop", device_type)
+    which = backend.backend_for(op, volume.device)
     if which == "reference":
+        volume = volume.flip(flips) if flips else volume
         return _checked(_boxes_reference(volume, st, size, grid, scale, offset, order, fill, win, out_dtype),
                         volume.dtype)
-    if device_type == "cuda" and which == "cupy":
-        import cupy
-
-        with cupy.cuda.Device(volume.device.index), \
-                cupy.cuda.ExternalStream(torch.cuda.current_stream(volume.device).cuda_stream):
-            out = _cupy_boxes(cupy.from_dlpack(volume.detach()), st, size, grid, scale, offset, order, fill,
-                              win, odt)
-        return torch.from_dlpack(out)
-    host = volume.detach().cpu()
-    out = _cpu_boxes(host.numpy(), st, size, grid, scale, offset, order, fill, win, odt)
-    return torch.from_numpy(out).to(volume.device)
+    host = volume.detach() if which == "cupy" else volume.detach().cpu()  # "cpu" forced on a CUDA tensor
+    out = _forward(which, host, st, size, grid, scale, offset, order, fill, win, out_dtype, op, flips)
+    return out.to(volume.device)
 
 
 @_resample_boxes_op.register_fake
-def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype):
+def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, flips):
     return volume.new_empty((len(starts) // 3, *size), dtype=out_dtype)
 
 
+@torch.library.custom_op("lungcore::resample_boxes_backward", mutates_args=())
+def _resample_boxes_backward_op(grad: torch.Tensor, volume: torch.Tensor, starts: list[int], grid: list[int],
+                                scale: list[float], offset: list[float], order: int,
+                                window: Optional[list[float]], op: str) -> torch.Tensor:
+    """d(volume) of lungcore::resample_boxes from the kernels (``volume`` is read only with a
+    window: its values decide where the window clamps)."""
+    st = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+    win = None if window is None else (float(window[0]), float(window[1]))
+    which = backend.backend_for(op, grad.device)
+    dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
+    device = grad.device if which == "cupy" else torch.device("cpu")  # "cpu" forced on a CUDA tensor
+    g = _backward(which, grad.to(device), volume.detach().to(device), tuple(volume.shape), dtype, st, grid, scale,
+                  offset, order, win, op)
+    return g.to(device=volume.device, dtype=volume.dtype)
+
+
+@_resample_boxes_backward_op.register_fake
+def _(grad, volume, starts, grid, scale, offset, order, window, op):
+    return volume.new_empty(volume.shape)
+
+
 def _setup_context(ctx, inputs, output):
-    volume, starts, size, grid, scale, offset, order, fill, window, _ = inputs
-    ctx.shape, ctx.dtype, ctx.device = volume.shape, volume.dtype, volume.device
-    ctx.params = (starts, size, grid, scale, offset, order, window)
-    ctx.save_for_backward(volume if window is not None else None)
+    volume, starts, size, grid, scale, offset, order, fill, window, _, op, flips = inputs
+    if flips and volume.requires_grad:
+        raise RuntimeError("resample: flipped views are numpy/CuPy inputs only (not differentiable)")
+    ctx.params = (starts, grid, scale, offset, order, window, op)
+    ctx.save_for_backward(volume)  # shape/dtype always; its values only with a window
 
 
-def _backward(ctx, grad):
-    starts, size, grid, scale, offset, order, window = ctx.params
-    if not ctx.dtype.is_floating_point:
-        return (None,) * 10
-    (saved,) = ctx.saved_tensors
-    with torch.enable_grad():
-        probe = (saved.detach() if saved is not None else torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device))
-        probe = probe.to(torch.float64).requires_grad_(True)
-        out = _boxes_reference(probe, np.asarray(starts, np.int64).reshape(-1, 3), size, grid, scale, offset,
-                               order, 0.0, None if window is None else tuple(window), torch.float64)
-        (g,) = torch.autograd.grad(out, probe, grad.to(torch.float64))
-    return (g.to(ctx.dtype),) + (None,) * 9
+def _backward_rule(ctx, grad):
+    (volume,) = ctx.saved_tensors
+    if not volume.dtype.is_floating_point:
+        return (None,) * 12
+    starts, grid, scale, offset, order, window, op = ctx.params
+    if backend.backend_for(op, grad.device) == "reference":  # the oracle's own autograd, in float64
+        with torch.enable_grad():
+            probe = volume.detach().to(torch.float64).requires_grad_(True)
+            out = _boxes_reference(probe, np.asarray(starts, np.int64).reshape(-1, 3), grad.shape[1:], grid, scale,
+                                   offset, order, 0.0, None if window is None else tuple(window), torch.float64)
+            (g,) = torch.autograd.grad(out, probe, grad.to(torch.float64))
+        return (g.to(volume.dtype),) + (None,) * 11
+    return (_resample_boxes_backward_op(grad, volume, *ctx.params),) + (None,) * 11
 
 
-_resample_boxes_op.register_autograd(_backward, setup_context=_setup_context)
+_resample_boxes_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def _prepare(volume: Any) -> tuple[Any, str, np.dtype]:
-    kind = _kind(volume)
-    if kind == "torch":
+# ----------------------------------------------------------------------------- public functions
+def _as_tensor(volume: Any) -> tuple[torch.Tensor, str, list[int]]:
+    """``volume`` as a 3-D torch tensor of a dtype the kernels read, sharing memory where it can;
+    its kind ("torch", "numpy", "cupy") to convert the result back; and the axes along which a
+    numpy/CuPy view runs backwards (negative strides: the tensor is its unflipped base, no copy)."""
+    if isinstance(volume, torch.Tensor):
+        kind = "torch"
         if type(volume) is not torch.Tensor:  # e.g. MONAI MetaTensor: its affine would be stale after resampling
             volume = volume.as_subclass(torch.Tensor)
-        if volume.dim() != 3:
-            raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(volume.shape)}")
-        if volume.dtype in (torch.float16, torch.bfloat16):
-            volume = volume.float()
-        elif volume.dtype == torch.bool:
-            volume = volume.to(torch.uint8)
-        in_dtype = _in_dtype(_np_dtype(volume.dtype))
-        return volume, kind, in_dtype
+    elif isinstance(volume, np.ndarray):
+        kind = "numpy"
+    elif hasattr(volume, "__cuda_array_interface__") and type(volume).__module__.startswith("cupy"):
+        kind = "cupy"
+    else:
+        raise TypeError(f"volume must be a numpy array, a torch tensor or a CuPy array, got {type(volume).__name__}")
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(volume.shape)}")
-    in_dtype = _in_dtype(np.dtype(volume.dtype))
-    if in_dtype != volume.dtype:
-        volume = volume.astype(in_dtype)
-    if any(s % volume.itemsize for s in volume.strides):
-        volume = volume.copy()
     if min(volume.shape) < 1:
         raise ValueError(f"volume must not be empty, got shape {tuple(volume.shape)}")
-    return volume, kind, in_dtype
+    read = checks.volume_dtype("volume", volume.dtype)
+    if kind == "torch":
+        target = _torch_dtype(read)
+        return (volume if volume.dtype == target else volume.to(target)), kind, []
+    if volume.dtype != read:
+        volume = volume.astype(read)
+    if any(s % volume.itemsize for s in volume.strides):
+        volume = volume.copy()
+    flips = [a for a in range(3) if volume.strides[a] < 0]
+    if flips:  # e.g. preprocess.canonical_orientation's flipped views: the base, read mirrored
+        volume = volume[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+    return (torch.from_numpy(volume) if kind == "numpy" else torch.from_dlpack(volume)), kind, flips
+
+
+def _from_tensor(out: torch.Tensor, kind: str) -> Any:
+    if kind == "numpy":
+        return out.numpy()
+    if kind == "cupy":
+        import cupy
+
+        return cupy.from_dlpack(out)
+    return out
+
+
+def _run(volume: Any, centers: Any, size: Any, spacing: Any, new_spacing: Any, order: Any, fill: Any,
+         window: Any, out_dtype: Any, op: str) -> Any:
+    order = checks.interpolation_order("order", order)
+    fill = checks.finite_number("fill", fill)
+    window = checks.hu_window("window", window)
+    vol, kind, flips = _as_tensor(volume)
+    grid, scale, offset = _grid(vol.shape, spacing, new_spacing)
+    odt = _out_dtype(out_dtype, volume.dtype, order, window, kind)
+    if centers is None:  # the whole volume: one box covering the full grid
+        if math.prod(grid) > _MAX_OUTPUT_VOXELS:
+            raise ValueError(f"new_spacing {new_spacing} gives an output of shape {grid}: too large")
+        size, starts = grid, np.zeros((1, 3), np.int64)
+    else:
+        size = checks.size3("size", size)
+        starts = crop_starts(centers, vol.shape, spacing, new_spacing, size)
+    out = torch.ops.lungcore.resample_boxes(vol, starts.reshape(-1).tolist(), list(size), list(grid), list(scale),
+                                            list(offset), order, fill, None if window is None else list(window),
+                                            odt, op, flips)
+    return _from_tensor(out, kind)
 
 
 def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int = 1, fill: float = -1024.0,
@@ -617,17 +555,19 @@ def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int =
 
     Args:
         volume: 3-D numpy array, torch tensor (CPU or CUDA) or CuPy array; int8/uint8/int16/uint16/
-            int32/float16/float32/float64/bool, any strides. The result is of the same kind and
-            device (CUDA: DLPack in and out, no host round trip); a torch subclass such as MONAI's
-            MetaTensor comes back as a plain tensor (its affine would be stale: use
-            :func:`resampled_affine`).
+            int32/float16/bfloat16/float32/float64/bool, any strides. The result is of the same
+            kind and device (numpy shares memory with the op, CuPy goes through DLPack: no host
+            round trip); a torch subclass such as MONAI's MetaTensor comes back as a plain tensor
+            (its affine would be stale: use :func:`resampled_affine`). Differentiable in a
+            floating torch ``volume`` (the backward is the forward's transpose, as a kernel).
         spacing: (sz, sy, sx) of ``volume`` in mm.
         new_spacing: target (sz, sy, sx) in mm, or one number for isotropic voxels.
         order: 0 nearest, 1 trilinear, 3 cubic B-spline (equal to scipy's order 3, mode "nearest").
         fill: value outside the input (HU); the full grid never needs it (edge voxels are
             extended by half a voxel), crops hanging over the edge do.
-        out_dtype: float32, float64 or the input dtype (integers round to nearest and saturate).
-            Default: the input dtype for order 0, else float32 (float64 for float64 input).
+        out_dtype: float32, float64, float16, bfloat16 (torch volumes only; both computed in
+            float32 and rounded once) or the input dtype (integers round to nearest and
+            saturate). Default: the input dtype for order 0, else float32 (float64 for float64).
 
     Returns:
         The volume on the grid of shape :func:`resampled_shape`; its affine is
@@ -638,19 +578,7 @@ def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int =
         >>> resample_volume(torch.zeros(10, 20, 20), (2.0, 0.5, 0.5), (1.0, 1.0, 1.0)).shape
         torch.Size([20, 10, 10])
     """
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
-    order = _order(order)
-    fill = _fill(fill)
-    vol, kind, in_dtype = _prepare(volume)
-    odt = _out_dtype(out_dtype, in_dtype, order, None)
-    grid = resampled_shape(vol.shape, spacing, new_spacing)
-    if math.prod(grid) > _MAX_OUTPUT_VOXELS:
-        raise ValueError(f"new_spacing {new_spacing} gives an output of shape {grid}: too large")
-    scale, offset = _scale_offset(spacing, new_spacing)
-    out = _run_boxes(vol, kind, np.zeros((1, 3), np.int64), grid, grid, scale, offset, order, fill, None,
-                     odt, "resample_volume")
-    return out[0]
+    return _run(volume, None, None, spacing, new_spacing, order, fill, None, out_dtype, "resample_volume")[0]
 
 
 def resample_crop(volume: Any, spacing: Any, new_spacing: Any, centers: Any, size: Any, *, order: int = 1,
@@ -681,15 +609,4 @@ def resample_crop(volume: Any, spacing: Any, new_spacing: Any, centers: Any, siz
         >>> boxes.shape, float(boxes[0, 8, 32, 32])
         ((2, 16, 64, 64), 0.2222222238779068)
     """
-    spacing = _spacing3("spacing", spacing, allow_scalar=False)
-    new_spacing = _spacing3("new_spacing", new_spacing, allow_scalar=True)
-    order = _order(order)
-    fill = _fill(fill)
-    win = _window(window)
-    size = _size3(size)
-    vol, kind, in_dtype = _prepare(volume)
-    odt = _out_dtype(out_dtype, in_dtype, order, win)
-    starts = crop_starts(centers, vol.shape, spacing, new_spacing, size)
-    grid = resampled_shape(vol.shape, spacing, new_spacing)
-    scale, offset = _scale_offset(spacing, new_spacing)
-    return _run_boxes(vol, kind, starts, size, grid, scale, offset, order, fill, win, odt, "resample_crop")
+    return _run(volume, centers, size, spacing, new_spacing, order, fill, window, out_dtype, "resample_crop")

@@ -119,13 +119,13 @@ def test_quick_gate_compiles_every_kernel_for_sm90(tmp_path):
     assert bf16_gemm and all(r["tensor_core"] in ("wgmma", "mma") for r in bf16_gemm)
     assert any(r["tensor_core"] == "wgmma" for r in bf16_gemm)
     if shutil.which("nvcc"):
-        from lungcore.ops.resample import _kernel_names
+        from lungcore.cuda_kernels.resample import kernel_names as _kernel_names
 
         nvcc = [r for r in data["cuda_cpp"] if r["compiler"] == "nvcc"]
         assert {r["kernel"] for r in nvcc} == set(_kernel_names()) and all(r["ok"] for r in nvcc)
     nvrtc = [r for r in data["cuda_cpp"] if r["compiler"] == "nvrtc" and not r.get("skipped")]
     if nvrtc:  # the nvidia-cuda-nvrtc wheel is installed: CuPy's own compiler path, same instantiations
-        from lungcore.ops.resample import _kernel_names
+        from lungcore.cuda_kernels.resample import kernel_names as _kernel_names
 
         assert {r["kernel"] for r in nvrtc} == set(_kernel_names()) and all(r["ok"] for r in nvrtc)
     assert "| patch_embed._forward_kernel | bf16 |" in (tmp_path / "aot.md").read_text()

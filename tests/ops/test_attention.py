@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import rel_error as rel
+from _tolerance import tolerance
 
 from lungcore.backend import count_launches
 from lungcore.ops import masked_cross_attention, masked_cross_attention_reference
@@ -15,16 +17,8 @@ FWD, DQ, DKDV = ("masked_cross_attention.forward", "masked_cross_attention.backw
                  "masked_cross_attention.backward_dkdv")
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "NaN/inf in result"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if b.norm() > 0 else float(a.norm())
-
-
 def tol(dtype: torch.dtype, device: str) -> float:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 2e-2
-    return 2e-3 if device == "cuda" else 1e-5  # tf32 tl.dot on GPU
+    return tolerance(dtype, dot=True, device=device)  # tf32 tl.dot on a GPU
 
 
 def make(gen, shape_q, lk, dtype=torch.float64):
@@ -355,3 +349,25 @@ def test_memory_is_linear_in_length_on_gpu(backend):
     extra = torch.cuda.max_memory_allocated() - base
     inputs = 3 * q.numel() * q.element_size()
     assert extra < 4 * inputs, (extra, inputs)  # out, grads, lse, delta: a few input sizes, not L^2
+
+
+def test_each_backend_runs_what_it_names(monkeypatch):
+    """reference -> masked_cross_attention_reference; torch -> SDPA; triton refuses float64."""
+    import lungcore.ops.attention as module
+    from lungcore.backend import use_backend
+
+    calls = []
+    real = module.masked_cross_attention_reference
+    monkeypatch.setattr(module, "masked_cross_attention_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make(gen, (2, 2, 5, 8), 7, dtype=torch.float32)
+    km = torch.rand(2, 7, generator=gen) < 0.7
+    with use_backend("reference"):
+        ref = masked_cross_attention(q, k, v, km)
+    assert calls == [1]
+    with use_backend("torch"), count_launches() as launches:
+        fast = masked_cross_attention(q, k, v, km)
+    assert calls == [1] and not launches
+    assert rel(fast, ref) < tolerance(torch.float32)
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        masked_cross_attention(q.double(), k.double(), v.double(), km)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import rel_error, tolerance
 
 from lungcore.backend import count_launches, use_backend
 from lungcore.ops import patch_embed3d, patch_embed3d_reference
@@ -15,15 +16,10 @@ KERNELS = ("patch_embed3d.forward", "patch_embed3d.grad_weight", "patch_embed3d.
 
 
 def _tol(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32:
-        return 2e-3 if device == "cuda" else 1e-5   # tf32 tl.dot on a GPU (DESIGN tolerances)
-    return 2e-2
+    return tolerance(dtype, dot=True, device=device)  # tf32 tl.dot on a GPU
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite values"
-    out, ref = out.detach(), ref.detach()
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+_rel = rel_error
 
 
 def _visible(rng, B: int, N: int, T: int, device: str, dtype=torch.int64) -> torch.Tensor:
@@ -319,3 +315,23 @@ def test_network_a_shape_on_gpu(rng, dtype):
     assert N == 512
     _check_forward_backward(inputs, _visible(rng, 16, N, 128, "cuda"), "cuda", dtype, need_volume=False)
     _check_forward_backward(inputs, None, "cuda", dtype, need_volume=False)
+
+
+def test_each_backend_runs_what_it_names(monkeypatch):
+    """reference -> patch_embed3d_reference; torch -> Conv3d (CPU, every token); triton -> the
+    kernels, which refuse float64 with a clear error instead of silently running something else."""
+    import lungcore.ops.patch_embed as module
+
+    calls = []
+    real = module.patch_embed3d_reference
+    monkeypatch.setattr(module, "patch_embed3d_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w = torch.randn(1, 1, 4, 8, 8), torch.randn(4, 1, 2, 4, 4)
+    with use_backend("reference"):
+        ref = patch_embed3d(x, w)
+    assert calls == [1]
+    with use_backend("torch"), count_launches() as launches:
+        fast = patch_embed3d(x, w)
+    assert calls == [1] and not launches
+    assert _rel(fast, ref) < tolerance(torch.float32)
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        patch_embed3d(x.double(), w.double())

@@ -4,27 +4,29 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import rel_error, tolerance
 
 from lungcore.backend import count_launches, use_backend
 from lungcore.nn import PatchEmbed3d, sincos_position_embedding_3d
 
-monai_blocks = pytest.importorskip("monai.networks.blocks")
-pos_embed_utils = pytest.importorskip("monai.networks.blocks.pos_embed_utils")
+
+def _monai(module: str = "monai.networks.blocks"):
+    """MONAI (the peer), imported per test: without it only the tests that use it skip."""
+    return pytest.importorskip(module)
+
 
 IMG, PATCH = (4, 8, 16), (2, 4, 8)   # grid 2 x 2 x 2 = 8 tokens
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, device: str) -> bool:
-    tol = 2e-3 if device == "cuda" else 1e-5
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm()) < tol
+    return rel_error(a, b) < tolerance(torch.float32, dot=True, device=device)
 
 
 @pytest.mark.parametrize("pos_kind", ["learnable", "sincos", "none"])
 def test_from_and_to_monai(device, pos_kind):
     torch.manual_seed(0)
-    block = monai_blocks.PatchEmbeddingBlock(2, IMG, PATCH, 24, 2, proj_type="conv", pos_embed_type=pos_kind,
-                                             spatial_dims=3).to(device).eval()
+    block = _monai().PatchEmbeddingBlock(2, IMG, PATCH, 24, 2, proj_type="conv", pos_embed_type=pos_kind,
+                                         spatial_dims=3).to(device).eval()
     x = torch.randn(2, 2, *IMG, device=device)
     ref = block(x)
     embed = PatchEmbed3d.from_monai(block, IMG)
@@ -63,12 +65,12 @@ def test_conv3d_round_trip(device):
 def test_sincos_matches_monai():
     for grid, dim in [((2, 3, 4), 24), ((8, 8, 8), 48), ((3, 1, 5), 12)]:
         ours = sincos_position_embedding_3d(grid, dim)
-        theirs = pos_embed_utils.build_sincos_position_embedding(list(grid), dim, 3)[0]
+        theirs = _monai("monai.networks.blocks.pos_embed_utils").build_sincos_position_embedding(list(grid), dim, 3)[0]
         assert torch.equal(ours, theirs)
     # network A's width 256 is not a multiple of 6: 42 frequencies per axis, 4 zero channels
     pos = sincos_position_embedding_3d((8, 8, 8), 256)
     assert pos.shape == (512, 256) and torch.equal(pos[:, 252:], torch.zeros(512, 4))
-    assert torch.equal(pos[:, :252], pos_embed_utils.build_sincos_position_embedding([8, 8, 8], 252, 3)[0])
+    assert torch.equal(pos[:, :252], _monai("monai.networks.blocks.pos_embed_utils").build_sincos_position_embedding([8, 8, 8], 252, 3)[0])
 
 
 def test_sincos_is_a_fixed_buffer(device):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lungcore.ops import resample_volume, resampled_affine, resampled_shape
-from lungcore.ops.resample import _kernel_names, cuda_source_dir
+from lungcore.cuda_kernels.resample import cuda_source_dir, kernel_names as _kernel_names
 
 ndi = pytest.importorskip("scipy.ndimage")
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,21 +147,33 @@ def test_cuda_sources_ship_in_the_package(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "lungcore" / "_cuda" / "resample.cu").is_file()
     assert (tmp_path / "lungcore" / "ops" / "resample.py").is_file()
+    assert (tmp_path / "lungcore" / "cuda_kernels" / "resample.py").is_file()
 
 
-def test_monai_spacing_peer_agrees_on_extent(rng):
-    """MONAI Spacing (the slow peer) gives the same values in the interior for an axis-aligned volume."""
+def test_monai_spacing_peer_agrees_on_values(rng):
+    """MONAI Spacing (the slow peer) and lungcore both sample a linear field exactly at their own
+    grids (trilinear is exact on linear data): lungcore's voxel-centre-aligned grid (DESIGN.md),
+    MONAI's first-voxel-anchored one (one slice fewer), both with edge clamping."""
     pytest.importorskip("monai")
     from monai.data import MetaTensor
     from monai.transforms import Spacing
 
-    volume = (rng.normal(size=(8, 20, 20)) * 100).astype(np.float32)
-    old = (2.0, 0.5, 0.5)
+    n, old = (8, 20, 20), (2.0, 0.5, 0.5)
+    coef = rng.normal(size=3) * 10
+    field = lambda z, y, x: coef[0] * z + coef[1] * y + coef[2] * x + 5.0  # noqa: E731
+    volume = field(*np.meshgrid(*(np.arange(k, dtype=np.float64) for k in n), indexing="ij")).astype(np.float32)
     out = resample_volume(volume, old, 1.0)
     image = MetaTensor(torch.from_numpy(volume)[None], affine=torch.diag(torch.tensor([*old, 1.0], dtype=torch.float64)))
-    monai_out = Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear", padding_mode="border")(image)
-    assert tuple(monai_out.shape[1:]) == (15, 10, 10)  # MONAI keeps the first voxel centre: one slice fewer
-    assert out.shape == (16, 10, 10)
+    monai_out = Spacing(pixdim=(1.0, 1.0, 1.0), mode="bilinear", padding_mode="border")(image)[0].numpy()
+    assert monai_out.shape == (15, 10, 10) and out.shape == (16, 10, 10)
+    s = 1.0 / np.asarray(old)
+
+    def expected(shape, first):  # input index of output index j on each axis, clamped to the voxel centres
+        axes = [np.clip(first[a] + s[a] * np.arange(shape[a]), 0, n[a] - 1) for a in range(3)]
+        return field(*np.meshgrid(*axes, indexing="ij"))
+
+    np.testing.assert_allclose(out, expected(out.shape, 0.5 * s - 0.5), atol=1e-3)
+    np.testing.assert_allclose(monai_out, expected(monai_out.shape, np.zeros(3)), atol=1e-3)
 
 
 HOST_HARNESS = r"""
@@ -206,6 +218,23 @@ LC_ENTRY(lc_f32_i16, float, short)
 extern "C" void lc_prefilter(double* c, long long outer, long long n, long long inner) {
     for (long long line = 0; line < outer * inner; ++line)
         lc_prefilter_line<double>(c + (line / inner) * n * inner + line % inner, n, inner);
+}
+extern "C" void lc_prefilter_adjoint(double* c, long long outer, long long n, long long inner) {
+    for (long long line = 0; line < outer * inner; ++line)
+        lc_prefilter_line_adjoint<double>(c + (line / inner) * n * inner + line % inner, n, inner);
+}
+struct host_add { void operator()(double* p, double v) const { *p += v; } };
+// the backward kernel's per-voxel code (lc_sample_backward), one voxel after another
+extern "C" void lc_backward(const double* grad, const double* src, double* dst, const long long* starts, long long nbox,
+                            long long D, long long H, long long W, const long long* n, const long long* m,
+                            const double* s, const double* o, int order, int window, double lo, double hi) {
+    for (long long b = 0; b < nbox; ++b)
+        for (long long kz = 0; kz < D; ++kz)
+            for (long long ky = 0; ky < H; ++ky)
+                for (long long kx = 0; kx < W; ++kx)
+                    lc_sample_backward<double>(src, dst, starts, grad[((b * D + kz) * H + ky) * W + kx], b, kz, ky, kx,
+                                               n[0], n[1], n[2], n[1] * n[2], n[2], 1, m[0], m[1], m[2], s[0], s[1],
+                                               s[2], o[0], o[1], o[2], order, window, lo, hi, host_add());
 }
 """
 
@@ -319,3 +348,64 @@ def test_monai_metatensor_comes_back_plain():
     image = MetaTensor(torch.zeros(4, 5, 6), affine=torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)))
     out = resample_volume(image, (2.0, 1.0, 1.0), 1.0)
     assert type(out) is torch.Tensor and out.shape == (8, 5, 6)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize("window", [None, (-0.4, 0.6)])
+def test_cuda_backward_math_on_host_matches_cpp(cuda_math_on_host, rng, order, window):
+    """The CUDA backward kernel's per-voxel code (lc_sample_backward, lc_prefilter_line_adjoint), run on
+    the CPU through the same host steps as the CUDA path (ops.resample: order-3 padding, adjoint
+    prefilter axes in reverse, edge fold), equals the C++ backward kernel."""
+    import ctypes
+
+    import torch
+
+    from lungcore import backend as lc_backend
+    from lungcore.ops import crop_starts, resample_crop
+    from lungcore.ops.resample import _SPLINE_PAD, _edge_pad, _fold_edge_pad, _scale_offset
+
+    volume = torch.from_numpy(rng.normal(size=(6, 9, 8)))
+    old, new, size = (2.0, 0.9, 1.1), (1.0, 1.2, 0.6), (5, 6, 7)
+    centers = np.concatenate([rng.uniform(-0.5, np.asarray(volume.shape) - 0.5, size=(3, 3)), [[0.0, 8.5, 7.0]]])
+    grad = torch.from_numpy(rng.normal(size=(len(centers), *size)))
+    v = volume.clone().requires_grad_(True)
+    with lc_backend.use_backend("cpu"), lc_backend.count_launches() as launches:
+        (resample_crop(v, old, new, centers, size, order=order, window=window) * grad).sum().backward()
+    assert launches["resample_crop.cpu_backward"] == 1
+
+    starts = crop_starts(centers, volume.shape, old, new, size)
+    scale, offset = _scale_offset(old, new)
+    src = volume
+    if order == 3:
+        src = _edge_pad(volume, _SPLINE_PAD).numpy().copy()
+        for args in _lines(src, forward=True):  # the forward's coefficients
+            cuda_math_on_host.lc_prefilter(*args)
+        offset = tuple(o + _SPLINE_PAD for o in offset)
+        src = torch.from_numpy(src)
+    src = np.ascontiguousarray(src.numpy())
+    dst = np.zeros(src.shape)
+    ll = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    dd = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    g, st, n, m, s, o = (dd(grad.numpy()), ll(starts), ll(src.shape), ll(resampled_shape(volume.shape, old, new)),
+                         dd(scale), dd(offset))
+    lo, hi = window if window is not None else (0.0, 1.0)
+    cuda_math_on_host.lc_backward(ptr(g), ptr(src), ptr(dst), ptr(st), ctypes.c_longlong(len(st)),
+                                  *(ctypes.c_longlong(k) for k in size), ptr(n), ptr(m), ptr(s), ptr(o),
+                                  ctypes.c_int(order), ctypes.c_int(window is not None), ctypes.c_double(lo),
+                                  ctypes.c_double(hi))
+    if order == 3:
+        for args in _lines(dst, forward=False):
+            cuda_math_on_host.lc_prefilter_adjoint(*args)
+        dst = _fold_edge_pad(torch.from_numpy(dst), _SPLINE_PAD).numpy()
+    np.testing.assert_allclose(dst, v.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _lines(c: np.ndarray, forward: bool):
+    """ctypes arguments of the prefilter (or, reversed, its adjoint) along each axis, as the CUDA launcher runs them."""
+    import ctypes
+
+    n0, n1, n2 = c.shape
+    axes = [(1, n0, n1 * n2), (n0, n1, n2), (n0 * n1, n2, 1)]
+    ptr = c.ctypes.data_as(ctypes.c_void_p)
+    return [(ptr, *(ctypes.c_longlong(v) for v in a)) for a in (axes if forward else axes[::-1])]
