@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, add_arguments, augmentation, build_cohort, command_line,  # noqa: E402
                          finetune, fractions, model_config, paired_difference, predict, pretrain, restrict,
-                         test_cindex)
+                         start, test_cindex)
 
 from lungcore.models import create  # noqa: E402
 
@@ -48,13 +48,7 @@ def main() -> None:
                          "vs fresh fusion at full and reduced labels, fine-tuned with zero-filling, test-time "
                          "withholding) at the default CT mask ratio")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+    out, log, t0 = start(args)
 
     cohort = build_cohort(Path(args.workdir), args.n, args.seed, fractions(args), log=log)
     train, val, test = (cohort.splits[k] for k in ("train", "val", "test"))

@@ -302,3 +302,18 @@ def linear_cox_reference(train, test) -> dict[str, dict[str, float]]:
             r = cph.predict_log_partial_hazard(_features(test, with_ct)).to_numpy()
             out[name][e] = cindex(r[mm], test[f"{e}_time"].numpy()[mm], test[f"{e}_event"].numpy()[mm])
     return out
+
+
+def start(args) -> tuple[Path, Any, float]:
+    """Threads, the output folder and a timestamped logger for an experiment script:
+    ``(out, log, t0)`` with ``log(msg)`` printing ``[seconds since t0] msg``."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+
+    return out, log, t0
+

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, Cohort, add_arguments, build_cohort, cindex, command_line,  # noqa: E402
                          finetune, fractions, model_config, paired_difference, predict, pretrain, restrict,
-                         test_cindex)
+                         start, test_cindex)
 
 from lungcore.models import create  # noqa: E402
 from lungcore.models.clinical_graph import GRAPHS  # noqa: E402
@@ -211,13 +211,7 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of every interval")
     ap.add_argument("--skip-synthetic", action="store_true", help="run the real tables only")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+    out, log, t0 = start(args)
 
     synth_rows, synth = ([], None) if args.skip_synthetic else run_synthetic(args, log)
     table_rows, table_sums = [], []

@@ -19,7 +19,6 @@ intervals and paired differences; writes experiments/results/cmml_nonlinear.{md,
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finetune, model_config,  # noqa: E402
-                         paired_difference, predict, pretrain)
-from handcrafted import cox_fit_predict, learned_terms, truth_features  # noqa: E402
+                         paired_difference, predict, pretrain, start)
+from handcrafted import (cox_fit_predict, learned_table, learned_terms, preset_text, truth_features,  # noqa: E402
+                         write_rows_csv)
 
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
 from lungcore.models import create  # noqa: E402
@@ -129,13 +129,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+    out, log, t0 = start(args)
 
     seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
     rows, md_cohorts, learned = [], [], []
@@ -176,18 +170,8 @@ def main() -> None:
     log("done")
 
 
-def preset_text(name: str) -> str:
-    from lungcore.data.synth import PRESETS
-
-    p = PRESETS[name]
-    return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
-
-
 def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: list[dict], minutes: float) -> None:
-    with open(out / "cmml_nonlinear.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    write_rows_csv(out / "cmml_nonlinear.csv", rows)
 
     def row(effects, model, e):
         return next(r for r in rows if r["effects"] == effects and r["model"] == model and r["endpoint"] == e)
@@ -217,14 +201,7 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: lis
            "(`handcrafted.learned_terms`; OS; size and texture standardised, the others 0/1, `clinical` the "
            "clinical part of the true log-hazard). The oracle's row is the formula up to scale; a term a model "
            "misses is near 0 in its row.", ""]
-    for effects in ("linear", "morphology"):
-        sub = [r for r in learned if r["effects"] == effects]
-        if not sub:
-            continue
-        names = list(sub[0]["os"])
-        md += [f"| {effects} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        md += [f"| {r['model']} | " + " | ".join(f"{r['os'][k]:+.2f}" for k in names) + " |" for r in sub]
-        md.append("")
+    md += learned_table(learned, "os")
     md += ["## Reading", ""]
     for effects in ("linear", "morphology"):
         gaps = [row(effects, "clinical + handcrafted Cox", e)["oracle_minus"] for e in ENDPOINTS]

@@ -22,7 +22,6 @@ bootstrap 95 % intervals, paired differences; writes experiments/results/csfnet_
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from csfnet_synthetic import load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
-from handcrafted import learned_terms, standardise, truth_features, with_changes  # noqa: E402
+from cmml_common import command_line, start  # noqa: E402
+from csfnet_synthetic import REDUCED, load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
+from handcrafted import (learned_table, learned_terms, preset_text, standardise, truth_features,  # noqa: E402
+                         with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
@@ -133,13 +134,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+    out, log, t0 = start(args)
 
     rows, cohorts, learned = [], [], []
     for effects in ("linear", "morphology"):
@@ -167,21 +162,8 @@ def main() -> None:
     log("done")
 
 
-def preset_text(name: str) -> str:
-    from lungcore.data.synth import PRESETS
-
-    p = PRESETS[name]
-    return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
-
-
 def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[dict], minutes: float) -> None:
-    from cmml_common import command_line
-    from csfnet_synthetic import REDUCED
-
-    with open(out / "csfnet_nonlinear.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    write_rows_csv(out / "csfnet_nonlinear.csv", rows)
 
     def ci(r, k, lo, hi, signed=False):
         f = "{:+.3f}" if signed else "{:.3f}"
@@ -207,12 +189,7 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
            "on the generator's terms (`handcrafted.learned_terms`; size and growth standardised, the others 0/1, "
            "`clinical` the clinical part of the true logit). The oracle's row is the formula up to scale; a term "
            "a model misses is near 0 in its row.", ""]
-    for effects in ("linear", "morphology"):
-        sub = [r for r in learned if r["effects"] == effects]
-        names = list(sub[0]["terms"])
-        md += [f"| {effects} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        md += [f"| {r['model']} | " + " | ".join(f"{r['terms'][k]:+.2f}" for k in names) + " |" for r in sub]
-        md.append("")
+    md += learned_table(learned, "terms")
     md += ["## Reading", ""]
     for effects in ("linear", "morphology"):
         g = next(r for r in rows if r["effects"] == effects and r["model"] == "clinical + handcrafted logistic")

@@ -1,4 +1,5 @@
-"""The handcrafted baselines of the non-linear experiments (not CI): radiomics-style features + a linear model.
+"""The handcrafted baselines of the non-linear experiments (not CI): radiomics-style features + a linear
+model; and the report pieces both scripts share.
 
 Features are those ``lungcore.data.synth`` measures on each lesion's *true* mask at the source
 resolution (``truth.csv`` columns ``feat_*``, :func:`lungcore.data.synth.lesion_features`: volume,
@@ -63,3 +64,36 @@ def learned_terms(risk: np.ndarray, terms: pd.DataFrame) -> dict[str, float]:
     design = np.c_[np.ones(ok.sum()), x[ok]]
     coef = np.linalg.lstsq(design, y, rcond=None)[0][1:]
     return dict(zip(terms.columns, map(float, coef)))
+
+
+def learned_table(learned: list[dict], key: str) -> list[str]:
+    """Markdown tables (one per cohort) of :func:`learned_terms` rows ``{"effects", "model", key: terms}``."""
+    md: list[str] = []
+    for effects in ("linear", "morphology"):
+        sub = [r for r in learned if r["effects"] == effects]
+        if not sub:
+            continue
+        names = list(sub[0][key])
+        md += [f"| {effects} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        md += [f"| {r['model']} | " + " | ".join(f"{r[key][k]:+.2f}" for k in names) + " |" for r in sub]
+        md.append("")
+    return md
+
+
+def preset_text(name: str) -> str:
+    """``"48 x 128 x 128 voxels at 2 x 1 x 1 mm"`` for a synthetic preset."""
+    from lungcore.data.synth import PRESETS
+
+    p = PRESETS[name]
+    return f"{' x '.join(map(str, p.shape))} voxels at {' x '.join(f'{s:g}' for s in p.spacing)} mm"
+
+
+def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    """Result rows as CSV, floats to 4 decimals."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+

@@ -105,3 +105,13 @@ def test_nonlinear_scripts(script, extra, tmp_path):
         assert f"| {cohort} |" in md and f"**{cohort}**: oracle - handcrafted" in md
     assert "seed 0" in md and "handcrafted" in md
     assert (tmp_path / f"{stem}.csv").read_text().count("\n") > 6
+
+
+@pytest.mark.slow
+def test_cmml_graph(tmp_path):
+    _run("cmml_graph.py", "--workdir", str(tmp_path / "cohort"), "--n", "60", "--seeds", "1", "--tables", "lung",
+         "--folds", "2", "--repeats", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--n-boot", "20",
+         "--out", str(tmp_path))
+    md = (tmp_path / "cmml_graph.md").read_text()
+    assert "lung" in md and "t2g" in md and "dense" in md
+    assert (tmp_path / "cmml_graph.csv").read_text().count("\n") >= 3
