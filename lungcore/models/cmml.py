@@ -85,10 +85,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lungcore.models.clinical_graph import GRAPHS, ClinicalGraphTransformer, graph_blocks
-from lungcore.models.clinical_graph import Mlp as _Mlp
 from lungcore.models.registry import register_model
+from lungcore.models.slice_depth import SliceDepthBlock, SliceDepthTransformer
 from lungcore.models.survival import BreslowBaseline
-from lungcore.nn import CoxPHLoss, MaskedCrossAttention, PatchEmbed3d
+from lungcore.nn import CoxPHLoss, MaskedCrossAttention
 
 ENDPOINTS = ("pfs", "os")
 FUSION_INITS = ("pretrained", "fresh")
@@ -168,89 +168,6 @@ class CMMLConfig:
             raise ValueError(f"fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
         if self.missing_modality not in MISSING_MODALITY:
             raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {self.missing_modality!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# CT branch
-def _group_layout(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor, int]:
-    """Slots that pad each group of tokens to the longest group.
-
-    ``group`` (B, T) group index of every token. Returns ``slot`` (B, T) in [0, G * L), the mask
-    (B, G, L) of real slots and L (the longest group over the batch).
-    """
-    b, t = group.shape
-    order = torch.argsort(group * t + torch.arange(t, device=group.device), dim=1)
-    sorted_group = torch.gather(group, 1, order)
-    counts = torch.zeros(b, num_groups, dtype=torch.long, device=group.device)
-    counts.scatter_add_(1, group, torch.ones_like(group))
-    start = counts.cumsum(1) - counts  # first sorted position of each group
-    rank_sorted = torch.arange(t, device=group.device).expand(b, t) - torch.gather(start, 1, sorted_group)
-    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
-    longest = int(counts.max()) if t else 0
-    slot = group * longest + rank
-    mask = torch.arange(longest, device=group.device)[None, None, :] < counts[:, :, None]
-    return slot, mask, longest
-
-
-class SliceDepthBlock(nn.Module):
-    """Pre-norm divided attention on a token subset: slice attention, depth attention, MLP."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.norm_slice, self.norm_depth, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.slice_attn = MaskedCrossAttention(dim, heads, attn_dropout=dropout, proj_dropout=dropout)
-        self.depth_attn = MaskedCrossAttention(dim, heads, attn_dropout=dropout, proj_dropout=dropout)
-        self.mlp = _Mlp(dim, mlp_ratio, dropout)
-
-    @staticmethod
-    def _grouped(attn: MaskedCrossAttention, x: Tensor, layout) -> Tensor:
-        b, t, c = x.shape
-        if layout[0] == "slice":  # every token present: a slice group is a contiguous run of tokens
-            _, nd, npl = layout
-            return attn(x.view(b, nd, npl, c)).view(b, t, c)
-        if layout[0] == "depth":  # every token present: a depth group is a strided view
-            _, nd, npl = layout
-            return attn(x.view(b, nd, npl, c).transpose(1, 2)).transpose(1, 2).reshape(b, t, c)
-        slot, mask, longest = layout
-        groups = mask.shape[1]
-        idx = slot[..., None].expand(b, t, c)
-        padded = x.new_zeros(b, groups * longest, c).scatter(1, idx, x).view(b, groups, longest, c)
-        out = attn(padded, key_mask=mask, query_mask=mask)
-        return torch.gather(out.reshape(b, groups * longest, c), 1, idx)
-
-    def forward(self, x: Tensor, slice_layout, depth_layout) -> Tensor:
-        x = x + self._grouped(self.slice_attn, self.norm_slice(x), slice_layout)
-        x = x + self._grouped(self.depth_attn, self.norm_depth(x), depth_layout)
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class SliceDepthTransformer(nn.Module):
-    """CT encoder: patch embedding of the visible tokens + Slice-Depth blocks + LayerNorm."""
-
-    def __init__(self, cfg: CMMLConfig) -> None:
-        super().__init__()
-        self.embed = PatchEmbed3d(cfg.in_channels, cfg.embed_dim, cfg.patch_size, cfg.img_size,
-                                  pos_embed="learnable", check_visible=False)
-        self.grid = self.embed.grid_size
-        self.num_tokens = self.embed.num_tokens
-        self.blocks = nn.ModuleList(SliceDepthBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
-                                    for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim)
-
-    def layouts(self, ids: Optional[Tensor]):
-        """Slice and depth groupings of the tokens ``ids`` (B, T); None = every token, in order."""
-        nd, nh, nw = self.grid
-        if ids is None:
-            return ("slice", nd, nh * nw), ("depth", nd, nh * nw)
-        return _group_layout(ids // (nh * nw), nd), _group_layout(ids % (nh * nw), nh * nw)
-
-    def forward(self, ct: Tensor, visible: Optional[Tensor] = None) -> Tensor:
-        """(B, N, E) tokens of every patch, or (B, T, E) of the ``visible`` (B, T) token indices."""
-        x = self.embed(ct, visible)
-        slice_layout, depth_layout = self.layouts(visible)
-        for blk in self.blocks:
-            x = blk(x, slice_layout, depth_layout)
-        return self.norm(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,6 +530,44 @@ class CMML(nn.Module):
         masked = (rank < n_mask) & present
         return masked if full is None else masked | (full.reshape(-1, 1).to(torch.bool) & present)
 
+    def _reconstruct_ct(self, ct: Tensor, visible: Tensor, masked: Tensor, cli_tok: Tensor, cli_keys: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """CT direction on patients with a CT: visible tokens + mask tokens, completed from the intact
+        clinical tokens, decoded; (prediction (n, N, P), target (n, N, P), MSE over the masked patches)."""
+        vis_tok = self.ct_encoder(ct, visible)
+        mask_tok = self.ct_mask_tokens(ct.shape[0], vis_tok.dtype)
+        idx = visible[..., None].expand(-1, -1, vis_tok.shape[-1])
+        tokens = torch.where(masked[..., None], mask_tok, mask_tok.scatter(1, idx, vis_tok))
+        tokens = self.complete_ct(tokens, cli_tok, cli_keys)
+        full = self.decoder_embed(tokens) + self.decoder_pos
+        layouts = self.ct_encoder.layouts(None)
+        for blk in self.decoder_blocks:
+            full = blk(full, *layouts)
+        pred = self.decoder_pred(self.decoder_norm(full))
+        target = self.patchify(ct)
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        weight = masked.to(pred.dtype)
+        per_tok = ((pred - target) ** 2).mean(dim=-1)
+        return pred, target, (per_tok * weight).sum() / weight.sum().clamp(min=1.0)
+
+    def _clinical_loss(self, clinical: Tensor, masked: Tensor, numeric_pred: Tensor,
+                       logits_all: list[Optional[Tensor]], dtype: torch.dtype) -> Tensor:
+        """Mean reconstruction error over the masked variables: squared error (numeric), cross-entropy
+        (categorical)."""
+        loss_terms, counts = [], []
+        for i, k in enumerate(self.config.clinical_cardinalities):
+            sel = masked[:, i]
+            if k == 0:
+                err = (numeric_pred[:, i] - clinical[:, i]) ** 2
+            else:
+                target_i = clinical[:, i].round().long().clamp(0, k - 1)
+                err = F.cross_entropy(logits_all[i], target_i, reduction="none")
+            loss_terms.append((err * sel.to(err.dtype)).sum())
+            counts.append(sel.sum())
+        return torch.stack(loss_terms).sum() / torch.stack(counts).sum().clamp(min=1).to(dtype)
+
     def pretrain_losses(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor, ct_mask: Optional[Tensor] = None,
                         visible: Optional[Tensor] = None, clinical_masked: Optional[Tensor] = None,
                         return_predictions: bool = False, ct_all_masked: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -662,24 +617,8 @@ class CMML(nn.Module):
         if ct_all_masked is not None:
             masked_tok = masked_tok | ct_all_masked.reshape(b, 1).to(device=ct.device, dtype=torch.bool)
         if n_ct:
-            ct_s, vis_s, masked_s = sub(ct), sub(visible), sub(masked_tok)
-            vis_tok = self.ct_encoder(ct_s, vis_s)
-            mask_tok = self.ct_mask_tokens(n_ct, vis_tok.dtype)
-            idx = vis_s[..., None].expand(-1, -1, vis_tok.shape[-1])
-            tokens = torch.where(masked_s[..., None], mask_tok, mask_tok.scatter(1, idx, vis_tok))
-            tokens = self.complete_ct(tokens, sub(cli_full), sub(cli_keys))
-            full = self.decoder_embed(tokens) + self.decoder_pos
-            layouts = self.ct_encoder.layouts(None)
-            for blk in self.decoder_blocks:
-                full = blk(full, *layouts)
-            pred = self.decoder_pred(self.decoder_norm(full))
-            target = self.patchify(ct_s)
-            if cfg.norm_pix_loss:
-                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-                target = (target - mean) / (var + 1e-6).sqrt()
-            weight = sub(masked_tok).to(pred.dtype)
-            per_tok = ((pred - target) ** 2).mean(dim=-1)
-            loss_ct = (per_tok * weight).sum() / weight.sum().clamp(min=1.0)
+            pred, target, loss_ct = self._reconstruct_ct(sub(ct), sub(visible), sub(masked_tok), sub(cli_full),
+                                                         sub(cli_keys))
         else:
             loss_ct = cli_full.new_zeros(())
 
@@ -689,19 +628,7 @@ class CMML(nn.Module):
             cli_s = sub(cli_m)
             cli_m = self._put_rows(cli_m, rows, self.complete_clinical(cli_s, ct_full))
         numeric_pred, logits_all = self.decode_clinical(cli_m, keys_m)
-        loss_terms = []
-        counts = []
-        for i, k in enumerate(cfg.clinical_cardinalities):
-            sel = clinical_masked[:, i]
-            if k == 0:
-                err = (numeric_pred[:, i] - clinical[:, i]) ** 2
-            else:
-                logits = logits_all[i]
-                target_i = clinical[:, i].round().long().clamp(0, k - 1)
-                err = F.cross_entropy(logits, target_i, reduction="none")
-            loss_terms.append((err * sel.to(err.dtype)).sum())
-            counts.append(sel.sum())
-        loss_cli = torch.stack(loss_terms).sum() / torch.stack(counts).sum().clamp(min=1).to(loss_ct.dtype)
+        loss_cli = self._clinical_loss(clinical, clinical_masked, numeric_pred, logits_all, loss_ct.dtype)
         out = {"ct": loss_ct, "clinical": loss_cli}
         if return_predictions:
             if rows is not None:  # patients without a CT: zeros, never counted (ct_masked False)

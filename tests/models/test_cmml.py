@@ -7,7 +7,8 @@ import torch
 
 from lungcore.backend import count_launches
 from lungcore.models import available_models, create, load_model, save_model
-from lungcore.models.cmml import CMML, CMMLConfig, _group_layout
+from lungcore.models.cmml import CMML, CMMLConfig
+from lungcore.models.slice_depth import group_layout
 
 TINY = dict(img_size=(8, 16, 16), patch_size=(4, 8, 8), embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
             decoder_dim=8, decoder_depth=1, decoder_heads=2, clinical_dim=16, clinical_depth=1,
@@ -66,7 +67,7 @@ def test_default_model_tokens():
 
 def test_group_layout_pads_each_group_to_longest():
     group = torch.tensor([[0, 1, 1, 2, 1], [2, 2, 0, 0, 0]])
-    slot, mask, longest = _group_layout(group, 3)
+    slot, mask, longest = group_layout(group, 3)
     assert longest == 3
     assert mask.tolist() == [[[True, False, False], [True, True, True], [True, False, False]],
                              [[True, True, True], [False, False, False], [True, True, False]]]
