@@ -444,6 +444,28 @@ void boxes_backward_impl(const T* grad, const T* src, T* dst, const int64_t* sta
     }
 }
 
+// The geometry the forward and the backward share, checked: the volume's shape and element
+// strides, the boxes' size, the output grid and the index map (scale, offset).
+Params box_params(const py::array& vol, const py::array& boxes, const std::array<int64_t, 3>& grid,
+                  const std::array<double, 3>& scale, const std::array<double, 3>& offset, int order, int threads) {
+    Params p;
+    for (int a = 0; a < 3; ++a) {
+        p.n[a] = vol.shape(a);
+        if (p.n[a] < 1) throw std::invalid_argument("volume has an empty axis");
+        if (vol.strides(a) % static_cast<py::ssize_t>(vol.itemsize()) != 0) throw std::invalid_argument("volume strides must be multiples of its item size");
+        p.stride[a] = vol.strides(a) / static_cast<py::ssize_t>(vol.itemsize());
+        p.size[a] = boxes.shape(a + 1);
+        p.grid[a] = grid[a];
+        p.scale[a] = scale[a];
+        p.offset[a] = offset[a];
+        if (!(std::isfinite(scale[a]) && scale[a] > 0) || !std::isfinite(offset[a]))
+            throw std::invalid_argument("scale must be finite and > 0, offset finite");
+    }
+    p.order = order;
+    p.threads = threads;
+    return p;
+}
+
 void resample_boxes_backward(py::array grad, py::object volume, py::array grad_volume,
                              py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
                              std::array<int64_t, 3> grid, std::array<double, 3> scale, std::array<double, 3> offset,
@@ -455,19 +477,7 @@ void resample_boxes_backward(py::array grad, py::object volume, py::array grad_v
     if (starts.ndim() != 2 || starts.shape(1) != 3 || starts.shape(0) != grad.shape(0))
         throw std::invalid_argument("starts must have shape (boxes, 3) matching grad");
     if (order != 0 && order != 1 && order != 3) throw std::invalid_argument("order must be 0, 1 or 3");
-    Params p;
-    for (int a = 0; a < 3; ++a) {
-        p.n[a] = grad_volume.shape(a);
-        p.stride[a] = grad_volume.strides(a) / static_cast<py::ssize_t>(grad_volume.itemsize());
-        p.size[a] = grad.shape(a + 1);
-        p.grid[a] = grid[a];
-        p.scale[a] = scale[a];
-        p.offset[a] = offset[a];
-        if (!(std::isfinite(scale[a]) && scale[a] > 0) || !std::isfinite(offset[a]))
-            throw std::invalid_argument("scale must be finite and > 0, offset finite");
-    }
-    p.order = order;
-    p.threads = threads;
+    Params p = box_params(grad_volume, grad, grid, scale, offset, order, threads);
     py::array src;
     if (!window.is_none()) {
         auto w = window.cast<std::array<double, 2>>();
@@ -557,22 +567,8 @@ bool resample_boxes(py::array vol, py::array out, py::array_t<int64_t, py::array
     if (starts.ndim() != 2 || starts.shape(1) != 3 || starts.shape(0) != out.shape(0))
         throw std::invalid_argument("starts must have shape (boxes, 3) matching out");
     if (order != 0 && order != 1 && order != 3) throw std::invalid_argument("order must be 0, 1 or 3");
-    Params p;
-    for (int a = 0; a < 3; ++a) {
-        p.n[a] = vol.shape(a);
-        if (p.n[a] < 1) throw std::invalid_argument("volume has an empty axis");
-        if (vol.strides(a) % static_cast<py::ssize_t>(vol.itemsize()) != 0) throw std::invalid_argument("volume strides must be multiples of its item size");
-        p.stride[a] = vol.strides(a) / static_cast<py::ssize_t>(vol.itemsize());
-        p.size[a] = out.shape(a + 1);
-        p.grid[a] = grid[a];
-        p.scale[a] = scale[a];
-        p.offset[a] = offset[a];
-        if (!(std::isfinite(scale[a]) && scale[a] > 0) || !std::isfinite(offset[a]))
-            throw std::invalid_argument("scale must be finite and > 0, offset finite");
-    }
-    p.order = order;
+    Params p = box_params(vol, out, grid, scale, offset, order, threads);
     p.fill = fill;
-    p.threads = threads;
     if (!window.is_none()) {
         auto w = window.cast<std::array<double, 2>>();
         if (!(std::isfinite(w[0]) && std::isfinite(w[1]) && w[1] > w[0])) throw std::invalid_argument("window must be (low, high) with low < high, finite");
