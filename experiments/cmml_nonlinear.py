@@ -52,9 +52,9 @@ def baselines(cohort, workdir: Path) -> dict[str, dict[str, np.ndarray]]:
     truth = workdir / "truth.csv"
     feats_fit = truth_features(truth, "patient_id", np.concatenate([cohort.ids["train"], cohort.ids["val"]]))
     feats_test = truth_features(truth, "patient_id", cohort.ids["test"])
-    designs = {"clinical Cox": (_features(fit, False), _features(test, False))}
-    designs["clinical + handcrafted Cox"] = (
-        _features(fit, False).join(feats_fit), _features(test, False).join(feats_test))
+    clin_fit, clin_test = _features(fit, False), _features(test, False)
+    designs = {"clinical Cox": (clin_fit, clin_test),
+               "clinical + handcrafted Cox": (clin_fit.join(feats_fit), clin_test.join(feats_test))}
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, (x_fit, x_test) in designs.items():
         out[name] = {}

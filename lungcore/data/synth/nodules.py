@@ -105,9 +105,9 @@ def _patient_record(prng: np.random.Generator, schema: CohortSchema, missing: fl
 
 
 def _nodule_patient(out: Path, patient: int, remaining: int, n: int, preset: Preset, seed: int, dicom_every: int,
-                    missing: float, effects: str) -> list[tuple[dict[str, str], dict[str, str], dict[str, Any]]]:
+                    missing: float, effects: str, schema: CohortSchema
+                    ) -> list[tuple[dict[str, str], dict[str, str], dict[str, Any]]]:
     """One patient's T0 and T1 scans written; (manifest row, truth row, nodule) per nodule."""
-    schema = nodules_schema()
     prng = np.random.default_rng([seed, 10_000 + patient])
     pid = f"S{patient + 1:04d}"
     # about one patient in four has a second nodule: both are in the same T0 and T1 scans
@@ -183,7 +183,7 @@ def _synth_nodules(out: Path, n: int, preset: Preset, seed: int, dicom_every: in
     patient = 0
     while len(rows) < n:
         for row, true, nod in _nodule_patient(out, patient, n - len(rows), n, preset, seed, dicom_every, missing,
-                                              effects):
+                                              effects, schema):
             rows.append(row)
             truth.append(true)
             logits.append(nod["logit"])

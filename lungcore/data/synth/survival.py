@@ -102,9 +102,8 @@ def survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diame
 
 
 def _survival_case(out: Path, i: int, n: int, preset: Preset, seed: int, dicom_every: int, missing: float,
-                   effects: str) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+                   effects: str, schema: CohortSchema) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
     """One patient: CT written, manifest row, truth row, and the figures the oracle needs."""
-    schema = survival_schema()
     rng = np.random.default_rng([seed, i])
     pid = f"P{i + 1:04d}"
     sp = patient_geometry(preset, rng)
@@ -158,8 +157,8 @@ def _survival_case(out: Path, i: int, n: int, preset: Preset, seed: int, dicom_e
     if effects == "morphology":
         truth.update(margin=draw["margin"], solid_fraction=fmt(draw["solid_fraction"]),
                      cavity=fmt(draw["cavity"]), pleural=str(int(draw["pleural"])))
-    features = lesion_features(vol, *masks[0], sp)
-    truth.update({f"feat_{k}": "" if no_ct else fmt(features[k]) for k in FEATURES})
+    features = {} if no_ct else lesion_features(vol, *masks[0], sp)  # no CT written: nothing to measure
+    truth.update({f"feat_{k}": fmt(features[k]) if features else "" for k in FEATURES})
     return row, truth, {"eta": eta, "pfs": (obs_pfs, ev_pfs, has_pfs), "os": (obs_os, ev_os)}
 
 
@@ -172,7 +171,7 @@ def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: i
     eta_all, pfs_t, pfs_e, os_t, os_e, pfs_m = [], [], [], [], [], []
     bar = progress(verbose, n, "synth survival")
     for i in range(n):
-        row, true, case = _survival_case(out, i, n, preset, seed, dicom_every, missing, effects)
+        row, true, case = _survival_case(out, i, n, preset, seed, dicom_every, missing, effects, schema)
         rows.append(row)
         truth.append(true)
         eta_all.append(case["eta"])
