@@ -9,7 +9,15 @@ Example:
     >>> lungcore.__version__
     '0.1.0'
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lungcore._lazy import lazy_exports
 from lungcore._version import __version__
-from lungcore import backend, checks, metrics
+
+if TYPE_CHECKING:
+    from lungcore import backend, checks, metrics
 
 __all__ = ["__version__", "backend", "checks", "metrics"]
+__getattr__, __dir__ = lazy_exports(__name__, {m: f"lungcore.{m}" for m in ("backend", "checks", "metrics")})

@@ -1,5 +1,6 @@
 """Cohort preparation for a training run: the manifest read and checked, split by patient, the
-schema fitted on the training split, the crop cache filled, and the datasets and loaders.
+schema fitted on the training split, and the datasets and loaders (the crop cache is filled by
+:func:`lungcore.train.preflight.read_every_image` in the pass that checks every image).
 
 Example:
     >>> import tempfile
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 
-from lungcore.train import distributed as dist_utils
 from lungcore.train.config import TrainConfig
 
 
@@ -134,19 +134,6 @@ def dataset(data: CohortData, rows: list[int], augment: bool):
 def split_datasets(data: CohortData, augment: bool) -> dict[str, Any]:
     """``{"train", "val", "test"}`` datasets; only the training one augments."""
     return {name: dataset(data, data.splits[name], augment and name == "train") for name in ("train", "val", "test")}
-
-
-def fill_cache(data: CohortData, cfg: TrainConfig, rank: int, world: int) -> None:
-    """Crop every CT of the cohort into the cache before the first epoch with ``lungcore preprocess``'s
-    function and pool: this rank's shard over ``data.num_workers`` processes (in this process when
-    0 or 1), so the loaders read crops only. A bad CT stops here, named by its manifest row."""
-    from lungcore.data.preprocess import Preprocessor, preprocess_manifest
-
-    if data.cache_dir is None:
-        return
-    preprocess_manifest(data.manifest, Preprocessor(data.settings, cache_dir=data.cache_dir), shard=(rank, world),
-                        workers=max(1, cfg.data.num_workers), progress=cfg.progress and rank == 0)
-    dist_utils.barrier()
 
 
 def loader(ds, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,

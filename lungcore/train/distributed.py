@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,15 @@ def local_device(device: str) -> torch.device:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather(obj: Any) -> list[Any]:
+    """``obj`` (picklable) from every rank, in rank order; ``[obj]`` outside a distributed job."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

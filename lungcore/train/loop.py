@@ -49,7 +49,7 @@ from torch import nn
 from lungcore.train import distributed as dist_utils
 from lungcore.train import schedule
 from lungcore.train.checkpoints import TrainerState
-from lungcore.train.cohort import CohortData, fill_cache, prepare_data, split_datasets
+from lungcore.train.cohort import CohortData, prepare_data, split_datasets
 from lungcore.train.config import TrainConfig
 from lungcore.train.inference import quiet_readers
 from lungcore.train.resume import OVERRIDE_PATHS, trainer_stages
@@ -191,7 +191,7 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     device_name = _device(cfg)
     distributed = dist_utils.init_from_env(device_name)
     device = dist_utils.local_device(device_name)
-    rank, world = dist_utils.world()
+    rank, _ = dist_utils.world()
     if cfg.deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     stages = trainer_stages(cfg)  # unknown model or stage -> clear ValueError before any work
@@ -199,17 +199,18 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     data = prepare_data(cfg, out, reuse_splits=resume)
     task = model_class(cfg.model).task
     cfg, model = _build_model(cfg, data, device, resume, lr_override, payload)
-    # every image the run will use is read (or found in the cache) before anything is written
+    # every image the run will use is read once, checked and cropped into the cache (this rank's
+    # shard, over the data workers), before the run folder is written; a bad image stops the run here
     used = sorted({i for rows in data.splits.values() for i in rows})
     preflight.read_every_image(data.manifest, used, data.settings, data.cache_dir, verify=data.verify,
-                               progress=bool(cfg.progress and rank == 0))
+                               progress=bool(cfg.progress and rank == 0), fill=True,
+                               workers=max(1, cfg.data.num_workers))
     warnings = preflight.learnability(task, data.manifest, data.splits)
     _start_run_folder(cfg, out, data, warnings, resume, overwrite)
 
     trainer = Trainer(cfg, out, model, data, split_datasets(data, cfg.data.augment), task, stages, device,
                       distributed, resumed.history if resumed else [], _tensorboard(out))
     trainer.log_start()
-    fill_cache(data, cfg, rank, world)
     for si in range(resumed.stage_index if resumed else 0, len(stages)):
         trainer.run_stage(*trainer.start_stage(si, resumed))
     return trainer.finish(warnings)

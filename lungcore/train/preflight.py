@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,54 +24,117 @@ import numpy as np
 
 
 def read_every_image(manifest: Any, rows: Sequence[int], settings: Any, cache_dir: str | Path | None = None, *,
-                     verify: str = "stat", progress: bool = False) -> dict[str, int]:
-    """Read (or find in the cache) every image of ``manifest`` rows ``rows``; writes nothing.
+                     verify: str = "stat", progress: bool = False, fill: bool = False,
+                     workers: int = 1) -> dict[str, int]:
+    """Read (or find in the cache) every image of ``manifest`` rows ``rows``.
 
-    Returns ``{"cached": images whose crops are all cached, "read": images read}``; raises
+    Returns ``{"cached": images whose crops were all cached, "read": images read}``; raises
     :class:`lungcore.data.ManifestError` listing every unreadable image (row, column, value),
     or a centre that lies outside its image, exactly as ``lungcore validate --images full``.
+
+    ``fill=False`` writes nothing. ``fill=True`` (with a ``cache_dir``; what ``train`` does) crops
+    every image into the cache in the same pass, with ``lungcore preprocess``'s pool of ``workers``
+    processes and this process's shard of a ``torchrun`` job: each CT is read once, for its check
+    and its crops. Crops of good images are kept when another image fails (valid, atomic cache
+    entries), except that a cache folder this call created is removed again (with the folders
+    created for it): a run that fails its checks leaves nothing behind.
     """
     from tqdm import tqdm
 
-    from lungcore.data.manifest import ManifestError, ManifestProblem, _centre_outside, _check_image
+    from lungcore.data.manifest import ManifestError
     from lungcore.data.preprocess import Preprocessor
 
+    jobs = _image_jobs(manifest, rows)
+    if fill and cache_dir is not None:
+        return _fill_every_image(manifest, rows, jobs, settings, Path(cache_dir), verify, progress, workers)
     pre = Preprocessor(settings, cache_dir=cache_dir, verify=verify)
     frame = manifest.schema.centre_frame
-    columns = manifest.schema.image_columns
-    jobs: dict[Path, list[tuple[int, int]]] = {}
-    for i in sorted(set(int(r) for r in rows)):
-        for t, p in enumerate(manifest.images[i]):
-            if p is not None:
-                jobs.setdefault(Path(p), []).append((i, t))
-    problems: list[ManifestProblem] = []
+    problems: list[Any] = []
     counts = {"cached": 0, "read": 0}
-
-    for jobs_path in tqdm(sorted(jobs, key=str), desc="check images", unit="CT", disable=not progress):
-        boxes = jobs[jobs_path]
-        centres = [manifest.centres[i, t] for i, t in boxes]
+    for path in tqdm(sorted(jobs, key=str), desc="check images", unit="CT", disable=not progress):
         try:
-            if pre.cached(jobs_path, centres, frame):
+            if pre.cached(path, [manifest.centres[i, t] for i, t in jobs[path]], frame):
                 counts["cached"] += 1
                 continue
         except OSError:
             pass  # unreadable for hashing: the read below names the problem
         counts["read"] += 1
-        bad, geometry = _check_image(jobs_path, "full")
-        if bad:
-            text = _cell_text(manifest, jobs_path)
-            problems += [ManifestProblem(manifest.rows[i], columns[t], text, *bad) for i, t in boxes]
-            continue
-        for (i, t), centre in zip(boxes, centres):
-            if geometry is not None and np.all(np.isfinite(centre)):
-                outside = _centre_outside(centre, frame, geometry)
-                if outside:
-                    cols = manifest.schema.centre_columns.get(columns[t], [columns[t]])
-                    problems.append(ManifestProblem(manifest.rows[i], cols[0], f"{centre[0]:g}", outside))
+        problems += _image_problems(manifest, path, jobs[path])
     if problems:
-        problems.sort(key=lambda p: p.row)
-        raise ManifestError(manifest.path, problems)
+        raise ManifestError(manifest.path, sorted(problems, key=lambda p: p.row))
     return counts
+
+
+def _image_jobs(manifest: Any, rows: Sequence[int]) -> dict[Path, list[tuple[int, int]]]:
+    """(row index, image column index) of every image cell of ``rows``, by image."""
+    jobs: dict[Path, list[tuple[int, int]]] = {}
+    for i in sorted(set(int(r) for r in rows)):
+        for t, p in enumerate(manifest.images[i]):
+            if p is not None:
+                jobs.setdefault(Path(p), []).append((i, t))
+    return jobs
+
+
+def _image_problems(manifest: Any, path: Path, boxes: list[tuple[int, int]]) -> list[Any]:
+    """The problems of one image (read in full) at its cells ``boxes``, as ``validate --images full`` words them."""
+    from lungcore.data.manifest import ManifestProblem, _centre_outside, _check_image
+
+    columns = manifest.schema.image_columns
+    frame = manifest.schema.centre_frame
+    bad, geometry = _check_image(path, "full")
+    if bad:
+        text = _cell_text(manifest, path)
+        return [ManifestProblem(manifest.rows[i], columns[t], text, *bad) for i, t in boxes]
+    problems = []
+    for i, t in boxes:
+        centre = manifest.centres[i, t]
+        if geometry is not None and np.all(np.isfinite(centre)):
+            outside = _centre_outside(centre, frame, geometry)
+            if outside:
+                cols = manifest.schema.centre_columns.get(columns[t], [columns[t]])
+                problems.append(ManifestProblem(manifest.rows[i], cols[0], f"{centre[0]:g}", outside))
+    return problems
+
+
+def _fill_every_image(manifest: Any, rows: Sequence[int], jobs: dict[Path, list[tuple[int, int]]], settings: Any,
+                      cache: Path, verify: str, progress: bool, workers: int) -> dict[str, int]:
+    """``read_every_image(fill=True)``: one pass that checks and crops (see there)."""
+    from lungcore.data.manifest import ManifestError, ManifestProblem
+    from lungcore.data.preprocess import Preprocessor, preprocess_manifest
+    from lungcore.train import distributed as dist_utils
+
+    rank, world = dist_utils.world()
+    created = _first_missing(cache)
+    pre = Preprocessor(settings, cache_dir=cache, verify=verify)
+    report = preprocess_manifest(manifest.subset(sorted(set(int(r) for r in rows))), pre, shard=(rank, world),
+                                 workers=workers, keep_going=True, progress=progress)
+    failed = [f for part in dist_utils.gather(report["failed"]) for f in part]
+    dist_utils.barrier()
+    if failed:
+        problems = []
+        for f in sorted(failed, key=lambda f: f["path"]):
+            path = Path(f["path"])
+            found = _image_problems(manifest, path, jobs[path])
+            if not found:  # the image reads and its centres lie inside: the crop or its write failed
+                i, t = jobs[path][0]
+                found = [ManifestProblem(manifest.rows[i], manifest.schema.image_columns[t],
+                                         _cell_text(manifest, path), "cannot be preprocessed", f["error"])]
+            problems += found
+        if created is not None and rank == 0:
+            shutil.rmtree(created, ignore_errors=True)
+        raise ManifestError(manifest.path, sorted(problems, key=lambda p: p.row))
+    read = sum(dist_utils.gather(int(report["images_read"])))
+    return {"cached": len(jobs) - read, "read": read}
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def _cell_text(manifest: Any, path: Path) -> str:

@@ -224,11 +224,14 @@ def test_gradcheck_float64(rng, ties, impl):
 @pytest.mark.parametrize("ties", ["efron", "breslow"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o) or "plain")
 def test_backend_equals_reference(rng, impl, ties, opts):
-    # block=8 makes tie groups and strata span several Triton programs
+    # block=8 makes tie groups and strata span several Triton programs. "mean" runs the same kernels
+    # as "sum" (the division is a torch op after them, tested with every backend by
+    # test_none_sums_to_sum_and_mean_is_per_event): the interpreter skips it here
+    reductions = ("sum", "none") if impl == "triton" else ("sum", "mean", "none")
     for n, n_times in ((1, 1), (7, 2), (40, 5), (23, 20)):
         risk, time, event = tied_data(rng, n, n_times=n_times)
         kw = _options(rng, n, opts)
-        for reduction in ("sum", "mean", "none"):
+        for reduction in reductions:
             go = torch.tensor(rng.normal(size=n)) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
             ref, gref = run("reference", risk, time, event, ties=ties, reduction=reduction, grad_out=go, **kw)
             out, grad = run(impl, risk, time, event, ties=ties, reduction=reduction, grad_out=go, block=8, **kw)

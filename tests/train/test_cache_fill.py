@@ -1,9 +1,17 @@
-"""Training fills the crop cache before its first epoch with ``lungcore preprocess``'s function and pool."""
+"""Training reads every CT once: the pass that checks each image before the run folder is written
+also crops it into the cache, with ``lungcore preprocess``'s function and pool."""
 from __future__ import annotations
 
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
 from conftest import tiny_config
 
+import lungcore.data.io.read as read_module
 import lungcore.data.preprocess as preprocess_module
+from lungcore.data import ManifestError, read_manifest
 from lungcore.train import fit
 
 
@@ -22,7 +30,59 @@ def test_fit_fills_the_cache_first_with_the_preprocess_pool(tmp_path, survival_c
     fit(cfg, out=tmp_path / "run")
     assert len(calls) == 1
     rows, kw, report = calls[0]
-    assert kw["workers"] == 2 and kw["shard"] == (0, 1)
+    assert kw["workers"] == 2 and kw["shard"] == (0, 1) and kw["keep_going"]
     # every CT of the cohort (all splits) went through the pool, before any loader read a crop
     assert report["workers"] == 2 and report["misses"] == report["boxes"] == report["images"] > 0
+    assert report["images_read"] == report["images"]  # each CT read once, in the workers
     assert report["failed"] == [] and len(list(cache.glob("??/*.npz"))) == report["boxes"]
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Every image the native readers open during the test, by path."""
+    reads: Counter = Counter()
+    for name in ("read_nifti", "read_dicom"):
+        real = getattr(read_module, name)
+
+        def counting(path, *a, _real=real, **kw):
+            reads[str(Path(path).resolve())] += 1
+            return _real(path, *a, **kw)
+
+        monkeypatch.setattr(read_module, name, counting)
+    return reads
+
+
+def test_a_cold_run_reads_every_ct_once_and_a_warm_run_none(tmp_path, survival_cohort, monkeypatch):
+    reads = _count_reads(monkeypatch)
+    cache = tmp_path / "cache"
+    cfg = tiny_config("toy_survival", survival_cohort, cache, epochs=1, data={"num_workers": 0})
+    fit(cfg, out=tmp_path / "cold")
+    images = {str(Path(p).resolve()) for row in read_manifest(survival_cohort).images for p in row if p is not None}
+    assert len(images) > 10 and set(reads) == images and set(reads.values()) == {1}, reads
+    reads.clear()
+    fit(cfg, out=tmp_path / "warm")  # same cache: checks and crops come from it
+    assert not reads
+
+
+def test_bad_images_are_all_named_and_a_created_cache_is_removed(tmp_path, survival_cohort):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(survival_cohort.parent, cohort)
+    m = read_manifest(cohort / "manifest.csv")
+    bad = sorted({Path(row[0]) for row in m.images if row[0] is not None and Path(row[0]).is_file()}, key=str)[:2]
+    assert len(bad) == 2
+    for p in bad:  # truncated .nii.gz files
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    out = tmp_path / "run"  # the cache defaults to run/cache: neither may be left behind
+    cfg = tiny_config("toy_survival", cohort / "manifest.csv", out / "cache", epochs=1)
+    with pytest.raises(ManifestError) as err:
+        fit(cfg, out=out)
+    text = str(err.value)
+    for p in bad:
+        row = m.rows[next(i for i, r in enumerate(m.images) if r[0] is not None and Path(r[0]) == p)]
+        assert f"row {row}, column 'ct'" in text and "unreadable image" in text
+    assert not out.exists()
+    # an existing cache keeps the crops of the good images (valid entries), and a retry reuses them
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    with pytest.raises(ManifestError):
+        fit(tiny_config("toy_survival", cohort / "manifest.csv", shared, epochs=1), out=tmp_path / "run2")
+    assert shared.is_dir() and len(list(shared.glob("??/*.npz"))) > 0

@@ -75,8 +75,9 @@ def _worker_crops(path: str, centres: list[np.ndarray | None], frame: str) -> tu
     return asdict(_WORKER.stats), error
 
 
-# What one bad image raises (a bad file, a bad centre, a full disk): named by its row, the rest go on.
-IMAGE_ERRORS = (ValueError, OSError, RuntimeError)
+# What one bad image raises (a bad file, whatever type its reader raises; a bad centre; a full disk):
+# named by its row, the rest go on.
+IMAGE_ERRORS = (Exception,)
 
 
 def _message(exc: BaseException) -> str:
