@@ -119,8 +119,21 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 def _inference_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--cache", type=Path, help="crop cache folder (lungcore preprocess --out): crops found there "
+                                              "are used, new ones kept (default: a temporary folder, deleted)")
+    p.add_argument("--workers", type=int, help="processes reading and cropping the CTs (default: the cores available)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (default: refuse it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: bar on)")
+
+
+def _reading(args: argparse.Namespace) -> dict:
+    """``cache_dir`` and ``workers`` of evaluate / predict from ``--cache`` / ``--workers``."""
+    from lungcore.data.preprocess import default_workers
+    from lungcore.usage import UsageError
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be a positive integer, got {args.workers}")
+    return {"cache_dir": args.cache, "workers": args.workers or default_workers()}
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -130,7 +143,7 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         metrics = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device,
                       reference_manifest=args.reference_manifest, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, **_reading(args))
     except _errors() as exc:
         return _fail("evaluate", exc)
     print(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
@@ -149,7 +162,7 @@ def predict(args: argparse.Namespace) -> int:
 
     try:
         frame = run(args.checkpoint, args.manifest, args.out, batch_size=args.batch_size, device=args.device,
-                    overwrite=args.overwrite, progress=not args.no_progress)
+                    overwrite=args.overwrite, progress=not args.no_progress, **_reading(args))
     except _errors() as exc:
         return _fail("predict", exc)
     print(f"wrote {len(frame)} rows to {args.out}")

@@ -9,8 +9,11 @@ Example (runs as a doctest in :mod:`lungcore.train.loop`)::
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +174,14 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
                          f"but --manifest {manifest} is a {kind!r} cohort ({own.name})")
 
 
+@contextlib.contextmanager
 def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
-                     num_workers: int = 0, cache_dir: str | os.PathLike | None = None):
+                     cache_dir: str | os.PathLike | None = None, workers: int = 1,
+                     progress: bool = False) -> Iterator[tuple[Any, Any, Any, str, torch.device, dict[str, Any]]]:
+    """(model, manifest, batches, task, device, extra) of ``checkpoint`` on ``manifest``. Every CT is
+    read once: checked (a bad one named by its row before any prediction) and cropped into
+    ``cache_dir`` by ``workers`` processes, or into a temporary folder (deleted on exit) when
+    ``cache_dir`` is None; the batches then read crops only."""
     from lungcore.data import CohortDataset
     from lungcore.train.preflight import read_every_image
     from lungcore.usage import device as check_device
@@ -182,22 +191,25 @@ def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike,
     payload, schema, settings, model = _checkpoint_settings(checkpoint)
     _check_kind(checkpoint, payload, schema, manifest)
     m = load_manifest(manifest, schema)
-    read_every_image(m, range(len(m)), settings, cache_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev)
-    ds = CohortDataset(m, schema, settings, cache_dir=cache_dir)
-    batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    extra = payload.get("extra", {})
-    task = extra.get("task") or type(model).task
-    return model, m, batches, task, dev, extra
+    with contextlib.ExitStack() as stack:
+        cache = cache_dir if cache_dir is not None else \
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="lungcore-crops-"))
+        read_every_image(m, range(len(m)), settings, cache, fill=True, workers=workers, progress=progress)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(dev)
+        ds = CohortDataset(m, schema, settings, cache_dir=cache)
+        batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+        extra = payload.get("extra", {})
+        yield model, m, batches, extra.get("task") or type(model).task, dev, extra
 
 
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
             batch_size: int = 8, device: str | None = None, cache_dir: str | os.PathLike | None = None,
-            overwrite: bool = False, progress: bool = False) -> Any:
+            workers: int = 1, overwrite: bool = False, progress: bool = False) -> Any:
     """Per-row predictions (risks per endpoint, or malignancy probability) as a pandas DataFrame
     (also written to ``out`` as CSV when given: an existing file only with ``overwrite``; checked
-    before any work). The manifest is coded with the checkpoint's schema.
+    before any work). The manifest is coded with the checkpoint's schema. Each CT is read once,
+    by ``workers`` processes, into ``cache_dir`` (crops kept for the next call) or a temporary folder.
 
     Example (runs as a doctest in :mod:`lungcore.train.loop`)::
 
@@ -208,8 +220,9 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
 
     if out is not None:
         out_file(out, "--out", overwrite=overwrite)
-    model, m, batches, task, dev, _ = _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir=cache_dir)
-    pred = run_predictions(model, batches, dev, progress=progress)
+    with _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir, workers, progress) as loaded:
+        model, m, batches, task, dev, _ = loaded
+        pred = run_predictions(model, batches, dev, progress=progress)
     patients = dict(zip(m.ids, m.patient_ids))
     pred["patient_id"] = [patients[i] for i in pred["id"]]
     frame = predictions_frame(pred, task)
@@ -224,9 +237,10 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
 
 def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
              batch_size: int = 8, device: str | None = None, reference_manifest: str | os.PathLike | None = None,
-             cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             cache_dir: str | os.PathLike | None = None, workers: int = 1, overwrite: bool = False,
              progress: bool = False) -> dict[str, float]:
     """Metrics of a checkpoint on every row of a labelled manifest (+ a report folder at ``out``).
+    Each CT is read once, as :func:`predict` reads it (``cache_dir``, ``workers``).
 
     For survival models the Breslow baseline and the censoring distribution come from
     ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
@@ -240,16 +254,16 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
 
     if out is not None:  # checked before any work: an existing report is replaced only with overwrite
         out_folder(out, "--out", overwrite=overwrite)
-    model, m, batches, task, dev, extra = _from_checkpoint(checkpoint, manifest, batch_size, device,
-                                                           cache_dir=cache_dir)
-    require_targets(m, manifest, getattr(model, "endpoints", None))
-    pred = run_predictions(model, batches, dev, progress=progress)
+    with _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir, workers, progress) as loaded:
+        model, m, batches, task, dev, extra = loaded
+        require_targets(m, manifest, getattr(model, "endpoints", None))
+        pred = run_predictions(model, batches, dev, progress=progress)
     pred["patient_id"] = list(m.patient_ids)
     reference = None
     if task == "survival" and reference_manifest is not None:
-        _, _, ref_batches, _, _, _ = _from_checkpoint(checkpoint, reference_manifest, batch_size, device,
-                                                      cache_dir=cache_dir)
-        reference = run_predictions(model, ref_batches, dev)
+        with _from_checkpoint(checkpoint, reference_manifest, batch_size, device, cache_dir, workers,
+                              progress) as loaded:
+            reference = run_predictions(model, loaded[2], dev)
     if out is not None:
         return write_report(Path(out), task, pred, reference=reference, history=None,
                             title=f"{Path(checkpoint).name} on {Path(manifest).name}")

@@ -86,3 +86,29 @@ def test_bad_images_are_all_named_and_a_created_cache_is_removed(tmp_path, survi
     with pytest.raises(ManifestError):
         fit(tiny_config("toy_survival", cohort / "manifest.csv", shared, epochs=1), out=tmp_path / "run2")
     assert shared.is_dir() and len(list(shared.glob("??/*.npz"))) > 0
+
+
+def test_predict_and_evaluate_read_every_ct_once(tmp_path, survival_cohort, monkeypatch):
+    """evaluate / predict: one read per CT (check and crop in one pass, through the pool), into a
+    temporary folder that is gone afterwards, or into ``cache_dir``, where a second call finds every crop."""
+    import tempfile
+
+    from lungcore.train import evaluate, predict
+
+    cfg = tiny_config("toy_survival", survival_cohort, tmp_path / "train-cache", epochs=1)
+    best = fit(cfg, out=tmp_path / "run").best_checkpoint
+    images = {str(Path(p).resolve()) for row in read_manifest(survival_cohort).images for p in row if p is not None}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    reads = _count_reads(monkeypatch)
+    first = predict(best, survival_cohort)
+    assert set(reads) == images and set(reads.values()) == {1}, reads
+    assert list(temp.iterdir()) == []  # the temporary crops are deleted
+    reads.clear()
+    cache = tmp_path / "cache"
+    metrics = evaluate(best, survival_cohort, cache_dir=cache, workers=2)  # read in the pool's workers
+    assert not reads and len(list(cache.glob("??/*.npz"))) == len(images) and metrics
+    second = predict(best, survival_cohort, cache_dir=cache)
+    assert not reads  # every crop found in the cache
+    assert first.equals(second)
