@@ -34,9 +34,11 @@ Example:
 One module per job: :mod:`~lungcore.data.io.image` (CTImage, conventions, dtypes),
 :mod:`~lungcore.data.io.read` (:func:`read_ct`), :mod:`~lungcore.data.io.nifti`,
 :mod:`~lungcore.data.io.dicom` and :mod:`~lungcore.data.io.monai_reader` (the readers),
-:mod:`~lungcore.data.io.inflate` (``.nii.gz`` inflation), :mod:`~lungcore.data.io.headers`
+:mod:`~lungcore.data.io.inflate` (``.nii.gz`` inflation), :mod:`~lungcore.data.io.digest` (the
+source files' content digest, fed by the readers), :mod:`~lungcore.data.io.headers`
 (:func:`read_ct_header`), :mod:`~lungcore.data.io.writers` (NIfTI and DICOM writers).
 """
+from lungcore.data.io.digest import SourceHash, source_digest
 from lungcore.data.io.headers import read_ct_header
 from lungcore.data.io.image import CTImage, NativeReaderUnsupported, is_dicom_path
 from lungcore.data.io.inflate import INFLATERS, gunzip, inflater
@@ -45,5 +47,5 @@ from lungcore.data.io.writers import write_dicom_series, write_nifti
 
 _inflater = inflater  # the name benchmarks/bench_cohort_scale.py imports
 
-__all__ = ["CTImage", "INFLATERS", "NativeReaderUnsupported", "READERS", "gunzip", "inflater", "is_dicom_path",
-           "read_ct", "read_ct_header", "write_dicom_series", "write_nifti"]
+__all__ = ["CTImage", "INFLATERS", "NativeReaderUnsupported", "READERS", "SourceHash", "gunzip", "inflater", "is_dicom_path",
+           "read_ct", "read_ct_header", "source_digest", "write_dicom_series", "write_nifti"]

@@ -196,7 +196,7 @@ def _fill_volume(datasets: list[tuple[Any, Path]], rows: int, cols: int, dtype: 
     return out
 
 
-def read_dicom(path: Path, dtype: Any, int16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def read_dicom(path: Path, dtype: Any, int16: bool = False, source_hash: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """A DICOM series folder (or one file) -> ((z, y, x) array, LPS affine of (z, y, x) indices);
     ``int16`` (with ``dtype`` None): int16 HU where the rescale keeps the values integers that fit."""
     datasets = _datasets(path)
