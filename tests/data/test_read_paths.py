@@ -7,8 +7,11 @@ path: ``.nii.gz`` through each inflater that is installed (python-isal's and zli
 readers inflating straight into the array, zlib's chunked fallback), ``.nii``, scaled NIfTI
 (float32), DICOM series kept as int16 HU (uint16 pixels + intercept -1024: the per-slice range
 check; 12-bit data: the bound from BitsStored; int16 pixels + intercept 0: from the pixel type), DICOM whose HU overflow int16
-(the float32 fallback mid-series), and DICOM with a non-unit slope (float32); linear and cubic.
-Plus the inflaters against ``gzip.decompress`` on multi-member and corrupt files.
+(the float32 fallback mid-series), DICOM with a non-unit slope (float32) and implicit VR DICOM;
+linear and cubic. The DICOM tag walker against pydicom's parse on each series (bit-identical
+volumes and affines). The source hash fed by the readers against ``source_digest`` and an
+independent sha256 (one pass: no second read on a cold miss). Plus the inflaters against
+``gzip.decompress`` on multi-member and corrupt files.
 """
 from __future__ import annotations
 
@@ -96,11 +99,19 @@ def files(tmp_path_factory):
     def slope(ds, k):
         ds.RescaleSlope = "0.5"
     _rewrite_series(out["dicom slope"], slope)
+    # implicit VR little endian (the tag walker's other transfer syntax)
+    out["dicom implicit"] = write_dicom_series(d / "implicit", hu, AFFINE)
+    for f in sorted(out["dicom implicit"].iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.save_as(str(f), implicit_vr=True, little_endian=True, enforce_file_format=True)
     return out
 
 
 HOT_DTYPE = {"nii.gz": np.int16, "nii": np.int16, "scaled.nii.gz": np.float32, "dicom uint16": np.int16,
-             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32}
+             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32,
+             "dicom implicit": np.int16}
+DICOM_KINDS = [k for k in HOT_DTYPE if k.startswith("dicom")]
 
 
 def _reference_crops(path, settings, centres):
@@ -132,7 +143,7 @@ def test_crops_are_bit_identical_to_the_reference_read(files, kind, order, monke
 
 def test_int16_dicom_holds_the_float32_values(files):
     """``int16=True`` is today's float32 read, narrowed: the same numbers (and the old path stays callable)."""
-    for kind in ("dicom uint16", "dicom 12-bit", "dicom int16", "dicom overflow", "dicom slope"):
+    for kind in DICOM_KINDS:
         narrow = read_ct(files[kind], dtype=None, int16=True)
         today = read_ct(files[kind], dtype=None)
         assert today.array.dtype == np.float32
@@ -140,6 +151,70 @@ def test_int16_dicom_holds_the_float32_values(files):
         np.testing.assert_array_equal(narrow.array.astype(np.float32), today.array, err_msg=kind)
         np.testing.assert_array_equal(narrow.affine, today.affine)
     assert read_ct(files["dicom overflow"], dtype=None).array.max() > 32767
+
+
+@pytest.mark.parametrize("kind", DICOM_KINDS)
+def test_tag_walker_and_pydicom_give_the_same_volume(files, kind, monkeypatch):
+    """The walker's read (forced: pydicom's parse made to fail) and pydicom's (the walker turned off)
+    are bit-identical: array, dtype and affine, int16 and float32."""
+    from lungcore.data.io import dicom
+
+    def no_pydicom(files_):
+        raise AssertionError("the tag walker refused this series")
+
+    for int16 in (True, False):
+        monkeypatch.setattr(dicom, "_parsed", no_pydicom)
+        walked = read_ct(files[kind], dtype=None, int16=int16, reader="native")
+        monkeypatch.undo()
+        monkeypatch.setattr(dicom, "_walked", lambda files_, source_hash: None)
+        parsed = read_ct(files[kind], dtype=None, int16=int16, reader="native")
+        monkeypatch.undo()
+        assert walked.array.dtype == parsed.array.dtype
+        np.testing.assert_array_equal(walked.array, parsed.array, err_msg=kind)
+        np.testing.assert_array_equal(walked.affine, parsed.affine, err_msg=kind)
+
+
+def _sha256_of(path) -> str:
+    """The source digest's definition, computed here independently."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kind", list(HOT_DTYPE))
+def test_the_hash_fed_by_the_reader_is_the_source_digest(files, kind, tmp_path, monkeypatch):
+    """One pass: the reader feeds the source's bytes to the hash (every file of a .nii.gz or a
+    walked DICOM series; a .nii is hashed after, by SourceHash itself); the digest is
+    ``source_digest``'s, verify="content"'s and the stat memo's, and a cold Preprocessor never
+    calls ``source_digest`` (no second read) yet leaves a cache that the other modes hit."""
+    from lungcore.data.io import SourceHash, source_digest
+    from lungcore.data.preprocess import crops as crops_module
+
+    path = files[kind]
+    h = SourceHash(path)
+    read_ct(path, dtype=None, contiguous=False, int16=True, source_hash=h)
+    assert h.fed == (0 if kind == "nii" else len(h.files))
+    assert h.hexdigest() == source_digest(path) == _sha256_of(path)
+
+    settings = PreprocessSettings(spacing=(2.0, 1.0, 1.0), crop=(8, 24, 24), window=(-1000.0, 400.0))
+    centres = [canonical_orientation(read_ct(path)).index_to_world(np.array([11.2, 30.7, 25.1]))]
+    with monkeypatch.context() as m:
+        m.setattr(crops_module, "source_digest", lambda p: pytest.fail("hashed by a second read"))
+        cold = Preprocessor(settings, cache_dir=tmp_path)
+        first = cold.crops(path, centres)
+    assert cold.stats.misses == 1 and cold.stats.images_read == 1
+    content = Preprocessor(settings, cache_dir=tmp_path, verify="content")
+    memo = Preprocessor(settings, cache_dir=tmp_path)
+    assert content.digest(path) == memo.digest(path) == _sha256_of(path)
+    for pre in (content, memo):
+        np.testing.assert_array_equal(pre.crops(path, centres), first)
+        assert pre.stats.hits == 1 and pre.stats.misses == 0 and pre.stats.images_read == 0
 
 
 @pytest.mark.parametrize("inflater", _installed())
