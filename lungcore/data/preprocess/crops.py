@@ -37,7 +37,9 @@ CACHE_VERSION = 2
 
 @dataclass
 class PreprocessStats:
-    """What a :class:`Preprocessor` did: cache hits, misses, rebuilt entries and where time went."""
+    """What a :class:`Preprocessor` did: cache hits, misses, rebuilt entries and where time went
+    (wall seconds per stage; ``cpu_s``: the CPU seconds :meth:`Preprocessor.crops` used, so that
+    ``cpu_s`` over a pool's wall time is the cores the run actually got on a shared machine)."""
 
     hits: int = 0
     misses: int = 0
@@ -49,6 +51,7 @@ class PreprocessStats:
     resample_s: float = 0.0
     hash_s: float = 0.0
     cache_io_s: float = 0.0
+    cpu_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -246,7 +249,13 @@ class Preprocessor:
         indices); None (or a NaN centre) crops around the middle of the volume. Cached entries are
         used where valid; the image is read (once) only if some box is missing.
         """
-        path = Path(path)
+        cpu0 = time.process_time()
+        try:
+            return self._crops(Path(path), centres, frame)
+        finally:
+            self.stats.cpu_s += time.process_time() - cpu0
+
+    def _crops(self, path: Path, centres: Sequence[np.ndarray | None] | np.ndarray | None, frame: str) -> np.ndarray:
         if centres is None:
             centres = [None]
         centres = [None if c is None or not np.all(np.isfinite(np.asarray(c, dtype=np.float64))) else
