@@ -69,7 +69,7 @@ def test_read_dicom_of_a_corpus_file_is_pydicoms(path, monkeypatch):
     the same error) as with pydicom alone."""
     def read(walker: bool):
         if not walker:
-            monkeypatch.setattr(dicom_reader, "_walked", lambda files, source_hash: None)
+            monkeypatch.setattr(dicom_reader, "_walked", lambda files: None)
         try:
             array, affine = dicom_reader.read_dicom(path, None, True)
             return ("ok", array, array.dtype, affine)
@@ -138,7 +138,7 @@ def test_truncated_and_garbage_files_give_todays_error(tmp_path, monkeypatch):
         errors = []
         for walker in (True, False):
             if not walker:
-                monkeypatch.setattr(dicom_reader, "_walked", lambda files, source_hash: None)
+                monkeypatch.setattr(dicom_reader, "_walked", lambda files: None)
             with pytest.raises(ValueError) as info:
                 read_ct(folder, reader="native")
             errors.append((type(info.value), str(info.value)))

@@ -105,12 +105,18 @@ def files(tmp_path_factory):
         ds = pydicom.dcmread(str(f))
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         ds.save_as(str(f), implicit_vr=True, little_endian=True, enforce_file_format=True)
+    # data after the pixels (trailing padding): the walker reads such a file whole
+    out["dicom trailing"] = write_dicom_series(d / "trailing", hu, AFFINE)
+
+    def trailing(ds, k):
+        ds.DataSetTrailingPadding = b"\0" * 16
+    _rewrite_series(out["dicom trailing"], trailing)
     return out
 
 
 HOT_DTYPE = {"nii.gz": np.int16, "nii": np.int16, "scaled.nii.gz": np.float32, "dicom uint16": np.int16,
              "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32,
-             "dicom implicit": np.int16}
+             "dicom implicit": np.int16, "dicom trailing": np.int16}
 DICOM_KINDS = [k for k in HOT_DTYPE if k.startswith("dicom")]
 
 
@@ -153,20 +159,40 @@ def test_int16_dicom_holds_the_float32_values(files):
     assert read_ct(files["dicom overflow"], dtype=None).array.max() > 32767
 
 
+# bytes of each file the walker reads first: the default (these small files fit whole), the header
+# and part of the pixels (the pixels are read into place later), part of the header (the walker
+# then reads the file whole)
+HEADS = {"whole file": None, "header + some pixels": 2048, "part of the header": 300}
+
+
+def _walk_head(monkeypatch, files, kind, head):
+    """Set the walker's head size; check which of its paths the series takes."""
+    from lungcore.data.io import dicom
+
+    if HEADS[head] is not None:
+        monkeypatch.setattr(dicom, "_HEAD", HEADS[head])
+    walked = dicom._walked(sorted(files[kind].iterdir()))
+    assert walked is not None, kind
+    lazy = HEADS[head] == 2048 and kind != "dicom trailing"
+    assert all(("pixel_span" in t) == lazy and ("PixelData" in t) != lazy for t, _ in walked), (kind, head)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("kind", DICOM_KINDS)
-def test_tag_walker_and_pydicom_give_the_same_volume(files, kind, monkeypatch):
+def test_tag_walker_and_pydicom_give_the_same_volume(files, kind, head, monkeypatch):
     """The walker's read (forced: pydicom's parse made to fail) and pydicom's (the walker turned off)
-    are bit-identical: array, dtype and affine, int16 and float32."""
+    are bit-identical: array, dtype and affine, int16 and float32, whichever way the walker reads."""
     from lungcore.data.io import dicom
 
     def no_pydicom(files_):
         raise AssertionError("the tag walker refused this series")
 
     for int16 in (True, False):
+        _walk_head(monkeypatch, files, kind, head)
         monkeypatch.setattr(dicom, "_parsed", no_pydicom)
         walked = read_ct(files[kind], dtype=None, int16=int16, reader="native")
         monkeypatch.undo()
-        monkeypatch.setattr(dicom, "_walked", lambda files_, source_hash: None)
+        monkeypatch.setattr(dicom, "_walked", lambda files_: None)
         parsed = read_ct(files[kind], dtype=None, int16=int16, reader="native")
         monkeypatch.undo()
         assert walked.array.dtype == parsed.array.dtype
@@ -187,8 +213,9 @@ def _sha256_of(path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("kind", list(HOT_DTYPE))
-def test_the_hash_fed_by_the_reader_is_the_source_digest(files, kind, tmp_path, monkeypatch):
+def test_the_hash_fed_by_the_reader_is_the_source_digest(files, kind, head, tmp_path, monkeypatch):
     """One pass: the reader feeds the source's bytes to the hash (every file of a .nii.gz or a
     walked DICOM series; a .nii is hashed after, by SourceHash itself); the digest is
     ``source_digest``'s, verify="content"'s and the stat memo's, and a cold Preprocessor never
@@ -196,6 +223,10 @@ def test_the_hash_fed_by_the_reader_is_the_source_digest(files, kind, tmp_path, 
     from lungcore.data.io import SourceHash, source_digest
     from lungcore.data.preprocess import crops as crops_module
 
+    if kind.startswith("dicom"):
+        _walk_head(monkeypatch, files, kind, head)
+    elif HEADS[head] is not None:
+        pytest.skip("the head size is the DICOM walker's")
     path = files[kind]
     h = SourceHash(path)
     read_ct(path, dtype=None, contiguous=False, int16=True, source_hash=h)

@@ -71,7 +71,8 @@ class WalkerRefused(Exception):
 class DicomTags(SimpleNamespace):
     """The tags of one DICOM file the native reader uses, as attributes named like pydicom's
     (``getattr(tags, "RescaleSlope", 1.0)``, ``"PixelData" in tags`` work as on a pydicom dataset);
-    ``file_meta.TransferSyntaxUID``; ``PixelData`` a memoryview of the file's bytes."""
+    ``file_meta.TransferSyntaxUID``; ``PixelData`` a memoryview of the file's bytes (or, read from
+    the file's head, ``pixel_span`` and ``head``: see :func:`read_tags`)."""
 
     def __contains__(self, keyword: str) -> bool:
         return keyword in self.__dict__
@@ -146,10 +147,12 @@ def _skip_sequence(data: memoryview, pos: int, explicit: bool, depth: int) -> in
         pos = _walk(data, pos, explicit, None, depth + 1)  # an undefined-length item: to its delimiter
 
 
-def _walk(data: memoryview, pos: int, explicit: bool, found: dict[int, tuple[bytes | None, memoryview]] | None,
-          depth: int = 0) -> int:
+def _walk(data: memoryview, pos: int, explicit: bool, found: dict[int, tuple[bytes | None, Any]] | None,
+          depth: int = 0, size: int | None = None) -> int:
     """Walk elements from ``pos``: to the end of the file (the top level, values of the wanted tags
-    put into ``found``) or, inside an undefined-length item (``found`` None), past its delimiter."""
+    put into ``found``) or, inside an undefined-length item (``found`` None), past its delimiter.
+    ``data`` may be the file's head only (``size``: the whole file's): then the pixel data must
+    run to the end of the file, and its value is recorded as ``(offset, length)``."""
     end = len(data)
     while pos < end:
         tag, vr, length, start = _element(data, pos, explicit)
@@ -166,7 +169,10 @@ def _walk(data: memoryview, pos: int, explicit: bool, found: dict[int, tuple[byt
             continue
         pos = start + length
         if pos > end:
-            raise WalkerRefused(f"element {tag:08X} runs past the end of the file")
+            if found is not None and tag == _PIXEL_DATA and size is not None and pos == size:
+                found[tag] = (vr, (start, length))  # the rest of the file: read by the caller
+                return pos
+            raise WalkerRefused(f"element {tag:08X} runs past the end of the {'file' if size is None else 'data'}")
         if found is not None and (tag in _WANTED or tag == _PIXEL_DATA):
             if tag in found:
                 raise WalkerRefused(f"element {tag:08X} appears twice")
@@ -176,10 +182,15 @@ def _walk(data: memoryview, pos: int, explicit: bool, found: dict[int, tuple[byt
     return pos
 
 
-def read_tags(data: Any) -> DicomTags:
+def read_tags(data: Any, size: int | None = None) -> DicomTags:
     """The native reader's tags of one DICOM file given as bytes (or any buffer);
     :class:`WalkerRefused` for anything the walker leaves to pydicom (the file is no DICOM file
-    -- no ``DICM`` at byte 128 -- included: pydicom decides what that is)."""
+    -- no ``DICM`` at byte 128 -- included: pydicom decides what that is).
+
+    ``size``: ``data`` is the head of a file of ``size`` bytes. When the pixel data starts in the
+    head and ends the file, ``tags.pixel_span`` is its ``(offset, length)`` in the file, ``tags.head``
+    the bytes before it, and there is no ``PixelData`` (the reader reads it into place); whatever
+    else does not fit in the head is refused (read the whole file then)."""
     data = memoryview(data).cast("B")
     if len(data) < 132 or bytes(data[128:132]) != b"DICM":
         raise WalkerRefused("no DICM prefix at byte 128")
@@ -201,8 +212,8 @@ def read_tags(data: Any) -> DicomTags:
     if pos + 6 <= len(data) and not explicit and all(0x40 < b < 0x5B for b in data[pos + 4:pos + 6]):
         # pydicom's test (_is_implicit_vr): two capital letters where a length would be: explicit VR
         raise WalkerRefused("implicit VR declared, explicit VR found (pydicom switches; the walker does not)")
-    found: dict[int, tuple[bytes | None, memoryview]] = {}
-    _walk(data, pos, explicit, found)
+    found: dict[int, tuple[bytes | None, Any]] = {}
+    _walk(data, pos, explicit, found, size=None if size is None or size == len(data) else size)
     if _PIXEL_DATA not in found:
         raise WalkerRefused("no PixelData")
     tags = DicomTags(file_meta=SimpleNamespace(TransferSyntaxUID=syntax))
@@ -210,7 +221,10 @@ def read_tags(data: Any) -> DicomTags:
         if tag == _PIXEL_DATA:
             if vr not in (None, b"OB", b"OW"):
                 raise WalkerRefused(f"PixelData of VR {vr!r}")
-            tags.PixelData = value
+            if isinstance(value, tuple):
+                tags.pixel_span, tags.head = value, bytes(data[:value[0]])
+            else:
+                tags.PixelData = value
             continue
         keyword, want_vr, count = _WANTED[tag]
         if vr is not None and vr != want_vr:

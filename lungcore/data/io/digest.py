@@ -43,15 +43,17 @@ class SourceHash:
         self._next = 0
         self._hash = hashlib.new(ALGORITHM)
 
-    def update(self, file: Path, data: Any) -> None:
-        """Hash ``data`` (a bytes-like object: the whole of ``file``), the next file of the source."""
+    def update(self, file: Path, *data: Any) -> None:
+        """Hash ``data`` (bytes-like objects that make up the whole of ``file``, in order), the next
+        file of the source."""
         if self._next >= len(self.files) or Path(file) != self.files[self._next]:
             expected = self.files[self._next] if self._next < len(self.files) else "no more files"
             raise AssertionError(f"SourceHash of {self.path}: fed {file}, expected {expected}")
         t0 = time.perf_counter()
         if self.folder:
             self._hash.update(self.files[self._next].name.encode() + b"\0")
-        self._hash.update(data)
+        for part in data:
+            self._hash.update(part)
         self._next += 1
         self.seconds += time.perf_counter() - t0
 
