@@ -279,3 +279,22 @@ def test_unknown_inflater_is_an_error(monkeypatch):
     monkeypatch.setenv("LUNGCORE_INFLATER", "brotli")
     with pytest.raises(ValueError, match="LUNGCORE_INFLATER must be one of"):
         active_inflater()
+
+
+def test_a_stray_file_in_a_series_is_skipped_and_hashed(files, tmp_path, monkeypatch):
+    """A non-DICOM file in a series folder: skipped by the walker as by pydicom, and still part of
+    the source digest (in its name order)."""
+    import shutil
+
+    from lungcore.data.io import SourceHash, dicom, source_digest
+
+    folder = tmp_path / "series"
+    shutil.copytree(files["dicom uint16"], folder)
+    (folder / "notes.txt").write_text("scanned on a Tuesday\n")
+    monkeypatch.setattr(dicom, "_parsed", lambda files_: pytest.fail("the tag walker refused this series"))
+    h = SourceHash(folder)
+    got = read_ct(folder, dtype=None, int16=True, source_hash=h)
+    assert h.fed == len(h.files) and h.hexdigest() == source_digest(folder) == _sha256_of(folder)
+    want = read_ct(files["dicom uint16"], dtype=None, int16=True)
+    np.testing.assert_array_equal(got.array, want.array)
+    np.testing.assert_array_equal(got.affine, want.affine)
