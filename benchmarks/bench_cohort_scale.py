@@ -374,6 +374,9 @@ def run_results(device: str, quick: bool, out: Path | None = None) -> list[Resul
         # CPU seconds of the workers over the pass's wall time: the cores the pass got (2 for 2 workers
         # on an otherwise idle 2-core machine; less when other jobs hold a core)
         "cores_obtained": {name: [round(p["cpu_s"] / p["seconds"], 2) for p in ps] for name, ps in passes.items()},
+        # CPU seconds per CT: equal for 1 and 2 workers when the workers do not slow each other down
+        # (then 2 workers on 2 free cores give 2x; what the wall-clock ratio above gets is the cores)
+        "cpu_s_per_ct": {name: round(med(name, "cpu_s") / n, 4) for name in passes},
         "read_by_format_s": {k: round(v, 3) for k, v in reads.items()},
         "floors": {
             "inflate_s": {k: round(v, 3) for k, v in floors.items()},
@@ -409,7 +412,7 @@ def _markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v} | {s['source_mb_per_s'].get(k, '-')} |")
     f = s["floors"]
     lines += ["", f"2 workers / 1 worker: {s['scaling_2w_over_1w']}x (rounds {s['scaling_per_round']}); "
-                  f"loads (before, after) {s['loads']}; cores obtained (worker CPU s / wall s) {s['cores_obtained']}",
+                  f"loads (before, after) {s['loads']}; cores obtained (worker CPU s / wall s) {s['cores_obtained']}; CPU s per CT {s['cpu_s_per_ct']}",
               f"per core: lungcore vs MONAI {s['lungcore_vs_monai_per_core']}x (on {c['monai_cts']} CTs), "
               f"vs SimpleITK {s['lungcore_vs_simpleitk_per_core']}x",
               f"stages, 1 worker (s): {s['stages_1w_s']}; read by format (s): {s['read_by_format_s']}",
