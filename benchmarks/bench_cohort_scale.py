@@ -26,7 +26,10 @@ with each pass. Providers (CTs/s end to end, from source files to crops in a cac
 Floors (same run): the inflater alone on every ``.nii.gz`` (``zlib``/``isal``/``zlib-ng``
 ``decompress`` of the whole file), against lungcore's read of the same files; memory bandwidth
 (one-core ``np.copyto``) for the bytes the other stages must move. The check asserts that the
-1-worker and 2-worker caches hold the same crops bit for bit before anything is reported.
+1-worker and 2-worker caches hold the same crops bit for bit before anything is reported. Each
+lungcore pass also records the workers' CPU seconds over its wall seconds (``cores_obtained``): on a
+machine that other jobs share, how much of the cores the pass really had (what its scaling can
+reach).
 """
 from __future__ import annotations
 
@@ -368,6 +371,12 @@ def run_results(device: str, quick: bool, out: Path | None = None) -> list[Resul
         "lungcore_vs_simpleitk_per_core": round(per_ct["simpleitk_1t"] / per_ct["lungcore_1w"], 2)
         if "simpleitk_1t" in per_ct else None,
         "stages_1w_s": {k: round(med("lungcore_1w", k), 3) for k in ("read_s", "resample_s", "hash_s", "cache_io_s")},
+        # CPU seconds of the workers over the pass's wall time: the cores the pass got (2 for 2 workers
+        # on an otherwise idle 2-core machine; less when other jobs hold a core)
+        "cores_obtained": {name: [round(p["cpu_s"] / p["seconds"], 2) for p in ps] for name, ps in passes.items()},
+        # CPU seconds per CT: equal for 1 and 2 workers when the workers do not slow each other down
+        # (then 2 workers on 2 free cores give 2x; what the wall-clock ratio above gets is the cores)
+        "cpu_s_per_ct": {name: round(med(name, "cpu_s") / n, 4) for name in passes},
         "read_by_format_s": {k: round(v, 3) for k, v in reads.items()},
         "floors": {
             "inflate_s": {k: round(v, 3) for k, v in floors.items()},
@@ -378,7 +387,8 @@ def run_results(device: str, quick: bool, out: Path | None = None) -> list[Resul
         },
         "loads": {name: [(p["load_before"], p["load_after"]) for p in ps] for name, ps in passes.items()},
         "load_simpleitk": round(load_sitk, 2), "monai": monai,
-        "passes": {name: [{k: p[k] for k in ("seconds", "read_s", "resample_s", "hash_s", "cache_io_s")} for p in ps]
+        "passes": {name: [{k: p[k] for k in ("seconds", "read_s", "resample_s", "hash_s", "cache_io_s", "cpu_s")}
+                          for p in ps]
                    for name, ps in passes.items()},
         "cores": os.cpu_count(), "pool_start_and_2_cts_s": round(pool_start, 2),
     }
@@ -402,7 +412,7 @@ def _markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v} | {s['source_mb_per_s'].get(k, '-')} |")
     f = s["floors"]
     lines += ["", f"2 workers / 1 worker: {s['scaling_2w_over_1w']}x (rounds {s['scaling_per_round']}); "
-                  f"loads (before, after) {s['loads']}",
+                  f"loads (before, after) {s['loads']}; cores obtained (worker CPU s / wall s) {s['cores_obtained']}; CPU s per CT {s['cpu_s_per_ct']}",
               f"per core: lungcore vs MONAI {s['lungcore_vs_monai_per_core']}x (on {c['monai_cts']} CTs), "
               f"vs SimpleITK {s['lungcore_vs_simpleitk_per_core']}x",
               f"stages, 1 worker (s): {s['stages_1w_s']}; read by format (s): {s['read_by_format_s']}",

@@ -19,5 +19,6 @@ def test_cohort_scale_runs_and_writes_its_report(tmp_path, monkeypatch):
     assert {"lungcore_1w", "lungcore_2w", "lungcore_cached"} <= set(rates) and all(v > 0 for v in rates.values())
     assert report["floors"]["inflate_s"]["zlib"] > 0 and report["floors"]["read_nifti_over_inflate"] > 0
     assert set(report["stages_1w_s"]) == {"read_s", "resample_s", "hash_s", "cache_io_s"}
+    assert all(0 < c < 4 for ps in report["cores_obtained"].values() for c in ps)
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert {r["provider"] for r in rows} == set(rates) and all(r["op"] == "cohort_scale" for r in rows)

@@ -7,8 +7,11 @@ path: ``.nii.gz`` through each inflater that is installed (python-isal's and zli
 readers inflating straight into the array, zlib's chunked fallback), ``.nii``, scaled NIfTI
 (float32), DICOM series kept as int16 HU (uint16 pixels + intercept -1024: the per-slice range
 check; 12-bit data: the bound from BitsStored; int16 pixels + intercept 0: from the pixel type), DICOM whose HU overflow int16
-(the float32 fallback mid-series), and DICOM with a non-unit slope (float32); linear and cubic.
-Plus the inflaters against ``gzip.decompress`` on multi-member and corrupt files.
+(the float32 fallback mid-series), DICOM with a non-unit slope (float32) and implicit VR DICOM;
+linear and cubic. The DICOM tag walker against pydicom's parse on each series (bit-identical
+volumes and affines). The source hash fed by the readers against ``source_digest`` and an
+independent sha256 (one pass: no second read on a cold miss). Plus the inflaters against
+``gzip.decompress`` on multi-member and corrupt files.
 """
 from __future__ import annotations
 
@@ -96,11 +99,25 @@ def files(tmp_path_factory):
     def slope(ds, k):
         ds.RescaleSlope = "0.5"
     _rewrite_series(out["dicom slope"], slope)
+    # implicit VR little endian (the tag walker's other transfer syntax)
+    out["dicom implicit"] = write_dicom_series(d / "implicit", hu, AFFINE)
+    for f in sorted(out["dicom implicit"].iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.save_as(str(f), implicit_vr=True, little_endian=True, enforce_file_format=True)
+    # data after the pixels (trailing padding): the walker reads such a file whole
+    out["dicom trailing"] = write_dicom_series(d / "trailing", hu, AFFINE)
+
+    def trailing(ds, k):
+        ds.DataSetTrailingPadding = b"\0" * 16
+    _rewrite_series(out["dicom trailing"], trailing)
     return out
 
 
 HOT_DTYPE = {"nii.gz": np.int16, "nii": np.int16, "scaled.nii.gz": np.float32, "dicom uint16": np.int16,
-             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32}
+             "dicom 12-bit": np.int16, "dicom int16": np.int16, "dicom overflow": np.float32, "dicom slope": np.float32,
+             "dicom implicit": np.int16, "dicom trailing": np.int16}
+DICOM_KINDS = [k for k in HOT_DTYPE if k.startswith("dicom")]
 
 
 def _reference_crops(path, settings, centres):
@@ -132,7 +149,7 @@ def test_crops_are_bit_identical_to_the_reference_read(files, kind, order, monke
 
 def test_int16_dicom_holds_the_float32_values(files):
     """``int16=True`` is today's float32 read, narrowed: the same numbers (and the old path stays callable)."""
-    for kind in ("dicom uint16", "dicom 12-bit", "dicom int16", "dicom overflow", "dicom slope"):
+    for kind in DICOM_KINDS:
         narrow = read_ct(files[kind], dtype=None, int16=True)
         today = read_ct(files[kind], dtype=None)
         assert today.array.dtype == np.float32
@@ -140,6 +157,95 @@ def test_int16_dicom_holds_the_float32_values(files):
         np.testing.assert_array_equal(narrow.array.astype(np.float32), today.array, err_msg=kind)
         np.testing.assert_array_equal(narrow.affine, today.affine)
     assert read_ct(files["dicom overflow"], dtype=None).array.max() > 32767
+
+
+# bytes of each file the walker reads first: the default (these small files fit whole), the header
+# and part of the pixels (the pixels are read into place later), part of the header (the walker
+# then reads the file whole)
+HEADS = {"whole file": None, "header + some pixels": 2048, "part of the header": 300}
+
+
+def _walk_head(monkeypatch, files, kind, head):
+    """Set the walker's head size; check which of its paths the series takes."""
+    from lungcore.data.io import dicom
+
+    if HEADS[head] is not None:
+        monkeypatch.setattr(dicom, "_HEAD", HEADS[head])
+    walked = dicom._walked(sorted(files[kind].iterdir()))
+    assert walked is not None, kind
+    lazy = HEADS[head] == 2048 and kind != "dicom trailing"
+    assert all(("pixel_span" in t) == lazy and ("PixelData" in t) != lazy for t, _ in walked), (kind, head)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("kind", DICOM_KINDS)
+def test_tag_walker_and_pydicom_give_the_same_volume(files, kind, head, monkeypatch):
+    """The walker's read (forced: pydicom's parse made to fail) and pydicom's (the walker turned off)
+    are bit-identical: array, dtype and affine, int16 and float32, whichever way the walker reads."""
+    from lungcore.data.io import dicom
+
+    def no_pydicom(files_):
+        raise AssertionError("the tag walker refused this series")
+
+    for int16 in (True, False):
+        _walk_head(monkeypatch, files, kind, head)
+        monkeypatch.setattr(dicom, "_parsed", no_pydicom)
+        walked = read_ct(files[kind], dtype=None, int16=int16, reader="native")
+        monkeypatch.undo()
+        monkeypatch.setattr(dicom, "_walked", lambda files_: None)
+        parsed = read_ct(files[kind], dtype=None, int16=int16, reader="native")
+        monkeypatch.undo()
+        assert walked.array.dtype == parsed.array.dtype
+        np.testing.assert_array_equal(walked.array, parsed.array, err_msg=kind)
+        np.testing.assert_array_equal(walked.affine, parsed.affine, err_msg=kind)
+
+
+def _sha256_of(path) -> str:
+    """The source digest's definition, computed here independently."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("kind", list(HOT_DTYPE))
+def test_the_hash_fed_by_the_reader_is_the_source_digest(files, kind, head, tmp_path, monkeypatch):
+    """One pass: the reader feeds the source's bytes to the hash (every file of a .nii.gz or a
+    walked DICOM series; a .nii is hashed after, by SourceHash itself); the digest is
+    ``source_digest``'s, verify="content"'s and the stat memo's, and a cold Preprocessor never
+    calls ``source_digest`` (no second read) yet leaves a cache that the other modes hit."""
+    from lungcore.data.io import SourceHash, source_digest
+    from lungcore.data.preprocess import crops as crops_module
+
+    if kind.startswith("dicom"):
+        _walk_head(monkeypatch, files, kind, head)
+    elif HEADS[head] is not None:
+        pytest.skip("the head size is the DICOM walker's")
+    path = files[kind]
+    h = SourceHash(path)
+    read_ct(path, dtype=None, contiguous=False, int16=True, source_hash=h)
+    assert h.fed == (0 if kind == "nii" else len(h.files))
+    assert h.hexdigest() == source_digest(path) == _sha256_of(path)
+
+    settings = PreprocessSettings(spacing=(2.0, 1.0, 1.0), crop=(8, 24, 24), window=(-1000.0, 400.0))
+    centres = [canonical_orientation(read_ct(path)).index_to_world(np.array([11.2, 30.7, 25.1]))]
+    with monkeypatch.context() as m:
+        m.setattr(crops_module, "source_digest", lambda p: pytest.fail("hashed by a second read"))
+        cold = Preprocessor(settings, cache_dir=tmp_path)
+        first = cold.crops(path, centres)
+    assert cold.stats.misses == 1 and cold.stats.images_read == 1
+    content = Preprocessor(settings, cache_dir=tmp_path, verify="content")
+    memo = Preprocessor(settings, cache_dir=tmp_path)
+    assert content.digest(path) == memo.digest(path) == _sha256_of(path)
+    for pre in (content, memo):
+        np.testing.assert_array_equal(pre.crops(path, centres), first)
+        assert pre.stats.hits == 1 and pre.stats.misses == 0 and pre.stats.images_read == 0
 
 
 @pytest.mark.parametrize("inflater", _installed())
@@ -173,3 +279,22 @@ def test_unknown_inflater_is_an_error(monkeypatch):
     monkeypatch.setenv("LUNGCORE_INFLATER", "brotli")
     with pytest.raises(ValueError, match="LUNGCORE_INFLATER must be one of"):
         active_inflater()
+
+
+def test_a_stray_file_in_a_series_is_skipped_and_hashed(files, tmp_path, monkeypatch):
+    """A non-DICOM file in a series folder: skipped by the walker as by pydicom, and still part of
+    the source digest (in its name order)."""
+    import shutil
+
+    from lungcore.data.io import SourceHash, dicom, source_digest
+
+    folder = tmp_path / "series"
+    shutil.copytree(files["dicom uint16"], folder)
+    (folder / "notes.txt").write_text("scanned on a Tuesday\n")
+    monkeypatch.setattr(dicom, "_parsed", lambda files_: pytest.fail("the tag walker refused this series"))
+    h = SourceHash(folder)
+    got = read_ct(folder, dtype=None, int16=True, source_hash=h)
+    assert h.fed == len(h.files) and h.hexdigest() == source_digest(folder) == _sha256_of(folder)
+    want = read_ct(files["dicom uint16"], dtype=None, int16=True)
+    np.testing.assert_array_equal(got.array, want.array)
+    np.testing.assert_array_equal(got.affine, want.affine)

@@ -10,9 +10,11 @@ Two readers give the same result (array values, dtype, affine; tests/data/test_i
 
 * ``reader="native"`` (what ``"auto"``, the default, uses): nibabel's header + one read of the
   voxels, which are already in (z, y, x) C order (``.nii.gz``: the file memory-mapped and inflated
-  by python-isal, else zlib-ng, else zlib, straight into the array: see :func:`_gunzip`);
-  pydicom's ``dcmread`` per slice, the pixels taken from the buffer, slices sorted by their
-  position along the slice normal. No MONAI needed (the GPU machine has none).
+  by python-isal, else zlib-ng, else zlib, straight into the array: see :func:`gunzip`);
+  DICOM slices' tags read by a tag walker over each file's bytes (uncompressed little-endian
+  files; :mod:`~lungcore.data.io.dicom_tags`), pydicom's ``dcmread`` for a series it refuses,
+  the pixels taken from the buffer, slices sorted by their position along the slice normal. No
+  MONAI needed (the GPU machine has none).
 * ``reader="monai"``: MONAI's ``LoadImage`` (NibabelReader / PydicomReader), whose (x, y, z)
   array and RAS affine are converted once: the reference. MONAI stacks a DICOM series by
   ``InstanceNumber``; the native reader stacks by position and then orders the stack so that
@@ -33,10 +35,13 @@ Example:
 
 One module per job: :mod:`~lungcore.data.io.image` (CTImage, conventions, dtypes),
 :mod:`~lungcore.data.io.read` (:func:`read_ct`), :mod:`~lungcore.data.io.nifti`,
-:mod:`~lungcore.data.io.dicom` and :mod:`~lungcore.data.io.monai_reader` (the readers),
-:mod:`~lungcore.data.io.inflate` (``.nii.gz`` inflation), :mod:`~lungcore.data.io.headers`
+:mod:`~lungcore.data.io.dicom` (with :mod:`~lungcore.data.io.dicom_tags`) and
+:mod:`~lungcore.data.io.monai_reader` (the readers),
+:mod:`~lungcore.data.io.inflate` (``.nii.gz`` inflation), :mod:`~lungcore.data.io.digest` (the
+source files' content digest, fed by the readers), :mod:`~lungcore.data.io.headers`
 (:func:`read_ct_header`), :mod:`~lungcore.data.io.writers` (NIfTI and DICOM writers).
 """
+from lungcore.data.io.digest import SourceHash, source_digest
 from lungcore.data.io.headers import read_ct_header
 from lungcore.data.io.image import CTImage, NativeReaderUnsupported, is_dicom_path
 from lungcore.data.io.inflate import INFLATERS, gunzip, inflater
@@ -45,5 +50,5 @@ from lungcore.data.io.writers import write_dicom_series, write_nifti
 
 _inflater = inflater  # the name benchmarks/bench_cohort_scale.py imports
 
-__all__ = ["CTImage", "INFLATERS", "NativeReaderUnsupported", "READERS", "gunzip", "inflater", "is_dicom_path",
-           "read_ct", "read_ct_header", "write_dicom_series", "write_nifti"]
+__all__ = ["CTImage", "INFLATERS", "NativeReaderUnsupported", "READERS", "SourceHash", "gunzip", "inflater", "is_dicom_path",
+           "read_ct", "read_ct_header", "source_digest", "write_dicom_series", "write_nifti"]

@@ -56,13 +56,19 @@ def is_dicom_path(path: str | Path) -> bool:
     return path.is_dir() or path.suffix.lower() in (".dcm", ".dicom", ".ima")
 
 
-def dicom_files(path: Path) -> list[Path]:
+def source_files(path: Path) -> list[Path]:
+    """The files of a CT source: the file itself, or a folder's files (not those named ``.*``), sorted."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise ValueError(f"DICOM folder {path} holds no files")
-        return files
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     return [path]
+
+
+def dicom_files(path: Path) -> list[Path]:
+    """:func:`source_files` of a DICOM series; an empty folder is a ValueError."""
+    files = source_files(path)
+    if not files:
+        raise ValueError(f"DICOM folder {path} holds no files")
+    return files
 
 
 _STORED_KEPT = (np.dtype(np.float32), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32))

@@ -46,9 +46,10 @@ def inflater() -> tuple[str, Any]:
     raise AssertionError("zlib is always there")
 
 
-def gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
+def gunzip(path: Path, offset: int, nbytes: int, source_hash: Any = None) -> np.ndarray:
     """Bytes ``[offset, offset + nbytes)`` of the gzip file ``path`` decompressed into a fresh,
-    writable uint8 array (multi-member files too).
+    writable uint8 array (multi-member files too). ``source_hash``
+    (:class:`~lungcore.data.io.digest.SourceHash`): fed the file's compressed bytes from the mapping.
 
     Copies: the file is memory-mapped (its compressed bytes are never copied); python-isal and
     zlib-ng inflate straight into the returned array (their C gzip reader's ``readinto``): each
@@ -67,6 +68,8 @@ def gunzip(path: Path, offset: int, nbytes: int) -> np.ndarray:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = memoryview(mapped)
     try:
+        if source_hash is not None:
+            source_hash.update(path, data)
         if hasattr(module, "_GzipReader"):
             filled = _inflate_reader(module, data, out, offset, path)
         else:

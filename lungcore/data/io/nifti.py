@@ -56,8 +56,9 @@ def _nifti_affine(img: Any) -> np.ndarray:
     return np.array(img.affine, dtype=np.float64)  # MONAI only rewrites pixdim: the affine stays
 
 
-def read_nifti(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """NIfTI (or anything nibabel loads) -> ((z, y, x) array, LPS affine of (z, y, x) indices)."""
+def read_nifti(path: Path, dtype: Any, source_hash: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI (or anything nibabel loads) -> ((z, y, x) array, LPS affine of (z, y, x) indices);
+    a ``.nii.gz`` read on the fast path feeds its compressed bytes to ``source_hash``."""
     import nibabel as nib
     from nibabel.arrayproxy import ArrayProxy
     from nibabel.volumeutils import apply_read_scaling
@@ -76,7 +77,7 @@ def read_nifti(path: Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
         stored = np.dtype(proxy.dtype)
         count = int(np.prod(shape_xyz))
         if str(path).endswith(".gz"):
-            raw = gunzip(path, int(proxy.offset), count * stored.itemsize).view(stored)
+            raw = gunzip(path, int(proxy.offset), count * stored.itemsize, source_hash).view(stored)
         else:
             raw = np.fromfile(path, dtype=stored, count=count, offset=int(proxy.offset))
             if raw.size < count:

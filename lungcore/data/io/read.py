@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lungcore.data.io.dicom import read_dicom
+from lungcore.data.io.digest import SourceHash
 from lungcore.data.io.image import CTImage, NativeReaderUnsupported, is_dicom_path
 from lungcore.data.io.monai_reader import monai_available, read_monai
 from lungcore.data.io.nifti import read_nifti
@@ -16,7 +17,7 @@ READERS = ("auto", "native", "monai")
 
 
 def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bool = True,
-            reader: str = "auto", int16: bool = False) -> CTImage:
+            reader: str = "auto", int16: bool = False, source_hash: SourceHash | None = None) -> CTImage:
     """Read a NIfTI file or a DICOM series (a folder, or one ``.dcm``) as a :class:`CTImage`.
 
     Returns the array in (z, y, x) order and the affine from (z, y, x, 1) to LPS mm (see the
@@ -37,6 +38,11 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     native, and MONAI only for what native does not handle (multi-frame DICOM, DICOM lacking
     ``ImagePositionPatient``/``ImageOrientationPatient``; :class:`NativeReaderUnsupported`).
 
+    ``source_hash`` (a :class:`~lungcore.data.io.digest.SourceHash` of ``path``): the native reader
+    feeds it the source's bytes as it reads them (a ``.nii.gz``'s mapped file, each DICOM file), so
+    ``source_hash.hexdigest()`` afterwards gives :func:`~lungcore.data.io.digest.source_digest`
+    without a second pass over the source (it reads what was not fed).
+
     Example:
         >>> from pydicom.data import get_testdata_file
         >>> ct = read_ct(get_testdata_file("CT_small.dcm"), reader="native")
@@ -51,9 +57,9 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
     if reader != "monai":
         try:
             if is_dicom_path(path):
-                array, affine = read_dicom(path, dtype, int16)
+                array, affine = read_dicom(path, dtype, int16, source_hash)
             else:
-                array, affine = read_nifti(path, dtype)
+                array, affine = read_nifti(path, dtype, source_hash)
         except NativeReaderUnsupported:
             if reader == "native" or not monai_available():
                 raise

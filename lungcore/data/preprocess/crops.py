@@ -1,11 +1,14 @@
 """Windowed crops of a CT around lesion centres, cached on disk: :class:`Preprocessor`.
 
 The cache stores one ``.npz`` per (image content, centre, settings): its name is a hash of the
-source file's bytes (all files of a DICOM series), the centre and the settings, so a changed
-scan or changed settings never hit a stale entry. Entries are written to a temporary name and
-renamed (a crash never leaves half an entry); the zip CRC and the stored metadata are checked on
-every read and a corrupted or mismatching entry is rebuilt. Content digests are memoised by
-(size, mtime) of the source in ``CACHE/sources/`` so a cached epoch does not rehash every scan.
+source file's bytes (all files of a DICOM series: :func:`~lungcore.data.io.digest.source_digest`,
+sha256), the centre and the settings, so a changed scan or changed settings never hit a stale
+entry. Entries are written to a temporary name and renamed (a crash never leaves half an entry);
+the zip CRC and the stored metadata are checked on every read and a corrupted or mismatching entry
+is rebuilt. Content digests are memoised by (size, mtime) of the source in ``CACHE/sources/`` so a
+cached epoch does not rehash every scan; a source never seen before is hashed from the bytes the
+reader reads (one pass over the source, not two). ``CACHE_VERSION`` 2: sha256 source digests (1
+was blake2b; entries of version 1 are never hit, they are rebuilt).
 
 Example: see :mod:`lungcore.data.preprocess`.
 """
@@ -26,14 +29,17 @@ from typing import Any
 import numpy as np
 
 from lungcore.data.io import CTImage, read_ct
+from lungcore.data.io.digest import ALGORITHM, SourceHash, source_digest
 from lungcore.data.preprocess.settings import PreprocessSettings, canonical_orientation
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
 class PreprocessStats:
-    """What a :class:`Preprocessor` did: cache hits, misses, rebuilt entries and where time went."""
+    """What a :class:`Preprocessor` did: cache hits, misses, rebuilt entries and where time went
+    (wall seconds per stage; ``cpu_s``: the CPU seconds :meth:`Preprocessor.crops` used, so that
+    ``cpu_s`` over a pool's wall time is the cores the run actually got on a shared machine)."""
 
     hits: int = 0
     misses: int = 0
@@ -45,6 +51,7 @@ class PreprocessStats:
     resample_s: float = 0.0
     hash_s: float = 0.0
     cache_io_s: float = 0.0
+    cpu_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -58,20 +65,6 @@ def _stat_signature(path: Path) -> str:
         st = p.stat()
         parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
-
-
-def source_digest(path: str | Path) -> str:
-    """blake2b of the image's bytes (a DICOM series: every file's name and bytes, sorted)."""
-    path = Path(path)
-    h = hashlib.blake2b(digest_size=20)
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -114,36 +107,49 @@ class Preprocessor:
             if self.verify == "content":
                 return source_digest(path)
             sig = _stat_signature(path)
-            memo = self._digests.get(str(path.resolve()))
-            if memo and memo[0] == sig:
-                return memo[1]
-            record = self._source_record(path)
-            if record:
-                digest = record["digest"]
-            else:
+            digest = self._memo(path, sig)
+            if digest is None:
                 digest = source_digest(path)
-                if self.cache_dir is not None and remember:
-                    record = {"path": str(path.resolve()), "signature": sig, "digest": digest}
-                    _atomic_write(self._source_record_path(path), json.dumps(record).encode())
-            self._digests[str(path.resolve())] = (sig, digest)
+                self._remember(path, sig, digest, remember)
             return digest
         finally:
             self.stats.hash_s += time.perf_counter() - t0
+
+    def _memo(self, path: Path, sig: str) -> str | None:
+        """The memoised digest of ``path`` if its stat signature is still ``sig`` (in this process or
+        in ``<cache>/sources``), else None."""
+        memo = self._digests.get(str(path.resolve()))
+        if memo and memo[0] == sig:
+            return memo[1]
+        record = self._source_record(path, sig)
+        if record:
+            self._digests[str(path.resolve())] = (sig, record["digest"])
+            return record["digest"]
+        return None
+
+    def _remember(self, path: Path, sig: str, digest: str, write: bool = True) -> None:
+        if self.cache_dir is not None and write:
+            record = {"path": str(path.resolve()), "signature": sig, "hash": ALGORITHM, "digest": digest}
+            _atomic_write(self._source_record_path(path), json.dumps(record).encode())
+        self._digests[str(path.resolve())] = (sig, digest)
 
     def _source_record_path(self, path: Path) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / "sources" / (hashlib.blake2b(str(path.resolve()).encode(),
                                                              digest_size=16).hexdigest() + ".json")
 
-    def _source_record(self, path: Path) -> dict[str, Any] | None:
-        """The memo ``{path, signature, digest}`` of ``path`` if it matches the file's size and mtime."""
+    def _source_record(self, path: Path, sig: str | None = None) -> dict[str, Any] | None:
+        """The memo ``{path, signature, hash, digest}`` of ``path`` if it matches the file's size and
+        mtime (``sig``, else stat now) and today's hash algorithm."""
         if self.cache_dir is None:
             return None
         try:
             record = json.loads(self._source_record_path(path).read_text())
         except (OSError, ValueError):
             return None
-        return record if isinstance(record, dict) and record.get("signature") == _stat_signature(path) else None
+        if not isinstance(record, dict) or record.get("hash") != ALGORITHM:
+            return None
+        return record if record.get("signature") == (sig if sig is not None else _stat_signature(path)) else None
 
     def key(self, digest: str, centre: np.ndarray | None, frame: str) -> str:
         c = "none" if centre is None else ",".join(f"{v:.4f}" for v in np.asarray(centre, dtype=np.float64))
@@ -187,14 +193,18 @@ class Preprocessor:
         self.stats.cache_io_s += time.perf_counter() - t0
 
     # -- work -----------------------------------------------------------------------------------
-    def read(self, path: str | Path) -> tuple[CTImage, CTImage]:
-        """(the image as stored, the image reoriented per the settings), timed in ``stats.read_s``."""
+    def read(self, path: str | Path, source_hash: SourceHash | None = None) -> tuple[CTImage, CTImage]:
+        """(the image as stored, the image reoriented per the settings), timed in ``stats.read_s``;
+        ``source_hash`` is fed the source's bytes as they are read (its time goes to ``hash_s``)."""
         t0 = time.perf_counter()
+        hashed = source_hash.seconds if source_hash is not None else 0.0
         # native (no MONAI, same values), as stored, no transpose copy; DICOM integer HU as int16
-        source = read_ct(path, dtype=None, contiguous=False, reader="auto", int16=True)
+        source = read_ct(path, dtype=None, contiguous=False, reader="auto", int16=True, source_hash=source_hash)
         image = canonical_orientation(source) if self.settings.canonical else source
         self.stats.images_read += 1
-        self.stats.read_s += time.perf_counter() - t0
+        hashed = source_hash.seconds - hashed if source_hash is not None else 0.0
+        self.stats.read_s += time.perf_counter() - t0 - hashed
+        self.stats.hash_s += hashed
         return source, image
 
     def centre_index(self, image: CTImage, centre: np.ndarray | None, frame: str,
@@ -239,7 +249,13 @@ class Preprocessor:
         indices); None (or a NaN centre) crops around the middle of the volume. Cached entries are
         used where valid; the image is read (once) only if some box is missing.
         """
-        path = Path(path)
+        cpu0 = time.process_time()
+        try:
+            return self._crops(Path(path), centres, frame)
+        finally:
+            self.stats.cpu_s += time.process_time() - cpu0
+
+    def _crops(self, path: Path, centres: Sequence[np.ndarray | None] | np.ndarray | None, frame: str) -> np.ndarray:
         if centres is None:
             centres = [None]
         centres = [None if c is None or not np.all(np.isfinite(np.asarray(c, dtype=np.float64))) else
@@ -248,8 +264,23 @@ class Preprocessor:
         todo: list[int] = list(range(len(centres)))
         keys: list[str] = []
         metas: list[dict[str, Any]] = []
+        done: tuple[CTImage, CTImage] | None = None  # the image, when the fused hash read it
         if self.cache_dir is not None:
-            digest = self.digest(path)
+            sig = _stat_signature(path) if self.verify == "stat" else ""
+            if self.verify == "stat" and self._memo(path, sig) is None:
+                # never seen (or rewritten since): read it, hashing the bytes the reader reads
+                source_hash = SourceHash(path)
+                try:
+                    done = self.read(path, source_hash)
+                except Exception:
+                    self.stats.misses += len(centres)  # no entry could be looked up: every box missed
+                    raise
+                t0 = time.perf_counter()
+                digest = source_hash.hexdigest()
+                self._remember(path, sig, digest)
+                self.stats.hash_s += time.perf_counter() - t0
+            else:
+                digest = self.digest(path)
             todo = []
             for b, c in enumerate(centres):
                 key = self.key(digest, c, frame)
@@ -266,7 +297,7 @@ class Preprocessor:
                     out[b] = hit
                     self.stats.hits += 1
         if todo:
-            source, image = self.read(path)
+            source, image = done if done is not None else self.read(path)
             idx = np.stack([self.centre_index(image, centres[b], frame, source) for b in todo])
             n = np.asarray(image.shape, dtype=np.float64)
             outside = ((idx < -0.5) | (idx > n - 0.5)).any(axis=1)
