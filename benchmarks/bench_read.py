@@ -7,8 +7,9 @@ Every provider reads it the way preprocessing does (``dtype=None, contiguous=Fal
 as stored for NIfTI, float32 HU for DICOM). Providers:
 
 * ``monai``: ``read_ct(reader="monai")``: MONAI's NibabelReader / PydicomReader (the baseline).
-* ``native``: ``read_ct(reader="native")``: nibabel's header + one zlib pass / one read for
-  NIfTI, ``pydicom.dcmread`` + the pixel buffer per slice for DICOM.
+* ``native``: ``read_ct(reader="native")``: nibabel's header + one inflate pass (python-isal) /
+  one read for NIfTI; for DICOM the tag walker (:mod:`lungcore.data.io.dicom_tags`: the tags
+  lungcore uses and the pixels, no per-slice pydicom parse), the source's sha256 not computed.
 * ``nibabel``: ``np.asanyarray(nib.load(path, mmap=False).dataobj)`` in (x, y, z) order, no
   affine work: what reading with nibabel alone costs (NIfTI only; ``mmap=False`` so that an
   uncompressed file is really read, not mapped).
