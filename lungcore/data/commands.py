@@ -2,7 +2,7 @@
 
 Example:
     $ lungcore synth --kind nodules --n 20 --out cohort/ --preset tiny
-    $ lungcore validate --manifest cohort/manifest.csv
+    $ lungcore validate --manifest cohort/manifest.csv --workers 8
     $ lungcore preprocess --manifest cohort/manifest.csv --out cache/ --shard 0/2 --workers 8 --keep-going
 """
 from __future__ import annotations
@@ -20,14 +20,22 @@ def validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", choices=("exists", "header", "full"), default="full",
                    help="how hard to check image cells (default: full = read every image, as train does)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar with --images full)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes reading the images of --images full (default: the cores available, as "
+                        "preprocess)")
 
 
 def validate(args: argparse.Namespace) -> int:
     from lungcore.data.manifest import check_manifest
+    from lungcore.data.preprocess.pool import default_workers
 
+    if args.workers is not None and args.workers < 1:
+        print(f"lungcore validate: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     try:
         manifest, problems = check_manifest(args.manifest, args.schema, images=args.images,
-                                            progress=args.images == "full" and not args.quiet)
+                                            progress=args.images == "full" and not args.quiet,
+                                            workers=args.workers or default_workers())
     except (FileNotFoundError, ValueError) as exc:
         print(f"lungcore validate: {exc}", file=sys.stderr)
         return 2

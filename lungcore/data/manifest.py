@@ -157,6 +157,11 @@ def _check_image(path: Path, level: str) -> tuple[tuple[str, str] | None, tuple[
                 f"{type(exc).__name__}: {exc}"), None
 
 
+def _full_check(path: str) -> tuple[tuple[str, str] | None, tuple[tuple[int, ...], np.ndarray] | None]:
+    """:func:`_check_image` at ``"full"``, as a pool task (module level: the worker processes import it)."""
+    return _check_image(Path(path), "full")
+
+
 def _centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[int, ...], np.ndarray]) -> str | None:
     shape, affine = geometry
     if frame == "voxel":
@@ -215,8 +220,10 @@ def _header_problems(header: list[str], columns: dict[str, int], schema: CohortS
 class _Rows:
     """The body of a manifest being parsed row by row: the arrays the rows fill, the problems they have."""
 
-    def __init__(self, schema: CohortSchema, header: list[str], n: int, root: Path, images: str):
+    def __init__(self, schema: CohortSchema, header: list[str], n: int, root: Path, images: str,
+                 checked: dict[Path, Any] | None = None):
         self.schema, self.header, self.root, self.image_check = schema, header, root, images
+        self.checked: dict[Path, Any] = {} if checked is None else checked  # image -> its check: one read each
         self.columns = {name: j for j, name in enumerate(header)}
         self.problems: list[ManifestProblem] = []
         self.rows: list[int] = []
@@ -231,6 +238,17 @@ class _Rows:
         self.label = np.full(n, -1, dtype=np.int64) if nodules else None
         self.label_mask = np.zeros(n, dtype=bool) if nodules else None
         self.first_seen: dict[str, int] = {}
+
+    def resolve(self, value: str) -> Path:
+        """An image cell's path (relative paths are relative to the manifest's folder)."""
+        path = Path(value)
+        return path if path.is_absolute() else self.root / path
+
+    def image_paths(self, body: list[list[str]]) -> list[Path]:
+        """Every distinct image the rows name (cells that are not UTF-8 left out: they are a problem already)."""
+        paths = {self.resolve(v) for record in body for col in self.schema.image_columns
+                 if (v := self.cell(record, col)) != "" and not _not_utf8(v)}
+        return sorted(paths, key=str)
 
     def cell(self, record: list[str], name: str) -> str:
         j = self.columns.get(name)
@@ -287,9 +305,10 @@ class _Rows:
         value = self.cell(record, col)
         geometry = path = None
         if value != "":
-            path = Path(value)
-            path = path if path.is_absolute() else self.root / path
-            bad, geometry = _check_image(path, self.image_check)
+            path = self.resolve(value)
+            if path not in self.checked:
+                self.checked[path] = _check_image(path, self.image_check)
+            bad, geometry = self.checked[path]
             if bad:
                 self.problem(r, col, value, *bad)
         cols = self.schema.centre_columns.get(col)
@@ -378,19 +397,24 @@ def _schema_for(path: Path, schema: CohortSchema | str | Path | None) -> CohortS
 
 
 def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
-                   images: str = "header", progress: bool = False) -> tuple[Manifest | None, list[ManifestProblem]]:
+                   images: str = "header", progress: bool = False,
+                   workers: int = 1) -> tuple[Manifest | None, list[ManifestProblem]]:
     """Parse and validate ``path``; returns ``(manifest or None, every problem found)``.
 
     ``schema``: a :class:`CohortSchema`, a path to one, or None for the schema beside the manifest.
     ``images``: how hard to check image cells: ``"none"``, ``"exists"``, ``"header"`` (default:
-    the file opens and its header parses) or ``"full"`` (the whole image is read).
-    ``progress``: a progress bar over the rows (on stderr). Example: see the module docstring.
+    the file opens and its header parses) or ``"full"`` (the whole image is read). Each distinct
+    image is checked once, however many rows name it. ``workers`` > 1 reads the images of a
+    ``"full"`` check in that many processes (``lungcore preprocess``'s pool); the problems are the
+    same, in the same order. ``progress``: a progress bar (on stderr). Example: see the module docstring.
     """
     from tqdm import tqdm
 
     path = Path(path)
     if images not in IMAGE_CHECKS:
         raise ValueError(f"images must be one of {IMAGE_CHECKS}, got {images!r}")
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     schema = _schema_for(path, schema)
@@ -403,6 +427,8 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
             return None, [ManifestProblem(1, "", "", "the manifest is empty (no header row)")]
         body = list(reader)
     parsed = _Rows(schema, header, len(body), path.parent, images)
+    if images == "full" and workers > 1:
+        parsed.checked.update(_read_all(parsed.image_paths(body), int(workers), progress))
     parsed.problems += _header_problems(header, parsed.columns, schema)
     header_ok = not parsed.problems  # a header problem does not hide the problems of the rows: go on
     for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress, leave=False)):
@@ -417,10 +443,32 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     return manifest, parsed.problems
 
 
+def _read_all(paths: list[Path], workers: int, progress: bool) -> dict[Path, Any]:
+    """The ``"full"`` check of every image in ``paths``, read by a pool of ``workers`` processes."""
+    from tqdm import tqdm
+
+    from lungcore.data.preprocess.pool import READ_PRELOAD, map_images
+
+    checked: dict[Path, Any] = {}
+    if not paths:
+        return checked
+    with tqdm(total=len(paths), desc="read images", unit="CT", disable=not progress, leave=False) as bar:
+        def done(p: Path, result: Any) -> None:
+            checked[p] = result
+            bar.update()
+
+        map_images(_full_check, paths, lambda p: (), min(workers, len(paths)), done,
+                   preload=("lungcore.data.manifest", *READ_PRELOAD))
+    return checked
+
+
 def read_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
-                  images: str = "header") -> Manifest:
-    """Parse and validate a manifest; :class:`ManifestError` lists every problem if there is any."""
-    manifest, problems = check_manifest(path, schema, images=images)
+                  images: str = "header", workers: int = 1) -> Manifest:
+    """Parse and validate a manifest; :class:`ManifestError` lists every problem if there is any.
+
+    ``images`` and ``workers`` as for :func:`check_manifest`.
+    """
+    manifest, problems = check_manifest(path, schema, images=images, workers=workers)
     if problems:
         raise ManifestError(path, problems)
     assert manifest is not None

@@ -146,3 +146,60 @@ def test_centre_outside_the_image(cohort, tmp_path):
     assert (p.row, p.column, p.value) == (2, "centre_x", "-2")
     assert p.message == ("centre lies outside the image: voxel index (z, y, x) [-1.0, -3.0, 4.0], image shape "
                          "(4, 6, 6) (are the coordinates LPS millimetres? RAS flips the signs of x and y)")
+
+
+def test_full_check_in_worker_processes_finds_what_one_process_finds(cohort, tmp_path, capsys, monkeypatch):
+    """``workers`` > 1 reads the images in the preprocessing pool: the same problems, in the same order."""
+    import lungcore.data.manifest as manifest_module
+
+    header = HEADER + ",centre_x,centre_y,centre_z"
+    (tmp_path / "bad.nii.gz").write_bytes(b"this is not an image")
+    write_nifti(tmp_path / "cut.nii.gz", np.random.default_rng(0).normal(size=(8, 16, 16)), np.eye(4))
+    data = (tmp_path / "cut.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[:len(data) // 2])  # the header parses, the data is cut
+    rows = ["P1,good.nii.gz,61,former,3,1,10,0,2,3,4", "P2,missing.nii.gz,61,former,3,1,10,0,,,",
+            "P3,cut.nii.gz,61,former,3,1,10,0,,,", "P4,good.nii.gz,61,former,3,1,10,0,-2,-3,4",
+            "P5,bad.nii.gz,61,former,-3,1,10,0,,,", "P6,cut.nii.gz,61,former,3,1,10,0,1,1,1",
+            "P7,good.nii.gz,61,former,3,1,10,0,,,"]
+    path = cohort(*rows, header=header)
+    header_only = [(p.row, p.column) for p in check_manifest(path, images="header")[1]]
+    assert (4, "ct") not in header_only  # only a full read finds the cut file
+    one, problems_one = check_manifest(path, images="full", workers=1)
+
+    def not_here(path, level):  # workers > 1: no full read in this process (the workers import their own)
+        assert level != "full", f"{path} read in the parent process"
+        return check(path, level)
+
+    check = manifest_module._check_image
+    monkeypatch.setattr(manifest_module, "_check_image", not_here)
+    two, problems_two = check_manifest(path, images="full", workers=2)
+    assert [(p.row, p.column) for p in problems_one] == [(3, "ct"), (4, "ct"), (5, "centre_x"), (6, "ct"),
+                                                         (6, "pfs_time"), (7, "ct")]
+    assert [str(p) for p in problems_two] == [str(p) for p in problems_one]
+    assert [p.detail for p in problems_two] == [p.detail for p in problems_one]
+    assert two.ids == one.ids and two.images == one.images
+    np.testing.assert_array_equal(two.centres, one.centres)
+    monkeypatch.undo()
+    # the command: --workers reaches the check, and the same lines come out
+    outputs = []
+    for workers in ("1", "2"):
+        assert main(["validate", "--manifest", str(path), "--quiet", "--workers", workers]) == 1
+        outputs.append(capsys.readouterr().err)
+    assert outputs[0] == outputs[1] and "6 problems" in outputs[0]
+    assert main(["validate", "--manifest", str(path), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        check_manifest(path, images="full", workers=0)
+
+
+def test_each_image_is_checked_once(cohort, monkeypatch):
+    """Rows that share an image (a scan with several nodules, a repeated CT) read it once."""
+    import lungcore.data.manifest as manifest_module
+
+    reads = []
+    check = manifest_module._check_image
+    monkeypatch.setattr(manifest_module, "_check_image", lambda path, level: reads.append(path) or check(path, level))
+    path = cohort(*[f"P{i},good.nii.gz,61,former,3,1,10,0" for i in range(5)], "P9,missing.nii.gz,61,former,3,1,10,0")
+    manifest, problems = check_manifest(path, images="full")
+    assert [p.name for p in reads] == ["good.nii.gz", "missing.nii.gz"]
+    assert [str(p) for p in problems] == ["row 7, column 'ct', value 'missing.nii.gz': file not found"]

@@ -92,7 +92,16 @@ def _merge_stats(total: PreprocessStats, part: dict[str, Any]) -> None:
             setattr(total, k, getattr(total, k) + v)
 
 
-def _pool_context():
+# the readers (what a worker that only reads images needs)
+READ_PRELOAD = ("lungcore.data.io", "nibabel", "nibabel.nifti1", "pydicom", "pydicom.filereader", "isal.isal_zlib",
+                "zlib_ng.zlib_ng")
+# the readers and the resampler (a worker that crops). torch._dynamo: torch imports it on the first call
+# of a custom op (the resampler), about 1 s a worker otherwise (2w passes of cohort_scale: 2.4 s of
+# resampling against 0.17 s in one worker)
+CROP_PRELOAD = ("lungcore.data.preprocess.pool", "lungcore.ops", "torch._dynamo", *READ_PRELOAD)
+
+
+def _pool_context(preload: tuple[str, ...] = CROP_PRELOAD):
     import multiprocessing as mp
 
     try:
@@ -100,12 +109,9 @@ def _pool_context():
     except ValueError:  # no forkserver (Windows, macOS without it)
         return mp.get_context("spawn")
     # the forkserver imports these once (a missing one is skipped); each worker forked from it starts
-    # with them loaded instead of importing torch, nibabel and pydicom again (seconds per worker).
-    # torch._dynamo: torch imports it on the first call of a custom op (the resampler), about 1 s a
-    # worker otherwise (2w passes of cohort_scale: 2.4 s of resampling against 0.17 s in one worker)
-    ctx.set_forkserver_preload(["lungcore.data.preprocess.pool", "lungcore.ops", "torch._dynamo", "nibabel",
-                                "nibabel.nifti1", "pydicom", "pydicom.filereader", "isal.isal_zlib",
-                                "zlib_ng.zlib_ng"])
+    # with them loaded instead of importing torch, nibabel and pydicom again (seconds per worker). The
+    # forkserver is one per process, started by the first pool: a later pool's list has no effect.
+    ctx.set_forkserver_preload(list(preload))
     return ctx
 
 
@@ -217,14 +223,35 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 def _run_pool(preprocessor: Preprocessor, images: list[Path], centres_of: Any, frame: str, workers: int,
               threads: int, fail: Any, bar: Any) -> None:
     """The images over a pool of ``workers`` processes; stats merged into ``preprocessor.stats``."""
+    p = preprocessor
+
+    def done(path: Path, result: tuple[dict[str, Any], str | None]) -> None:
+        part, error = result
+        _merge_stats(p.stats, part)
+        if error is not None:
+            fail(path, error)
+        bar.update()
+
+    cache = None if p.cache_dir is None else str(p.cache_dir)
+    map_images(_worker_crops, images, lambda path: (centres_of(path), frame), workers, done,
+               initializer=_worker_init, initargs=(p.settings, cache, p.device, p.verify, threads))
+
+
+def map_images(task: Any, images: list[Path], args_of: Any, workers: int, done: Any, *,
+               initializer: Any = None, initargs: tuple[Any, ...] = (),
+               preload: tuple[str, ...] = CROP_PRELOAD) -> None:
+    """``done(path, task(str(path), *args_of(path)))`` for every image, the tasks run by a pool of
+    ``workers`` processes (forkserver preloading the modules ``preload``) and ``done`` called in this process
+    as each finishes (in completion order). ``task`` must be a module-level function (workers import it).
+    At most two tasks per worker are in flight: an exception from ``done`` stops the rest quickly and
+    memory stays bounded. A worker that dies (out of memory) is a ``RuntimeError`` naming the images
+    in progress.
+    """
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    p = preprocessor
-    cache = None if p.cache_dir is None else str(p.cache_dir)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init,
-                             initargs=(p.settings, cache, p.device, p.verify, threads)) as pool:
-        # at most 2 tasks per worker in flight: a failure stops the rest quickly, memory stays bounded
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(preload), initializer=initializer,
+                             initargs=initargs) as pool:
         todo = iter(images)
         running: dict[Any, Path] = {}
         try:
@@ -233,25 +260,22 @@ def _run_pool(preprocessor: Preprocessor, images: list[Path], centres_of: Any, f
                     path = next(todo, None)
                     if path is None:
                         break
-                    running[pool.submit(_worker_crops, str(path), centres_of(path), frame)] = path
+                    running[pool.submit(task, str(path), *args_of(path))] = path
                 if not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
                     path = running.pop(future)
                     try:
-                        part, error = future.result()
+                        result = future.result()
                     except BrokenProcessPool:
                         busy = ", ".join(str(q) for q in [path, *running.values()])
                         raise RuntimeError(
-                            f"a preprocessing worker died while these images were in progress: {busy}. Out of "
+                            f"a worker process died while these images were in progress: {busy}. Out of "
                             "memory? Rerun with fewer workers. From a script: workers start by forkserver, which "
                             "imports the script again, so its top-level code must sit under "
                             "`if __name__ == '__main__':`") from None
-                    _merge_stats(p.stats, part)
-                    if error is not None:
-                        fail(path, error)
-                    bar.update()
+                    done(path, result)
         except BaseException:
             for future in running:
                 future.cancel()
