@@ -14,7 +14,8 @@ fine-tuned with the Cox partial likelihood on PFS and OS:
 * Clinical table: a **graph Transformer** (``lungcore.models.clinical_graph``). Per-variable
   tokenizer, missing variables removed from the keys (never imputed), a readout node in front;
   ``clinical_graph="t2g"`` (default) is T2G-Former's gated sparse feature-relation graph with a
-  cross-level readout, ``"dense"`` the earlier soft relation bias.
+  cross-level readout, its column embeddings trained at the authors' own learning rate
+  (``graph_column_lr``), ``"dense"`` the earlier soft relation bias.
 * Pretraining (``loss(batch, "pretrain")``): CT masked at ``mask_ratio_ct``; the visible tokens
   are encoded, every masked position gets a learned mask token plus its position embedding, and
   all tokens cross-attend to the *intact* clinical tokens (``ct_from_clinical``: the completion);
@@ -108,8 +109,12 @@ class CMMLConfig:
     ``"pretrained"`` fine-tunes the fusion from the pretrained cross-modal completion layers,
     ``"fresh"`` builds new ``fuse_*`` layers. ``missing_modality``: ``"complete"`` completes an
     absent CT / record from the other modality, ``"zero"`` zero-fills (the behaviour before
-    pretrained fusion; with ``fusion_init="fresh"`` the earlier fine-tuning forward exactly). Which
-    defaults the paper states and which are lungcore's choices: the module docstring.
+    pretrained fusion; with ``fusion_init="fresh"`` the earlier fine-tuning forward exactly).
+    ``graph_column_lr``: the peak learning rate of the T2G graph's column embeddings (``col_head``,
+    ``col_tail``; no weight decay), as T2G-Former's authors train them (their ``col_lr``: 1e-2 in
+    ``configs/california/T2GFormer/cfg.json``, 2.8e-2 tuned for adult; about 100x their main rate);
+    it follows the run's warm-up and schedule. None: the run's ``optim.lr`` for them too. Which defaults the paper states and which
+    are lungcore's choices: the module docstring.
     """
 
     in_channels: int = 1
@@ -141,6 +146,7 @@ class CMMLConfig:
     full_mask_prob: float = 0.1
     fusion_init: str = "pretrained"
     missing_modality: str = "complete"
+    graph_column_lr: Optional[float] = 1e-2
 
     def __post_init__(self) -> None:
         self.img_size = tuple(int(s) for s in self.img_size)
@@ -168,6 +174,8 @@ class CMMLConfig:
             raise ValueError(f"fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
         if self.missing_modality not in MISSING_MODALITY:
             raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {self.missing_modality!r}")
+        if self.graph_column_lr is not None and not (math.isfinite(self.graph_column_lr) and self.graph_column_lr > 0):
+            raise ValueError(f"graph_column_lr must be a positive number or None, got {self.graph_column_lr!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +422,27 @@ class CMML(nn.Module):
         target = which if rows is None else rows[which]
         values = self.complete_record(ct_tok[which]).to(clinical.dtype)
         return clinical.index_copy(0, target, values), clinical_mask.index_fill(0, target, True)
+
+    def param_group_overrides(self) -> dict[str, dict[str, float]]:
+        """Parameter name -> its own optimiser settings (``lungcore.train.schedule.optimizer``): the
+        T2G graph's column embeddings at ``graph_column_lr`` without weight decay (empty for the dense
+        graph or ``graph_column_lr=None``).
+
+        Example:
+            >>> from lungcore.models import create
+            >>> m = create("cmml", img_size=(8, 16, 16), patch_size=(4, 8, 8), embed_dim=16, depth=1, num_heads=2,
+            ...            decoder_dim=16, decoder_depth=1, decoder_heads=2, clinical_dim=16, clinical_depth=1,
+            ...            clinical_heads=2, clinical_decoder_depth=1)
+            >>> sorted(m.param_group_overrides())[:2]
+            ['clinical_decoder.0.attn.col_head', 'clinical_decoder.0.attn.col_tail']
+            >>> m.param_group_overrides()["clinical_encoder.blocks.0.attn.col_head"]
+            {'lr': 0.01, 'weight_decay': 0.0}
+        """
+        lr = self.config.graph_column_lr
+        if lr is None:
+            return {}
+        return {name: {"lr": float(lr), "weight_decay": 0.0} for name, _ in self.named_parameters()
+                if name.endswith((".col_head", ".col_tail"))}
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         """``nn.Module.load_state_dict``, refusing with one clear message a state dict of the CMML

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,14 +68,32 @@ def apply_recipe(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
 
 
 def optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optim.optimizer`` over the trainable parameters; no weight decay on biases and norms."""
+    """``cfg.optim.optimizer`` over the trainable parameters; no weight decay on biases and norms.
+
+    A model may give some parameters their own settings: ``model.param_group_overrides()`` maps a
+    parameter name to ``{"lr": peak learning rate, "weight_decay": ...}`` (CMML: the T2G graph's
+    column embeddings, as T2G-Former's authors train them). Those parameters get a group of their
+    own whose ``lr_scale`` (its peak over ``optim.lr``) the trainer applies at every step, so they
+    follow the same warm-up and schedule.
+    """
     o = cfg.optim
+    overrides = model.param_group_overrides() if hasattr(model, "param_group_overrides") else {}
     decay, no_decay = [], []
+    own: dict[tuple[tuple[str, float], ...], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if name in overrides:
+            own.setdefault(tuple(sorted(overrides[name].items())), []).append(p)
+            continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": o.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}]
+    for key, params in own.items():
+        settings = dict(key)
+        lr = float(settings.get("lr", o.lr))
+        groups.append({"params": params, "lr": lr, "lr_scale": lr / o.lr,
+                       "weight_decay": float(settings.get("weight_decay", o.weight_decay))})
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam

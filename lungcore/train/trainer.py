@@ -114,7 +114,7 @@ def train_epoch(wrapped: nn.Module, model: nn.Module, batches, stage: str, optim
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(state.step)
+                g["lr"] = lr_at(state.step) * g.get("lr_scale", 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -194,6 +194,13 @@ class Trainer:
         stage, epochs = self.stages[si], self.cfg.epochs_for(self.stages[si])
         optimizer = schedule.optimizer(self.model, self.cfg)
         if resumed is not None and si == resumed.stage_index:
+            saved = len(resumed.optimizer["param_groups"])
+            if saved != len(optimizer.param_groups):
+                raise ValueError(
+                    f"cannot resume {self.out}: its optimiser state has {saved} parameter groups, this model and "
+                    f"lungcore make {len(optimizer.param_groups)} (a run started by an earlier lungcore, before "
+                    "CMML's T2G column embeddings got their own learning rate: resume it with that version, or "
+                    "set model_overrides.graph_column_lr: null to keep one learning rate)")
             optimizer.load_state_dict(resumed.optimizer)
             state, state.finished = resumed, False
             if state.done or state.epoch >= epochs:
