@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -59,8 +60,6 @@ def edges_changed(checkpoint: Path, seed: int) -> tuple[int, int] | None:
 
 def run_one(base: dict[str, Any], overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     """One training run (or the finished one already in ``out``): test C-index and graph movement."""
-    import json
-
     from lungcore.train.loop import fit
     from lungcore.train.resume import RunFinished
 
@@ -72,7 +71,7 @@ def run_one(base: dict[str, Any], overrides: dict[str, Any], seed: int, out: Pat
         metrics = json.loads((out / "report" / "metrics.json").read_text())
     moved = edges_changed(out / "best.pt", seed)
     train_log = (out / "train.log").read_text().splitlines()
-    return {"run_minutes": round(_log_minutes(train_log), 2),**{f"{e}_cindex": float(metrics[f"{e}_harrell_cindex"]) for e in ENDPOINTS},
+    return {"run_minutes": round(_log_minutes(train_log), 2), **{f"{e}_cindex": float(metrics[f"{e}_harrell_cindex"]) for e in ENDPOINTS},
             "edges_changed": None if moved is None else moved[0], "edge_slots": None if moved is None else moved[1]}
 
 
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    import json
-
     first = args.workdir / f"variant{list(VARIANTS).index(chosen[0])}" / "seed0" / "splits.json"
     splits = json.loads(first.read_text())
     split = " / ".join(f"{len(splits.get(k, []))} {k}" for k in ("train", "val", "test")) + " patients"

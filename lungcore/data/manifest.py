@@ -220,10 +220,9 @@ def _header_problems(header: list[str], columns: dict[str, int], schema: CohortS
 class _Rows:
     """The body of a manifest being parsed row by row: the arrays the rows fill, the problems they have."""
 
-    def __init__(self, schema: CohortSchema, header: list[str], n: int, root: Path, images: str,
-                 checked: dict[Path, Any] | None = None):
+    def __init__(self, schema: CohortSchema, header: list[str], n: int, root: Path, images: str):
         self.schema, self.header, self.root, self.image_check = schema, header, root, images
-        self.checked: dict[Path, Any] = {} if checked is None else checked  # image -> its check: one read each
+        self.checked: dict[Path, Any] = {}  # image -> its check: one read each
         self.columns = {name: j for j, name in enumerate(header)}
         self.problems: list[ManifestProblem] = []
         self.rows: list[int] = []

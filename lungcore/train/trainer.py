@@ -199,8 +199,8 @@ class Trainer:
                 raise ValueError(
                     f"cannot resume {self.out}: its optimiser state has {saved} parameter groups, this model and "
                     f"lungcore make {len(optimizer.param_groups)} (a run started by an earlier lungcore, before "
-                    "CMML's T2G column embeddings got their own learning rate: resume it with that version, or "
-                    "set model_overrides.graph_column_lr: null to keep one learning rate)")
+                    "CMML's T2G column embeddings got their own learning rate): resume it with the lungcore that "
+                    "started it, or start a new run (model_overrides.graph_column_lr: null keeps one learning rate)")
             optimizer.load_state_dict(resumed.optimizer)
             state, state.finished = resumed, False
             if state.done or state.epoch >= epochs:
