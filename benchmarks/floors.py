@@ -1,18 +1,21 @@
-"""Floors: the least time an op can take on an H200, from the bytes it must move and the FLOPs it must do.
+"""Floors: the least time an op can take on a Hopper GPU (H200 or H100), from the bytes it must move
+and the FLOPs it must do.
 
-    python -m benchmarks.floors [--out FILE]     # the table for every op at its CUDA benchmark shapes
+    python -m benchmarks.floors [--gpu h200|h100 ...] [--out DIR]   # the table of every op at its CUDA shapes
 
 For each op and benchmark shape: the bytes that must cross device memory (every input read once,
 every output written once; no intermediate, no re-read) and the arithmetic that must be done,
-each over the H200's measured ceiling; the larger time is the floor (METHOD.md, "Two numbers
-first"). ``benchmarks.run --device cuda`` prints each measured time as a % of its floor
-(floor / measured: 100 % = at the floor).
+each over the GPU's measured ceiling; the larger time is the floor (METHOD.md, "Two numbers
+first"). ``benchmarks.run --device cuda`` prints each measured time as a % of the floor of the GPU
+it ran on (floor / measured: 100 % = at the floor); a GPU without a row in ``CEILINGS`` gets none.
 
-Ceilings (``RATES``): memory 4.3 TB/s (a large device-to-device copy through PyTorch, bytes read
-+ written, measured on this workplace's H200s); bf16/fp16 dense tensor-core 790 TFLOP/s (an
-8192^3 bf16 matmul on random data, measured there); tf32 tensor-core 395 TFLOP/s (the measured
-bf16 rate times the datasheet's tf32/bf16 ratio of 1/2: a lead, not a reading); fp32 without
-tensor cores 67 TFLOP/s and fp64 34 TFLOP/s (datasheet leads, H200.md). The benchmarks run bf16
+Ceilings (``CEILINGS``), per GPU. H200: memory 4.3 TB/s (a large device-to-device copy through
+PyTorch, bytes read + written, measured on this workplace's H200s); bf16/fp16 dense tensor-core
+790 TFLOP/s (an 8192^3 bf16 matmul on random data, measured there). H100 (SXM, HBM3, the device
+tool's first kind): 3.0 TB/s and 798 TFLOP/s, the same two measurements on this workplace's H100
+(2026-11-13). Both: tf32 tensor-core at half the measured bf16 rate (the datasheet's tf32/bf16
+ratio: a lead, not a reading); fp32 without tensor cores 67 TFLOP/s and fp64 34 TFLOP/s (datasheet
+leads, H200.md; the H100 SXM's datasheet gives the same, one GH100 die). The benchmarks run bf16
 on CUDA for attention and patch embedding, fp32 for the Cox loss and the resampler.
 
 What the counts leave out, deliberately: the Cox loss's sort (the floor is the loss's own I/O:
@@ -24,6 +27,7 @@ sparsity (counted dense, as every tiled kernel computes it); the resampler's ind
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -31,33 +35,66 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-RATES = {
-    "hbm": 4.3e12,        # bytes/s, measured (device copy, read + write)
-    "bf16-tc": 790e12,    # FLOP/s, measured (dense bf16 matmul, random data)
-    "fp16-tc": 790e12,    # same tensor-core rate as bf16 (datasheet parity)
-    "tf32-tc": 395e12,    # measured bf16 x datasheet tf32/bf16 ratio (1/2)
-    "fp32": 67e12,        # datasheet, no tensor cores
-    "fp64": 34e12,        # datasheet, no tensor cores
+
+def _rates(hbm: float, tc16: float) -> dict[str, float]:
+    """One GPU's ceilings from its two measured ones (bytes/s, dense bf16 FLOP/s)."""
+    return {
+        "hbm": hbm,              # bytes/s, measured (device copy, read + write)
+        "bf16-tc": tc16,         # FLOP/s, measured (dense bf16 matmul, random data)
+        "fp16-tc": tc16,         # same tensor-core rate as bf16 (datasheet parity)
+        "tf32-tc": tc16 / 2,     # measured bf16 x datasheet tf32/bf16 ratio (1/2)
+        "fp32": 67e12,           # datasheet, no tensor cores
+        "fp64": 34e12,           # datasheet, no tensor cores
+    }
+
+
+CEILINGS: dict[str, dict[str, float]] = {
+    "h200": _rates(4.3e12, 790e12),
+    "h100": _rates(3.0e12, 798e12),
 }
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The ``CEILINGS`` key of a CUDA device name, or None for a GPU without measured ceilings.
+
+    Example:
+        >>> gpu_key("NVIDIA H100 80GB HBM3"), gpu_key("NVIDIA H200"), gpu_key("NVIDIA A100-SXM4-80GB")
+        ('h100', 'h200', None)
+    """
+    name = device_name.upper()
+    return next((k for k in CEILINGS if k.upper() in name), None)
 
 
 @dataclass(frozen=True)
 class Floor:
-    """Bytes and FLOPs one call must move and do, and the floor time they imply on an H200."""
+    """Bytes and FLOPs one call must move and do, and the floor time they imply on ``gpu``.
+
+    Example:
+        >>> f = cox(65_536)
+        >>> round(f.floor_us, 3), round(f.on("h100").floor_us, 3)
+        (0.198, 0.284)
+    """
 
     op: str
     shape: str
     bytes: int
     flops: int
-    unit: str               # key of RATES the FLOPs run on
+    unit: str               # key of the ceilings the FLOPs run on
+    gpu: str = "h200"       # key of CEILINGS
+
+    def on(self, gpu: str) -> "Floor":
+        """The same counts over another GPU's ceilings."""
+        if gpu not in CEILINGS:
+            raise ValueError(f"gpu: no ceilings for {gpu!r}; known: {', '.join(CEILINGS)}")
+        return dataclasses.replace(self, gpu=gpu)
 
     @property
     def memory_us(self) -> float:
-        return self.bytes / RATES["hbm"] * 1e6
+        return self.bytes / CEILINGS[self.gpu]["hbm"] * 1e6
 
     @property
     def compute_us(self) -> float:
-        return self.flops / RATES[self.unit] * 1e6
+        return self.flops / CEILINGS[self.gpu][self.unit] * 1e6
 
     @property
     def floor_us(self) -> float:
@@ -104,8 +141,9 @@ def patch_embed(B: int, C: int, spatial: tuple[int, int, int], patch: tuple[int,
     FLOPs: 2 M K E forward (M = B T rows, K = C * prod(patch)), 2 M K E more for dW.
 
     Example:
-        >>> patch_embed(16, 1, (32, 128, 128), (4, 16, 16), 256, 1.0, backward=False).bound
-        'memory'
+        >>> f = patch_embed(16, 1, (32, 128, 128), (4, 16, 16), 256, 1.0, backward=False)
+        >>> f.bound, f.on("h100").bound          # the H100's slower memory tips it over
+        ('compute', 'memory')
     """
     n = math.prod(s // p for s, p in zip(spatial, patch))
     t = max(1, round(ratio * n))
@@ -179,15 +217,17 @@ def cuda_floors() -> list[Floor]:
     return out
 
 
-def markdown(floors: list[Floor]) -> str:
-    lines = ["# Floors on an H200 (bytes and FLOPs every call must move and do)", "",
-             "`python -m benchmarks.floors`. Ceilings: "
-             + ", ".join(f"{k} {v / 1e12:g} {'TB/s' if k == 'hbm' else 'TFLOP/s'}" for k, v in RATES.items())
+def markdown(floors: list[Floor], gpu: str = "h200") -> str:
+    """The floors table of ``floors`` over ``gpu``'s ceilings (what ``floors-<gpu>.md`` holds)."""
+    rates = CEILINGS[gpu]
+    lines = [f"# Floors on an {gpu.upper()} (bytes and FLOPs every call must move and do)", "",
+             f"`python -m benchmarks.floors --gpu {gpu}`. Ceilings: "
+             + ", ".join(f"{k} {v / 1e12:g} {'TB/s' if k == 'hbm' else 'TFLOP/s'}" for k, v in rates.items())
              + " (see the module docstring for which are measured). Floor = max(bytes / bandwidth, "
              "FLOPs / rate); `benchmarks.run --device cuda` reports measured times as % of these.", "",
              "| op | shape | MB moved | GFLOP | unit | memory µs | compute µs | floor µs | bound |",
              "|---|---|---:|---:|---|---:|---:|---:|---|"]
-    for f in floors:
+    for f in (f.on(gpu) for f in floors):
         lines.append(f"| {f.op} | {f.shape} | {f.bytes / 1e6:.2f} | {f.flops / 1e9:.3f} | {f.unit} | "
                      f"{f.memory_us:.2f} | {f.compute_us:.2f} | {f.floor_us:.2f} | {f.bound} |")
     return "\n".join(lines) + "\n"
@@ -196,14 +236,21 @@ def markdown(floors: list[Floor]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.floors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "floors-h200.md",
-                        help="Markdown file to write (default benchmarks/results/floors-h200.md)")
+    parser.add_argument("--gpu", nargs="+", choices=sorted(CEILINGS), default=sorted(CEILINGS),
+                        help="the GPUs whose tables to write (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE / "results",
+                        help="folder to write floors-<gpu>.md into (default benchmarks/results)")
     args = parser.parse_args(argv)
-    text = markdown(cuda_floors())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+    if args.out.suffix == ".md":
+        parser.error(f"--out: a folder, not a file ({args.out}); the tables are named floors-<gpu>.md")
+    floors = cuda_floors()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for gpu in args.gpu:
+        text = markdown(floors, gpu)
+        path = args.out / f"floors-{gpu}.md"
+        path.write_text(text)
+        print(text)
+        print(f"wrote {path}")
     return 0
 
 

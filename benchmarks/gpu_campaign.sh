@@ -15,7 +15,8 @@
 #                         demands bit-identical results: a moving result is a race) + the other
 #                         cuda-marked tests
 #   bench  (BENCH_S=150)  benchmarks.run --device cuda --quick: the headline shapes of attention,
-#                         patch embedding, Cox, resampling (each with its H200 floor and % of it)
+#                         patch embedding, Cox, resampling (each with its floor on this GPU,
+#                         H200 or H100, and the % of it)
 #                         and one training step of each network (bench_train); results are written
 #                         after every op, so a step cut short still leaves what it measured
 # Results: at most 8 files under $OUT (what the device tool brings back): environment.txt,
@@ -142,5 +143,5 @@ case "$step" in
     run_bench "$@"; rc=$?
     summary; exit "$rc" ;;
   *)
-    sed -n '2,31p' "$0"; exit 64 ;;
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 64 ;;
 esac

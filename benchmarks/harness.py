@@ -13,8 +13,9 @@ agree before anything is timed, so a fast wrong answer is never reported.
 
 Timing: on CUDA ``triton.testing.do_bench`` (median, ms); on CPU a warm-up call each, then the
 providers timed round-robin (so a shared machine's load drift hits them alike) and the median of
-the repeats within a time budget. On CUDA each result also carries the case's H200 floor
-(``Case.floor``, from ``benchmarks.floors``) and the measured time as a % of it. Peak memory: CUDA max allocated; on CPU tracemalloc is not
+the repeats within a time budget. On CUDA each result also carries the case's floor on the GPU it ran on
+(``Case.floor``, from ``benchmarks.floors``; none for a GPU without measured ceilings there) and the
+measured time as a % of it. Peak memory: CUDA max allocated; on CPU tracemalloc is not
 meaningful for torch, so it is reported as None. Ratios are only quoted within one run.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Case:
     check: Callable[[], None] | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # FLOPs, bytes, ... for the table
-    floor: Any = None                  # benchmarks.floors.Floor of this shape (H200), or None
+    floor: Any = None                  # benchmarks.floors.Floor of this shape, or None
 
 
 @dataclass
@@ -56,8 +57,9 @@ class Result:
     size: float | None
     baseline: str
     note: str = ""
-    floor_ms: float | None = None      # the case's H200 floor (benchmarks.floors), CUDA runs only
+    floor_ms: float | None = None      # the case's floor on the GPU measured (benchmarks.floors), CUDA runs only
     pct_of_floor: float | None = None  # floor / median, in % (100 = at the floor)
+    floor_gpu: str | None = None       # the benchmarks.floors.CEILINGS key the floor is over ("h100", "h200")
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -106,6 +108,16 @@ def time_cuda(fn: Callable[[], Any]) -> tuple[float, int]:
     return float(ms), 0
 
 
+def floor_gpu(device: str) -> str | None:
+    """The ``benchmarks.floors.CEILINGS`` key of the GPU that ``device`` times run on, or None (a CPU,
+    or a GPU without measured ceilings)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    from benchmarks.floors import gpu_key
+
+    return gpu_key(torch.cuda.get_device_name(0))
+
+
 def run_case(op: str, case: Case, device: str, budget_s: float = 2.0) -> list[Result]:
     """Check then time every provider of ``case``; speedups against ``case.baseline``."""
     if case.check is not None:
@@ -123,12 +135,14 @@ def run_case(op: str, case: Case, device: str, budget_s: float = 2.0) -> list[Re
         for name, (ms, reps) in time_cpu_interleaved(case.providers, budget_s=budget_s).items():
             measured[name] = (ms, reps, None)
     base = measured.get(case.baseline, (None,))[0]
-    # the floors are an H200's: a % of them only means something for times measured on a GPU
-    floor_ms = case.floor.floor_us / 1e3 if case.floor is not None and device == "cuda" else None
+    # a floor is a GPU's: only a time measured on a GPU with known ceilings gets a % of it
+    gpu = floor_gpu(device) if case.floor is not None else None
+    floor_ms = case.floor.on(gpu).floor_us / 1e3 if gpu is not None else None
     return [
         Result(op=op, shape=case.shape, provider=name, median_ms=ms,
                speedup=(base / ms) if base else None, peak_mb=peak, repeats=reps, size=case.size,
                baseline=case.baseline, note=case.note, floor_ms=floor_ms,
-               pct_of_floor=100.0 * floor_ms / ms if floor_ms is not None and ms > 0 else None)
+               pct_of_floor=100.0 * floor_ms / ms if floor_ms is not None and ms > 0 else None,
+               floor_gpu=gpu if floor_ms is not None else None)
         for name, (ms, reps, peak) in measured.items()
     ]

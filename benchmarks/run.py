@@ -66,19 +66,21 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    """One row per (shape, provider); a "% of floor" column (H200 floor / median) when any result
-    has a floor (CUDA runs of the ops that ``benchmarks.floors`` covers)."""
-    floors = any(r.floor_ms is not None for r in results)
+    """One row per (shape, provider); "floor ms" and "% of floor" columns (floor / median), named by
+    the GPU whose ceilings the floor is over, when any result has a floor (CUDA runs of the ops that
+    ``benchmarks.floors`` covers, on a GPU it has ceilings for)."""
+    gpus = sorted({r.floor_gpu or "?" for r in results if r.floor_ms is not None})
     head = "| op | shape | provider | median ms | speedup | vs | peak MiB |"
     rule = "|---|---|---|---:|---:|---|---:|"
-    if floors:
-        head += " floor ms | % of floor |"
+    if gpus:
+        gpu = "/".join(g.upper() for g in gpus)
+        head += f" {gpu} floor ms | % of floor |"
         rule += "---:|---:|"
     lines = [head, rule]
     for r in results:
         line = (f"| {r.op} | {r.shape} | {r.provider} | {_fmt(r.median_ms, '.3f')} | "
                 f"{_fmt(r.speedup, '.2f')}x | {r.baseline} | {_fmt(r.peak_mb, '.1f')} |")
-        if floors:
+        if gpus:
             line += f" {_fmt(r.floor_ms, '.4f')} | {_fmt(r.pct_of_floor, '.1f')} |"
         lines.append(line)
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Every ``>>>`` example in lungcore's docstrings runs (one test per module), so a docstring that
+"""Every ``>>>`` example in lungcore's docstrings (and the benchmarks package's) runs (one test per module), so a docstring that
 drifts from the code fails CI. Examples run from a temporary working directory."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pkgutil
 
 import pytest
 
+import benchmarks
 import lungcore
 
 SKIP = {
@@ -19,6 +20,7 @@ def _modules() -> list[str]:
     names = ["lungcore"]
     for mod in pkgutil.walk_packages(lungcore.__path__, prefix="lungcore."):
         names.append(mod.name)
+    names += [mod.name for mod in pkgutil.iter_modules(benchmarks.__path__, prefix="benchmarks.")]
     return sorted(names)
 
 
@@ -40,7 +42,7 @@ MODULES = _with_examples()
 def test_examples_were_found():
     # the models, data, metrics, ops and training modules all document their calls with examples
     for name in ("lungcore.metrics", "lungcore.models.cmml", "lungcore.data.schema", "lungcore.train.loop",
-                 "lungcore.models.registry"):
+                 "lungcore.models.registry", "benchmarks.floors"):
         assert name in MODULES, name
 
 
