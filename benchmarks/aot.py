@@ -1,4 +1,4 @@
-"""Compile gate: every kernel compiled ahead of time for an H200 (sm_90), no GPU needed.
+"""Compile gate: every kernel compiled ahead of time for Hopper (sm_90: H100, H200), no GPU needed.
 
     python -m benchmarks.aot [--quick] [--arch 90] [--jobs N] [--out DIR]
 
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="one benchmark shape per op, bf16 (fp32 for Cox) only: what make test runs")
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
-    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the grids are sized for (H200: 132)")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the grids are sized for (H100 and H200: 132)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 16), help="parallel compiles")
     parser.add_argument("--only", nargs="+", choices=sorted(OPS), default=None, help="only these ops' kernels")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPE_NAMES.values()), default=None,

@@ -2,7 +2,9 @@
 a small training loop for the two stages, and the evaluations.
 
 The general training loop/CLI is lungcore.train (issue 10); this one is deliberately minimal so
-the statistical scripts depend only on the model contract (``loss(batch, stage)``, ``predict``).
+the statistical scripts depend only on the model contract (``loss(batch, stage)``, ``predict``),
+but it builds its optimiser and schedule with ``lungcore.train.schedule``, as ``lungcore train``
+does (so the T2G column embeddings train at ``graph_column_lr`` here too).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 from lungcore.data import Augmentation, CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort
 from lungcore.metrics import bootstrap_ci, concordance_index
 from lungcore.models import create
+from lungcore.train import schedule
+from lungcore.train.config import OptimConfig, TrainConfig
 
 ENDPOINTS = ("pfs", "os")
 KEYS = ("ct", "ct_mask", "clinical", "clinical_mask", "pfs_time", "pfs_event", "pfs_mask", "os_time", "os_event",
@@ -144,9 +148,20 @@ def batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator, shuf
         yield b
 
 
-def _epoch(model, data, stage: str, opt, sched, batch_size: int, gen: torch.Generator,
-           augment: Augmentation | None) -> float:
-    """One pass over ``data`` in train mode (clipped gradients, one scheduler step per batch): mean loss."""
+def optimiser(model, lr: float, epochs: int, n_train: int, batch_size: int):
+    """``(optimizer, lr_at)`` of one stage, as ``lungcore.train`` builds them (``schedule.optimizer``:
+    no decay on biases and norms, the T2G column embeddings at ``graph_column_lr``; warm-up then
+    cosine): ``OptimConfig``'s defaults except this ``lr``, weight decay 0.05 and a warm-up over the
+    first 10 % of the stage."""
+    optim = OptimConfig(lr=lr, weight_decay=0.05, warmup_epochs=0.1 * epochs)
+    opt = schedule.optimizer(model, TrainConfig(optim=optim))
+    return opt, schedule.stage_lr(optim, math.ceil(n_train / batch_size), epochs)
+
+
+def _epoch(model, data, stage: str, opt, lr_at, step: int, batch_size: int, gen: torch.Generator,
+           augment: Augmentation | None) -> tuple[float, int]:
+    """One pass over ``data`` in train mode from optimiser step ``step`` (clipped gradients, the
+    schedule's rate at every step): ``(mean loss, the next step)``."""
     model.train()
     total, count = 0.0, 0
     for b in batches(data, batch_size, gen, augment=augment):
@@ -154,21 +169,21 @@ def _epoch(model, data, stage: str, opt, sched, batch_size: int, gen: torch.Gene
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        schedule.set_lr(opt, lr_at(step))
         opt.step()
-        sched.step()
+        step += 1
         total, count = total + float(loss.detach()), count + 1
-    return total / max(count, 1)
+    return total / max(count, 1), step
 
 
 def pretrain(model, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
              augment: Augmentation | None = None, log=print) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(data["ct"]) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, lr_at = optimiser(model, lr, epochs, len(data["ct"]), batch_size)
     gen = torch.Generator().manual_seed(seed)
-    history = []
+    history, step = [], 0
     for ep in range(epochs):
-        history.append(_epoch(model, data, "pretrain", opt, sched, batch_size, gen, augment))
+        loss, step = _epoch(model, data, "pretrain", opt, lr_at, step, batch_size, gen, augment)
+        history.append(loss)
         if ep < 2 or ep % 5 == 4 or ep == epochs - 1:
             log(f"  pretrain epoch {ep + 1}/{epochs}: loss {history[-1]:.4f}")
     return history
@@ -199,20 +214,14 @@ def mean_cindex(model, data) -> float:
                           for e in model.endpoints]))
 
 
-def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, encoder_lr_scale: float = 1.0,
+def finetune(model, train, val, *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
              seed: int = 0, augment: Augmentation | None = None, log=print) -> dict[str, Any]:
     """Cox fine-tuning; keeps the weights of the epoch with the best validation C-index (mean of PFS/OS)."""
-    enc = [p for n, p in model.named_parameters() if n.startswith(("ct_encoder.", "clinical_encoder."))]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(("ct_encoder.", "clinical_encoder."))]
-    opt = torch.optim.AdamW([{"params": enc, "lr": lr * encoder_lr_scale}, {"params": rest, "lr": lr}],
-                            weight_decay=0.05)
-    steps = epochs * math.ceil(len(train["ct"]) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr * encoder_lr_scale, lr], total_steps=steps,
-                                                pct_start=0.1)
+    opt, lr_at = optimiser(model, lr, epochs, len(train["ct"]), batch_size)
     gen = torch.Generator().manual_seed(seed + 1)
-    best, best_state, history = -1.0, None, []
+    best, best_state, history, step = -1.0, None, [], 0
     for ep in range(epochs):
-        _epoch(model, train, "finetune", opt, sched, batch_size, gen, augment)
+        _, step = _epoch(model, train, "finetune", opt, lr_at, step, batch_size, gen, augment)
         c = mean_cindex(model, val)
         history.append(c)
         if c > best:

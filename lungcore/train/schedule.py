@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,6 +43,27 @@ def lr_multiplier(step: int, optim: OptimConfig, steps_per_epoch: int, total: in
         return cosine(step - warmup, total - warmup, optim.min_lr_ratio)
     period = max(1, int(round(optim.restart_epochs * steps_per_epoch)))  # "restarts": one cosine per period
     return cosine((step - warmup) % period, period, optim.min_lr_ratio)
+
+
+def stage_lr(optim: OptimConfig, steps_per_epoch: int, epochs: float) -> Callable[[int], float]:
+    """The learning rate at each optimiser step of a stage of ``epochs`` epochs: ``optim.lr`` times
+    the ``optim.schedule`` multiplier. Pair it with :func:`set_lr` at every step.
+
+    Example:
+        >>> from lungcore.train.config import OptimConfig
+        >>> lr_at = stage_lr(OptimConfig(lr=1e-3, warmup_epochs=1, min_lr_ratio=0.1), steps_per_epoch=4, epochs=5)
+        >>> [round(lr_at(s), 6) for s in (0, 3, 19)]
+        [0.00025, 0.001, 0.000109]
+    """
+    total = int(round(steps_per_epoch * epochs))
+    return lambda step: optim.lr * lr_multiplier(step, optim, steps_per_epoch, total)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate to ``lr`` times the group's ``lr_scale`` (1 when it has
+    none; :func:`optimizer` gives one to a model's own groups, so they follow the schedule)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def steps_per_epoch(n_train: int, world: int, batch_size: int, accumulate: int) -> tuple[int, bool]:

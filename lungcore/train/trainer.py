@@ -113,8 +113,7 @@ def train_epoch(wrapped: nn.Module, model: nn.Module, batches, stage: str, optim
         if last_of_group:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(state.step) * g.get("lr_scale", 1.0)
+            schedule.set_lr(optimizer, lr_at(state.step))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -229,9 +228,7 @@ class Trainer:
         wrapped = dist_utils.wrap(self.model, self.device)
         steps, drop_last = schedule.steps_per_epoch(len(self.datasets["train"]), world, cfg.data.batch_size,
                                                     cfg.optim.accumulate)
-
-        def lr_at(step: int) -> float:
-            return cfg.optim.lr * schedule.lr_multiplier(step, cfg.optim, steps, steps * epochs)
+        lr_at = schedule.stage_lr(cfg.optim, steps, epochs)
 
         val_batches = loader(self.datasets["val"], cfg.data.eval_batch_size or cfg.data.batch_size,
                              num_workers=cfg.data.num_workers)

@@ -70,3 +70,29 @@ def test_resume_across_the_group_change_names_the_way_out(tmp_path, survival_coh
         fit(cfg, out=out)
     with pytest.raises(ValueError, match="optimiser state has 2 parameter groups, this model and lungcore make 3"):
         fit(out=out, resume=True, epochs=2)
+
+
+def test_set_lr_keeps_each_groups_scale_and_the_experiment_scripts_use_it():
+    """``schedule.set_lr`` moves every group along one schedule; experiments/cmml_common.py builds
+    its optimiser through ``schedule.optimizer`` (the column group included) and steps ``stage_lr``."""
+    import sys
+    from pathlib import Path
+
+    from lungcore.train.config import OptimConfig
+    from lungcore.train.schedule import set_lr, stage_lr
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    try:
+        import cmml_common
+    finally:
+        sys.path.pop(0)
+    model = create("cmml", **TINY)
+    opt, lr_at = cmml_common.optimiser(model, lr=1e-3, epochs=10, n_train=100, batch_size=32)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0, 0.0]
+    assert opt.param_groups[2]["lr_scale"] == pytest.approx(10.0)
+    want = stage_lr(OptimConfig(lr=1e-3, weight_decay=0.05, warmup_epochs=1.0), steps_per_epoch=4, epochs=10)
+    for step in (0, 3, 4, 20, 39):
+        set_lr(opt, lr_at(step))
+        assert opt.param_groups[0]["lr"] == pytest.approx(want(step))
+        assert opt.param_groups[2]["lr"] == pytest.approx(10 * want(step))
+    assert lr_at(3) == pytest.approx(1e-3) and lr_at(39) < 2e-5      # warm-up over 1 epoch, cosine to 1 %
