@@ -89,7 +89,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -381,7 +380,8 @@ class CSFNet(nn.Module):
     ``2 ** len(stages)`` works), ``clinical`` (B, V) float codes, ``clinical_mask`` (B, V) bool,
     optional ``ct_mask`` (B, 2) bool (a missing T0 is replaced by T1). Training contract of
     :mod:`lungcore.models.registry`: ``task = "classification"``, ``stages = ("train",)``,
-    ``loss(batch, stage)``, ``predict(batch)``; :meth:`make_optimizer` builds the authors' optimiser.
+    ``loss(batch, stage)``, ``predict(batch)``; :meth:`paper_recipe` is the authors' optimiser and
+    schedule, as ``lungcore.train`` settings (``recipe: paper``).
 
     Parameters at the defaults: 43,117,344 (see the module docstring).
     """
@@ -551,31 +551,6 @@ class CSFNet(nn.Module):
         finally:
             self.train(was_training)
         return {"logits": logits, "probability": torch.softmax(logits.float(), dim=-1)[:, 1]}
-
-    def make_optimizer(self, steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, Any]:
-        """The authors' recipe: Adam(lr, betas, weight_decay) and, stepped once per optimiser step
-        (``scheduler.step()``), a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``epochs``
-        (``"cosine"``), CosineAnnealingWarmRestarts(T_0 = ``restart_epochs`` epochs) or None (``"none"``).
-
-        Example:
-            >>> net = CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides(), epochs=2))
-            >>> opt, sched = net.make_optimizer(steps_per_epoch=3)
-            >>> for _ in range(6):
-            ...     opt.step(); sched.step()
-            >>> round(opt.param_groups[0]["lr"] / net.config.lr, 6)
-            0.1
-        """
-        cfg = self.config
-        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        steps = max(1, steps_per_epoch)
-        sched = None
-        if cfg.scheduler == "cosine":
-            total, low = max(1, cfg.epochs * steps), cfg.min_lr_ratio
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        elif cfg.scheduler == "cosine_warm_restarts":
-            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, cfg.restart_epochs * steps))
-        return opt, sched
 
     def paper_recipe(self) -> dict[str, Any]:
         """The authors' optimiser as ``lungcore.train`` settings (``recipe: paper``): Adam with this

@@ -10,6 +10,8 @@ import torch
 
 from lungcore.backend import count_launches
 from lungcore.models import CSFNet, CSFNetConfig, create, load_model, save_model
+from lungcore.train import TrainConfig
+from lungcore.train.schedule import apply_recipe, optimizer, set_lr, stage_lr
 from lungcore.models.csfnet import (PUBLISHED_STAGES, ResidualBlock3d, ResidualCBAM3d, TemporalResidualFusion,
                                     parameter_groups)
 
@@ -46,25 +48,25 @@ def test_registered_and_contract():
     assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-4, (0.9, 0.999), 0.0, 1, 25)
     assert cfg.scheduler == "cosine" and cfg.min_lr_ratio == 0.1 and cfg.fusion_init == (0.3, 0.7)
     assert cfg.fusion == "tokens" and cfg.stages == PUBLISHED_STAGES
-    opt, sched = net.make_optimizer(steps_per_epoch=3)
+    opt = optimizer(net, apply_recipe(TrainConfig(model="csfnet", recipe="paper"), net))
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.9, 0.999)
-    restarts = create("csfnet", **TINY, scheduler="cosine_warm_restarts").make_optimizer(steps_per_epoch=3)[1]
-    assert isinstance(restarts, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
+    restarts = create("csfnet", **TINY, scheduler="cosine_warm_restarts").paper_recipe()
+    assert (restarts["schedule"], restarts["min_lr_ratio"]) == ("restarts", 0.0)
 
 
 def test_cosine_schedule_matches_the_authors_lambda():
-    """At every epoch boundary the per-step cosine equals the authors' per-epoch
-    ``LambdaLR(lambda e: (1 + cos(pi * e / epochs)) / 2 * 0.9 + 0.1)``."""
+    """At every epoch boundary the per-step cosine of ``recipe: paper`` (what ``lungcore train``
+    steps) equals the authors' per-epoch ``LambdaLR(lambda e: (1 + cos(pi * e / epochs)) / 2 * 0.9 + 0.1)``."""
     steps, epochs = 4, 25
     net = create("csfnet", **TINY, epochs=epochs)
-    opt, sched = net.make_optimizer(steps_per_epoch=steps)
+    paper = apply_recipe(TrainConfig(model="csfnet", recipe="paper"), net)
+    opt, lr_at = optimizer(net, paper), stage_lr(paper.optim, steps, epochs)
     for step in range(epochs * steps + 3):
+        set_lr(opt, lr_at(step))
         if step % steps == 0:
             e = min(step // steps, epochs)
             want = 1e-4 * ((1 + math.cos(e * math.pi / epochs)) / 2 * 0.9 + 0.1)
             assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), step
-        opt.step()
-        sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)  # stays at the floor past the end
 
 
