@@ -52,7 +52,7 @@ from lungcore.train.checkpoints import TrainerState
 from lungcore.train.cohort import CohortData, prepare_data, split_datasets
 from lungcore.train.config import TrainConfig
 from lungcore.train.inference import quiet_readers
-from lungcore.train.resume import OVERRIDE_PATHS, trainer_stages
+from lungcore.train.resume import OVERRIDE_PATHS, PATH_FIELDS, trainer_stages
 from lungcore.train.runlog import log, remove_previous_run, warn
 from lungcore.train.trainer import FitResult, Trainer, seed_all
 
@@ -89,6 +89,9 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
             d[key] = value
         else:
             raise ValueError(f"fit(): unknown override {key!r}")
+    for name in PATH_FIELDS:  # saved absolute: a run resumes (and is evaluated) from any directory
+        if d["data"].get(name) is not None:
+            d["data"][name] = os.path.abspath(d["data"][name])
     return TrainConfig.from_dict(d)
 
 

@@ -33,6 +33,9 @@ OVERRIDE_PATHS = {"manifest": "data.manifest", "schema": "data.schema", "batch_s
                   "num_workers": "data.num_workers", "cache_dir": "data.cache_dir", "verify": "data.verify",
                   "lr": "optim.lr", "accumulate": "optim.accumulate"}
 MAY_CHANGE = {"progress", "num_workers", "device", "data.num_workers"}
+# the data paths a run saves absolute (fit); one saved relative (a run started before they were) was
+# relative to the directory the run was started in, which resume cannot know
+PATH_FIELDS = ("manifest", "schema", "cache_dir")
 
 
 class RunFinished(UsageError):
@@ -51,12 +54,22 @@ def _same(a: Any, b: Any, key: str) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k], key) for k in a)
     if key in ("data.manifest", "data.schema", "data.cache_dir") and a is not None and b is not None:
-        return Path(a).resolve() == Path(b).resolve()
+        return _same_path(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y, key) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     return a == b
+
+
+def _same_path(given: Any, saved: Any) -> bool:
+    """A path given now names the saved one: the same file, or (a saved relative path, relative to
+    wherever the run was started) a path ending in the saved one's parts."""
+    g = Path(given).resolve()
+    if g == Path(saved).resolve():
+        return True
+    rel = Path(saved)
+    return not rel.is_absolute() and ".." not in rel.parts and g.parts[-len(rel.parts):] == rel.parts
 
 
 def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: str = "",
@@ -146,6 +159,15 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
             d[key] = fields[key]
     if overrides.get("num_workers") is not None:
         d["data"]["num_workers"] = overrides["num_workers"]
+    for name in PATH_FIELDS:  # a path that names the saved one (checked above), as given now
+        if overrides.get(name) is not None:
+            d["data"][name] = os.path.abspath(overrides[name])
+        elif d["data"].get(name) is not None and not Path(d["data"][name]).is_absolute() \
+                and not Path(d["data"][name]).exists():
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--resume {out}: the run saved its {name.replace('_', ' ')} as {d['data'][name]}, "
+                             f"relative to the directory it was started in, and it is not found from here: "
+                             f"run from that directory, or pass {flag} with its path")
     longer = overrides.get("epochs")
     if longer is not None:
         d["epochs"] = int(longer)

@@ -64,3 +64,38 @@ def test_resume_without_checkpoint_and_rerun_into_used_folder(tmp_path, nodule_c
     fit(cfg, out=tmp_path / "run")
     with pytest.raises(FileExistsError, match="--resume"):
         fit(cfg, out=tmp_path / "run")
+
+
+def test_resume_from_another_directory(tmp_path, nodule_cohort, cache_dir, monkeypatch):
+    """A run started with relative paths saves them absolute, so ``--resume`` works from anywhere; a
+    run saved before that (relative paths) is resumed by naming the file again, and without it the
+    error says where the path was relative to."""
+    import pytest
+    import yaml
+
+    from lungcore.models.registry import write_checkpoint
+    from lungcore.usage import UsageError
+
+    monkeypatch.chdir(nodule_cohort.parent.parent)
+    rel = os.path.relpath(nodule_cohort)
+    cfg = tiny_config("toy_classifier", rel, cache_dir, epochs=1)
+    out = tmp_path / "run"
+    fit(cfg, out=out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["manifest"] == str(nodule_cohort.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    fit(None, out=out, resume=True, epochs=2)                                  # no flag needed
+    assert "epoch 2/2 end" in (out / "train.log").read_text()
+
+    # a run saved by an older lungcore: its manifest relative to where it was started
+    payload = read_checkpoint(out / "last.pt")
+    payload["extra"]["train_config"]["data"]["manifest"] = rel
+    write_checkpoint(payload, out / "last.pt")
+    with pytest.raises(UsageError, match=r"relative to the directory it was started in.*pass --manifest"):
+        fit(None, out=out, resume=True, epochs=3)
+    with pytest.raises(UsageError, match=r"--manifest \S+other.csv \(the run was started with data.manifest"):
+        fit(None, out=out, resume=True, epochs=3, manifest=str(tmp_path / "other.csv"))
+    fit(None, out=out, resume=True, epochs=3, manifest=str(nodule_cohort))    # the same file, named in full
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["manifest"] == str(nodule_cohort)
