@@ -36,13 +36,17 @@ class CohortData:
 
 
 def load_manifest(path: str | Path, schema: Any = None):
-    """:func:`lungcore.data.read_manifest` of ``path``; a missing file is named."""
+    """:func:`lungcore.data.read_manifest` of ``path``, its images checked only for existence: the
+    commands that load it (train, evaluate, predict) then read every image in full
+    (:func:`lungcore.train.preflight.read_every_image`), which names every bad one at once, as
+    ``validate --images full`` does (a header check here would stop at the unreadable ones first).
+    A missing file is named."""
     from lungcore.data import read_manifest
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    return read_manifest(path, schema)
+    return read_manifest(path, schema, images="exists")
 
 
 def model_task(name: str) -> str:

@@ -67,15 +67,17 @@ def test_bad_images_are_all_named_and_a_created_cache_is_removed(tmp_path, survi
     cohort = tmp_path / "cohort"
     shutil.copytree(survival_cohort.parent, cohort)
     m = read_manifest(cohort / "manifest.csv")
-    bad = sorted({Path(row[0]) for row in m.images if row[0] is not None and Path(row[0]).is_file()}, key=str)[:2]
-    assert len(bad) == 2
-    for p in bad:  # truncated .nii.gz files
+    bad = sorted({Path(row[0]) for row in m.images if row[0] is not None and Path(row[0]).is_file()}, key=str)[:4]
+    assert len(bad) == 4
+    for p in bad[:2]:  # truncated .nii.gz files: the header reads, the voxels do not
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    bad[2].write_bytes(b"not an image at all" * 20)   # unreadable from the first byte
+    bad[3].write_bytes(bad[3].read_bytes()[:60])     # a header cut short
     out = tmp_path / "run"  # the cache defaults to run/cache: neither may be left behind
     cfg = tiny_config("toy_survival", cohort / "manifest.csv", out / "cache", epochs=1)
     with pytest.raises(ManifestError) as err:
         fit(cfg, out=out)
-    text = str(err.value)
+    text = str(err.value)   # all four in one report, as `validate --images full` gives them
     for p in bad:
         row = m.rows[next(i for i, r in enumerate(m.images) if r[0] is not None and Path(r[0]) == p)]
         assert f"row {row}, column 'ct'" in text and "unreadable image" in text
