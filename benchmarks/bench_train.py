@@ -1,15 +1,16 @@
 """End-to-end training step throughput of both networks: fused ops vs reference ops.
 
-One provider call = one optimiser step (forward, loss, backward, AdamW step) on a synthetic batch
-of the shapes ``lungcore.data`` produces. Providers:
+One provider call = one optimiser step (forward, loss, backward, AdamW step: the optimiser
+``lungcore train`` builds, ``lungcore.train.schedule.optimizer``) on a synthetic batch of the shapes
+``lungcore.data`` produces. Providers:
 
     fused       the automatic backend: Triton kernels on CUDA (patch embedding, masked attention,
                 Cox loss), the C++ core on CPU where one exists (Cox), the reference elsewhere
     reference   ``use_backend("reference")``: every lungcore op in plain PyTorch (the baseline)
 
 Cases: CMML pretraining step, CMML fine-tuning step (Cox on PFS + OS), CSF-Net step. On CUDA the
-models are full size (paper defaults: CMML 32 x 128 x 128 crops, CSF-Net 80 M parameters on
-2 x 16 x 64 x 64) under bf16 autocast; on CPU they are the ``lungcore demo`` sizes in fp32 (the
+models are full size (paper defaults: CMML 10.1 M parameters on 32 x 128 x 128 crops, CSF-Net
+43.1 M parameters on 2 x 16 x 64 x 64) under bf16 autocast; on CPU they are the ``lungcore demo`` sizes in fp32 (the
 CPU is not where these networks train). samples/s = batch * 1000 / median ms.
 
     python -m benchmarks.run --only train --device cpu --quick --out /tmp/bench
@@ -76,7 +77,10 @@ def _setups(device: str, quick: bool):
 
 
 def _step_fn(model, batch: dict, stage: str, backend: str | None, device: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    from lungcore.train import TrainConfig
+    from lungcore.train.schedule import optimizer
+
+    opt = optimizer(model, TrainConfig(model=model.model_name, optim={"lr": 1e-4}))
     model.train()
 
     def step():
