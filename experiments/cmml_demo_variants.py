@@ -34,6 +34,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dense graph": {"clinical_graph": "dense"},
     "fresh fusion": {"fusion_init": "fresh"},
     "dense graph + fresh fusion": {"clinical_graph": "dense", "fusion_init": "fresh"},
+    # run settings rather than model ones ("_config": TrainConfig fields): longer masked pretraining
+    "pretraining 24 epochs (demo: 8)": {"_config": {"stage_epochs": {"pretrain": 24}}},
+    "pretraining 24 epochs, fresh fusion": {"fusion_init": "fresh", "_config": {"stage_epochs": {"pretrain": 24}}},
 }
 ENDPOINTS = ("pfs", "os")
 
@@ -63,8 +66,10 @@ def run_one(base: dict[str, Any], overrides: dict[str, Any], seed: int, out: Pat
     from lungcore.train.loop import fit
     from lungcore.train.resume import RunFinished
 
-    cfg = {**base, "seed": seed, "progress": False,
-           "model_overrides": {**base["model_overrides"], **overrides}}
+    model = {k: v for k, v in overrides.items() if k != "_config"}
+    cfg = {**base, "seed": seed, "progress": False, "model_overrides": {**base["model_overrides"], **model}}
+    for key, value in overrides.get("_config", {}).items():   # TrainConfig fields; dicts merged one level
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     try:
         metrics = fit(cfg, out=out, resume=(out / "last.pt").is_file()).test_metrics
     except RunFinished:  # a finished run (a rerun of the script): its test report stands
