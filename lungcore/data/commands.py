@@ -92,18 +92,56 @@ def synth(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"lungcore synth: {exc}", file=sys.stderr)
         return 2
-    for name in SYNTH_OUTPUTS:  # --overwrite: no image of the old cohort stays mixed in
-        old = args.out / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-    info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
-                        dicom_every=args.dicom_every, verbose=not args.quiet, effects=args.effects)
-    oracle = ", ".join(f"{k} {v:.3f}" for k, v in info["oracle"].items())
+    created = args.out  # the topmost folder this run creates (removed again if the run fails)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if created.exists() else created
+    try:  # --out /proc/x passes the permission check but cannot be created: say so before any work
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"lungcore synth: --out {args.out}: cannot create the folder ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+
+    def remove_outputs() -> None:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+            return
+        for name in SYNTH_OUTPUTS:  # --overwrite: no image of the old cohort stays mixed in
+            old = args.out / name
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+
+    if created is None:
+        remove_outputs()
+    try:
+        info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
+                            dicom_every=args.dicom_every, verbose=not args.quiet, effects=args.effects)
+    except BaseException as exc:  # nothing half-written stays behind (a full disk, Ctrl-C, a bug)
+        remove_outputs()
+        if not isinstance(exc, OSError):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lungcore synth: --out {args.out}: cannot write the cohort: {exc.strerror or exc}{where}; "
+              "nothing was kept", file=sys.stderr)
+        return 1
     print(f"wrote {info['n']} {info['kind']} rows to {info['manifest']} (schema {info['schema'].name}); "
-          f"oracle {oracle}")
+          f"oracle {_oracle_text(info)}")
     return 0
+
+
+def _oracle_text(info: dict) -> str:
+    """The oracle metrics of a synthetic cohort; ``n/a`` (with the reason) where one is undefined."""
+    import math
+
+    names = ("os_cindex", "pfs_cindex") if info["kind"] == "survival" else ("auc",)
+    values = {k: info["oracle"].get(k) for k in (*names, *info["oracle"])}
+    text = ", ".join(f"{k} {v:.3f}" if v is not None and math.isfinite(v) else f"{k} n/a" for k, v in values.items())
+    if "n/a" in text:
+        text += (" (undefined: needs at least 2 patients and an event before a later follow-up)"
+                 if info["kind"] == "survival" else " (undefined: needs a benign and a malignant nodule)")
+    return text
 
 
 def preprocess_args(p: argparse.ArgumentParser) -> None:
