@@ -291,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lungcore`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "_run", None):  # bare ``lungcore``: a usage error (exit 2); ``--help`` exits 0
+        parser.print_usage(sys.stderr)
+        print(f"lungcore: error: a command is required: one of {', '.join(sorted(SUBCOMMANDS))} "
+              "(lungcore --help describes them)", file=sys.stderr)
+        return 2
     return int(args._run(args) or 0)
 
 

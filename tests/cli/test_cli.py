@@ -137,3 +137,15 @@ def test_cindex_user_mistakes_are_one_line_without_traceback(tmp_path, capsys):
     assert rc == 1 and "no comparable pairs" in err and "no_pairs" not in err
     for text in (out, err):
         assert "Traceback" not in text
+
+
+def test_bare_lungcore_is_a_usage_error_and_help_is_not(capsys):
+    capsys.readouterr()
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.splitlines()[-1].startswith("lungcore: error: a command is required: one of cindex,")
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert "COMMAND" in capsys.readouterr().out
