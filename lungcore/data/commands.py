@@ -58,8 +58,11 @@ def synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, required=True, help="patients (survival) or nodules (nodules)")
     p.add_argument("--out", type=Path, required=True, help="output folder (manifest.csv, schema, images/)")
     p.add_argument("--preset", choices=("tiny", "fine", "demo", "realistic"), default="tiny",
-                   help="volume size: tiny 24x48x48 at 4x3x3 mm, fine 48x128x128 at 2x1x1 mm, demo 64x128x128 "
-                        "at 2.5x1.8x1.8 mm, realistic 300x512x512 at 1x0.7x0.7 mm (default: tiny)")
+                   help="volume (slices x rows x columns) at a nominal spacing: tiny 24x48x48 at 4x3x3 mm, fine "
+                        "48x128x128 at 2x1x1 mm, demo 64x128x128 at 2.5x1.8x1.8 mm, realistic 300x512x512 at "
+                        "1x0.7x0.7 mm; each patient's scan varies it as clinical scans do: slices 1 or 1.25 times "
+                        "as thick, in-plane spacing within +-10%% (tiny: 4 or 5 mm by 2.7-3.3 mm; truth.csv "
+                        "holds each scan's) (default: tiny)")
     p.add_argument("--effects", choices=("linear", "morphology"), default="linear",
                    help="what sets the imaging part of the risk: linear (tumour size and texture) or morphology "
                         "(margin, solid core, cavity, pleural contact, an interaction; what a linear model on "

@@ -249,3 +249,23 @@ def test_synth_says_when_the_oracle_is_undefined(tmp_path, capsys):
     rc, out, _ = _synth(capsys, "--kind", "survival", "--n", "2", "--seed", "8", "--out", tmp_path / "two", "--quiet",
                         "--dicom-every", "0")
     assert rc == 0 and "os_cindex n/a" in out and (tmp_path / "two" / "synth.json").is_file()
+
+
+def test_preset_help_says_how_the_spacing_varies_and_the_files_agree(tmp_path, capsys):
+    """``--preset tiny`` is nominally 4x3x3 mm; each scan is 4 or 5 mm thick and 2.7-3.3 mm in-plane, as
+    ``synth --help`` says, and what ``read_ct`` reads is what ``truth.csv`` records."""
+    from lungcore.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["synth"].format_help().split())
+    assert "tiny 24x48x48 at 4x3x3 mm" in text and "4 or 5 mm by 2.7-3.3 mm" in text
+    synth_cohort("survival", tmp_path, n=8, preset="tiny", seed=0, dicom_every=3)
+    truth = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "truth.csv"))}
+    m = read_manifest(tmp_path / "manifest.csv")
+    for pid, row in zip(m.ids, m.images):
+        if row[0] is None:
+            continue
+        spacing = read_ct(row[0]).spacing
+        recorded = [float(truth[pid][f"spacing_{a}"]) for a in "zyx"]
+        assert np.allclose(spacing, recorded, atol=1e-4)  # truth.csv: 4 decimals
+        assert spacing[0] in (4.0, 5.0) and 2.7 <= spacing[1] == spacing[2] <= 3.3
