@@ -48,7 +48,8 @@ def test_bad_variables():
 @pytest.mark.parametrize("name, text, message", [
     ("s.json", '{"version": 1, "kind": "surv\x01ival"}',
      "is not valid JSON: Invalid control character (line 1 column 29)"),
-    ("s.json", '{"kind": "survival",\n}', "is not valid JSON: Expecting property name enclosed in double quotes (line 2 column 1)"),
+    ("s.json", '{"kind": "survival",\n}',
+     "is not valid JSON: Expecting property name enclosed in double quotes (line 2 column 1)"),
     ("s.yaml", "kind: [survival\n", "is not valid YAML: expected ',' or ']'"),
     ("s.json", '{"kind": "survival", "colour": "red"}', ": unknown keys ['colour']"),
 ])

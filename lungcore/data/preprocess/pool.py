@@ -137,8 +137,8 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     available divided among the workers); the report is still one: counts, wall seconds, CTs/s,
     and the time split (summed over the workers: worker-seconds). When every crop is already in the
     cache (checked by size and modification time, ``verify="stat"``), no pool is started: the
-    entries are loaded in this process (``workers`` 1 and ``all_cached`` True in the report). A bad image raises a ``ValueError``
-    naming its manifest row, column and path; with ``keep_going`` it is listed under ``failed``
+    entries are loaded in this process (``workers`` 1 and ``all_cached`` True in the report). A bad
+    image raises a ``ValueError`` naming its manifest row, column and path; with ``keep_going`` it is listed under ``failed``
     instead and every other image is still done. The cache stays atomic (each entry is written
     under a temporary name and renamed, so concurrent workers and machines never see half of one).
 
