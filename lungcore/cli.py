@@ -16,6 +16,7 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lungcore._version import __version__
 
@@ -93,37 +94,127 @@ def _import_all_ops() -> None:
 
 
 def _cindex_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", type=Path, required=True, help="CSV with one row per subject")
+    p.add_argument("--csv", type=Path, required=True, help="CSV with one row per subject (e.g. what predict writes)")
     p.add_argument("--risk", required=True, help="column of risk scores (higher = earlier event)")
-    p.add_argument("--time", required=True, help="column of follow-up times")
+    p.add_argument("--time", required=True, help="column of follow-up times (>= 0)")
     p.add_argument("--event", required=True, help="column of event indicators (1 event, 0 censored)")
-    p.add_argument("--tau", type=float, default=None, help="also report Uno's C truncated at tau")
+    p.add_argument("--tau", type=float, default=None,
+                   help="also report Uno's C truncated at tau (> 0, in the units of --time)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a row whose risk, time or event cell is empty (or NA/NaN) (default: leave such "
+                        "rows out and say how many on stderr: predict leaves the cells of an endpoint a "
+                        "patient lacks empty)")
+
+
+# cells that mean "no value" (predict writes NaN as an empty cell; R and pandas write NA / NaN)
+_MISSING = frozenset({"", "na", "n/a", "nan", "null"})
+
+
+class _CsvError(ValueError):
+    """A problem with the --csv data (exit 1)."""
+
+
+def _cindex_column(frame, flag: str, column: str) -> tuple[Any, Any]:
+    """(values as float64 with NaN where missing, missing mask) of ``column``; :class:`_CsvError`
+    naming the flag, column and spreadsheet row (header = 1) of the first invalid cell."""
+    import numpy as np
+
+    cells = [str(c).strip() for c in frame[column]]
+    missing = np.array([c.lower() in _MISSING for c in cells], dtype=bool)
+    values = np.full(len(cells), np.nan)
+    bad: list[tuple[int, str, str]] = []
+    for i, cell in enumerate(cells):
+        if missing[i]:
+            continue
+        if flag == "event" and cell.lower() in ("true", "false"):
+            values[i] = float(cell.lower() == "true")
+            continue
+        try:
+            v = float(cell)
+        except ValueError:
+            bad.append((i, cell, "is not a number"))
+            continue
+        if not np.isfinite(v):
+            bad.append((i, cell, "is not finite"))
+        elif flag == "time" and v < 0:
+            bad.append((i, cell, "is negative: times must be >= 0"))
+        elif flag == "event" and v not in (0.0, 1.0):
+            bad.append((i, cell, "must be 0 (censored) or 1 (event)"))
+        values[i] = v
+    if bad:
+        i, cell, why = bad[0]
+        more = f" ({len(bad)} bad rows)" if len(bad) > 1 else ""
+        raise _CsvError(f"--{flag} column {column!r}, row {i + 2}: {cell!r} {why}{more}")
+    return values, missing
 
 
 @subcommand("cindex", "Harrell's (and Uno's) C-index of a CSV column of risks", _cindex_args)
 def _cindex(args: argparse.Namespace) -> int:
+    import math
+
+    import numpy as np
     import pandas as pd
 
     from lungcore.metrics import concordance_index, concordance_index_ipcw
 
+    if args.csv.is_dir():
+        return _usage("cindex", f"--csv {args.csv} is a folder; give the CSV file")
     if not args.csv.is_file():
         return _usage("cindex", f"--csv {args.csv}: no such file")
-    frame = pd.read_csv(args.csv)
+    if args.tau is not None and not (math.isfinite(args.tau) and args.tau > 0):
+        return _usage("cindex", f"--tau must be a number > 0 (a time in the units of --time), got {args.tau:g}")
+    try:  # every cell as text: the checks below name the row of a bad one
+        frame = pd.read_csv(args.csv, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except pd.errors.EmptyDataError:
+        return _failed("cindex", f"--csv {args.csv} is empty (no header row)")
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        return _failed("cindex", f"--csv {args.csv} is not a readable CSV: {str(exc).strip()}")
     for flag in ("risk", "time", "event"):
         column = getattr(args, flag)
         if column not in frame.columns:
             return _usage("cindex", f"--{flag} {column!r} is not a column of {args.csv} "
                                     f"(columns: {', '.join(map(str, frame.columns))})")
     try:
-        c = concordance_index(frame[args.risk].to_numpy(), frame[args.time].to_numpy(),
-                              frame[args.event].to_numpy(), return_counts=True)
-        out = c.as_dict()
-        if args.tau is not None:
-            out["uno_cindex"] = concordance_index_ipcw(frame[args.risk].to_numpy(), frame[args.time].to_numpy(),
-                                                       frame[args.event].to_numpy(), tau=args.tau)
-    except ValueError as exc:
-        print(f"lungcore cindex: {args.csv}: {exc}", file=sys.stderr)
-        return 1
+        parsed = {flag: _cindex_column(frame, flag, getattr(args, flag)) for flag in ("risk", "time", "event")}
+    except _CsvError as exc:
+        return _failed("cindex", f"{args.csv}: {exc}")
+    missing = np.zeros(len(frame), dtype=bool)
+    for flag, (_, empty) in parsed.items():
+        missing |= empty
+    if missing.any():
+        per_column = ", ".join(f"{getattr(args, f)!r} {int(e.sum())}" for f, (_, e) in parsed.items() if e.any())
+        if args.strict:
+            flag = next(f for f, (_, e) in parsed.items() if e.any())
+            row = int(np.flatnonzero(parsed[flag][1])[0]) + 2
+            return _failed("cindex", f"{args.csv}: --{flag} column {getattr(args, flag)!r}, row {row} is empty "
+                                     f"(--strict; empty cells per column: {per_column})")
+        print(f"lungcore cindex: left out {int(missing.sum())} of {len(frame)} rows of {args.csv} with an empty "
+              f"risk, time or event cell (empty cells per column: {per_column}); --strict refuses them",
+              file=sys.stderr)
+    keep = ~missing
+    risk, time, event = (parsed[f][0][keep] for f in ("risk", "time", "event"))
+    if not keep.any():
+        return _failed("cindex", f"{args.csv}: no row has a risk, a time and an event: nothing to score")
+    c = concordance_index(risk, time, event, return_counts=True, no_pairs="nan")
+    if math.isnan(c.cindex):
+        return _failed("cindex", f"{args.csv}: no comparable pairs among the {int(keep.sum())} rows scored "
+                                 f"({int(event.sum())} events): the C-index is undefined (every subject "
+                                 f"censored, or all events at one time with nothing later)")
+    out: dict[str, Any] = c.as_dict()
+    out["rows"], out["rows_left_out"] = int(keep.sum()), int(missing.sum())
+    if args.tau is not None:
+        if not event[time < args.tau].any():
+            return _failed("cindex", f"{args.csv}: no event before --tau {args.tau:g} (the first event is at "
+                                     f"{time[event.astype(bool)].min():g}): Uno's C-index is undefined; "
+                                     f"choose a larger --tau")
+        try:
+            uno = concordance_index_ipcw(risk, time, event, tau=args.tau, no_pairs="nan")
+        except ValueError as exc:
+            return _failed("cindex", f"{args.csv}: Uno's C-index at --tau {args.tau:g}: {exc}")
+        if math.isnan(uno):
+            return _failed("cindex", f"{args.csv}: no comparable pairs before --tau {args.tau:g}: Uno's C-index "
+                                     f"is undefined; choose a larger --tau")
+        out["uno_cindex"] = uno
     print(json.dumps(out, indent=1))
     return 0
 
@@ -132,6 +223,12 @@ def _usage(command: str, message: str) -> int:
     """A usage error: one line on stderr, exit code 2 (see :mod:`lungcore.usage`)."""
     print(f"lungcore {command}: {message}", file=sys.stderr)
     return 2
+
+
+def _failed(command: str, message: str) -> int:
+    """The data failed: one line on stderr, exit code 1."""
+    print(f"lungcore {command}: {message}", file=sys.stderr)
+    return 1
 
 
 def lazy_subcommand(name: str, help: str, module: str) -> None:
@@ -194,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lungcore`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "_run", None):  # bare ``lungcore``: a usage error (exit 2); ``--help`` exits 0
+        parser.print_usage(sys.stderr)
+        print(f"lungcore: error: a command is required: one of {', '.join(sorted(SUBCOMMANDS))} "
+              "(lungcore --help describes them)", file=sys.stderr)
+        return 2
     return int(args._run(args) or 0)
 
 

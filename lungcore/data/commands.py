@@ -58,8 +58,11 @@ def synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, required=True, help="patients (survival) or nodules (nodules)")
     p.add_argument("--out", type=Path, required=True, help="output folder (manifest.csv, schema, images/)")
     p.add_argument("--preset", choices=("tiny", "fine", "demo", "realistic"), default="tiny",
-                   help="volume size: tiny 24x48x48 at 4x3x3 mm, fine 48x128x128 at 2x1x1 mm, demo 64x128x128 "
-                        "at 2.5x1.8x1.8 mm, realistic 300x512x512 at 1x0.7x0.7 mm (default: tiny)")
+                   help="volume (slices x rows x columns) at a nominal spacing: tiny 24x48x48 at 4x3x3 mm, fine "
+                        "48x128x128 at 2x1x1 mm, demo 64x128x128 at 2.5x1.8x1.8 mm, realistic 300x512x512 at "
+                        "1x0.7x0.7 mm; each patient's scan varies it as clinical scans do: slices 1 or 1.25 times "
+                        "as thick, in-plane spacing within +-10%% (tiny: 4 or 5 mm by 2.7-3.3 mm; truth.csv "
+                        "holds each scan's) (default: tiny)")
     p.add_argument("--effects", choices=("linear", "morphology"), default="linear",
                    help="what sets the imaging part of the risk: linear (tumour size and texture) or morphology "
                         "(margin, solid core, cavity, pleural contact, an interaction; what a linear model on "
@@ -92,18 +95,56 @@ def synth(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"lungcore synth: {exc}", file=sys.stderr)
         return 2
-    for name in SYNTH_OUTPUTS:  # --overwrite: no image of the old cohort stays mixed in
-        old = args.out / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-    info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
-                        dicom_every=args.dicom_every, verbose=not args.quiet, effects=args.effects)
-    oracle = ", ".join(f"{k} {v:.3f}" for k, v in info["oracle"].items())
+    created = args.out  # the topmost folder this run creates (removed again if the run fails)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if created.exists() else created
+    try:  # --out /proc/x passes the permission check but cannot be created: say so before any work
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"lungcore synth: --out {args.out}: cannot create the folder ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+
+    def remove_outputs() -> None:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+            return
+        for name in SYNTH_OUTPUTS:  # --overwrite: no image of the old cohort stays mixed in
+            old = args.out / name
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+
+    if created is None:
+        remove_outputs()
+    try:
+        info = synth_cohort(args.kind, args.out, args.n, preset=args.preset, seed=args.seed,
+                            dicom_every=args.dicom_every, verbose=not args.quiet, effects=args.effects)
+    except BaseException as exc:  # nothing half-written stays behind (a full disk, Ctrl-C, a bug)
+        remove_outputs()
+        if not isinstance(exc, OSError):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lungcore synth: --out {args.out}: cannot write the cohort: {exc.strerror or exc}{where}; "
+              "nothing was kept", file=sys.stderr)
+        return 1
     print(f"wrote {info['n']} {info['kind']} rows to {info['manifest']} (schema {info['schema'].name}); "
-          f"oracle {oracle}")
+          f"oracle {_oracle_text(info)}")
     return 0
+
+
+def _oracle_text(info: dict) -> str:
+    """The oracle metrics of a synthetic cohort; ``n/a`` (with the reason) where one is undefined."""
+    import math
+
+    names = ("os_cindex", "pfs_cindex") if info["kind"] == "survival" else ("auc",)
+    values = {k: info["oracle"].get(k) for k in (*names, *info["oracle"])}
+    text = ", ".join(f"{k} {v:.3f}" if v is not None and math.isfinite(v) else f"{k} n/a" for k, v in values.items())
+    if "n/a" in text:
+        text += (" (undefined: needs at least 2 patients and an event before a later follow-up)"
+                 if info["kind"] == "survival" else " (undefined: needs a benign and a malignant nodule)")
+    return text
 
 
 def preprocess_args(p: argparse.ArgumentParser) -> None:
@@ -183,7 +224,9 @@ def preprocess(args: argparse.Namespace) -> int:
                           for k in ("read_s", "resample_s", "hash_s", "cache_io_s"))
         print(f"shard {report['shard']}: {report['images']} CTs, {report['boxes']} crops in {report['seconds']:.2f} s "
               f"= {report['volumes_per_s']} volumes/s with {report['workers']} worker"
-              f"{'s' if report['workers'] != 1 else ''}; cache {report['hits']} hits, {report['misses']} misses, "
+              f"{'s' if report['workers'] != 1 else ''}"
+              f"{' (every crop cached: no worker pool)' if report['all_cached'] else ''}"
+              f"; cache {report['hits']} hits, {report['misses']} misses, "
               f"{report['rebuilt']} rebuilt; time (summed over workers): {split}")
     for f in report["failed"]:
         print(f"lungcore preprocess: failed: row {f['row']}, column {f['column']!r}, value {f['path']!r}: {f['error']}",

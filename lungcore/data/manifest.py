@@ -395,6 +395,27 @@ def _schema_for(path: Path, schema: CohortSchema | str | Path | None) -> CohortS
     return schema if isinstance(schema, CohortSchema) else CohortSchema.load(schema)
 
 
+def manifest_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a manifest file (it does not exist, or is a folder: then the
+    ``manifest.csv`` inside is suggested when there is one), or None when it is a file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "manifest.csv").write_text("patient_id")
+        >>> manifest_file_problem(folder)  # doctest: +ELLIPSIS
+        'manifest ... is a folder, not a CSV file; did you mean .../manifest.csv?'
+    """
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        inside = path / "manifest.csv"
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        return f"manifest {path} is a folder, not a CSV file{hint}"
+    return f"manifest {path} does not exist"
+
+
 def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,
                    images: str = "header", progress: bool = False,
                    workers: int = 1) -> tuple[Manifest | None, list[ManifestProblem]]:
@@ -414,8 +435,9 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         raise ValueError(f"images must be one of {IMAGE_CHECKS}, got {images!r}")
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+    missing = manifest_file_problem(path)
+    if missing:
+        raise FileNotFoundError(missing)
     schema = _schema_for(path, schema)
     # bytes that are not UTF-8 survive as lone surrogates, so the cell holding them is named below
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:

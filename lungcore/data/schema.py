@@ -223,20 +223,42 @@ class CohortSchema:
 
     @classmethod
     def load(cls, path: str | Path) -> CohortSchema:
-        """Read a schema from JSON or YAML (``.yaml``/``.yml``)."""
+        """Read a schema from JSON or YAML (``.yaml``/``.yml``).
+
+        A file that does not parse, or whose content is not a valid schema, raises ``ValueError``
+        naming the file (and the line and column of a syntax error).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"schema file {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"schema file {path} is not UTF-8 text: byte {exc.start} is "
+                             f"{exc.object[exc.start:exc.start + 1]!r}") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1} column {mark.column + 1})" if mark is not None else ""
+                reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise ValueError(f"schema file {path} is not valid YAML: {reason}{where}") from None
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
+                raise ValueError(f"schema file {path} is not valid JSON: {reason} "
+                                 f"(line {exc.lineno} column {exc.colno})") from None
         if not isinstance(data, dict):
             raise ValueError(f"schema file {path} must hold a mapping")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"schema file {path}: {str(exc).removeprefix('schema: ')}") from None
 
     # -- fitting and coding ----------------------------------------------------------------------
     def fit(self, raw: dict[str, Sequence[str]]) -> CohortSchema:

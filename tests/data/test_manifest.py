@@ -203,3 +203,31 @@ def test_each_image_is_checked_once(cohort, monkeypatch):
     manifest, problems = check_manifest(path, images="full")
     assert [p.name for p in reads] == ["good.nii.gz", "missing.nii.gz"]
     assert [str(p) for p in problems] == ["row 7, column 'ct', value 'missing.nii.gz': file not found"]
+
+
+@pytest.mark.parametrize("command", ["validate", "preprocess"])
+def test_invalid_schema_json_beside_the_manifest_names_the_file(cohort, tmp_path, capsys, command):
+    manifest = cohort("P1,good.nii.gz,61,former,3,1,10,0")
+    schema = tmp_path / "manifest.schema.json"
+    schema.write_text('{"version": 1, "kind": "surv\x01ival"}')
+    extra = ["--out", str(tmp_path / "cache")] if command == "preprocess" else []
+    assert main([command, "--manifest", str(manifest), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"lungcore {command}: schema file {schema} is not valid JSON: Invalid control character "
+                   "(line 1 column 29)\n")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["validate", "preprocess"])
+def test_a_manifest_that_is_a_folder_is_named_as_one(cohort, tmp_path, capsys, command):
+    cohort("P1,good.nii.gz,61,former,3,1,10,0")
+    extra = ["--out", str(tmp_path / "cache")] if command == "preprocess" else []
+    assert main([command, "--manifest", str(tmp_path), *extra]) == 2
+    assert capsys.readouterr().err == (f"lungcore {command}: manifest {tmp_path} is a folder, not a CSV file; "
+                                       f"did you mean {tmp_path / 'manifest.csv'}?\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty is a folder, not a CSV file$"):
+        read_manifest(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing.csv does not exist"):
+        read_manifest(tmp_path / "missing.csv")
+    assert not (tmp_path / "cache").exists()

@@ -334,3 +334,42 @@ def test_pool_arguments_are_checked(nodules):
         preprocess_manifest(manifest, Preprocessor(PreprocessSettings.csfnet()), workers=0)
     with pytest.raises(ValueError, match="workers > 1 needs a cache folder"):
         preprocess_manifest(manifest, Preprocessor(PreprocessSettings.csfnet()), workers=2)
+
+
+def test_a_fully_cached_cohort_starts_no_worker_pool(nodules, tmp_path, monkeypatch, capsys):
+    """Worker processes take seconds to start; loading cached crops takes milliseconds: with every crop
+    cached (by size and modification time) the entries are loaded in this process."""
+    import os
+
+    import lungcore.data.preprocess.pool as pool
+    from lungcore.cli import main
+
+    manifest, _ = nodules
+    settings = PreprocessSettings.csfnet()
+    first = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path), workers=1)
+    assert first["misses"] == 8 and not first["all_cached"]
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a fully cached cohort")
+
+    monkeypatch.setattr(pool, "map_images", no_pool)
+    again = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path), workers=2)
+    assert (again["workers"], again["all_cached"], again["hits"], again["misses"]) == (1, True, 8, 0)
+    assert main(["preprocess", "--manifest", str(manifest.path), "--out", str(tmp_path), "--quiet", "--device", "cpu",
+                 "--workers", "2"]) == 0
+    assert "with 1 worker (every crop cached: no worker pool)" in capsys.readouterr().out
+    # one source rewritten (a new modification time): not every crop is known to be cached, the pool runs
+    source = manifest.images[0][0]
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    started = []
+    monkeypatch.setattr(pool, "map_images", lambda *args, **kwargs: started.append(args[1]))
+    try:
+        report = preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path), workers=2)
+    finally:
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert started and report["workers"] == 2 and not report["all_cached"]
+    # verify="content" would hash every source to know: that is the pool's work
+    started.clear()
+    preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path, verify="content"), workers=2)
+    assert started

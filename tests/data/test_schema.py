@@ -43,3 +43,23 @@ def test_bad_variables():
         ClinicalVariable("x", "categorical", ["a", ""])
     with pytest.raises(ValueError, match="unknown keys"):
         CohortSchema.from_dict({"kind": "survival", "colour": "red"})
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("s.json", '{"version": 1, "kind": "surv\x01ival"}',
+     "is not valid JSON: Invalid control character (line 1 column 29)"),
+    ("s.json", '{"kind": "survival",\n}',
+     "is not valid JSON: Expecting property name enclosed in double quotes (line 2 column 1)"),
+    ("s.yaml", "kind: [survival\n", "is not valid YAML: expected ',' or ']'"),
+    ("s.json", '{"kind": "survival", "colour": "red"}', ": unknown keys ['colour']"),
+])
+def test_a_schema_file_that_does_not_parse_names_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        CohortSchema.load(path)
+    assert str(info.value).startswith(f"schema file {path}")
+    assert message in str(info.value)
+    path.write_bytes(b'{"kind": "surv\xffival"}')
+    with pytest.raises(ValueError, match=f"schema file .*{name} is not UTF-8 text: byte 14"):
+        CohortSchema.load(path)

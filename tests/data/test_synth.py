@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,78 @@ def test_pleural_lesions_touch_the_chest_wall():
         box, mask = masks[0]
         under = empty[box][mask]
         assert (under == LUNG_HU).mean() > 0.3 and (under != LUNG_HU).mean() > 0.05  # in the lung, into the wall
+
+
+def _synth(capsys, *args):
+    capsys.readouterr()
+    rc = main(["synth", *map(str, args)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux)")
+def test_synth_into_a_folder_that_cannot_be_created(capsys):
+    rc, out, err = _synth(capsys, "--kind", "survival", "--n", "4", "--out", "/proc/lungcore-x", "--quiet")
+    assert rc == 2 and not out
+    assert err.startswith("lungcore synth: --out /proc/lungcore-x") and len(err.splitlines()) == 1
+    assert not Path("/proc/lungcore-x").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_synth_that_fails_midway_leaves_nothing_behind(tmp_path, capsys, monkeypatch, existing):
+    import errno
+
+    import lungcore.data.synth as synth
+
+    out = tmp_path / "new" / "cohort"
+    if existing:  # an empty folder the user made: it stays, empty
+        out.mkdir(parents=True)
+
+    def full_disk(kind, folder, n, **kwargs):
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "P0001.nii.gz").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "manifest.csv"))
+
+    monkeypatch.setattr(synth, "synth_cohort", full_disk)
+    rc, _, err = _synth(capsys, "--kind", "survival", "--n", "4", "--out", out, "--quiet")
+    assert rc == 1
+    assert f"--out {out}: cannot write the cohort: No space left on device" in err and "nothing was kept" in err
+    if existing:
+        assert out.is_dir() and not any(out.iterdir())
+    else:
+        assert not (tmp_path / "new").exists()
+
+
+def test_synth_says_when_the_oracle_is_undefined(tmp_path, capsys):
+    rc, out, _ = _synth(capsys, "--kind", "survival", "--n", "1", "--out", tmp_path / "one", "--quiet",
+                        "--dicom-every", "0")
+    assert rc == 0 and out.rstrip().endswith("oracle os_cindex n/a, pfs_cindex n/a (undefined: needs at least "
+                                             "2 patients and an event before a later follow-up)")
+    rc, out, _ = _synth(capsys, "--kind", "nodules", "--n", "1", "--out", tmp_path / "nod", "--quiet",
+                        "--dicom-every", "0")
+    assert rc == 0 and "oracle auc n/a (undefined: needs a benign and a malignant nodule)" in out
+    # two patients without a comparable pair (seed 8): no oracle, no crash after the manifest was written
+    rc, out, _ = _synth(capsys, "--kind", "survival", "--n", "2", "--seed", "8", "--out", tmp_path / "two", "--quiet",
+                        "--dicom-every", "0")
+    assert rc == 0 and "os_cindex n/a" in out and (tmp_path / "two" / "synth.json").is_file()
+
+
+def test_preset_help_says_how_the_spacing_varies_and_the_files_agree(tmp_path, capsys):
+    """``--preset tiny`` is nominally 4x3x3 mm; each scan is 4 or 5 mm thick and 2.7-3.3 mm in-plane, as
+    ``synth --help`` says, and what ``read_ct`` reads is what ``truth.csv`` records."""
+    from lungcore.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["synth"].format_help().split())
+    assert "tiny 24x48x48 at 4x3x3 mm" in text and "4 or 5 mm by 2.7-3.3 mm" in text
+    synth_cohort("survival", tmp_path, n=8, preset="tiny", seed=0, dicom_every=3)
+    truth = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "truth.csv"))}
+    m = read_manifest(tmp_path / "manifest.csv")
+    for pid, row in zip(m.ids, m.images):
+        if row[0] is None:
+            continue
+        spacing = read_ct(row[0]).spacing
+        recorded = [float(truth[pid][f"spacing_{a}"]) for a in "zyx"]
+        assert np.allclose(spacing, recorded, atol=1e-4)  # truth.csv: 4 decimals
+        assert spacing[0] in (4.0, 5.0) and 2.7 <= spacing[1] == spacing[2] <= 3.3

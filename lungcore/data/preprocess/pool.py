@@ -135,8 +135,10 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     image are cropped in one call. ``workers`` > 1 spreads this shard's images over that many
     processes on this machine (each with ``threads`` threads for the resampler; default: the cores
     available divided among the workers); the report is still one: counts, wall seconds, CTs/s,
-    and the time split (summed over the workers: worker-seconds). A bad image raises a ``ValueError``
-    naming its manifest row, column and path; with ``keep_going`` it is listed under ``failed``
+    and the time split (summed over the workers: worker-seconds). When every crop is already in the
+    cache (checked by size and modification time, ``verify="stat"``), no pool is started: the
+    entries are loaded in this process (``workers`` 1 and ``all_cached`` True in the report). A bad
+    image raises a ``ValueError`` naming its manifest row, column and path; with ``keep_going`` it is listed under ``failed``
     instead and every other image is still done. The cache stays atomic (each entry is written
     under a temporary name and renamed, so concurrent workers and machines never see half of one).
 
@@ -181,6 +183,10 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
 
     workers = min(workers, max(1, len(images)))
     t0 = time.perf_counter()
+    # every crop already cached: loading them here beats starting worker processes (seconds each)
+    all_cached = workers > 1 and _all_cached(preprocessor, images, centres_of, frame)
+    if all_cached:
+        workers = 1
     bar = tqdm(total=len(images), desc=f"preprocess {i}/{n}", unit="CT", disable=not progress)
     try:
         if workers == 1:
@@ -201,7 +207,19 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     return {"shard": f"{i}/{n}", "workers": workers, "images": len(images),
             "boxes": sum(len(jobs[p]) for p in images), "seconds": round(wall, 3),
             "volumes_per_s": round(len(images) / wall, 2) if wall > 0 else None,
-            **s.as_dict(), "failed": failed}
+            "all_cached": all_cached, **s.as_dict(), "failed": failed}
+
+
+def _all_cached(preprocessor: Preprocessor, images: list[Path], centres_of: Any, frame: str) -> bool:
+    """True when every box of every image has a cache entry, by a cheap check (``verify="stat"``: the
+    sources' size and modification time against their memo, then the entries' names; stops at the
+    first miss). ``verify="content"`` would hash every source here, what the pool is for: False."""
+    if preprocessor.verify != "stat" or preprocessor.cache_dir is None:
+        return False
+    try:
+        return all(preprocessor.cached(path, centres_of(path), frame) for path in images)
+    except OSError:  # a source gone or unreadable: the pool names it by its row
+        return False
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ import numpy as np
 @dataclass(frozen=True)
 class Preset:
     shape: tuple[int, int, int]          # (z, y, x)
-    spacing: tuple[float, float, float]  # (sz, sy, sx) mm, varied +-10 % in-plane per patient
+    spacing: tuple[float, float, float]  # (sz, sy, sx) mm, nominal: per patient sz x1 or x1.25, sy = sx
+                                         # x U(0.9, 1.1) (patient_geometry; truth.csv records each scan's)
 
 
 PRESETS: dict[str, Preset] = {

@@ -185,10 +185,12 @@ def _synth_survival(out: Path, n: int, preset: Preset, seed: int, dicom_every: i
     from lungcore.metrics import concordance_index
 
     eta_a, m = np.asarray(eta_all), np.asarray(pfs_m)
-    oracle: dict[str, float] = {}
+    oracle: dict[str, float] = {}  # an endpoint without a comparable pair has no oracle (key left out)
     if sum(os_e) > 0 and n > 1:
-        oracle["os_cindex"] = float(concordance_index(eta_a, np.asarray(os_t), np.asarray(os_e)))
+        oracle["os_cindex"] = float(concordance_index(eta_a, np.asarray(os_t), np.asarray(os_e), no_pairs="nan"))
     if np.asarray(pfs_e)[m].sum() > 0 and m.sum() > 1:
-        oracle["pfs_cindex"] = float(concordance_index(eta_a[m], np.asarray(pfs_t)[m], np.asarray(pfs_e)[m]))
+        oracle["pfs_cindex"] = float(concordance_index(eta_a[m], np.asarray(pfs_t)[m], np.asarray(pfs_e)[m],
+                                                       no_pairs="nan"))
+    oracle = {k: v for k, v in oracle.items() if np.isfinite(v)}
     return {"oracle": oracle, "events": {"os": int(sum(os_e)), "pfs": int(np.asarray(pfs_e)[m].sum())}}
 
