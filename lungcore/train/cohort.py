@@ -40,13 +40,14 @@ def load_manifest(path: str | Path, schema: Any = None):
     commands that load it (train, evaluate, predict) then read every image in full
     (:func:`lungcore.train.preflight.read_every_image`), which names every bad one at once, as
     ``validate --images full`` does (a header check here would stop at the unreadable ones first).
-    A missing file is named."""
+    A missing file, or a folder given for one, is named."""
     from lungcore.data import read_manifest
+    from lungcore.data.manifest import manifest_file_problem
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    return read_manifest(path, schema, images="exists")
+    problem = manifest_file_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(problem)
+    return read_manifest(Path(path), schema, images="exists")
 
 
 def model_task(name: str) -> str:

@@ -681,6 +681,21 @@ def test_usage_errors_exit_2_on_stderr(tmp_path, capsys, monkeypatch, args):
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_a_manifest_folder_is_named_as_one(tmp_path, capsys, monkeypatch, command, base):
+    """train/evaluate/predict say a --manifest folder is a folder and point at its manifest.csv."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    (folder / "manifest.csv").write_text("patient_id\n")
+    args = {"train": ["train", "--manifest", "cohort", "--out", "X"],
+            "evaluate": ["evaluate", "--checkpoint", str(base["done"] / "best.pt"), "--manifest", "cohort"],
+            "predict": ["predict", "--checkpoint", str(base["done"] / "best.pt"), "--manifest", "cohort", "--out", "p.csv"]}
+    rc, out, err = cli(capsys, *args[command])
+    assert rc in (1, 2) and "cohort is a folder, not a CSV file; did you mean" in err, err
+    assert not (tmp_path / "X").exists() and not (tmp_path / "p.csv").exists()
+
+
 def test_zz_tally(capsys):
     """The count the issue asks for (printed with -s; last test of the module)."""
     with capsys.disabled():
