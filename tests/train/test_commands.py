@@ -1,8 +1,10 @@
 """``lungcore train | evaluate | predict | demo`` (lungcore/train/commands.py): bad flags are one-line
 usage errors naming the flag (exit 2), found before any work (no run folder, no image read);
-help texts say what the code does."""
+help texts say what the code does; evaluate --overwrite replaces its report; predict's CSV
+echoes the manifest's times."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -33,6 +35,13 @@ def no_image_read(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an image was read before the usage error")
     monkeypatch.setattr(preflight, "read_every_image", refuse)
+
+
+@pytest.fixture(scope="module")
+def survival_run(tmp_path_factory, survival_cohort, cache_dir):
+    out = tmp_path_factory.mktemp("commands") / "run"
+    fit(tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1), out=out)
+    return out
 
 
 def _config(tmp_path, manifest, cache_dir, **data) -> object:
@@ -81,7 +90,7 @@ def test_patience_zero_never_stops_early(tmp_path, nodule_cohort, cache_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# demo
+# demo, predict, evaluate
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -93,6 +102,42 @@ def test_demo_checks_its_numbers_first(tmp_path, capsys, flag, value, message):
     rc, _, err = run(capsys, "demo", "--out", tmp_path / "demo", "--quick", flag, value)
     usage_error(rc, err, "demo", message)
     assert not (tmp_path / "demo").exists() and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_batch_size_is_checked_before_any_image_is_read(tmp_path, capsys, survival_run, survival_cohort,
+                                                        no_image_read, command):
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, command, "--checkpoint", survival_run / "best.pt", "--manifest", survival_cohort,
+                     "--out", out, "--batch-size", "0")
+    usage_error(rc, err, command, "--batch-size must be an integer >= 1, got 0")
+    assert not out.exists()
+
+
+def test_evaluate_without_endpoints_says_so_before_any_image_is_read(tmp_path, capsys, survival_run,
+                                                                      survival_cohort, no_image_read):
+    frame = pd.read_csv(survival_cohort, dtype=str, keep_default_na=False)
+    manifest = survival_cohort.parent / "no_endpoints.csv"
+    frame.drop(columns=["pfs_time", "pfs_event", "os_time", "os_event"]).to_csv(manifest, index=False)
+    (survival_cohort.parent / "no_endpoints.schema.json").write_text(
+        (survival_cohort.parent / "manifest.schema.json").read_text())
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", survival_run / "best.pt", "--manifest", manifest)
+    usage_error(rc, err, "evaluate", f"manifest {manifest}: columns 'pfs_time'/'pfs_event' or 'os_time'/'os_event' "
+                                     "are missing or empty")
+
+
+def test_a_folder_or_a_garbage_file_as_checkpoint(tmp_path, capsys, survival_run, survival_cohort):
+    rc, _, err = run(capsys, "predict", "--checkpoint", survival_run, "--manifest", survival_cohort,
+                     "--out", tmp_path / "p.csv")
+    usage_error(rc, err, "predict", f"checkpoint {survival_run} is a folder, not a checkpoint file; it holds "
+                                    f"best.pt, last.pt")
+    assert f"pass {survival_run / 'best.pt'}" in err
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(b"i am garbage")
+    rc, _, err = run(capsys, "predict", "--checkpoint", garbage, "--manifest", survival_cohort,
+                     "--out", tmp_path / "p.csv")
+    usage_error(rc, err, "predict", f"checkpoint {garbage} is corrupt or not a lungcore checkpoint (not a file "
+                                    "written by torch.save: it starts with neither a zip nor a pickle header)")
 
 
 # --------------------------------------------------------------------------------------------------
