@@ -140,6 +140,26 @@ def test_a_folder_or_a_garbage_file_as_checkpoint(tmp_path, capsys, survival_run
                                     "written by torch.save: it starts with neither a zip nor a pickle header)")
 
 
+def test_predictions_echo_the_manifest_times_and_integer_events(tmp_path, capsys, survival_run, survival_cohort):
+    out = tmp_path / "risks.csv"
+    rc, _, err = run(capsys, "predict", "--checkpoint", survival_run / "best.pt", "--manifest", survival_cohort,
+                     "--out", out, "--no-progress")
+    assert rc == 0, err
+    manifest = pd.read_csv(survival_cohort, dtype=str, keep_default_na=False).set_index("patient_id")
+    for path in (out, survival_run / "predictions_test.csv"):
+        written = pd.read_csv(path, dtype=str, keep_default_na=False)
+        assert len(written)
+        for _, row in written.iterrows():
+            given = manifest.loc[row["id"]]
+            for e in ("pfs", "os"):
+                assert row[f"{e}_event"] == given[f"{e}_event"], (path, row["id"])
+                if given[f"{e}_time"]:
+                    assert float(row[f"{e}_time"]) == float(given[f"{e}_time"]), (path, row["id"])
+                    assert len(row[f"{e}_time"]) <= len(given[f"{e}_time"]) + 2  # 2.6291, not 2.6291000843...
+                else:
+                    assert row[f"{e}_time"] == ""
+
+
 # --------------------------------------------------------------------------------------------------
 # help texts
 
