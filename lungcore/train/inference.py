@@ -298,7 +298,7 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     if ref is not None:
         with _batches(loaded, ref, batch_size, device, cache_dir, workers, progress) as (batches, dev):
             reference = run_predictions(model, batches, dev)
-    if out is not None:
+    if out is not None:  # replaces the report files an earlier report left there (report.REPORT_FILES)
         return write_report(Path(out), task, pred, reference=reference, history=None,
                             title=f"{Path(checkpoint).name} on {Path(manifest).name}")
     return summary_metrics(task, pred, reference)

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 N_BOOT = 300
+# every file write_report may write: a new report removes those an earlier one left (other files stay)
+REPORT_FILES = ("summary.md", "metrics.json", "training_curves.png", "km_pfs.png", "km_os.png", "roc.png",
+                "confusion_matrix.png")
 
 
 def breslow_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np.ndarray, risk: np.ndarray,
@@ -196,7 +199,9 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
                  warnings: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``folder``/{summary.md, metrics.json, *.png}; return the metrics. ``warnings`` (what
     the run could not learn or select on) head the summary. ``metrics.json`` is strict JSON
-    (an undefined metric is ``null``)."""
+    (an undefined metric is ``null``). An earlier report in ``folder`` is replaced: the files of
+    :data:`REPORT_FILES` it holds are removed first (an old ``roc.png`` never sits beside a new
+    survival report); any other file there stays."""
     from lungcore.usage import json_safe
 
     import matplotlib
@@ -207,6 +212,9 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = summary_metrics(task, pred, reference)
+    for name in REPORT_FILES:
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            (folder / name).unlink()
     figures: list[str] = []
     if history:
         figures += _curves(folder, history, plt)

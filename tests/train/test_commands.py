@@ -140,6 +140,20 @@ def test_a_folder_or_a_garbage_file_as_checkpoint(tmp_path, capsys, survival_run
                                     "written by torch.save: it starts with neither a zip nor a pickle header)")
 
 
+def test_evaluate_overwrite_replaces_the_report_and_keeps_other_files(tmp_path, capsys, survival_run,
+                                                                      survival_cohort):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "roc.png").write_bytes(b"an old classification report's plot")
+    (report / "summary.md").write_text("old")
+    (report / "notes.txt").write_text("mine")
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", survival_run / "best.pt", "--manifest", survival_cohort,
+                     "--out", report, "--overwrite", "--no-progress")
+    assert rc == 0, err
+    assert not (report / "roc.png").exists() and (report / "km_os.png").is_file()
+    assert (report / "summary.md").read_text() != "old" and (report / "notes.txt").read_text() == "mine"
+
+
 def test_predictions_echo_the_manifest_times_and_integer_events(tmp_path, capsys, survival_run, survival_cohort):
     out = tmp_path / "risks.csv"
     rc, _, err = run(capsys, "predict", "--checkpoint", survival_run / "best.pt", "--manifest", survival_cohort,
