@@ -149,15 +149,38 @@ def write_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line (``exc`` stays chained)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    refused = "weights only load failed" in str(exc).lower()  # torch's weights_only unpickler said no
+    objects = ("it holds Python objects other than tensors and plain data, which lungcore never loads "
+               "(loading them could run code)")
+    if not head:
+        return "the file is empty"
+    if head == b"PK\x03\x04":  # torch.save's format
+        return objects if refused else "torch.save's zip archive is damaged or cut short, e.g. by an interrupted copy"
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format or pickle.dump
+        return objects if refused else "a pickle that cannot be read (damaged or cut short?)"
+    return "not a file written by torch.save: it starts with neither a zip nor a pickle header"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint dict safely (``weights_only=True``) with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        held = sorted(p.name for p in path.glob("*.pt") if p.is_file())
+        held = [n for n in ("best.pt", "last.pt") if n in held] + [n for n in held if n not in ("best.pt", "last.pt")]
+        hint = (f"; it holds {', '.join(held)}: pass {path / held[0]}" if held else
+                "; pass a .pt file written by lungcore train (e.g. <run folder>/best.pt)")
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} is corrupt or not a lungcore checkpoint: {exc}") from None
+    except Exception as exc:  # torch's own text is many lines about weights_only: say what the file is
+        raise ValueError(f"checkpoint {path} is corrupt or not a lungcore checkpoint ({_unreadable(path, exc)})") \
+            from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "model" not in payload:
         raise ValueError(f"checkpoint {path} is not a lungcore checkpoint (no model/state_dict)")
     return payload

@@ -21,6 +21,27 @@ ACCUMULATE_HELP = ("micro-batches per optimiser step (effective batch = batch si
                    "risk sets; more GPUs do (their risk sets are gathered across ranks)")
 
 
+# TrainConfig field -> the flag of `lungcore train` that sets it: a ConfigError (lungcore.train.config) on a
+# field whose value a flag gave names the flag, not the field (a config file's bad field is named by the file)
+TRAIN_FLAGS = {"model": "--model", "data.manifest": "--manifest", "stage": "--stage", "epochs": "--epochs",
+               "data.batch_size": "--batch-size", "optim.accumulate": "--accumulate", "optim.lr": "--lr",
+               "device": "--device", "precision": "--precision", "seed": "--seed", "patience": "--patience",
+               "data.num_workers": "--num-workers", "data.verify": "--verify", "recipe": "--recipe"}
+
+
+def _flag_error(exc: BaseException, args: argparse.Namespace) -> BaseException:
+    """``exc`` naming the flag instead of the config field when a flag of ``args`` gave the bad value."""
+    from lungcore.train.config import ConfigError
+    from lungcore.usage import UsageError
+
+    flag = TRAIN_FLAGS.get(exc.field) if isinstance(exc, ConfigError) else None
+    if flag is None or getattr(args, flag[2:].replace("-", "_"), None) is None:
+        return exc
+    error = UsageError(f"{flag} {exc.problem}")
+    error.__cause__ = exc
+    return error
+
+
 def _errors():
     from lungcore.data import ManifestError
     from lungcore.train.trainer import NonFiniteLossError
@@ -51,7 +72,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    help="run folder: checkpoints, metrics.csv, report/ (must be empty or absent unless --resume "
                         "or --overwrite; a cache/ folder in it is fine)")
     p.add_argument("--config", type=Path, help="YAML with TrainConfig fields (flags override it; default: none)")
-    p.add_argument("--stage", help="pretrain|finetune|both for CMML (default: every stage of the model)")
+    p.add_argument("--stage", help="one stage of the model (CMML: pretrain or finetune; CSF-Net: train) or all: "
+                                   "every stage in order, each from the previous one's best model (default: the "
+                                   f"config's, else {d.stage})")
     p.add_argument("--epochs", type=int, help=f"epochs per stage (default: {d.epochs}); with --resume a larger "
                                               "value trains the current stage longer")
     p.add_argument("--batch-size", type=int,
@@ -63,8 +86,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
     p.add_argument("--seed", type=int, help=f"seed of every random choice (default: {d.seed})")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement "
-                                                f"(default: {d.patience} = never)")
+    p.add_argument("--patience", type=int, help="early stopping: a stage stops after this many epochs without "
+                                                f"validation improvement (>= 0; default: {d.patience} = never)")
     p.add_argument("--num-workers", type=int, help=f"DataLoader worker processes (default: {d.data.num_workers})")
     p.add_argument("--verify", choices=["stat", "content"],
                    help="how the cache recognises a source image: stat (size + modification time, fast) or "
@@ -85,7 +108,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     from lungcore.train.loop import fit
 
-    stage = {"both": "all"}.get(args.stage, args.stage)
+    stage = {"both": "all"}.get(args.stage, args.stage)  # "both": what --help said before "all"
     try:
         if args.resume and args.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
@@ -96,7 +119,7 @@ def train(args: argparse.Namespace) -> int:
                      num_workers=args.num_workers, progress=False if args.no_progress else None,
                      recipe=args.recipe, verify=args.verify)
     except _errors() as exc:
-        return _fail("train", exc)
+        return _fail("train", _flag_error(exc, args))
     from lungcore.usage import json_safe
 
     if result.test_metrics:
@@ -109,11 +132,13 @@ def train(args: argparse.Namespace) -> int:
 def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by lungcore train")
     p.add_argument("--manifest", type=Path, required=True, help="labelled manifest to evaluate on")
-    p.add_argument("--out", type=Path, help="report folder (summary.md, PNGs, metrics.json)")
+    p.add_argument("--out", type=Path, help="report folder: summary.md, metrics.json and the plots (default: none: "
+                                            "the metrics are printed, no report is written)")
     p.add_argument("--reference-manifest", type=Path,
                    help="survival: the training cohort (Breslow baseline, censoring weights); default: the "
                         "evaluated cohort itself")
-    _inference_args(p, "report folder")
+    _inference_args(p, "report: the report files lungcore writes in --out (summary.md, metrics.json, its PNGs) "
+                       "are replaced, any other file there stays")
 
 
 def _inference_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -182,9 +207,17 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from lungcore.train.demo import run_demo
+    from lungcore.usage import UsageError
 
     import torch
 
+    try:  # before any work: torch.set_num_threads(-1) raises a RuntimeError, a negative seed fails in synth
+        if args.threads < 0:
+            raise UsageError(f"--threads must be an integer >= 0 (0: torch's choice), got {args.threads}")
+        if args.seed < 0:
+            raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
+    except UsageError as exc:
+        return _fail("demo", exc)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,9 @@
 A YAML file holds the fields of :class:`TrainConfig`; its nested sections ``data`` and ``optim``
 hold the fields of :class:`DataConfig` and :class:`OptimConfig`, and ``model_overrides`` is passed
 to ``lungcore.models.create(model, **model_overrides)``. Unknown keys are errors (a typo never
-silently trains with a default). Command-line flags override the file.
+silently trains with a default). Command-line flags override the file. A field with a value it
+cannot take is a :class:`ConfigError` naming the field (``data.batch_size must be an integer >= 1,
+got 0``); ``lungcore train`` names the flag instead when a flag gave the value.
 
 Example:
     >>> from lungcore.train.config import TrainConfig
@@ -14,10 +16,48 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field holds a value it cannot take. ``field``: its dotted name (``data.batch_size``);
+    ``problem``: what is wrong (``must be an integer >= 1, got 0``); ``str()`` is both."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _integer(field: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int (3.0 is 3), at least ``minimum``; else a :class:`ConfigError`."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and float(value).is_integer() and (minimum is None or value >= minimum))
+    if not ok:
+        raise ConfigError(field, f"must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    return int(value)
+
+
+def _number(field: str, value: Any, rule: str) -> float:
+    """``value`` as a finite float obeying ``rule`` (``"> 0"``, ``">= 0"``, ``"in [0, 1]"``,
+    ``"in [0, 1)"``); else a :class:`ConfigError` saying the rule. A string that reads as a number
+    is one (YAML reads ``1e-3``, without a dot, as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        v = float(value)
+        ok = {"> 0": v > 0, ">= 0": v >= 0, "in [0, 1]": 0 <= v <= 1, "in [0, 1)": 0 <= v < 1}[rule]
+    if not ok:
+        raise ConfigError(field, f"must be a number {rule}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -47,19 +87,21 @@ class OptimConfig:
     restart_epochs: float = 10.0
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
         if self.optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"optim.optimizer must be 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if int(self.accumulate) != self.accumulate or self.accumulate < 1:
-            raise ValueError(f"optim.accumulate must be an integer >= 1, got {self.accumulate}")
+            raise ConfigError("optim.optimizer", f"must be 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
+        self.lr = _number("optim.lr", self.lr, "> 0")
+        self.weight_decay = _number("optim.weight_decay", self.weight_decay, ">= 0")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError("optim.betas", f"must be 2 numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(_number("optim.betas", b, "in [0, 1)") for b in self.betas)
+        self.momentum = _number("optim.momentum", self.momentum, "in [0, 1)")
+        self.warmup_epochs = _number("optim.warmup_epochs", self.warmup_epochs, ">= 0")
+        self.min_lr_ratio = _number("optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        self.grad_clip = _number("optim.grad_clip", self.grad_clip, ">= 0")
+        self.accumulate = _integer("optim.accumulate", self.accumulate, 1)
         if self.schedule not in ("cosine", "restarts", "constant"):
-            raise ValueError(f"optim.schedule must be 'cosine', 'restarts' or 'constant', got {self.schedule!r}")
-        if not self.restart_epochs > 0:
-            raise ValueError(f"optim.restart_epochs must be > 0, got {self.restart_epochs}")
-        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("optim.warmup_epochs must be >= 0 and optim.min_lr_ratio in [0, 1]")
+            raise ConfigError("optim.schedule", f"must be 'cosine', 'restarts' or 'constant', got {self.schedule!r}")
+        self.restart_epochs = _number("optim.restart_epochs", self.restart_epochs, "> 0")
 
 
 @dataclass
@@ -94,12 +136,17 @@ class DataConfig:
             if value is not None:
                 setattr(self, name, os.fspath(value))
         if self.verify not in ("stat", "content"):
-            raise ValueError(f"data.verify must be 'stat' or 'content', got {self.verify!r}")
-        self.split = tuple(float(f) for f in self.split)
-        if len(self.split) != 3:
-            raise ValueError(f"data.split must be 3 fractions (train, val, test), got {self.split}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError("data.verify", f"must be 'stat' or 'content', got {self.verify!r}")
+        if not isinstance(self.split, (list, tuple)) or len(self.split) != 3:
+            raise ConfigError("data.split", f"must be 3 fractions (train, val, test), got {self.split!r}")
+        self.split = tuple(_number("data.split", f, ">= 0") for f in self.split)
+        if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
+            raise ConfigError("data.split", f"must be 3 fractions (train, val, test) summing to 1, got {self.split}")
+        self.split_seed = _integer("data.split_seed", self.split_seed, 0)
+        self.batch_size = _integer("data.batch_size", self.batch_size, 1)
+        if self.eval_batch_size is not None:
+            self.eval_batch_size = _integer("data.eval_batch_size", self.eval_batch_size, 1)
+        self.num_workers = _integer("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -136,13 +183,17 @@ class TrainConfig:
         if isinstance(self.optim, dict):
             self.optim = _build(OptimConfig, self.optim, "optim")
         if self.recipe not in ("lungcore", "paper"):
-            raise ValueError(f"recipe must be 'lungcore' or 'paper', got {self.recipe!r}")
+            raise ConfigError("recipe", f"must be 'lungcore' or 'paper', got {self.recipe!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+            raise ConfigError("precision", f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if int(self.epochs) != self.epochs or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs}")
+            raise ConfigError("device", f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        self.epochs = _integer("epochs", self.epochs, 1)
+        if not isinstance(self.stage_epochs, dict):
+            raise ConfigError("stage_epochs", f"must be a mapping of stage -> epochs, got {self.stage_epochs!r}")
+        self.stage_epochs = {k: _integer(f"stage_epochs.{k}", v, 1) for k, v in self.stage_epochs.items()}
+        self.seed = _integer("seed", self.seed)
+        self.patience = _integer("patience", self.patience, 0)
 
     def epochs_for(self, stage: str) -> int:
         return int(self.stage_epochs.get(stage, self.epochs))

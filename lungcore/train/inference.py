@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Iterator
@@ -156,7 +157,8 @@ def _checkpoint_settings(checkpoint: str | os.PathLike) -> tuple[dict[str, Any],
     return payload, schema, settings, model
 
 
-def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest: str | os.PathLike) -> None:
+def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest: str | os.PathLike,
+                flag: str = "--manifest") -> None:
     """A manifest with its own schema file of another cohort kind than the checkpoint's is refused."""
     from lungcore.data import CohortSchema
     from lungcore.data.schema import schema_beside
@@ -171,26 +173,48 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
         kind = schema.kind
     if kind != schema.kind:
         raise UsageError(f"--checkpoint {checkpoint} is a {payload['model']} model of {schema.kind!r} cohorts "
-                         f"but --manifest {manifest} is a {kind!r} cohort ({own.name})")
+                         f"but {flag} {manifest} is a {kind!r} cohort ({own.name})")
 
 
-@contextlib.contextmanager
-def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike, batch_size: int, device: str | None,
-                     cache_dir: str | os.PathLike | None = None, workers: int = 1,
-                     progress: bool = False) -> Iterator[tuple[Any, Any, Any, str, torch.device, dict[str, Any]]]:
-    """(model, manifest, batches, task, device, extra) of ``checkpoint`` on ``manifest``. Every CT is
-    read once: checked (a bad one named by its row before any prediction) and cropped into
-    ``cache_dir`` by ``workers`` processes, or into a temporary folder (deleted on exit) when
-    ``cache_dir`` is None; the batches then read crops only."""
-    from lungcore.data import CohortDataset
-    from lungcore.train.preflight import read_every_image
+def _check_batch_size(batch_size: Any) -> None:
+    from lungcore.usage import UsageError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise UsageError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+
+
+def _load(checkpoint: str | os.PathLike, device: str | None) -> tuple[dict[str, Any], Any, Any, Any]:
+    """``(payload, schema, settings, model)`` of ``checkpoint``, ``device`` checked (no image read)."""
     from lungcore.usage import device as check_device
 
     quiet_readers()
     check_device(device)
-    payload, schema, settings, model = _checkpoint_settings(checkpoint)
-    _check_kind(checkpoint, payload, schema, manifest)
+    return _checkpoint_settings(checkpoint)
+
+
+def _coded_manifest(checkpoint: Any, loaded: tuple, manifest: str | os.PathLike, targets: bool = False,
+                    flag: str = "--manifest") -> Any:
+    """``manifest`` read and coded with the checkpoint's schema (no image read); ``targets``: it must
+    hold the labels / an endpoint of the model (evaluate), else an error naming the missing columns."""
+    payload, schema, _, model = loaded
+    _check_kind(checkpoint, payload, schema, manifest, flag)
     m = load_manifest(manifest, schema)
+    if targets:
+        require_targets(m, manifest, getattr(model, "endpoints", None))
+    return m
+
+
+@contextlib.contextmanager
+def _batches(loaded: tuple, m: Any, batch_size: int, device: str | None, cache_dir: str | os.PathLike | None = None,
+             workers: int = 1, progress: bool = False) -> Iterator[tuple[Any, torch.device]]:
+    """``(batches, device)`` of the coded manifest ``m``: every CT is read once, checked (a bad one
+    named by its row before any prediction) and cropped into ``cache_dir`` by ``workers``
+    processes, or into a temporary folder (deleted on exit) when ``cache_dir`` is None; the batches
+    then read crops only. The model of ``loaded`` is moved to the device."""
+    from lungcore.data import CohortDataset
+    from lungcore.train.preflight import read_every_image
+
+    _, schema, settings, model = loaded
     with contextlib.ExitStack() as stack:
         cache = cache_dir if cache_dir is not None else \
             stack.enter_context(tempfile.TemporaryDirectory(prefix="lungcore-crops-"))
@@ -198,9 +222,12 @@ def _from_checkpoint(checkpoint: str | os.PathLike, manifest: str | os.PathLike,
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(dev)
         ds = CohortDataset(m, schema, settings, cache_dir=cache)
-        batches = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        extra = payload.get("extra", {})
-        yield model, m, batches, extra.get("task") or type(model).task, dev, extra
+        yield torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False), dev
+
+
+def _task(loaded: tuple) -> str:
+    payload, _, _, model = loaded
+    return payload.get("extra", {}).get("task") or type(model).task
 
 
 def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -218,14 +245,16 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
     from lungcore.train.report import predictions_frame
     from lungcore.usage import out_file
 
+    _check_batch_size(batch_size)
     if out is not None:
         out_file(out, "--out", overwrite=overwrite)
-    with _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir, workers, progress) as loaded:
-        model, m, batches, task, dev, _ = loaded
-        pred = run_predictions(model, batches, dev, progress=progress)
+    loaded = _load(checkpoint, device)
+    m = _coded_manifest(checkpoint, loaded, manifest)
+    with _batches(loaded, m, batch_size, device, cache_dir, workers, progress) as (batches, dev):
+        pred = run_predictions(loaded[3], batches, dev, progress=progress)
     patients = dict(zip(m.ids, m.patient_ids))
     pred["patient_id"] = [patients[i] for i in pred["id"]]
-    frame = predictions_frame(pred, task)
+    frame = predictions_frame(pred, _task(loaded))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,19 +281,24 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     from lungcore.train.report import summary_metrics, write_report
     from lungcore.usage import out_folder
 
+    _check_batch_size(batch_size)
     if out is not None:  # checked before any work: an existing report is replaced only with overwrite
         out_folder(out, "--out", overwrite=overwrite)
-    with _from_checkpoint(checkpoint, manifest, batch_size, device, cache_dir, workers, progress) as loaded:
-        model, m, batches, task, dev, extra = loaded
-        require_targets(m, manifest, getattr(model, "endpoints", None))
+    loaded = _load(checkpoint, device)
+    task, model = _task(loaded), loaded[3]
+    # both manifests are read and checked (labels / endpoints present) before any image is
+    m = _coded_manifest(checkpoint, loaded, manifest, targets=True)
+    ref = None
+    if task == "survival" and reference_manifest is not None:
+        ref = _coded_manifest(checkpoint, loaded, reference_manifest, targets=True, flag="--reference-manifest")
+    with _batches(loaded, m, batch_size, device, cache_dir, workers, progress) as (batches, dev):
         pred = run_predictions(model, batches, dev, progress=progress)
     pred["patient_id"] = list(m.patient_ids)
     reference = None
-    if task == "survival" and reference_manifest is not None:
-        with _from_checkpoint(checkpoint, reference_manifest, batch_size, device, cache_dir, workers,
-                              progress) as loaded:
-            reference = run_predictions(model, loaded[2], dev)
-    if out is not None:
+    if ref is not None:
+        with _batches(loaded, ref, batch_size, device, cache_dir, workers, progress) as (batches, dev):
+            reference = run_predictions(model, batches, dev)
+    if out is not None:  # replaces the report files an earlier report left there (report.REPORT_FILES)
         return write_report(Path(out), task, pred, reference=reference, history=None,
                             title=f"{Path(checkpoint).name} on {Path(manifest).name}")
     return summary_metrics(task, pred, reference)

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 N_BOOT = 300
+# every file write_report may write: a new report removes those an earlier one left (other files stay)
+REPORT_FILES = ("summary.md", "metrics.json", "training_curves.png", "km_pfs.png", "km_os.png", "roc.png",
+                "confusion_matrix.png")
 
 
 def breslow_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np.ndarray, risk: np.ndarray,
@@ -44,8 +47,20 @@ def breslow_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event
                        np.asarray(times, dtype=np.float64), dtype=torch.float64).numpy()
 
 
+def _shortest(values: Any) -> np.ndarray:
+    """float32 values as float64 holding their shortest decimal (a time of 2.6291 read into float32
+    is written 2.6291, not 2.6291000843048096); other dtypes as float64."""
+    a = np.asarray(values)
+    if a.dtype == np.float32:
+        return np.array([float(str(x)) for x in a], dtype=np.float64)  # str(float32): shortest round trip
+    return a.astype(np.float64)
+
+
 def predictions_frame(pred: dict[str, Any], task: str):
-    """One row per manifest row: id, patient_id, outputs (risks or probability), targets if known."""
+    """One row per manifest row: id, patient_id, outputs (risks or probability), targets if known.
+
+    Times and outputs hold the shortest decimal of their float32 value (a manifest's 2.6291 stays
+    2.6291), events are integers; a row without the endpoint has empty time and event cells."""
     import pandas as pd
 
     cols: dict[str, Any] = {"id": pred["id"]}
@@ -54,15 +69,19 @@ def predictions_frame(pred: dict[str, Any], task: str):
     if task == "survival":
         endpoints = [e for e in ("pfs", "os") if e in pred]  # the model's endpoints
         for e in endpoints:
-            cols[f"{e}_risk"] = pred[e]
-        for k in (f"{e}_{part}" for e in endpoints for part in ("time", "event")):
-            if k in pred:
-                mask = pred.get(f"{k.split('_')[0]}_mask")
-                v = pred[k].astype(float)
-                cols[k] = np.where(mask, v, np.nan) if mask is not None else v
+            cols[f"{e}_risk"] = _shortest(pred[e])
+        for e in endpoints:
+            if f"{e}_time" not in pred:
+                continue
+            mask = pred.get(f"{e}_mask")
+            mask = np.ones(len(pred["id"]), bool) if mask is None else np.asarray(mask).astype(bool)
+            cols[f"{e}_time"] = np.where(mask, _shortest(pred[f"{e}_time"]), np.nan)
+            if f"{e}_event" in pred:
+                events = np.asarray(pred[f"{e}_event"], dtype=np.float64).round().astype(np.int64)
+                cols[f"{e}_event"] = pd.array([int(v) if m else pd.NA for v, m in zip(events, mask)], dtype="Int64")
     else:
         if "probability" in pred:
-            cols["probability"] = pred["probability"]
+            cols["probability"] = _shortest(pred["probability"])
             cols["prediction"] = (np.asarray(pred["probability"]) >= 0.5).astype(int)
         if "label" in pred:
             cols["label"] = np.where(pred["label_mask"], pred["label"], -1)
@@ -180,7 +199,9 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
                  warnings: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``folder``/{summary.md, metrics.json, *.png}; return the metrics. ``warnings`` (what
     the run could not learn or select on) head the summary. ``metrics.json`` is strict JSON
-    (an undefined metric is ``null``)."""
+    (an undefined metric is ``null``). An earlier report in ``folder`` is replaced: the files of
+    :data:`REPORT_FILES` it holds are removed first (an old ``roc.png`` never sits beside a new
+    survival report); any other file there stays."""
     from lungcore.usage import json_safe
 
     import matplotlib
@@ -191,6 +212,9 @@ def write_report(folder: Path, task: str, pred: dict[str, Any], *, reference: di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = summary_metrics(task, pred, reference)
+    for name in REPORT_FILES:
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            (folder / name).unlink()
     figures: list[str] = []
     if history:
         figures += _curves(folder, history, plt)

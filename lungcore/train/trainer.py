@@ -80,11 +80,18 @@ def _non_finite(loss: torch.Tensor, batch: dict[str, Any], stage: str, epoch: in
                               f"{batch_no} (ids {list(ids)[:4]}...); stopped. {then}")
 
 
+# logs of model.loss that count samples (CSF-Net's "n": the labelled nodules of the batch): summed over the
+# epoch and over the ranks (metrics.csv's train_n: the samples trained on in that epoch), not averaged per batch
+COUNT_LOGS = ("n",)
+
+
 def train_epoch(wrapped: nn.Module, model: nn.Module, batches, stage: str, optimizer, lr_at, state: TrainerState,
                 cfg: TrainConfig, device: torch.device, desc: str, last_pt: Path) -> dict[str, float]:
     """One pass over ``batches``: an optimiser step every ``cfg.optim.accumulate`` batches at the
-    rate ``lr_at(state.step)``; ``state.step`` counts them. Returns the epoch's train_* means, its
-    throughput and time. A non-finite loss raises :class:`NonFiniteLossError` before its step."""
+    rate ``lr_at(state.step)``; ``state.step`` counts them. Returns the epoch's train_* means over
+    its batches (``train_<k>`` of a :data:`COUNT_LOGS` log ``k`` is the epoch's total over every
+    rank instead), its throughput and time. A non-finite loss raises :class:`NonFiniteLossError`
+    before its step."""
     from tqdm import tqdm
 
     accumulate = cfg.optim.accumulate
@@ -129,7 +136,10 @@ def train_epoch(wrapped: nn.Module, model: nn.Module, batches, stage: str, optim
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
     seconds = time.perf_counter() - start
-    out = {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+    out = {f"train_{k}": v / max(count, 1) for k, v in sums.items() if k not in COUNT_LOGS}
+    for k in COUNT_LOGS:
+        if k in sums:
+            out[f"train_{k}"] = int(round(sum(dist_utils.gather(sums[k]))))
     _, world = dist_utils.world()
     out["samples_per_s"] = samples * world / max(seconds, 1e-9)
     out["epoch_seconds"] = seconds

@@ -138,6 +138,10 @@ def test_real_csfnet_tiny(tmp_path, nodule_cohort, cache_dir):
     result = fit(cfg, out=tmp_path / "run")
     assert math.isfinite(result.history[-1]["train_loss"])
     assert "roc_auc" in result.test_metrics
+    # train_n: the labelled nodules the epoch trained on (17 in the training split, batch 6, drop_last: 12),
+    # not the mean batch size
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["train_n"] for r in rows] == ["12"]
 
 
 def test_real_cmml_tiny_two_stages_and_breslow_baseline(tmp_path, survival_cohort, cache_dir):
