@@ -87,6 +87,9 @@ def synth(args: argparse.Namespace) -> int:
     if args.n < 1:
         print("lungcore synth: --n must be >= 1", file=sys.stderr)
         return 2
+    if args.seed < 0:
+        print(f"lungcore synth: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     if args.dicom_every < 0:
         print("lungcore synth: --dicom-every must be >= 0", file=sys.stderr)
         return 2

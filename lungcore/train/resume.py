@@ -192,7 +192,9 @@ def trainer_stages(cfg: Any) -> list[str]:
     if cfg.stage in ("all", "both"):
         return stages
     if cfg.stage not in stages:
-        raise ValueError(f"stage {cfg.stage!r} is not a stage of {cfg.model!r}; stages: {stages} or 'all'")
+        from lungcore.train.config import ConfigError
+
+        raise ConfigError("stage", f"{cfg.stage!r} is not a stage of {cfg.model!r}; stages: {stages} or 'all'")
     return [cfg.stage]
 
 

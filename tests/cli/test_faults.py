@@ -670,6 +670,7 @@ def test_every_option_has_help_and_shows_its_default(capsys):
     ["validate", "--manifest", "missing.csv"],
     ["preprocess", "--manifest", "missing.csv", "--out", "X"],
     ["synth", "--kind", "nodules", "--n", "0", "--out", "X"],
+    ["synth", "--kind", "nodules", "--n", "4", "--seed", "-1", "--out", "X"],
     ["cindex", "--csv", "missing.csv", "--risk", "r", "--time", "t", "--event", "e"],
     ["train", "--bogus"],
 ])

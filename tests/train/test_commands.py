@@ -64,6 +64,7 @@ def _config(tmp_path, manifest, cache_dir, **data) -> object:
     ("--accumulate", "0", "--accumulate must be an integer >= 1, got 0"),
     ("--lr", "0", "--lr must be a number > 0, got 0.0"),
     ("--lr", "nan", "--lr must be a number > 0, got nan"),
+    ("--stage", "nope", "--stage 'nope' is not a stage of"),
 ])
 def test_train_names_the_bad_flag_before_any_work(tmp_path, capsys, nodule_cohort, cache_dir, no_image_read,
                                                   flag, value, message):

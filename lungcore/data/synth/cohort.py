@@ -43,6 +43,8 @@ def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", se
         raise ValueError(f"effects must be one of {EFFECTS}, got {effects!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     out = Path(out)
     wanted = {"kind": kind, "preset": preset, "seed": seed, "n": n, "dicom_every": dicom_every, "missing": missing,
               "generator_version": GENERATOR_VERSION, "effects": effects}
