@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from lungcore.data import image_checks
+from lungcore.data.image_checks import IMAGE_CHECKS
 from lungcore.data.schema import CohortSchema, schema_beside
 
-IMAGE_CHECKS = ("none", "exists", "header", "full")
 
 
 @dataclass(frozen=True)
@@ -134,47 +135,6 @@ def _parse_float(cell: str) -> float | None:
         return float(cell)
     except ValueError:
         return None
-
-
-def _check_image(path: Path, level: str) -> tuple[tuple[str, str] | None, tuple[tuple[int, ...], np.ndarray] | None]:
-    """(None if fine else (message, detail), (shape, affine) when the check learnt them)."""
-    if level == "none":
-        return None, None
-    if not path.exists():
-        return ("file not found", ""), None
-    if level == "exists":
-        return None, None
-    from lungcore.data.io import read_ct, read_ct_header
-
-    try:
-        if level == "full":
-            ct = read_ct(path, dtype=None, contiguous=False)
-            return None, (ct.shape, ct.affine)
-        shape, affine = read_ct_header(path)
-        return None, None if affine is None else (shape, affine)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is an unreadable image
-        return ("unreadable image (not a NIfTI file or DICOM series lungcore can read)",
-                f"{type(exc).__name__}: {exc}"), None
-
-
-def _full_check(path: str) -> tuple[tuple[str, str] | None, tuple[tuple[int, ...], np.ndarray] | None]:
-    """:func:`_check_image` at ``"full"``, as a pool task (module level: the worker processes import it)."""
-    return _check_image(Path(path), "full")
-
-
-def _centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[int, ...], np.ndarray]) -> str | None:
-    shape, affine = geometry
-    if frame == "voxel":
-        idx = centre_xyz[::-1]
-    else:
-        inv = np.linalg.inv(affine)
-        idx = inv[:3, :3] @ centre_xyz + inv[:3, 3]
-    n = np.asarray(shape, dtype=np.float64)
-    if np.all(idx >= -0.5) and np.all(idx <= n - 0.5):
-        return None
-    hint = " (are the coordinates LPS millimetres? RAS flips the signs of x and y)" if frame == "world" else ""
-    return (f"centre lies outside the image: voxel index (z, y, x) {np.round(idx, 1).tolist()}, "
-            f"image shape {tuple(int(v) for v in shape)}{hint}")
 
 
 def _time_problem(text: str) -> str | None:
@@ -306,7 +266,7 @@ class _Rows:
         if value != "":
             path = self.resolve(value)
             if path not in self.checked:
-                self.checked[path] = _check_image(path, self.image_check)
+                self.checked[path] = image_checks.check_image(path, self.image_check)
             bad, geometry = self.checked[path]
             if bad:
                 self.problem(r, col, value, *bad)
@@ -327,7 +287,7 @@ class _Rows:
             else:
                 self.centres[i, t, k] = x
         if value != "" and geometry is not None and np.all(np.isfinite(self.centres[i, t])):
-            outside = _centre_outside(self.centres[i, t], self.schema.centre_frame, geometry)
+            outside = image_checks.centre_outside(self.centres[i, t], self.schema.centre_frame, geometry)
             if outside:
                 self.problem(r, cols[0], cells[0], outside)
         return path
@@ -449,7 +409,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
         body = list(reader)
     parsed = _Rows(schema, header, len(body), path.parent, images)
     if images == "full" and workers > 1:
-        parsed.checked.update(_read_all(parsed.image_paths(body), int(workers), progress))
+        parsed.checked.update(image_checks.check_all_full(parsed.image_paths(body), int(workers), progress))
     parsed.problems += _header_problems(header, parsed.columns, schema)
     header_ok = not parsed.problems  # a header problem does not hide the problems of the rows: go on
     for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress, leave=False)):
@@ -462,25 +422,6 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
                         images=parsed.images, centres=parsed.centres, clinical_raw=parsed.clinical_raw,
                         endpoints=parsed.endpoints, label=parsed.label, label_mask=parsed.label_mask)
     return manifest, parsed.problems
-
-
-def _read_all(paths: list[Path], workers: int, progress: bool) -> dict[Path, Any]:
-    """The ``"full"`` check of every image in ``paths``, read by a pool of ``workers`` processes."""
-    from tqdm import tqdm
-
-    from lungcore.data.preprocess.pool import READ_PRELOAD, map_images
-
-    checked: dict[Path, Any] = {}
-    if not paths:
-        return checked
-    with tqdm(total=len(paths), desc="read images", unit="CT", disable=not progress, leave=False) as bar:
-        def done(p: Path, result: Any) -> None:
-            checked[p] = result
-            bar.update()
-
-        map_images(_full_check, paths, lambda p: (), min(workers, len(paths)), done,
-                   preload=("lungcore.data.manifest", *READ_PRELOAD))
-    return checked
 
 
 def read_manifest(path: str | Path, schema: CohortSchema | str | Path | None = None, *,

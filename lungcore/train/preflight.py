@@ -77,11 +77,12 @@ def _image_jobs(manifest: Any, rows: Sequence[int]) -> dict[Path, list[tuple[int
 
 def _image_problems(manifest: Any, path: Path, boxes: list[tuple[int, int]]) -> list[Any]:
     """The problems of one image (read in full) at its cells ``boxes``, as ``validate --images full`` words them."""
-    from lungcore.data.manifest import ManifestProblem, _centre_outside, _check_image
+    from lungcore.data.image_checks import centre_outside, check_image
+    from lungcore.data.manifest import ManifestProblem
 
     columns = manifest.schema.image_columns
     frame = manifest.schema.centre_frame
-    bad, geometry = _check_image(path, "full")
+    bad, geometry = check_image(path, "full")
     if bad:
         text = _cell_text(manifest, path)
         return [ManifestProblem(manifest.rows[i], columns[t], text, *bad) for i, t in boxes]
@@ -89,7 +90,7 @@ def _image_problems(manifest: Any, path: Path, boxes: list[tuple[int, int]]) -> 
     for i, t in boxes:
         centre = manifest.centres[i, t]
         if geometry is not None and np.all(np.isfinite(centre)):
-            outside = _centre_outside(centre, frame, geometry)
+            outside = centre_outside(centre, frame, geometry)
             if outside:
                 cols = manifest.schema.centre_columns.get(columns[t], [columns[t]])
                 problems.append(ManifestProblem(manifest.rows[i], cols[0], f"{centre[0]:g}", outside))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lungcore.cli import main
+from lungcore.data import image_checks
 from lungcore.data import ClinicalVariable, CohortSchema, ManifestError, check_manifest, read_manifest, write_nifti
 
 HEADER = "patient_id,ct,age,smoking,pfs_time,pfs_event,os_time,os_event"
@@ -150,7 +151,6 @@ def test_centre_outside_the_image(cohort, tmp_path):
 
 def test_full_check_in_worker_processes_finds_what_one_process_finds(cohort, tmp_path, capsys, monkeypatch):
     """``workers`` > 1 reads the images in the preprocessing pool: the same problems, in the same order."""
-    import lungcore.data.manifest as manifest_module
 
     header = HEADER + ",centre_x,centre_y,centre_z"
     (tmp_path / "bad.nii.gz").write_bytes(b"this is not an image")
@@ -170,8 +170,8 @@ def test_full_check_in_worker_processes_finds_what_one_process_finds(cohort, tmp
         assert level != "full", f"{path} read in the parent process"
         return check(path, level)
 
-    check = manifest_module._check_image
-    monkeypatch.setattr(manifest_module, "_check_image", not_here)
+    check = image_checks.check_image
+    monkeypatch.setattr(image_checks, "check_image", not_here)
     two, problems_two = check_manifest(path, images="full", workers=2)
     assert [(p.row, p.column) for p in problems_one] == [(3, "ct"), (4, "ct"), (5, "centre_x"), (6, "ct"),
                                                          (6, "pfs_time"), (7, "ct")]
@@ -194,11 +194,9 @@ def test_full_check_in_worker_processes_finds_what_one_process_finds(cohort, tmp
 
 def test_each_image_is_checked_once(cohort, monkeypatch):
     """Rows that share an image (a scan with several nodules, a repeated CT) read it once."""
-    import lungcore.data.manifest as manifest_module
-
     reads = []
-    check = manifest_module._check_image
-    monkeypatch.setattr(manifest_module, "_check_image", lambda path, level: reads.append(path) or check(path, level))
+    check = image_checks.check_image
+    monkeypatch.setattr(image_checks, "check_image", lambda path, level: reads.append(path) or check(path, level))
     path = cohort(*[f"P{i},good.nii.gz,61,former,3,1,10,0" for i in range(5)], "P9,missing.nii.gz,61,former,3,1,10,0")
     manifest, problems = check_manifest(path, images="full")
     assert [p.name for p in reads] == ["good.nii.gz", "missing.nii.gz"]
