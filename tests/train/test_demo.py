@@ -35,7 +35,7 @@ def test_demo_quick(tmp_path, capsys, monkeypatch):
     assert done.value.code == 0
     md = (tmp_path / "results" / "cmml_demo_variants.md").read_text()
     assert "| default (T2G graph, pretrained fusion, column lr 1e-2) |" in md
-    assert "| pretraining 24 epochs (demo: 8) |" in md and "| seed 1 |" in md
+    assert "| 24 pretraining epochs |" in md and "| seed 1 |" in md
     longer = yaml.safe_load((tmp_path / "variants" / "variant5" / "seed1" / "config.yaml").read_text())
     assert longer["stage_epochs"]["pretrain"] == 24 and longer["stage_epochs"]["finetune"] == 2
     with open(tmp_path / "results" / "cmml_demo_variants.csv", newline="") as f:
