@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,40 @@ def positive(values: Any, flag: str, *, integer: bool = False) -> None:
             kind = "positive integers" if integer else "positive numbers"
             shown = " ".join(str(x) for x in items)
             raise UsageError(f"{flag} {shown}: must be {kind}")
+
+
+def is_integer(value: Any, minimum: int | None = None) -> bool:
+    """``value`` is a whole number (``3`` or ``3.0``, not ``True``, NaN or ``"3"``), at least ``minimum``.
+
+    The one rule behind every integer flag (:func:`integer`) and config field
+    (``lungcore.train.config``).
+
+    Example:
+        >>> is_integer(3.0, 1), is_integer(0, 1), is_integer(True), is_integer(float("nan"))
+        (True, False, False, False)
+    """
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and float(value).is_integer() and (minimum is None or value >= minimum))
+
+
+def integer(value: Any, flag: str, minimum: int | None = None, *, note: str = "") -> int:
+    """``value`` of integer flag ``flag`` as an int.
+
+    Anything else is a :class:`UsageError`: ``"--workers must be an integer >= 1, got 0"``
+    (``note`` follows the bound, e.g. ``" (0: torch's choice)"``).
+
+    Example:
+        >>> integer(4, "--workers", 1)
+        4
+        >>> integer(0, "--workers", 1)
+        Traceback (most recent call last):
+        ...
+        lungcore.usage.UsageError: --workers must be an integer >= 1, got 0
+    """
+    if not is_integer(value, minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise UsageError(f"{flag} must be an integer{bound}{note}, got {value!r}")
+    return int(value)
 
 
 def json_safe(value: Any) -> Any:

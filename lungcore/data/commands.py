@@ -26,11 +26,15 @@ def validate_args(p: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> int:
+    from lungcore import usage
     from lungcore.data.manifest import check_manifest
     from lungcore.data.preprocess.pool import default_workers
 
-    if args.workers is not None and args.workers < 1:
-        print(f"lungcore validate: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+    try:
+        if args.workers is not None:
+            usage.integer(args.workers, "--workers", 1)
+    except usage.UsageError as exc:
+        print(f"lungcore validate: {exc}", file=sys.stderr)
         return 2
     try:
         manifest, problems = check_manifest(args.manifest, args.schema, images=args.images,
@@ -81,19 +85,14 @@ SYNTH_OUTPUTS = ("images", "manifest.csv", "manifest.schema.json", "truth.csv", 
 def synth(args: argparse.Namespace) -> int:
     import shutil
 
+    from lungcore import usage
     from lungcore.data.synth import synth_cohort
     from lungcore.usage import UsageError, out_folder
 
-    if args.n < 1:
-        print("lungcore synth: --n must be >= 1", file=sys.stderr)
-        return 2
-    if args.seed < 0:
-        print(f"lungcore synth: --seed must be >= 0, got {args.seed}", file=sys.stderr)
-        return 2
-    if args.dicom_every < 0:
-        print("lungcore synth: --dicom-every must be >= 0", file=sys.stderr)
-        return 2
     try:
+        usage.integer(args.n, "--n", 1)
+        usage.integer(args.seed, "--seed", 0)
+        usage.integer(args.dicom_every, "--dicom-every", 0)
         out_folder(args.out, "--out", overwrite=args.overwrite)
     except UsageError as exc:
         print(f"lungcore synth: {exc}", file=sys.stderr)
@@ -191,8 +190,8 @@ def preprocess(args: argparse.Namespace) -> int:
         usage.positive(args.crop, "--crop", integer=True)
         if args.window is not None and not args.window[0] < args.window[1]:
             raise usage.UsageError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
-        if args.workers is not None and args.workers < 1:
-            raise usage.UsageError(f"--workers must be >= 1, got {args.workers}")
+        if args.workers is not None:
+            usage.integer(args.workers, "--workers", 1)
         usage.device(args.device)
         usage.out_folder(args.out, "--out", overwrite=True)  # a cache is shared: only writability matters
         shard = shard_from_env(args.shard)

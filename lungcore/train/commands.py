@@ -207,15 +207,13 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from lungcore.train.demo import run_demo
-    from lungcore.usage import UsageError
+    from lungcore.usage import UsageError, integer
 
     import torch
 
     try:  # before any work: torch.set_num_threads(-1) raises a RuntimeError, a negative seed fails in synth
-        if args.threads < 0:
-            raise UsageError(f"--threads must be an integer >= 0 (0: torch's choice), got {args.threads}")
-        if args.seed < 0:
-            raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
+        integer(args.threads, "--threads", 0, note=" (0: torch's choice)")
+        integer(args.seed, "--seed", 0)
     except UsageError as exc:
         return _fail("demo", exc)
     threads = torch.get_num_threads()

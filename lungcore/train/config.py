@@ -35,9 +35,9 @@ class ConfigError(ValueError):
 
 def _integer(field: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as an int (3.0 is 3), at least ``minimum``; else a :class:`ConfigError`."""
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-          and float(value).is_integer() and (minimum is None or value >= minimum))
-    if not ok:
+    from lungcore.usage import is_integer
+
+    if not is_integer(value, minimum):
         raise ConfigError(field, f"must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return int(value)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 import tempfile
 from collections.abc import Iterator
@@ -176,13 +175,6 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
                          f"but {flag} {manifest} is a {kind!r} cohort ({own.name})")
 
 
-def _check_batch_size(batch_size: Any) -> None:
-    from lungcore.usage import UsageError
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise UsageError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-
-
 def _load(checkpoint: str | os.PathLike, device: str | None) -> tuple[dict[str, Any], Any, Any, Any]:
     """``(payload, schema, settings, model)`` of ``checkpoint``, ``device`` checked (no image read)."""
     from lungcore.usage import device as check_device
@@ -243,9 +235,9 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
         frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
     """
     from lungcore.train.report import predictions_frame
-    from lungcore.usage import out_file
+    from lungcore.usage import integer, out_file
 
-    _check_batch_size(batch_size)
+    batch_size = integer(batch_size, "--batch-size", 1)
     if out is not None:
         out_file(out, "--out", overwrite=overwrite)
     loaded = _load(checkpoint, device)
@@ -279,9 +271,9 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
         metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
     """
     from lungcore.train.report import summary_metrics, write_report
-    from lungcore.usage import out_folder
+    from lungcore.usage import integer, out_folder
 
-    _check_batch_size(batch_size)
+    batch_size = integer(batch_size, "--batch-size", 1)
     if out is not None:  # checked before any work: an existing report is replaced only with overwrite
         out_folder(out, "--out", overwrite=overwrite)
     loaded = _load(checkpoint, device)

@@ -53,7 +53,7 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 def _same(a: Any, b: Any, key: str) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k], key) for k in a)
-    if key in ("data.manifest", "data.schema", "data.cache_dir") and a is not None and b is not None:
+    if key in {OVERRIDE_PATHS[name] for name in PATH_FIELDS} and a is not None and b is not None:
         return _same_path(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y, key) for x, y in zip(a, b))

@@ -187,7 +187,7 @@ def test_full_check_in_worker_processes_finds_what_one_process_finds(cohort, tmp
         outputs.append(capsys.readouterr().err)
     assert outputs[0] == outputs[1] and "6 problems" in outputs[0]
     assert main(["validate", "--manifest", str(path), "--workers", "0"]) == 2
-    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    assert "--workers must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         check_manifest(path, images="full", workers=0)
 

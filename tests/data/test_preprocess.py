@@ -325,7 +325,7 @@ def test_preprocess_command_workers_and_keep_going(nodules, tmp_path, capsys):
     report = json.loads((tmp_path / "cache" / "report-0-of-1.json").read_text())
     assert report["workers"] == 2 and report["failed"][0]["row"] == 3
     assert main(args[:-2] + ["--workers", "0"]) == 2
-    assert "--workers must be >= 1" in capsys.readouterr().err
+    assert "--workers must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_pool_arguments_are_checked(nodules):
