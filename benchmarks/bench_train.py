@@ -5,7 +5,8 @@ One provider call = one optimiser step (forward, loss, backward, AdamW step: the
 ``lungcore.data`` produces. Providers:
 
     fused       the automatic backend: Triton kernels on CUDA (patch embedding, masked attention,
-                Cox loss), the C++ core on CPU where one exists (Cox), the reference elsewhere
+                Cox loss); on CPU the C++ core (Cox), SDPA (attention) and, for patch embedding, the
+                reference GEMM (Conv3d only where no gradient is recorded: its CPU backward is slow)
     reference   ``use_backend("reference")``: every lungcore op in plain PyTorch (the baseline)
 
 Cases: CMML pretraining step, CMML fine-tuning step (Cox on PFS + OS), CSF-Net step. On CUDA the

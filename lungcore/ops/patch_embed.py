@@ -26,8 +26,8 @@ Decisions:
 Backends (``lungcore.backend``, op ``"patch_embed3d"``): ``triton`` (CUDA tensors; CPU tensors under
 ``TRITON_INTERPRET=1``) behind the registered op ``lungcore::patch_embed3d`` and its registered
 backward op (one opaque differentiable op for torch.compile and autocast, eager and compiled);
-``torch`` (the CPU default: oneDNN's strided Conv3d for all tokens, else the gather-first path,
-plain autograd); ``reference`` (:func:`patch_embed3d_reference`, the oracle).
+``torch`` (the CPU default: oneDNN's strided Conv3d for all tokens when no gradient is recorded,
+else the gather-first path, plain autograd: Conv3d's CPU backward is the slow one); ``reference`` (:func:`patch_embed3d_reference`, the oracle).
 """
 from __future__ import annotations
 
@@ -202,6 +202,11 @@ _patch_embed3d_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Autograd will record an op on ``tensors``: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def patch_embed3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   pos_embed: torch.Tensor | None = None, visible: torch.Tensor | None = None,
                   *, pad: bool = False, check_visible: bool = True) -> torch.Tensor:
@@ -274,9 +279,12 @@ def patch_embed3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return _patch_embed3d_op(volume, weight, bias, pos_embed, visible, bool(pad), bool(check_visible))
     if visible is not None and check_visible and not torch.compiler.is_compiling():
         check_visible_set(visible, N)
-    if which == "torch" and visible is None and not pad and volume.device.type == "cpu":
-        # every token: oneDNN's strided Conv3d beat reshape/permute + linear by ~1.6x on CPU
-        # (benchmarks/bench_patch_embed.py); cuDNN is the slow one on GPUs, not this
+    if which == "torch" and visible is None and not pad and volume.device.type == "cpu" \
+            and not _needs_grad(volume, weight, bias, pos_embed):
+        # every token, inference: oneDNN's strided Conv3d beats reshape/permute + linear forward by up to
+        # ~1.6x on CPU (benchmarks/bench_patch_embed.py); its backward does not: 5x slower at the demo's
+        # CMML shape, 6x at patch 8x8x8 (1 thread, AMD EPYC, 2026-12-07), so training takes the GEMM.
+        # cuDNN is the slow one on GPUs, not this
         out = F.conv3d(volume, weight, bias, stride=patch).flatten(2).transpose(1, 2)
         return out if pos_embed is None else out + pos_embed
     return patch_embed3d_reference(volume, weight, bias, pos_embed, visible, pad)

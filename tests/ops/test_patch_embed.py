@@ -318,8 +318,9 @@ def test_network_a_shape_on_gpu(rng, dtype):
 
 
 def test_each_backend_runs_what_it_names(monkeypatch):
-    """reference -> patch_embed3d_reference; torch -> Conv3d (CPU, every token); triton -> the
-    kernels, which refuse float64 with a clear error instead of silently running something else."""
+    """reference -> patch_embed3d_reference; torch -> Conv3d (CPU, every token, no gradient recorded;
+    else the reference); triton -> the kernels, which refuse float64 with a clear error instead of
+    silently running something else."""
     import lungcore.ops.patch_embed as module
 
     calls = []
@@ -333,5 +334,12 @@ def test_each_backend_runs_what_it_names(monkeypatch):
         fast = patch_embed3d(x, w)
     assert calls == [1] and not launches
     assert _rel(fast, ref) < tolerance(torch.float32)
+    # training (a gradient recorded): the gather-first GEMM, whose CPU backward beats Conv3d's
+    with use_backend("torch"):
+        trained = patch_embed3d(x, w.clone().requires_grad_(True))
+    assert calls == [1, 1] and trained.requires_grad
+    with use_backend("torch"), torch.no_grad():
+        patch_embed3d(x, w.clone().requires_grad_(True))
+    assert calls == [1, 1]
     with use_backend("triton"), pytest.raises(TypeError, match="float64"):
         patch_embed3d(x.double(), w.double())
