@@ -7,7 +7,8 @@ Providers (all compute tokens = patches @ W^T + bias + pos, for the visible toke
     gather the visible ones, ``F.linear`` + gathered position rows.
   * ``gather-first compiled``: ``torch.compile`` of the same function.
   * ``lungcore``: ``lungcore.ops.patch_embed3d`` with its automatic backend (Triton on CUDA; on
-    CPU the gather-first reference inside the registered op), visible sets validated.
+    CPU Conv3d for every token without a gradient, else the gather-first reference), visible sets
+    validated.
   * ``lungcore unchecked``: the same with ``check_visible=False`` (no device sync).
 
 Shapes: network A (B=16, 1 x 32 x 128 x 128, patch 4 x 16 x 16, E=256) and a UNETR-like one
