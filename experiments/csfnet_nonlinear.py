@@ -14,10 +14,12 @@ On the same test nodules: a clinical-only logistic regression, a logistic regres
 clinical variables plus 14 radiomics-style features at T0, at T1 and their T1 - T0 changes (42
 features measured on each nodule's *true* mask, ``experiments/handcrafted.py``), the oracle (the
 true logit) and CSF-Net (the published layer layout at the reduced widths of
-``csfnet_synthetic.REDUCED``, token fusion) with several training seeds. AUC with patient-grouped
+``csfnet_synthetic.REDUCED``; token fusion, and with ``--fusions tokens published`` the published vector
+fusion too, paired per seed) with several training seeds. AUC with patient-grouped
 bootstrap 95 % intervals, paired differences; writes experiments/results/csfnet_nonlinear.{md,csv}.
 
     .venv/bin/python experiments/csfnet_nonlinear.py --workdir /tmp/csfnet_nonlinear   # reuses the cohorts
+    .venv/bin/python experiments/csfnet_nonlinear.py --fusions tokens published         # both fusions
 """
 from __future__ import annotations
 
@@ -107,16 +109,22 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
     truth = pd.read_csv(truth_csv, dtype={"nodule_id": str}).set_index("nodule_id")
     probs["oracle"] = truth.loc[[manifest.ids[i] for i in test], "logit"].to_numpy()
     if args.train_seeds and (effects == "morphology" or args.networks_on == "both"):
-        for s in args.train_seeds:
-            net, epoch, val_auc, _ = train_variant(f"seed {s}", {}, cards, data, splits, args.epochs, s)
-            log(f"{effects}: CSF-Net seed {s}: best epoch {epoch}, validation AUC {val_auc:.4f}")
-            probs[f"CSF-Net seed {s}"] = predict(net, data, test)
+        for fusion in args.fusions:
+            for s in args.train_seeds:
+                name = f"{FUSION_ROWS[fusion]}seed {s}"
+                net, epoch, val_auc, _ = train_variant(name, {"fusion": fusion}, cards, data, splits, args.epochs, s)
+                log(f"{effects}: {name}: best epoch {epoch}, validation AUC {val_auc:.4f}")
+                probs[name] = predict(net, data, test)
     groups = np.asarray([manifest.patient_ids[i] for i in test])
     ids = [manifest.ids[i] for i in test]
     pd.DataFrame({"nodule_id": ids, "label": y[test], **probs}).to_csv(work / "test_probabilities.csv", index=False)
     terms = planted_terms(truth, ids, effects)
     learned = [{"effects": effects, "model": name, "terms": learned_terms(p, terms)} for name, p in probs.items()]
     return probs, {"y": y[test], "groups": groups, "info": info, "n_test": len(test), "learned": learned}
+
+
+# row name prefix of each fusion's CSF-Net ("CSF-Net seed 0": the default token fusion, as committed)
+FUSION_ROWS = {"tokens": "CSF-Net ", "published": "CSF-Net published fusion "}
 
 
 def main() -> None:
@@ -129,6 +137,8 @@ def main() -> None:
     ap.add_argument("--train-seeds", default="0,1,2", help="CSF-Net training seeds ('' = baselines only)")
     ap.add_argument("--networks-on", choices=("morphology", "both"), default="morphology")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--fusions", nargs="+", choices=FUSION_ROWS, default=["tokens"],
+                    help="CSF-Net fusions to train at each seed (default: tokens, the model's default)")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -150,9 +160,13 @@ def main() -> None:
         for name, p in probs.items():
             auc = bootstrap_ci(roc_auc, y, p, n_boot=args.n_boot, seed=1, groups=groups)
             mh, om = diff(p, hand), diff(probs["oracle"], p)
-            rows.append({"effects": effects, "model": name, "auc": auc[0], "low": auc[1], "high": auc[2],
-                         "minus_handcrafted": mh[0], "mh_low": mh[1], "mh_high": mh[2],
-                         "oracle_minus": om[0], "om_low": om[1], "om_high": om[2]})
+            row = {"effects": effects, "model": name, "auc": auc[0], "low": auc[1], "high": auc[2],
+                   "minus_handcrafted": mh[0], "mh_low": mh[1], "mh_high": mh[2],
+                   "oracle_minus": om[0], "om_low": om[1], "om_high": om[2]}
+            published = name.replace(FUSION_ROWS["tokens"], FUSION_ROWS["published"], 1)
+            if name.startswith(FUSION_ROWS["tokens"] + "seed") and published in probs:  # paired, same seed
+                row["tokens_minus_published"] = diff(p, probs[published])
+            rows.append(row)
             log(f"{effects} {name}: AUC {auc[0]:.3f} [{auc[1]:.3f}, {auc[2]:.3f}]; - handcrafted {mh[0]:+.3f} "
                 f"[{mh[1]:+.3f}, {mh[2]:+.3f}]; oracle - it {om[0]:+.3f} [{om[1]:+.3f}, {om[2]:+.3f}]")
         info = meta["info"]
@@ -163,7 +177,9 @@ def main() -> None:
 
 
 def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[dict], minutes: float) -> None:
-    write_rows_csv(out / "csfnet_nonlinear.csv", rows)
+    pairs = [r for r in rows if "tokens_minus_published" in r]
+    write_rows_csv(out / "csfnet_nonlinear.csv", [{k: v for k, v in r.items() if k != "tokens_minus_published"}
+                                                  for r in rows])
 
     def ci(r, k, lo, hi, signed=False):
         f = "{:+.3f}" if signed else "{:.3f}"
@@ -195,11 +211,17 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
         g = next(r for r in rows if r["effects"] == effects and r["model"] == "clinical + handcrafted logistic")
         md.append(f"- **{effects}**: oracle - handcrafted = {g['oracle_minus']:+.3f} "
                   f"[{g['om_low']:+.3f}, {g['om_high']:+.3f}].")
-    nets = [r for r in rows if r["model"].startswith("CSF-Net") and r["effects"] == "morphology"]
-    if nets:
-        d, g = [r["minus_handcrafted"] for r in nets], [r["oracle_minus"] for r in nets]
-        md.append(f"- **CSF-Net on morphology** over {len(nets)} training seeds: model - handcrafted "
-                  f"{np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - model {np.mean(g):+.3f}.")
+    for fusion, prefix in FUSION_ROWS.items():
+        nets = [r for r in rows if r["model"].startswith(prefix + "seed") and r["effects"] == "morphology"]
+        if nets:
+            d, g = [r["minus_handcrafted"] for r in nets], [r["oracle_minus"] for r in nets]
+            md.append(f"- **CSF-Net ({fusion} fusion) on morphology** over {len(nets)} training seeds: model - "
+                      f"handcrafted {np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - model "
+                      f"{np.mean(g):+.3f}.")
+    for r in pairs:
+        t = r["tokens_minus_published"]
+        md.append(f"- {r['effects']}, {r['model']}: token fusion - published fusion (same seed, paired) "
+                  f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}].")
     (out / "csfnet_nonlinear.md").write_text("\n".join(md) + "\n")
 
 

@@ -94,7 +94,7 @@ def test_csfnet_synthetic(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [
     ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8"]),
-    ("csfnet_nonlinear.py", ["--epochs", "1"]),
+    ("csfnet_nonlinear.py", ["--epochs", "1", "--fusions", "tokens", "published"]),
 ])
 def test_nonlinear_scripts(script, extra, tmp_path):
     _run(script, "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--train-seeds", "0",
@@ -105,6 +105,9 @@ def test_nonlinear_scripts(script, extra, tmp_path):
         assert f"| {cohort} |" in md and f"**{cohort}**: oracle - handcrafted" in md
     assert "seed 0" in md and "handcrafted" in md
     assert (tmp_path / f"{stem}.csv").read_text().count("\n") > 6
+    if "--fusions" in extra:  # both fusions at the same seed, and their paired difference
+        assert "| morphology | CSF-Net published fusion seed 0 |" in md
+        assert "morphology, CSF-Net seed 0: token fusion - published fusion (same seed, paired)" in md
 
 
 @pytest.mark.slow
