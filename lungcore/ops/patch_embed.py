@@ -27,7 +27,8 @@ Backends (``lungcore.backend``, op ``"patch_embed3d"``): ``triton`` (CUDA tensor
 ``TRITON_INTERPRET=1``) behind the registered op ``lungcore::patch_embed3d`` and its registered
 backward op (one opaque differentiable op for torch.compile and autocast, eager and compiled);
 ``torch`` (the CPU default: oneDNN's strided Conv3d for all tokens when no gradient is recorded,
-else the gather-first path, plain autograd: Conv3d's CPU backward is the slow one); ``reference`` (:func:`patch_embed3d_reference`, the oracle).
+else the gather-first path, plain autograd: Conv3d's CPU backward is the slow one); ``reference``
+(:func:`patch_embed3d_reference`, the oracle).
 """
 from __future__ import annotations
 
