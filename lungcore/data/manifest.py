@@ -30,7 +30,7 @@ import numpy as np
 from lungcore.data import image_checks
 from lungcore.data.image_checks import IMAGE_CHECKS
 from lungcore.data.schema import CohortSchema, schema_beside
-
+from lungcore.usage import is_integer
 
 
 @dataclass(frozen=True)
@@ -393,7 +393,7 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     path = Path(path)
     if images not in IMAGE_CHECKS:
         raise ValueError(f"images must be one of {IMAGE_CHECKS}, got {images!r}")
-    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+    if not is_integer(workers, 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     missing = manifest_file_problem(path)
     if missing:

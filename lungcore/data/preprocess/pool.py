@@ -154,12 +154,14 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
     """
     from tqdm import tqdm
 
-    if int(workers) != workers or workers < 1:
+    from lungcore.usage import is_integer
+
+    if not is_integer(workers, 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     workers = int(workers)
     if workers > 1 and preprocessor.cache_dir is None:
         raise ValueError("workers > 1 needs a cache folder: the workers hand their crops over through it")
-    if threads is not None and (int(threads) != threads or threads < 1):
+    if threads is not None and not is_integer(threads, 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     i, n = shard
     jobs = _image_cells(manifest)
