@@ -137,6 +137,64 @@ def integer(value: Any, flag: str, minimum: int | None = None, *, note: str = ""
     return int(value)
 
 
+def read_mapping(path: str | os.PathLike, what: str, *, fmt: str | None = None, of: str = "",
+                 empty_ok: bool = False) -> dict[str, Any]:
+    """The mapping a JSON or YAML file holds; any problem is an error naming ``what`` and the file.
+
+    ``fmt`` is ``"json"`` or ``"yaml"``; by default a ``.yaml``/``.yml`` suffix means YAML and
+    anything else JSON. A missing file raises ``FileNotFoundError``; bytes that are not UTF-8, a
+    syntax error (with its line and column) or content that is not a mapping raise ``ValueError``:
+    ``"config file run.yaml is not valid YAML: expected ',' or ']' (line 2 column 1)"``. ``of``
+    follows "must hold a mapping" (``" of TrainConfig fields"``); an empty file is ``{}`` when
+    ``empty_ok``. The one reader of lungcore's schema and config files.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
+        >>> _ = f.write_text("epochs: 3\\n")
+        >>> read_mapping(f, "config file")
+        {'epochs': 3}
+        >>> _ = f.write_text("epochs: [3\\n")
+        >>> read_mapping(f, "config file")
+        Traceback (most recent call last):
+        ...
+        ValueError: config file .../c.yaml is not valid YAML: expected ',' or ']', but got '<stream end>' (line 2 column 1)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    fmt = fmt or ("yaml" if path.suffix.lower() in (".yaml", ".yml") else "json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text: byte {exc.start} is "
+                         f"{exc.object[exc.start:exc.start + 1]!r}") from None
+    if fmt == "yaml":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1} column {mark.column + 1})" if mark is not None else ""
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"{what} {path} is not valid YAML: {reason}{where}") from None
+    else:
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
+            raise ValueError(f"{what} {path} is not valid JSON: {reason} "
+                             f"(line {exc.lineno} column {exc.colno})") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a mapping{of}")
+    return data
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with NaN/inf floats as None, so ``json.dumps`` writes valid JSON (``null``)."""
     if isinstance(value, dict):

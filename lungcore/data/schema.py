@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from lungcore import usage
+
 KINDS = ("survival", "nodules")
 KIND_ALIASES = {"survival": "survival", "cmml": "survival", "nodules": "nodules", "csfnet": "nodules",
                 "csf-net": "nodules"}
@@ -228,33 +230,7 @@ class CohortSchema:
         A file that does not parse, or whose content is not a valid schema, raises ``ValueError``
         naming the file (and the line and column of a syntax error).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"schema file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"schema file {path} is not UTF-8 text: byte {exc.start} is "
-                             f"{exc.object[exc.start:exc.start + 1]!r}") from None
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" (line {mark.line + 1} column {mark.column + 1})" if mark is not None else ""
-                reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-                raise ValueError(f"schema file {path} is not valid YAML: {reason}{where}") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
-                raise ValueError(f"schema file {path} is not valid JSON: {reason} "
-                                 f"(line {exc.lineno} column {exc.colno})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"schema file {path} must hold a mapping")
+        data = usage.read_mapping(path, "schema file")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:

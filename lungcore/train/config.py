@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lungcore import usage
+
 
 class ConfigError(ValueError):
     """A config field holds a value it cannot take. ``field``: its dotted name (``data.batch_size``);
@@ -35,9 +37,7 @@ class ConfigError(ValueError):
 
 def _integer(field: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as an int (3.0 is 3), at least ``minimum``; else a :class:`ConfigError`."""
-    from lungcore.usage import is_integer
-
-    if not is_integer(value, minimum):
+    if not usage.is_integer(value, minimum):
         raise ConfigError(field, f"must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return int(value)
 
@@ -216,20 +216,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-            raise ValueError(f"config file {path} is not valid YAML{at}: "
-                             f"{getattr(exc, 'problem', None) or exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        data = usage.read_mapping(path, "config file", fmt="yaml", of=" of TrainConfig fields", empty_ok=True)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:

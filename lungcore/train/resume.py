@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lungcore import usage
 from lungcore.usage import UsageError
 
 # keyword of fit() (a command-line flag with - for _) -> its place in TrainConfig.to_dict()
@@ -120,9 +121,7 @@ def _config_fields(config: Any) -> tuple[dict[str, Any], str]:
         return _flatten(config), "config field "
     path = Path(config)
     TrainConfig.from_yaml(path)  # a malformed file is named before the comparison
-    import yaml
-
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = usage.read_mapping(path, "config file", fmt="yaml", empty_ok=True)
     return _flatten(raw), f"--config {path}: "
 
 

@@ -495,7 +495,19 @@ def test_malformed_yaml_config(base, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: cmml\ndata: {batch_size: 4\n")
     rc, _, err = cli(capsys, "train", "--config", bad, "--manifest", base["surv"], "--out", tmp_path / "run")
-    caught(rc, 2, err, f"config file {bad} is not valid YAML (line 3")
+    caught(rc, 2, err, f"config file {bad} is not valid YAML: expected ',' or '}}', but got '<stream end>' (line 3 column 1)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"model: cmml\nepochs: \xff\n", "is not UTF-8 text: byte 20 is b'\\xff'"),
+    (b"- model\n- cmml\n", "must hold a mapping of TrainConfig fields"),
+])
+def test_config_file_that_is_not_a_config(base, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    rc, _, err = cli(capsys, "train", "--config", bad, "--manifest", base["surv"], "--out", tmp_path / "run")
+    caught(rc, 2, err, f"config file {bad} {message}")
     assert not (tmp_path / "run").exists()
 
 
