@@ -14,7 +14,7 @@ do not implement the forced backend keep their automatic choice, and :func:`coun
 tells a test which kernels really ran.
 
 Example:
-    >>> import lungcore
+    >>> import lungcore.metrics  # registers concordance_index
     >>> lungcore.backend.backend_for("concordance_index", "cpu")
     'cpu'
     >>> with lungcore.backend.use_backend("reference"):
@@ -39,7 +39,14 @@ _DEFAULT_PREFERENCE = {"cuda": ("triton", "cupy", "reference"), "cpu": ("cpu", "
 
 @dataclass(frozen=True)
 class OpInfo:
-    """What an op implements and the order in which the automatic choice tries its backends."""
+    """What an op implements and the order in which the automatic choice tries its backends.
+
+    Example:
+        >>> import lungcore.metrics  # registers concordance_index
+        >>> info = registered_ops()["concordance_index"]
+        >>> sorted(info.backends), info.preference["cpu"]
+        (['cpu', 'reference'], ('cpu', 'reference'))
+    """
 
     name: str
     backends: frozenset[str]
@@ -55,7 +62,15 @@ def register_op(name: str, backends: tuple[str, ...] | list[str],
     """Declare op ``name`` with the backends it implements (``reference`` is implied).
 
     ``preference`` maps a device type (``"cpu"``, ``"cuda"``) to the order in which the automatic
-    choice tries backends; the default is Triton/CuPy first on CUDA, C++ first on CPU.
+    choice tries backends; the default is Triton/CuPy first on CUDA, C++ first on CPU. An op's
+    module registers it on import, e.g. ``register_op("concordance_index", ("cpu",))``; a name
+    registered again is replaced. A backend outside ``BACKENDS`` is refused before anything changes.
+
+    Example:
+        >>> register_op("my_op", ("triton", "tpu"))
+        Traceback (most recent call last):
+        ...
+        ValueError: register_op('my_op'): unknown backends ['tpu']; known: ('reference', ...)
     """
     unknown = set(backends) - set(BACKENDS)
     if unknown:
@@ -66,12 +81,26 @@ def register_op(name: str, backends: tuple[str, ...] | list[str],
 
 
 def registered_ops() -> dict[str, OpInfo]:
-    """All registered ops by name (ops register when their module is imported)."""
+    """All registered ops by name (ops register when their module is imported); a copy.
+
+    Example:
+        >>> import lungcore.metrics  # registers concordance_index
+        >>> registered_ops()["concordance_index"].name
+        'concordance_index'
+    """
     return dict(_OPS)
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    The environment is read at each call (tests set it without a GPU, see ``tests/conftest.py``).
+
+    Example:
+        >>> import os
+        >>> interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+        True
+    """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -108,22 +137,49 @@ def _probed(name: str, probe) -> bool:
 
 
 def triton_importable() -> bool:
-    """True when the ``triton`` package is installed (it may still lack a GPU to run on)."""
+    """True when the ``triton`` package is installed (it may still lack a GPU to run on).
+
+    Probed once per process, like :func:`cpp_available` and :func:`cupy_available`.
+
+    Example:
+        >>> import importlib.util
+        >>> triton_importable() == (importlib.util.find_spec("triton") is not None)
+        True
+    """
     return _probed("triton", _probe_triton)
 
 
 def cpp_available() -> bool:
-    """True when the compiled extension ``lungcore._C`` imports."""
+    """True when the compiled extension ``lungcore._C`` imports (the ``cpu`` backend).
+
+    Example:
+        >>> isinstance(cpp_available(), bool)
+        True
+    """
     return _probed("cpp", _probe_cpp)
 
 
 def cupy_available() -> bool:
-    """True when CuPy imports and sees a CUDA device."""
+    """True when CuPy imports and sees a CUDA device (the ``cupy`` backend); False on a machine
+    without either.
+
+    Example:
+        >>> isinstance(cupy_available(), bool)
+        True
+    """
     return _probed("cupy", _probe_cupy)
 
 
 def forced_backend() -> str | None:
-    """The backend forced by :func:`use_backend` or ``LUNGCORE_BACKEND`` (None = automatic)."""
+    """The backend forced by :func:`use_backend` or ``LUNGCORE_BACKEND`` (None = automatic).
+
+    :func:`use_backend` beats the environment; ``ValueError`` for an unknown ``LUNGCORE_BACKEND``.
+
+    Example:
+        >>> with use_backend("reference"):
+        ...     forced_backend()
+        'reference'
+    """
     value = getattr(_override, "value", None) or os.environ.get("LUNGCORE_BACKEND", "").strip().lower()
     if not value or value == "auto":
         return None
@@ -153,7 +209,18 @@ def backend_for(op: str, device: object = "cpu") -> str:
     """The backend op ``op`` will use for inputs on ``device`` (a torch.device or its string).
 
     Raises ``RuntimeError`` when a forced backend cannot run there (Triton on CPU tensors
-    without ``TRITON_INTERPRET=1``), so a benchmark or test never measures the wrong path.
+    without ``TRITON_INTERPRET=1``), so a benchmark or test never measures the wrong path;
+    ``KeyError`` for an op that was never registered.
+
+    Example:
+        >>> import lungcore.metrics  # registers concordance_index
+        >>> with use_backend("reference"):
+        ...     backend_for("concordance_index", "cpu")
+        'reference'
+        >>> backend_for("no_such_op")
+        Traceback (most recent call last):
+        ...
+        KeyError: "unknown op 'no_such_op'; registered: [...]"
     """
     if op not in _OPS:
         raise KeyError(f"unknown op {op!r}; registered: {sorted(_OPS)}")
@@ -192,11 +259,32 @@ def use_backend(name: str | None) -> Iterator[None]:
         _override.value = previous
 
 
-record_launch = _launch.record
+def record_launch(kernel: str, n: int = 1) -> None:
+    """Count ``n`` launches of ``kernel`` (``"<op>.<kernel>"``, e.g. ``"cox_ph_loss.scan_apply"``).
+
+    Every kernel launcher (C++, Triton, CuPy) calls it once per launch; :func:`count_launches`
+    and :func:`launch_counts` read the counts.
+
+    Example:
+        >>> with count_launches() as launches:
+        ...     record_launch("docs_example.kernel", 2)
+        >>> launches
+        Counter({'docs_example.kernel': 2})
+    """
+    _launch.record(kernel, n)
 
 
 def launch_counts() -> Counter[str]:
-    """Launches of every kernel since the process started, by kernel name."""
+    """Launches of every kernel since the process started, by kernel name (a copy).
+
+    Counts only grow; compare two snapshots, or use :func:`count_launches`, to see one block's.
+
+    Example:
+        >>> before = launch_counts()["docs_example.kernel"]
+        >>> record_launch("docs_example.kernel")
+        >>> launch_counts()["docs_example.kernel"] - before
+        1
+    """
     return _launch.snapshot()
 
 

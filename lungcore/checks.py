@@ -21,13 +21,28 @@ ArrayLike = Any  # numpy array, torch tensor (CPU or CUDA), CuPy array, or a seq
 
 
 def to_host(name: str, values: ArrayLike, dtype: Any = None) -> np.ndarray:
-    """``values`` as a numpy array on the host: torch tensors (detached, copied from CUDA), CuPy
-    arrays, numpy arrays and (nested) sequences; ``TypeError`` naming ``name`` otherwise."""
+    """``values`` as a numpy array on the host: torch tensors (detached, copied from CUDA; bfloat16,
+    which numpy lacks, as float32), CuPy arrays, numpy arrays and (nested) sequences; ``TypeError``
+    naming ``name`` otherwise.
+
+    Example:
+        >>> import torch
+        >>> to_host("time", torch.tensor([1.0, 2.0]))
+        array([1., 2.], dtype=float32)
+        >>> to_host("time", [[1, 2], [3]])
+        Traceback (most recent call last):
+        ...
+        TypeError: time must be array-like numbers, got list
+    """
     if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu").numpy()
+        values = values.detach().to("cpu")
+        if values.dtype == torch.bfloat16:
+            values = values.float()  # exact: every bfloat16 is a float32
     elif hasattr(values, "__cuda_array_interface__") and hasattr(values, "get"):
         values = values.get()  # CuPy
     try:
+        if isinstance(values, torch.Tensor):
+            values = values.numpy()
         return np.asarray(values, dtype=dtype)
     except Exception as exc:  # ragged lists, strings, unconvertible objects
         raise TypeError(f"{name} must be array-like numbers, got {type(values).__name__}") from exc
@@ -37,6 +52,14 @@ def host_1d(name: str, values: ArrayLike, dtype: type = np.float64) -> np.ndarra
     """``values`` as a contiguous 1-D numpy array of ``dtype`` on the host.
 
     Accepts numpy arrays, torch tensors (detached, copied from CUDA), CuPy arrays and sequences.
+
+    Example:
+        >>> host_1d("time", [1, 2])
+        array([1., 2.])
+        >>> host_1d("time", [[1, 2]])
+        Traceback (most recent call last):
+        ...
+        ValueError: time must be 1-D, got shape (1, 2)
     """
     array = to_host(name, values)
     if array.ndim != 1:
@@ -47,7 +70,16 @@ def host_1d(name: str, values: ArrayLike, dtype: type = np.float64) -> np.ndarra
 
 
 def same_length(**arrays: Sized) -> int:
-    """The common length of the named arrays; ``ValueError`` naming them when they differ."""
+    """The common length of the named arrays; ``ValueError`` naming them when they differ.
+
+    Example:
+        >>> same_length(time=[1.0, 2.0], event=[0, 1])
+        2
+        >>> same_length(time=[1.0, 2.0], event=[0, 1, 1])
+        Traceback (most recent call last):
+        ...
+        ValueError: time, event must have the same length; time has 2, event has 3
+    """
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k} has {v}" for k, v in lengths.items())
@@ -59,26 +91,65 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _first_bad_at(name: str, mask: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """The index of the first True entry of ``mask`` (any number of axes) and the entry's name: ``x[1, 0]``."""
+    at = tuple(int(i) for i in np.argwhere(mask)[0])
+    return at, f"{name}[{', '.join(map(str, at))}]" if at else name
+
+
 def finite(name: str, array: np.ndarray) -> np.ndarray:
-    """``array`` unchanged; ``ValueError`` naming the first NaN/inf entry."""
+    """``array`` unchanged; ``ValueError`` naming the first NaN/inf entry (by its index on every axis).
+
+    Example:
+        >>> import numpy as np
+        >>> finite("risk", np.array([0.5, 1.0]))
+        array([0.5, 1. ])
+        >>> finite("risk", np.array([0.5, np.nan, np.inf]))
+        Traceback (most recent call last):
+        ...
+        ValueError: risk[1] is nan: risk must be finite (2 bad values)
+        >>> finite("risk", np.array([[0.5, 1.0], [np.inf, 2.0]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: risk[1, 0] is inf: risk must be finite (1 bad values)
+    """
     bad = ~np.isfinite(array)
     if bad.any():
-        i = _first_bad(bad)
-        raise ValueError(f"{name}[{i}] is {array[i]}: {name} must be finite ({int(bad.sum())} bad values)")
+        at, entry = _first_bad_at(name, bad)
+        raise ValueError(f"{entry} is {array[at]}: {name} must be finite ({int(bad.sum())} bad values)")
     return array
 
 
 def nonnegative(name: str, array: np.ndarray) -> np.ndarray:
-    """``array`` unchanged; ``ValueError`` naming the first negative entry."""
+    """``array`` unchanged; ``ValueError`` naming the first negative entry (by its index on every axis).
+
+    Example:
+        >>> import numpy as np
+        >>> nonnegative("time", np.array([0.0, 3.0]))
+        array([0., 3.])
+        >>> nonnegative("time", np.array([2.0, -3.0]))
+        Traceback (most recent call last):
+        ...
+        ValueError: time[1] is negative (-3.0): time must be >= 0
+    """
     bad = array < 0
     if bad.any():
-        i = _first_bad(bad)
-        raise ValueError(f"{name}[{i}] is negative ({array[i]}): {name} must be >= 0")
+        at, entry = _first_bad_at(name, bad)
+        raise ValueError(f"{entry} is negative ({array[at]}): {name} must be >= 0")
     return array
 
 
 def binary(name: str, values: ArrayLike) -> np.ndarray:
-    """``values`` (bool, or numbers that are all 0/1) as a 1-D numpy bool array."""
+    """``values`` (bool, or numbers that are all 0/1) as a 1-D numpy bool array.
+
+    Example:
+        >>> binary("event", [1, 0, 1])
+        array([ True, False,  True])
+        >>> binary("event", [1, 2])
+        Traceback (most recent call last):
+        ...
+        ValueError: event[1] is 2.0: event must be 0/1 (or bool)
+    """
     array = host_1d(name, values, dtype=np.float64)
     bad = (array != 0) & (array != 1)
     if bad.any():
@@ -89,7 +160,16 @@ def binary(name: str, values: ArrayLike) -> np.ndarray:
 
 def survival_arrays(risk: ArrayLike, time: ArrayLike, event: ArrayLike,
                     risk_name: str = "risk") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated host copies of (risk, time, event): float64, float64 >= 0, bool; same length."""
+    """Validated host copies of (risk, time, event): float64, float64 >= 0, bool; same length.
+
+    Example:
+        >>> survival_arrays([0.2, 0.9], [5, 3], [1, 0])
+        (array([0.2, 0.9]), array([5., 3.]), array([ True, False]))
+        >>> survival_arrays([0.2, 0.9], [5, -3], [1, 0])
+        Traceback (most recent call last):
+        ...
+        ValueError: time[1] is negative (-3.0): time must be >= 0
+    """
     r = finite(risk_name, host_1d(risk_name, risk))
     t = nonnegative("time", finite("time", host_1d("time", time)))
     e = binary("event", event)
@@ -120,7 +200,16 @@ def tensor(name: str, value: Any, *, ndim: int | Iterable[int] | None = None,
 
 
 def shape(name: str, value: torch.Tensor, expected: Sequence[int | None]) -> torch.Tensor:
-    """Check ``value.shape`` against ``expected`` (``None`` = any size on that axis)."""
+    """Check ``value.shape`` against ``expected`` (``None`` = any size on that axis); ``value`` unchanged.
+
+    Example:
+        >>> shape("q", torch.zeros(2, 4, 8), (None, 4, 8)).shape
+        torch.Size([2, 4, 8])
+        >>> shape("q", torch.zeros(2, 4, 8), (None, 4, 16))
+        Traceback (most recent call last):
+        ...
+        ValueError: q must have shape (*, 4, 16), got (2, 4, 8)
+    """
     actual = tuple(value.shape)
     if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
@@ -129,14 +218,33 @@ def shape(name: str, value: torch.Tensor, expected: Sequence[int | None]) -> tor
 
 
 def finite_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
-    """``ValueError`` when a floating tensor holds NaN/inf (one device sync; use off the hot path)."""
+    """``value`` unchanged; ``ValueError`` when a floating tensor holds NaN/inf (one device sync; use
+    off the hot path).
+
+    Example:
+        >>> finite_tensor("x", torch.ones(3)).shape
+        torch.Size([3])
+        >>> finite_tensor("x", torch.tensor([1.0, float("nan")]))
+        Traceback (most recent call last):
+        ...
+        ValueError: x holds NaN or inf values
+    """
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} holds NaN or inf values")
     return value
 
 
 def one_of(name: str, value: Any, allowed: Iterable[Any]) -> Any:
-    """``value`` if it is in ``allowed``, else ``ValueError`` listing the choices."""
+    """``value`` if it is in ``allowed``, else ``ValueError`` listing the choices.
+
+    Example:
+        >>> one_of("ties", "efron", ("efron", "breslow"))
+        'efron'
+        >>> one_of("ties", "cox", ("efron", "breslow"))
+        Traceback (most recent call last):
+        ...
+        ValueError: ties must be one of ('efron', 'breslow'), got 'cox'
+    """
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -144,8 +252,18 @@ def one_of(name: str, value: Any, allowed: Iterable[Any]) -> Any:
 
 
 def finite_number(name: str, value: Any) -> float:
-    """``value`` as a finite float; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool):
+    """``value`` as a finite float; ``TypeError``/``ValueError`` naming ``name`` otherwise (bools and
+    strings, even ``"3"``, are not numbers).
+
+    Example:
+        >>> finite_number("fill", -1024)
+        -1024.0
+        >>> finite_number("fill", float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: fill must be finite, got nan
+    """
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     try:
         number = float(value)
@@ -201,7 +319,16 @@ def size3(name: str, value: Any) -> tuple[int, int, int]:
 
 def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
     """(N, 3) float64 voxel indices (z, y, x) inside a volume of ``shape`` ([-0.5, n - 0.5] per axis);
-    a single point (3,) becomes (1, 3). The error names the first bad row."""
+    a single point (3,) becomes (1, 3). The error names the first bad row.
+
+    Example:
+        >>> points_in_volume("centers", [2, 2, 3], (4, 5, 6))
+        array([[2., 2., 3.]])
+        >>> points_in_volume("centers", [[2, 2, 3], [4, 0, 0]], (4, 5, 6))
+        Traceback (most recent call last):
+        ...
+        ValueError: centers[1] = [4.0, 0.0, 0.0] lies outside the volume of shape (4, 5, 6) (valid input ...)
+    """
     points = to_host(name, value, dtype=np.float64)
     if points.ndim == 1 and points.shape[0] == 3:
         points = points[None]
@@ -221,9 +348,20 @@ def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
 
 
 def hu_window(name: str, value: Any) -> tuple[float, float] | None:
-    """``None`` or a finite (low, high) HU window with low < high."""
+    """``None`` or a finite (low, high) HU window with low < high, as floats.
+
+    Example:
+        >>> hu_window("window", (-1000, 400))
+        (-1000.0, 400.0)
+        >>> hu_window("window", (400, -1000))
+        Traceback (most recent call last):
+        ...
+        ValueError: window must be finite (low, high) with low < high, got (400, -1000)
+    """
     if value is None:
         return None
+    if isinstance(value, (str, bytes)):  # "12" would unpack to (1.0, 2.0)
+        raise TypeError(f"{name} must be (low, high) in HU, got {value!r}")
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError) as exc:
@@ -234,7 +372,16 @@ def hu_window(name: str, value: Any) -> tuple[float, float] | None:
 
 
 def interpolation_order(name: str, value: Any) -> int:
-    """0 (nearest), 1 (linear) or 3 (cubic B-spline); bools are refused."""
+    """0 (nearest), 1 (linear) or 3 (cubic B-spline) as an int; bools are refused.
+
+    Example:
+        >>> interpolation_order("order", 3)
+        3
+        >>> interpolation_order("order", 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: order must be one of (0, 1, 3), got 2
+    """
     if isinstance(value, bool):
         raise ValueError(f"{name} must be one of (0, 1, 3), got {value!r}")
     return int(one_of(name, value, (0, 1, 3)))
@@ -247,7 +394,16 @@ _VOLUME_PROMOTE = {np.dtype(np.bool_): np.dtype(np.uint8), np.dtype(np.float16):
 
 def volume_dtype(name: str, dtype: Any) -> np.dtype:
     """The numpy dtype a volume kernel reads for a volume of ``dtype`` (numpy or torch; bool ->
-    uint8, float16/bfloat16 -> float32); ``TypeError`` for anything else."""
+    uint8, float16/bfloat16 -> float32); ``TypeError`` for anything else.
+
+    Example:
+        >>> volume_dtype("volume", torch.bool), volume_dtype("volume", torch.bfloat16)
+        (dtype('uint8'), dtype('float32'))
+        >>> volume_dtype("volume", torch.complex64)
+        Traceback (most recent call last):
+        ...
+        TypeError: volume dtype must be one of int8, uint8, ..., float64 or bool, got torch.complex64
+    """
     if dtype in (torch.bfloat16, torch.float16):
         return np.dtype(np.float32)
     dt = numpy_dtype(name, dtype)
@@ -260,7 +416,16 @@ def volume_dtype(name: str, dtype: Any) -> np.dtype:
 
 def numpy_dtype(name: str, dtype: Any) -> np.dtype:
     """``dtype`` (numpy or torch) as a numpy dtype; ``TypeError`` naming ``name`` when it has none
-    (torch.bfloat16 has no numpy twin)."""
+    (torch.bfloat16 has no numpy twin).
+
+    Example:
+        >>> numpy_dtype("out_dtype", torch.float32)
+        dtype('float32')
+        >>> numpy_dtype("out_dtype", torch.bfloat16)
+        Traceback (most recent call last):
+        ...
+        TypeError: out_dtype must be a numpy or torch dtype with a numpy equivalent, got torch.bfloat16
+    """
     try:
         if isinstance(dtype, torch.dtype):
             return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
