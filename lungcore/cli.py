@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lungcore import usage
 from lungcore._version import __version__
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungcore: error: a command is required: one of {', '.join(sorted(SUBCOMMANDS))} "
               "(lungcore --help describes them)", file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    with usage.command_line():  # usage errors name the flags, not the Python arguments
+        return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ A usage problem is one line on stderr naming the argument or file; it is found b
 (no inference first, no file written). Existing output is never replaced unless ``--overwrite``
 says so.
 
+The same checks guard the Python API (``lungcore.train.fit``, ``predict``, ``evaluate``), so a
+message names the argument as its caller wrote it: the command-line flag inside
+:func:`command_line` (where ``lungcore.cli.main`` runs every subcommand), the keyword argument
+outside (``batch_size``, ``overwrite=True``): see :func:`argument`.
+
 Example:
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -19,13 +24,21 @@ Example:
     >>> out_folder(d / "run", "--out", overwrite=False)
     Traceback (most recent call last):
     ...
+    lungcore.usage.UsageError: out .../run is not empty (metrics.csv); pass overwrite=True to replace it, or choose another folder
+    >>> with command_line():                                # as lungcore's commands say it
+    ...     out_folder(d / "run", "--out", overwrite=False)
+    Traceback (most recent call last):
+    ...
     lungcore.usage.UsageError: --out .../run is not empty (metrics.csv); pass --overwrite to replace it, or choose another folder
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +49,55 @@ class UsageError(ValueError):
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("lungcore_command_line", default=False)
+_SWITCHES = ("overwrite", "resume")  # flags without a value: keyword arguments set to True
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Within it, usage errors name command-line flags (``--batch-size``); ``lungcore.cli.main``
+    runs every subcommand in it.
+
+    Example:
+        >>> with command_line():
+        ...     argument("--batch-size")
+        '--batch-size'
+        >>> argument("--batch-size")
+        'batch_size'
+    """
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def on_command_line() -> bool:
+    """True inside :func:`command_line` (a ``lungcore`` command), False for a Python caller.
+
+    Example:
+        >>> on_command_line()
+        False
+    """
+    return _COMMAND_LINE.get()
+
+
+def argument(flag: str) -> str:
+    """How the caller spelled the argument of command-line ``flag``: the flag itself on the command
+    line (inside :func:`command_line`), else the Python keyword (``--batch-size`` -> ``batch_size``;
+    a switch: ``--overwrite`` -> ``overwrite=True``, ``--no-progress`` -> ``progress=False``).
+
+    Example:
+        >>> argument("--out"), argument("--overwrite"), argument("--no-progress"), argument("checkpoint")
+        ('out', 'overwrite=True', 'progress=False', 'checkpoint')
+    """
+    if _COMMAND_LINE.get() or not flag.startswith("--"):
+        return flag
+    name = flag[2:].replace("-", "_")
+    if name.startswith("no_"):
+        return f"{name[3:]}=False"
+    return f"{name}=True" if name in _SWITCHES else name
+
 
 def _writable_dir(folder: Path, flag: str) -> None:
     """``folder`` (existing or not) can be created and written by this process."""
@@ -45,9 +107,9 @@ def _writable_dir(folder: Path, flag: str) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise UsageError(f"{flag} {folder}: {probe} is a file, not a folder")
+        raise UsageError(f"{argument(flag)} {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: cannot write there (permission denied on {probe})")
+        raise UsageError(f"{argument(flag)} {folder}: cannot write there (permission denied on {probe})")
 
 
 def out_folder(folder: str | os.PathLike, flag: str = "--out", *, overwrite: bool = False,
@@ -65,8 +127,8 @@ def out_folder(folder: str | os.PathLike, flag: str = "--out", *, overwrite: boo
     names = sorted(p.name for p in folder.iterdir() if p.name not in ignore)
     if names and not overwrite:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise UsageError(f"{flag} {folder} is not empty ({shown}); pass --overwrite to replace it, "
-                         "or choose another folder")
+        raise UsageError(f"{argument(flag)} {folder} is not empty ({shown}); pass {argument('--overwrite')} to "
+                         "replace it, or choose another folder")
     return names
 
 
@@ -74,12 +136,13 @@ def out_file(path: str | os.PathLike, flag: str = "--out", *, overwrite: bool = 
     """Check that ``path`` can be written as a new file (an existing one only with ``overwrite``)."""
     path = Path(path)
     if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name")
+        raise UsageError(f"{argument(flag)} {path} is a folder; give a file name")
     if path.exists() and not overwrite:
-        raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another name")
+        raise UsageError(f"{argument(flag)} {path} exists; pass {argument('--overwrite')} to replace it, "
+                         "or choose another name")
     _writable_dir(path.parent, flag)
     if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{flag} {path}: cannot write there (permission denied)")
+        raise UsageError(f"{argument(flag)} {path}: cannot write there (permission denied)")
 
 
 def device(name: str | None, flag: str = "--device") -> None:
@@ -88,7 +151,8 @@ def device(name: str | None, flag: str = "--device") -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError(f"{flag} {name}: CUDA is not available on this machine (use --device cpu)")
+            raise UsageError(f"{argument(flag)} {name}: CUDA is not available on this machine "
+                             f"(use {argument(flag)} cpu)")
 
 
 def positive(values: Any, flag: str, *, integer: bool = False) -> None:
@@ -100,7 +164,7 @@ def positive(values: Any, flag: str, *, integer: bool = False) -> None:
         if not (math.isfinite(v) and v > 0) or (integer and int(v) != v):
             kind = "positive integers" if integer else "positive numbers"
             shown = " ".join(str(x) for x in items)
-            raise UsageError(f"{flag} {shown}: must be {kind}")
+            raise UsageError(f"{argument(flag)} {shown}: must be {kind}")
 
 
 def is_integer(value: Any, minimum: int | None = None) -> bool:
@@ -120,8 +184,9 @@ def is_integer(value: Any, minimum: int | None = None) -> bool:
 def integer(value: Any, flag: str, minimum: int | None = None, *, note: str = "") -> int:
     """``value`` of integer flag ``flag`` as an int.
 
-    Anything else is a :class:`UsageError`: ``"--workers must be an integer >= 1, got 0"``
-    (``note`` follows the bound, e.g. ``" (0: torch's choice)"``).
+    Anything else is a :class:`UsageError`: ``"--workers must be an integer >= 1, got 0"`` on the
+    command line, ``"workers must be ..."`` from Python (:func:`argument`; ``note`` follows the
+    bound, e.g. ``" (0: torch's choice)"``).
 
     Example:
         >>> integer(4, "--workers", 1)
@@ -129,11 +194,11 @@ def integer(value: Any, flag: str, minimum: int | None = None, *, note: str = ""
         >>> integer(0, "--workers", 1)
         Traceback (most recent call last):
         ...
-        lungcore.usage.UsageError: --workers must be an integer >= 1, got 0
+        lungcore.usage.UsageError: workers must be an integer >= 1, got 0
     """
     if not is_integer(value, minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise UsageError(f"{flag} must be an integer{bound}{note}, got {value!r}")
+        raise UsageError(f"{argument(flag)} must be an integer{bound}{note}, got {value!r}")
     return int(value)
 
 

@@ -45,6 +45,17 @@ class Augmentation:
     from [-rotate_deg, rotate_deg] (trilinear, border values extended); ``scale``/``shift``:
     intensity jitter ``x * U(1 - scale, 1 + scale) + U(-shift, shift)``; ``noise``: Gaussian std.
     The same geometric transform is applied to every time point of a nodule (T0 and T1 stay aligned).
+    Calling it on ``ct`` (..., D, H, W) returns an augmented copy; a seeded ``generator`` repeats it.
+
+    Example:
+        >>> x = torch.arange(8.0).reshape(1, 2, 2, 2)
+        >>> mirror = Augmentation(flip=1.0, rotate_deg=0, scale=0, shift=0, noise=0)   # mirror each axis, only
+        >>> torch.equal(mirror(x), x.flip(-3, -2, -1))
+        True
+        >>> ct = torch.rand(2, 1, 4, 8, 8)                  # T0, T1 crops of a nodule
+        >>> a, b = (Augmentation()(ct, torch.Generator().manual_seed(0)) for _ in range(2))
+        >>> a.shape, torch.equal(a, b), torch.equal(a, ct)
+        (torch.Size([2, 1, 4, 8, 8]), True, False)
     """
 
     flip: float = 0.5
@@ -90,6 +101,8 @@ class CohortDataset(torch.utils.data.Dataset):
 
     ``preprocessor``: a :class:`Preprocessor` (or ``settings`` + ``cache_dir`` to build one);
     ``augment``: an :class:`Augmentation` for training, None for evaluation.
+
+    Example: see the module docstring.
     """
 
     def __init__(self, manifest: Manifest, schema: CohortSchema, settings: PreprocessSettings | None = None, *,

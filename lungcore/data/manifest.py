@@ -35,7 +35,23 @@ from lungcore.usage import is_integer
 
 @dataclass(frozen=True)
 class ManifestProblem:
-    """One invalid cell (or header entry): ``row`` as a spreadsheet numbers it (header = 1)."""
+    """One invalid cell (or header entry): ``row`` as a spreadsheet numbers it (header = 1).
+
+    ``value`` is the cell's text, ``message`` what is wrong with it, ``detail`` (may be empty) the
+    underlying error; ``str()`` gives the line ``lungcore validate`` prints.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "scan.nii.gz").write_bytes(b"not a CT")
+        >>> _ = (d / "manifest.csv").write_text("patient_id,ct\\nP1,scan.nii.gz\\nP2,missing.nii.gz\\n")
+        >>> _, problems = check_manifest(d / "manifest.csv", CohortSchema(endpoints=[]))
+        >>> problems[1]
+        ManifestProblem(row=3, column='ct', value='missing.nii.gz', message='file not found', detail='')
+        >>> print(problems[0])
+        row 2, column 'ct', value 'scan.nii.gz': unreadable image (not a NIfTI file or DICOM series lungcore can
+        read) (ImageFileError: File .../scan.nii.gz is not a gzip file)
+    """
 
     row: int
     column: str
@@ -49,7 +65,24 @@ class ManifestProblem:
 
 
 class ManifestError(ValueError):
-    """A manifest has problems; ``.problems`` lists every one of them."""
+    """A manifest has problems; ``.problems`` lists every one of them (:class:`ManifestProblem`),
+    ``.path`` is the manifest. Raised by :func:`read_manifest`; its message lists them all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "manifest.csv"
+        >>> _ = path.write_text("patient_id,ct,os_time,os_event\\nP1,,12,1\\nP1,,-3,2\\n")
+        >>> try:
+        ...     read_manifest(path, CohortSchema())
+        ... except ManifestError as error:
+        ...     print(error)
+        ...     print(len(error.problems), error.problems[1].column, error.path.name)
+        /.../manifest.csv: 3 problems
+          row 3, column 'patient_id', value 'P1': duplicate id (first seen in row 2)
+          row 3, column 'os_time', value '-3': time must be >= 0
+          row 3, column 'os_event', value '2': event must be 0 (censored) or 1 (event)
+        3 os_time manifest.csv
+    """
 
     def __init__(self, path: str | Path, problems: Sequence[ManifestProblem]):
         self.path = Path(path)
@@ -68,6 +101,21 @@ class Manifest:
     - ``clinical_raw[name][i]``: the cell text (``""`` = missing); code it with ``schema.encode``.
     - ``endpoints``: ``{pfs,os}_{time,event}`` float64 (NaN where absent) and ``{pfs,os}_mask`` bool.
     - ``label`` int64 (-1 where absent) and ``label_mask`` (nodule cohorts).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from lungcore.data import ClinicalVariable
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "manifest.csv"
+        >>> _ = path.write_text("patient_id,ct,age,os_time,os_event\\nP1,,60,10,1\\nP2,,70,5.5,0\\nP3,,,8,1\\n")
+        >>> m = read_manifest(path, CohortSchema(clinical=[ClinicalVariable("age")]))
+        >>> len(m), m.rows, m.ids, m.images[0], m.endpoints["os_time"].tolist(), m.clinical_raw
+        (3, [2, 3, 4], ['P1', 'P2', 'P3'], [None], [10.0, 5.5, 8.0], {'age': ['60', '70', '']})
+        >>> schema = m.subset([0, 1]).fit_schema()          # fitted on a training split: P1, P2
+        >>> schema.endpoints, schema.variable("age").mean    # no PFS data in these rows: OS only
+        (['os'], 65.0)
+        >>> values, mask = m.encode_clinical(schema)        # standardised; P3's missing age is masked
+        >>> values[:, 0].tolist(), mask[:, 0].tolist()
+        ([-1.0, 1.0, 0.0], [True, True, False])
     """
 
     path: Path
@@ -386,7 +434,21 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     the file opens and its header parses) or ``"full"`` (the whole image is read). Each distinct
     image is checked once, however many rows name it. ``workers`` > 1 reads the images of a
     ``"full"`` check in that many processes (``lungcore preprocess``'s pool); the problems are the
-    same, in the same order. ``progress``: a progress bar (on stderr). Example: see the module docstring.
+    same, in the same order. ``progress``: a progress bar (on stderr).
+
+    The manifest is None when the header has a problem (a required column is missing, say); rows
+    with problems are still in it (their bad cells read as absent).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "manifest.csv").write_text("patient_id,ct,os_time,os_event\\nP1,,12,1\\nP2,,-3,1\\n")
+        >>> manifest, problems = check_manifest(d / "manifest.csv", CohortSchema())
+        >>> manifest.ids, [str(p) for p in problems]
+        (['P1', 'P2'], ["row 3, column 'os_time', value '-3': time must be >= 0"])
+        >>> _ = (d / "no_ids.csv").write_text("id,ct\\nP1,\\n")
+        >>> check_manifest(d / "no_ids.csv", CohortSchema())
+        (None, [ManifestProblem(row=1, column='patient_id', value='', message='required column is missing', detail='')])
     """
     from tqdm import tqdm
 
@@ -429,6 +491,21 @@ def read_manifest(path: str | Path, schema: CohortSchema | str | Path | None = N
     """Parse and validate a manifest; :class:`ManifestError` lists every problem if there is any.
 
     ``images`` and ``workers`` as for :func:`check_manifest`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from lungcore.data import ClinicalVariable
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "manifest.csv").write_text("patient_id,ct,smoking,os_time,os_event\\nP1,,never,12,1\\n")
+        >>> read_manifest(d / "manifest.csv")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no schema for .../manifest.csv: pass one, or put manifest.schema.json beside it
+        >>> schema = CohortSchema(clinical=[ClinicalVariable("smoking", "categorical", ["never", "former"])])
+        >>> _ = schema.save(d / "manifest.schema.json")
+        >>> m = read_manifest(d / "manifest.csv")           # the schema beside the manifest
+        >>> m.ids, m.clinical_raw, m.schema == schema
+        (['P1'], {'smoking': ['never']}, True)
     """
     manifest, problems = check_manifest(path, schema, images=images, workers=workers)
     if problems:

@@ -65,6 +65,17 @@ class ClinicalVariable:
 
     ``mean``/``std`` (numeric) are filled in by :meth:`CohortSchema.fit` from the training split.
     For a categorical variable declared without ``categories`` the fit collects them (sorted).
+
+    Example:
+        >>> smoking = ClinicalVariable("smoking", "categorical", ["never", "former", "current"])
+        >>> smoking.categories.index("former"), smoking.to_dict()      # "former" is coded 1
+        (1, {'name': 'smoking', 'kind': 'categorical', 'categories': ['never', 'former', 'current']})
+        >>> CohortSchema(clinical=[ClinicalVariable("age")]).fit({"age": ["50", "70", ""]}).variable("age")
+        ClinicalVariable(name='age', kind='numeric', categories=None, mean=60.0, std=10.0)
+        >>> ClinicalVariable("age", categories=["young", "old"])
+        Traceback (most recent call last):
+        ...
+        ValueError: clinical variable 'age': categories given for a numeric variable
     """
 
     name: str
@@ -117,7 +128,19 @@ def _default_centres(kind: str) -> dict[str, list[str]]:
 
 @dataclass
 class CohortSchema:
-    """Column roles of a manifest plus the clinical coding (see the module docstring)."""
+    """Column roles of a manifest plus the clinical coding (see the module docstring).
+
+    Example:
+        >>> s = CohortSchema(kind="csfnet", clinical=[ClinicalVariable("age"), ClinicalVariable("sex", "categorical")])
+        >>> s.kind, s.id_column, s.image_columns, s.endpoints
+        ('nodules', 'nodule_id', ['ct_t0', 'ct_t1'], [])
+        >>> fitted = s.fit({"age": ["50", "70"], "sex": ["M", "F"]})     # on the training split
+        >>> fitted.variable("sex").categories, fitted.cardinalities()
+        (['F', 'M'], [0, 2])
+        >>> values, mask = fitted.encode({"age": ["60", ""], "sex": ["M", "F"]})
+        >>> values.tolist(), mask.tolist()
+        ([[0.0, 1.0], [0.0, 0.0]], [[True, True], [False, True]])
+    """
 
     kind: str = "survival"
     clinical: list[ClinicalVariable] = field(default_factory=list)

@@ -1,14 +1,17 @@
 """Bootstrap confidence intervals of any metric (patient-grouped resampling when given groups)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import SupportsFloat
+
 import numpy as np
 
 from lungcore import checks
 from lungcore.checks import ArrayLike
 
 
-def bootstrap_ci(metric, *arrays: ArrayLike, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                 groups: ArrayLike | None = None) -> tuple[float, float, float]:
+def bootstrap_ci(metric: Callable[..., SupportsFloat], *arrays: ArrayLike, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0, groups: ArrayLike | None = None) -> tuple[float, float, float]:
     """(estimate, low, high): percentile bootstrap interval of ``metric(*arrays)``.
 
     Subjects are resampled with replacement (whole ``groups``, e.g. patient ids, when given, so

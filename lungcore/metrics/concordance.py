@@ -33,6 +33,13 @@ class Concordance:
     ``cindex = (concordant + tied_risk / 2) / comparable`` for Harrell's C (weighted for Uno's);
     ``tied_time`` counts the comparable (event, censored-at-the-same-time) pairs, as
     scikit-survival does.
+
+    Example:
+        >>> c = concordance_index([0.9, 0.1, 0.5, 0.5], [2.0, 5.0, 3.0, 4.0], [1, 0, 1, 1], return_counts=True)
+        >>> c
+        Concordance(cindex=0.916..., concordant=5, discordant=0, tied_risk=1, tied_time=0, comparable=6)
+        >>> (c.concordant + c.tied_risk / 2) / c.comparable == float(c)
+        True
     """
 
     cindex: float

@@ -78,8 +78,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,9 @@ from lungcore.models.registry import register_model
 from lungcore.models.slice_depth import SliceDepthBlock, SliceDepthTransformer
 from lungcore.models.survival import BreslowBaseline
 from lungcore.nn import CoxPHLoss, MaskedCrossAttention
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 
 ENDPOINTS = ("pfs", "os")
 FUSION_INITS = ("pretrained", "fresh")
@@ -113,8 +117,18 @@ class CMMLConfig:
     ``graph_column_lr``: the peak learning rate of the T2G graph's column embeddings (``col_head``,
     ``col_tail``; no weight decay), as T2G-Former's authors train them (their ``col_lr``: 1e-2 in
     ``configs/california/T2GFormer/cfg.json``, 2.8e-2 tuned for adult; about 100x their main rate);
-    it follows the run's warm-up and schedule. None: the run's ``optim.lr`` for them too. Which defaults the paper states and which
-    are lungcore's choices: the module docstring.
+    it follows the run's warm-up and schedule. None: the run's ``optim.lr`` for them too. Which
+    defaults the paper states and which are lungcore's choices: the documentation of
+    :mod:`lungcore.models.cmml`.
+
+    Example:
+        >>> cfg = CMMLConfig(img_size=[8, 16, 16], patch_size=[4, 8, 8], embed_dim=16, depth=1)
+        >>> cfg.img_size, cfg.endpoints          # sequences are normalised to tuples
+        ((8, 16, 16), ('pfs', 'os'))
+        >>> CMMLConfig(img_size=(10, 16, 16))
+        Traceback (most recent call last):
+        ...
+        ValueError: img_size (10, 16, 16) must be a multiple of patch_size (4, 16, 16)
     """
 
     in_channels: int = 1
@@ -182,10 +196,31 @@ class CMMLConfig:
 # the network
 @register_model("cmml")
 class CMML(nn.Module):
-    """Cross-modality masked learning for survival (see the module docstring).
+    """Cross-modality masked learning for survival (the design: :mod:`lungcore.models.cmml`).
 
     Training contract (``lungcore.models.registry``): ``task = "survival"``,
     ``stages = ("pretrain", "finetune")``, ``loss(batch, stage)``, ``predict(batch)``.
+
+    Example:
+        >>> import torch
+        >>> cfg = CMMLConfig(img_size=(8, 16, 16), patch_size=(4, 8, 8), embed_dim=16, depth=1, num_heads=2,
+        ...                  decoder_dim=16, decoder_depth=1, decoder_heads=2, clinical_dim=16, clinical_depth=1,
+        ...                  clinical_heads=2)
+        >>> model = CMML(cfg)
+        >>> clinical = torch.tensor([[0.3, 1, 0, 1, -0.2, 2], [0.0, 0, 2, 0, 1.1, 1], [1.2, 1, 1, 1, 0.4, 0]])
+        >>> batch = {"ct": torch.randn(3, 1, 8, 16, 16), "ct_mask": torch.tensor([True, True, False]),  # 3rd: no CT
+        ...          "clinical": clinical, "clinical_mask": torch.ones(3, 6, dtype=torch.bool),
+        ...          "os_time": torch.tensor([2.0, 5.0, 8.0]), "os_event": torch.tensor([1, 0, 1]),
+        ...          "pfs_time": torch.tensor([1.0, 4.0, 6.0]), "pfs_event": torch.tensor([1, 1, 0])}
+        >>> loss, logs = model.loss(batch, "pretrain")        # masked cross-modal reconstruction
+        >>> sorted(logs)
+        ['clinical_reconstruction', 'ct_reconstruction', 'loss']
+        >>> risks = model.predict(batch)                      # log-hazards, higher = earlier event
+        >>> risks["pfs"].shape, risks["os"].shape
+        (torch.Size([3]), torch.Size([3]))
+        >>> model.fit_baseline(risks, batch)                  # Breslow baseline (on the training split)
+        >>> model.survival(batch, horizons=[1.0, 5.0], risks=risks)["os"].shape   # S(t) per patient
+        torch.Size([3, 2])
     """
 
     config_class = CMMLConfig
@@ -444,7 +479,7 @@ class CMML(nn.Module):
         return {name: {"lr": float(lr), "weight_decay": 0.0} for name, _ in self.named_parameters()
                 if name.endswith((".col_head", ".col_tail"))}
 
-    def load_state_dict(self, state_dict, *args, **kwargs):
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> _IncompatibleKeys:
         """``nn.Module.load_state_dict``, refusing with one clear message a state dict of the CMML
         before pretrained fusion (it has ``decoder_mask_token`` and fresh ``fuse_*`` layers)."""
         if "decoder_mask_token" in state_dict and "ct_mask_token" not in state_dict:
@@ -491,7 +526,8 @@ class CMML(nn.Module):
             self.baseline.fit(e, risks[e], batch[f"{e}_time"], batch[f"{e}_event"], batch.get(f"{e}_mask"))
 
     @torch.no_grad()
-    def survival(self, batch: dict[str, Any], horizons, risks: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    def survival(self, batch: dict[str, Any], horizons: Sequence[float] | Tensor,
+                 risks: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
         """``{"pfs": (B, len(horizons)), "os": ...}`` survival probabilities S(h | patient)."""
         risks = risks if risks is not None else self.predict(batch)
         return {e: self.baseline.survival(e, risks[e], horizons) for e in self.endpoints}

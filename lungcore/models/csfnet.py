@@ -108,7 +108,7 @@ FUSIONS = ("tokens", "published")
 
 @dataclass
 class CSFNetConfig:
-    """Hyper-parameters; the defaults reproduce the authors' code (see the module docstring).
+    """Hyper-parameters; the defaults reproduce the authors' code (see :mod:`lungcore.models.csfnet`).
 
     ``stages``: output width of every residual block, one tuple per stride-2 stage (the published
     layer list). ``stage_conv_widths``: width of each stage's stride-2 opening conv; None (published)
@@ -123,6 +123,15 @@ class CSFNetConfig:
     ``scheduler``: ``"cosine"`` (per optimiser step from ``lr`` to ``lr * min_lr_ratio`` over
     ``epochs``, the authors' schedule), ``"cosine_warm_restarts"`` (restart every
     ``restart_epochs``) or ``"none"``.
+
+    Example:
+        >>> cfg = CSFNetConfig(stage_widths=(8, 16), stage_blocks=(2, 1), dim=32)
+        >>> cfg.stages, cfg.feature_width       # the shorthand, normalised into stages
+        (((8, 8), (16,)), 16)
+        >>> CSFNetConfig(dim=30, num_heads=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: dim (30) must be divisible by num_heads (4)
     """
 
     in_channels: int = 1
@@ -373,7 +382,7 @@ def _masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------------- network
 @register_model("csfnet")
 class CSFNet(nn.Module):
-    """CSF-Net malignancy classifier (see the module docstring for what is published and what is lungcore's).
+    """CSF-Net malignancy classifier (:mod:`lungcore.models.csfnet` says what is published and what is lungcore's).
 
     ``forward(ct, clinical, clinical_mask, ct_mask=None) -> {"logits": (B, 2)}`` with ``ct``
     (B, 2, C, D, H, W) float (T0 first; the published crop is 16 x 64 x 64, any size divisible by
@@ -383,7 +392,23 @@ class CSFNet(nn.Module):
     ``loss(batch, stage)``, ``predict(batch)``; :meth:`paper_recipe` is the authors' optimiser and
     schedule, as ``lungcore.train`` settings (``recipe: paper``).
 
-    Parameters at the defaults: 43,117,344 (see the module docstring).
+    Parameters at the defaults: 43,117,344 (the split: :mod:`lungcore.models.csfnet`).
+
+    Example:
+        >>> import torch
+        >>> net = CSFNet(CSFNetConfig(**CSFNetConfig.tiny_overrides()))
+        >>> sum(p.numel() for p in net.parameters())
+        19532
+        >>> batch = {"ct": torch.randn(2, 2, 1, 8, 16, 16),              # (B, T0/T1, C, D, H, W)
+        ...          "clinical": torch.tensor([[1., 0, 1, 2, 0, 1], [0., 1, 0, 0, 1, 0]]),
+        ...          "clinical_mask": torch.tensor([[True] * 6, [True, False, True, True, False, True]]),
+        ...          "label": torch.tensor([1, 0])}
+        >>> loss, logs = net.loss(batch)                                 # cross-entropy over labelled nodules
+        >>> sorted(logs)
+        ['accuracy', 'loss', 'n']
+        >>> out = net.predict(batch)                                     # eval mode, no gradient
+        >>> out["logits"].shape, out["probability"].shape                # probability = P(malignant)
+        (torch.Size([2, 2]), torch.Size([2]))
     """
 
     config_class = CSFNetConfig

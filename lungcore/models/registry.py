@@ -44,7 +44,32 @@ CHECKPOINT_FORMAT = 1
 
 
 def register_model(name: str) -> Callable[[M], M]:
-    """Class decorator: make ``create(name)`` build this network."""
+    """Class decorator: make ``create(name)`` build this network (for the rest of the process).
+
+    The class needs a dataclass ``config_class`` (taken as its only constructor argument) and the
+    classmethod ``config_from_cohort(schema, settings, overrides=None)``; anything else is refused.
+
+    Example:
+        >>> import dataclasses, torch
+        >>> @dataclasses.dataclass
+        ... class LinearRiskConfig:
+        ...     width: int = 4
+        >>> @register_model("linear_risk")
+        ... class LinearRisk(torch.nn.Module):
+        ...     config_class = LinearRiskConfig
+        ...     def __init__(self, config: LinearRiskConfig) -> None:
+        ...         super().__init__()
+        ...         self.config, self.fc = config, torch.nn.Linear(config.width, 1)
+        ...     @classmethod
+        ...     def config_from_cohort(cls, schema, settings, overrides=None):
+        ...         return dict(overrides or {})
+        >>> create("linear_risk", width=3).fc
+        Linear(in_features=3, out_features=1, bias=True)
+        >>> register_model("plain")(torch.nn.Linear)
+        Traceback (most recent call last):
+        ...
+        TypeError: register_model('plain'): Linear.config_class must be a dataclass
+    """
     def wrap(cls: M) -> M:
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise TypeError(f"register_model({name!r}): {cls.__name__}.config_class must be a dataclass")
@@ -70,7 +95,12 @@ def _import_networks() -> None:
 
 
 def available_models() -> list[str]:
-    """Names accepted by :func:`create`."""
+    """Names accepted by :func:`create`, sorted.
+
+    Example:
+        >>> available_models()      # the two networks (and any registered since: register_model)
+        ['cmml', 'csfnet'...]
+    """
     _import_networks()
     return sorted(_REGISTRY)
 
@@ -120,7 +150,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     """Write weights + config (+ ``extra``: schema, preprocessing, metrics ...) atomically.
 
     ``extra`` must hold only tensors and primitives (dict/list/str/int/float/bool/None), so the
-    file loads with ``weights_only=True``.
+    file loads with ``weights_only=True``. Returns ``path``; missing folders are created.
+
+    Example:
+        >>> import os, tempfile
+        >>> from lungcore.models.csfnet import CSFNetConfig
+        >>> net = create("csfnet", **CSFNetConfig.tiny_overrides())
+        >>> path = save_model(net, os.path.join(tempfile.mkdtemp(), "run", "best.pt"), extra={"epoch": 3})
+        >>> path.name, read_checkpoint(path)["extra"]
+        ('best.pt', {'epoch': 3})
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +204,30 @@ def _unreadable(path: Path, exc: Exception) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only=True``) with clear errors."""
+    """Load a checkpoint dict safely (``weights_only=True``) with clear errors.
+
+    The dict holds ``format``, ``model`` (the registered name), ``config``, ``state_dict`` and
+    ``extra`` (see :func:`save_model`); :func:`load_model` builds the network from it.
+
+    Example:
+        >>> import os, tempfile
+        >>> from lungcore.models.csfnet import CSFNetConfig
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_model(create("csfnet", **CSFNetConfig.tiny_overrides()), os.path.join(folder, "best.pt"))
+        >>> ckpt = read_checkpoint(path)
+        >>> sorted(ckpt), ckpt["model"], ckpt["config"]["dim"]
+        (['config', 'extra', 'format', 'model', 'state_dict'], 'csfnet', 16)
+        >>> read_checkpoint(folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint ... is a folder, not a checkpoint file; it holds best.pt: pass .../best.pt
+        >>> _ = open(os.path.join(folder, "notes.pt"), "w").write("not a checkpoint")
+        >>> read_checkpoint(os.path.join(folder, "notes.pt"))
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint .../notes.pt is corrupt or not a lungcore checkpoint (not a file written by
+        torch.save: it starts with neither a zip nor a pickle header)
+    """
     path = Path(path)
     if path.is_dir():
         held = sorted(p.name for p in path.glob("*.pt") if p.is_file())

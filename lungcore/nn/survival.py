@@ -1,11 +1,16 @@
 """Survival losses as nn.Modules (thin wrappers of :mod:`lungcore.ops`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from lungcore import checks
 from lungcore.ops.cox import Reduction, Ties, cox_ph_loss
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["CoxPHLoss"]
 
@@ -30,7 +35,7 @@ class CoxPHLoss(nn.Module):
     """
 
     def __init__(self, ties: Ties = "efron", reduction: Reduction = "mean", distributed: bool = False,
-                 process_group=None) -> None:
+                 process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.ties = checks.one_of("ties", ties, ("efron", "breslow"))
         self.reduction = checks.one_of("reduction", reduction, ("mean", "sum", "none"))

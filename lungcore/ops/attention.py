@@ -52,6 +52,18 @@ def masked_cross_attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: 
     dropout pattern scaled by 1 / (1 - dropout_p), so tests can replay a kernel's mask.
     Fully masked rows: masked scores are set to the dtype's most negative finite value, the
     softmax is multiplied by the mask, so those rows are exactly zero with zero gradient.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+        >>> k, v = torch.randn(1, 2, 4, 8, dtype=torch.float64), torch.randn(1, 2, 4, 8, dtype=torch.float64)
+        >>> key_mask, query_mask = torch.tensor([[True, True, False, False]]), torch.tensor([[True, False, True]])
+        >>> ref = masked_cross_attention_reference(q, k, v, key_mask, query_mask)
+        >>> ref.shape, bool(ref[0, :, 1].abs().max() == 0)     # query 1 is masked: zeros
+        (torch.Size([1, 2, 3, 8]), True)
+        >>> fast = masked_cross_attention(q, k, v, key_mask=key_mask, query_mask=query_mask)
+        >>> torch.allclose(ref, fast)                          # the oracle of the public function
+        True
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -44,17 +44,20 @@ Example:
     >>> event = torch.tensor([1, 1, 0, 1])
     >>> loss = cox_ph_loss(risk, time, event, ties="efron")
     >>> loss.backward()
-    >>> round(float(loss), 4)
+    >>> round(loss.item(), 4)
     0.8321
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from lungcore import backend, checks
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["cox_ph_loss", "cox_ph_loss_reference"]
 
@@ -314,7 +317,7 @@ def _validate_values(risk, time, event, weights, mask) -> None:
 def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, ties: Ties = "efron",
                 reduction: Reduction = "mean", weights: torch.Tensor | None = None,
                 strata: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                distributed: bool = False, process_group=None, validate: bool = True,
+                distributed: bool = False, process_group: ProcessGroup | None = None, validate: bool = True,
                 block: int | None = None) -> torch.Tensor:
     """Negative Cox log partial likelihood of log-hazards ``risk`` (higher = earlier event).
 

@@ -72,6 +72,14 @@ class OptimConfig:
     step (the effective batch is ``batch_size * accumulate * world_size``). With a Cox loss each
     micro-batch is its own risk set: accumulation sums gradients of per-micro-batch partial
     likelihoods, it does not enlarge the risk sets (use a bigger batch or more GPUs for that).
+
+    Example:
+        >>> OptimConfig(lr="1e-3", schedule="restarts").lr     # YAML reads 1e-3 (no dot) as a string
+        0.001
+        >>> OptimConfig(schedule="linear")
+        Traceback (most recent call last):
+        ...
+        lungcore.train.config.ConfigError: optim.schedule must be 'cosine', 'restarts' or 'constant', got 'linear'
     """
 
     optimizer: str = "adamw"
@@ -116,6 +124,17 @@ class DataConfig:
     recognises a source image it has seen (``"stat"``: by size and modification time, fast;
     ``"content"``: by hashing every file each time, which also catches a file rewritten with the
     same size and time).
+
+    Example:
+        >>> from pathlib import Path
+        >>> data = DataConfig(manifest=Path("manifest.csv"), split=[0.8, 0.1, 0.1], batch_size=16)
+        >>> data.manifest, data.split, data.batch_size          # a Path is kept as a string, as YAML holds it
+        ('manifest.csv', (0.8, 0.1, 0.1), 16)
+        >>> DataConfig(split=(0.7, 0.2, 0.2))
+        Traceback (most recent call last):
+        ...
+        lungcore.train.config.ConfigError: data.split must be 3 fractions (train, val, test) summing to 1,
+        got (0.7, 0.2, 0.2)
     """
 
     manifest: str | None = None
@@ -159,7 +178,17 @@ class TrainConfig:
     before stopping a stage early (0: never); ``recipe``: ``"lungcore"`` (the ``optim`` section as
     given) or ``"paper"`` (the optimiser and schedule the model's paper published replace the
     ``optim`` fields they name: CSF-Net's Adam 1e-4, betas (0.9, 0.999), cosine to 0.1x per epoch;
-    a model whose paper gives none raises)."""
+    a model whose paper gives none raises).
+
+    Example:
+        >>> cfg = TrainConfig(model="cmml", epochs=5, stage_epochs={"pretrain": 20}, data={"batch_size": 16})
+        >>> cfg.epochs_for("pretrain"), cfg.epochs_for("finetune"), cfg.data.batch_size, cfg.optim.lr
+        (20, 5, 16, 0.0003)
+        >>> TrainConfig.from_dict({"model": "csfnet", "optim": {"learning_rate": 1e-3}})   # a typo is an error
+        Traceback (most recent call last):
+        ...
+        ValueError: optim: unknown keys ['learning_rate']; known: ['accumulate', 'betas', ...]
+    """
 
     model: str = "cmml"
     recipe: str = "lungcore"

@@ -161,7 +161,7 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
     """A manifest with its own schema file of another cohort kind than the checkpoint's is refused."""
     from lungcore.data import CohortSchema
     from lungcore.data.schema import schema_beside
-    from lungcore.usage import UsageError
+    from lungcore.usage import UsageError, argument
 
     own = schema_beside(manifest) if Path(manifest).is_file() else None
     if own is None:
@@ -171,8 +171,8 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
     except (ValueError, OSError):
         kind = schema.kind
     if kind != schema.kind:
-        raise UsageError(f"--checkpoint {checkpoint} is a {payload['model']} model of {schema.kind!r} cohorts "
-                         f"but {flag} {manifest} is a {kind!r} cohort ({own.name})")
+        raise UsageError(f"{argument('--checkpoint')} {checkpoint} is a {payload['model']} model of {schema.kind!r} "
+                         f"cohorts but {argument(flag)} {manifest} is a {kind!r} cohort ({own.name})")
 
 
 def _load(checkpoint: str | os.PathLike, device: str | None) -> tuple[dict[str, Any], Any, Any, Any]:
@@ -230,9 +230,22 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
     before any work). The manifest is coded with the checkpoint's schema. Each CT is read once,
     by ``workers`` processes, into ``cache_dir`` (crops kept for the next call) or a temporary folder.
 
-    Example (runs as a doctest in :mod:`lungcore.train.loop`)::
+    The whole path (``fit`` on a tiny synthetic cohort, then ``predict`` and ``evaluate`` on it) is
+    the example of :mod:`lungcore.train.loop`: ``predict("runs/cmml/best.pt", "new/manifest.csv",
+    "risks.csv")``. A checkpoint needs the cohort schema and preprocessing settings that
+    ``lungcore train`` stores in it; weights alone are refused before any image is read.
 
-        frame = predict("runs/cmml/best.pt", "new_cohort/manifest.csv", "risks.csv")
+    Example:
+        >>> import os, tempfile
+        >>> from lungcore.models import create, save_model
+        >>> from lungcore.models.csfnet import CSFNetConfig
+        >>> net = create("csfnet", **CSFNetConfig.tiny_overrides())
+        >>> bare = save_model(net, os.path.join(tempfile.mkdtemp(), "net.pt"))        # weights + config only
+        >>> predict(bare, "new_cohort/manifest.csv")
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint .../net.pt lacks the cohort schema / preprocessing settings (was it written by lungcore
+        train?)
     """
     from lungcore.train.report import predictions_frame
     from lungcore.usage import integer, out_file
@@ -266,9 +279,20 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     For survival models the Breslow baseline and the censoring distribution come from
     ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
 
-    Example (runs as a doctest in :mod:`lungcore.train.loop`)::
+    The whole path (``fit`` on a tiny synthetic cohort, then ``predict`` and ``evaluate`` on it) is
+    the example of :mod:`lungcore.train.loop`: ``evaluate("runs/csf/best.pt", "external/manifest.csv",
+    "runs/csf/external")``. An ``out`` folder that already holds files is refused before any work
+    (``overwrite=True`` replaces the report files).
 
-        metrics = evaluate("runs/csf/best.pt", "external/manifest.csv", "runs/csf/external")
+    Example:
+        >>> import os, tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(out, "summary.md"), "w").write("an earlier report")
+        >>> evaluate("runs/csf/best.pt", "external/manifest.csv", out)
+        Traceback (most recent call last):
+        ...
+        lungcore.usage.UsageError: out ... is not empty (summary.md); pass overwrite=True to replace it,
+        or choose another folder
     """
     from lungcore.train.report import summary_metrics, write_report
     from lungcore.usage import integer, out_folder

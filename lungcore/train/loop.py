@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lungcore import usage
 from lungcore.train import distributed as dist_utils
 from lungcore.train import schedule
 from lungcore.train.checkpoints import TrainerState
@@ -111,7 +112,7 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     is read before the first step (:mod:`lungcore.train.preflight`); nothing in ``out`` is written
     before these checks pass.
 
-    Example (runs as a doctest in the module docstring)::
+    Example: see the module docstring (a tiny CSF-Net trained on a tiny synthetic cohort); in short::
 
         result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
     """
@@ -188,8 +189,9 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     out = Path(out)
     if not resume:
         if (out / "last.pt").is_file() and not overwrite:
-            raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it, --overwrite "
-                                  "to replace it, or use a fresh --out")
+            arg = usage.argument
+            raise FileExistsError(f"{out} already holds a run (last.pt): pass {arg('--resume')} to continue it, "
+                                  f"{arg('--overwrite')} to replace it, or use a fresh {arg('--out')}")
         out_folder(out, "--out", overwrite=overwrite, ignore=("cache",))
     device_name = _device(cfg)
     distributed = dist_utils.init_from_env(device_name)

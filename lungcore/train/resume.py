@@ -18,6 +18,10 @@ Example:
     >>> contradictions(saved, {"epochs": None, "batch_size": 4, "manifest": "m.csv"})
     []
     >>> contradictions(saved, {"epochs": 10, "batch_size": 8})
+    ['batch_size 8 (the run was started with data.batch_size 4)']
+    >>> from lungcore.usage import command_line
+    >>> with command_line():                      # what `lungcore train --resume` says
+    ...     contradictions(saved, {"epochs": 10, "batch_size": 8})
     ['--batch-size 8 (the run was started with data.batch_size 4)']
 """
 from __future__ import annotations
@@ -92,7 +96,7 @@ def contradictions(saved: dict[str, Any], overrides: dict[str, Any], *, where: s
             continue  # a longer run: documented
         if _same(value, old, path):
             continue
-        name = where + path if where else "--" + key.replace("_", "-")
+        name = where + path if where else usage.argument("--" + key.replace("_", "-"))
         shown = value if not isinstance(value, (list, tuple)) else " ".join(map(str, value))
         out.append(f"{name} {shown} (the run was started with {path} {old})")
     return out
@@ -134,22 +138,26 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     from lungcore.train.checkpoints import TrainerState
     from lungcore.train.config import TrainConfig
 
+    _resume = usage.argument("--resume")
+    resuming = f"--resume {out}" if usage.on_command_line() else f"resume=True, out={out}"
     last = Path(out) / "last.pt"
     if not last.is_file():
-        raise UsageError(f"--resume: {last} does not exist (nothing to resume; drop --resume)")
+        raise UsageError(f"{_resume}: {last} does not exist (nothing to resume; drop {_resume})")
     trainer, payload = TrainerState.read(last)
     extra = payload.get("extra", {})
     if trainer is None or "train_config" not in extra:
-        raise UsageError(f"--resume: {last} holds no training state")
+        raise UsageError(f"{_resume}: {last} holds no training state")
     saved = TrainConfig.from_dict(extra["train_config"])
     saved_dict = saved.to_dict()
     fields, where = _config_fields(config)
     problems = contradictions(saved_dict, fields, where=where or "config field ", longer=False)
     problems += contradictions(saved_dict, overrides)
     if problems:
-        raise UsageError(f"--resume {out}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
-                         "started with (only a longer --epochs, --device, --num-workers, --no-progress may "
-                         "differ): drop the flag, or start a new run in another --out")
+        may = ", ".join(usage.argument(f) for f in ("--device", "--num-workers", "--no-progress"))
+        raise UsageError(f"{resuming}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
+                         f"started with (only a longer {usage.argument('--epochs')}, {may} may "
+                         f"differ): drop the {'flag' if usage.argument('--out') == '--out' else 'argument'}, "
+                         f"or start a new run in another {usage.argument('--out')}")
     d = saved.to_dict()
     for key in ("progress", "device"):
         if overrides.get(key) is not None:
@@ -163,8 +171,8 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
             d["data"][name] = os.path.abspath(overrides[name])
         elif d["data"].get(name) is not None and not Path(d["data"][name]).is_absolute() \
                 and not Path(d["data"][name]).exists():
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"--resume {out}: the run saved its {name.replace('_', ' ')} as {d['data'][name]}, "
+            flag = "--" + name.replace("_", "-") if usage.on_command_line() else f"{name}="
+            raise UsageError(f"{resuming}: the run saved its {name.replace('_', ' ')} as {d['data'][name]}, "
                              f"relative to the directory it was started in, and it is not found from here: "
                              f"run from that directory, or pass {flag} with its path")
     longer = overrides.get("epochs")
@@ -178,8 +186,9 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     if trainer.finished and si == len(stages) - 1 and stage_done:
         why = (f"stopped early at epoch {trainer.epoch} (patience {saved.patience})" if trainer.done
                else f"trained {trainer.epoch}/{saved.epochs_for(stage)} epochs of its last stage {stage!r}")
-        raise RunFinished(f"--resume: the run in {out} is finished ({why}; best.pt and the test report are "
-                          "written); nothing to resume. Pass a larger --epochs to train its last stage longer")
+        raise RunFinished(f"{usage.argument('--resume')}: the run in {out} is finished ({why}; best.pt and the test "
+                          f"report are written); nothing to resume. Pass a larger {usage.argument('--epochs')} to "
+                          "train its last stage longer")
     return cfg, payload
 
 

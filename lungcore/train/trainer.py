@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungcore import usage
 from lungcore.train import distributed as dist_utils
 from lungcore.train import schedule
 from lungcore.train.checkpoints import TrainerState, checkpoint_extra, mark_finished, plain, save
@@ -31,11 +32,38 @@ from lungcore.train.runlog import log, write_metrics_csv
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; the run stopped and ``last.pt`` is the last good state."""
+    """The training loss became NaN or inf; the run stopped and ``last.pt`` is the last good state.
+
+    Raised by :func:`lungcore.train.fit` before the optimiser step of the bad batch. The message
+    names the stage, epoch, batch and its first ids, and what to do: lower ``optim.lr`` (or check
+    the inputs) and rerun with ``--resume`` from ``last.pt``, or start again with ``--overwrite`` when
+    the first epoch never finished. A ``RuntimeError``, not a ``ValueError``: the arguments were
+    fine, the run diverged (``lungcore train`` exits 1, not 2).
+
+    Example:
+        >>> from lungcore.train import NonFiniteLossError
+        >>> issubclass(NonFiniteLossError, RuntimeError), issubclass(NonFiniteLossError, ValueError)
+        (True, False)
+    """
 
 
 @dataclass
 class FitResult:
+    """What :func:`lungcore.train.fit` returns (the files behind it stay in ``out``).
+
+    ``out``: the run folder; ``best_checkpoint``: ``out/best.pt``, the last stage's best model on
+    validation (what :func:`~lungcore.train.evaluate` and :func:`~lungcore.train.predict` take);
+    ``history``: one dict per epoch of every stage (the rows of ``metrics.csv``); ``test_metrics``:
+    the test split's metrics with their bootstrap ``_low``/``_high`` bounds (``report/metrics.json``;
+    empty without a test split); ``warnings``: what the cohort could not teach or select on.
+    A full run is the example of :mod:`lungcore.train.loop`.
+
+    Example:
+        >>> import dataclasses
+        >>> [f.name for f in dataclasses.fields(FitResult)]
+        ['out', 'best_checkpoint', 'history', 'test_metrics', 'warnings']
+    """
+
     out: Path
     best_checkpoint: Path
     history: list[dict[str, Any]]
@@ -72,10 +100,10 @@ def _non_finite(loss: torch.Tensor, batch: dict[str, Any], stage: str, epoch: in
                 last_pt: Path) -> NonFiniteLossError:
     ids = batch.get("id", [])
     then = (f"The last good checkpoint is {last_pt}: lower the learning rate (optim.lr) or check the "
-            "inputs, then rerun with --resume" if last_pt.is_file() else
+            f"inputs, then rerun with {usage.argument('--resume')}" if last_pt.is_file() else
             "No checkpoint was written yet (this was before the end of the first epoch), so there is "
             "nothing to resume: lower the learning rate (optim.lr) or check the inputs, then start "
-            "again with --overwrite")
+            f"again with {usage.argument('--overwrite')}")
     return NonFiniteLossError(f"the {stage} loss became {loss.detach().float().item()} at epoch {epoch}, batch "
                               f"{batch_no} (ids {list(ids)[:4]}...); stopped. {then}")
 

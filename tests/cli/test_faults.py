@@ -450,6 +450,29 @@ def test_a_checkpoint_of_another_cohort_kind(base, tmp_path, capsys, command):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_python_callers_read_their_argument_names(base, tmp_path, capsys, command):
+    # the same refusal names the flag on the command line and the keyword argument from Python
+    import lungcore.train
+
+    ckpt = base["done"] / "best.pt"
+    out = tmp_path / ("out" if command == "evaluate" else "p.csv")
+    if command == "evaluate":
+        out.mkdir()
+        (out / "summary.md").write_text("an earlier report")
+    else:
+        out.write_text("id,risk\n")
+    rc, _, err = cli(capsys, command, "--checkpoint", ckpt, "--manifest", base["nod"], "--out", out)
+    caught(rc, 2, err, f"--out {out} ", "pass --overwrite to replace it")
+    with pytest.raises(ValueError) as info:
+        getattr(lungcore.train, command)(ckpt, base["nod"], out)
+    assert str(info.value).startswith(f"out {out} ") and "pass overwrite=True to replace it" in str(info.value)
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got 0$"):
+        getattr(lungcore.train, command)(ckpt, base["nod"], out, overwrite=True, batch_size=0)
+    with pytest.raises(ValueError, match=rf"^checkpoint {ckpt} is a cmml model of 'survival' cohorts but manifest "):
+        getattr(lungcore.train, command)(ckpt, base["nod"], out, overwrite=True)
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_work(base, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

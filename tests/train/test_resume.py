@@ -62,7 +62,7 @@ def test_resume_without_checkpoint_and_rerun_into_used_folder(tmp_path, nodule_c
     with pytest.raises(UsageError, match="nothing to resume"):
         fit(cfg, out=tmp_path / "fresh", resume=True)
     fit(cfg, out=tmp_path / "run")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass resume=True to continue it, overwrite=True to replace it"):
         fit(cfg, out=tmp_path / "run")
 
 
@@ -93,9 +93,10 @@ def test_resume_from_another_directory(tmp_path, nodule_cohort, cache_dir, monke
     payload = read_checkpoint(out / "last.pt")
     payload["extra"]["train_config"]["data"]["manifest"] = rel
     write_checkpoint(payload, out / "last.pt")
-    with pytest.raises(UsageError, match=r"relative to the directory it was started in.*pass --manifest"):
+    with pytest.raises(UsageError, match=r"^resume=True, out=\S+run: the run saved its manifest as \S+, relative to the "
+                       r"directory it was started in.*pass manifest= with its path"):
         fit(None, out=out, resume=True, epochs=3)
-    with pytest.raises(UsageError, match=r"--manifest \S+other.csv \(the run was started with data.manifest"):
+    with pytest.raises(UsageError, match=r"manifest \S+other.csv \(the run was started with data.manifest"):
         fit(None, out=out, resume=True, epochs=3, manifest=str(tmp_path / "other.csv"))
     fit(None, out=out, resume=True, epochs=3, manifest=str(nodule_cohort))    # the same file, named in full
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["manifest"] == str(nodule_cohort)

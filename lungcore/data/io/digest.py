@@ -78,5 +78,22 @@ class SourceHash:
 
 
 def source_digest(path: str | Path) -> str:
-    """sha256 of the image's bytes (a DICOM series: every file's name and bytes, sorted by name)."""
+    """sha256 of the image's bytes (a DICOM series: every file's name and bytes, sorted by name).
+
+    The preprocessing cache keys its entries by it, so an image whose bytes change never hits a
+    stale crop, and a copy of an image under another name or path still hits.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "ct.nii.gz").write_bytes(b"CT bytes")
+        >>> source_digest(folder / "ct.nii.gz") == hashlib.sha256(b"CT bytes").hexdigest()
+        True
+        >>> series = folder / "series"
+        >>> series.mkdir()
+        >>> _ = (series / "b.dcm").write_bytes(b"2"), (series / "a.dcm").write_bytes(b"1")
+        >>> source_digest(series) == hashlib.sha256(b"a.dcm\\x001" + b"b.dcm\\x002").hexdigest()
+        True
+    """
     return SourceHash(path).hexdigest()

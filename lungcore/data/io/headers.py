@@ -17,7 +17,22 @@ def read_ct_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray |
     """Cheap check that ``path`` is a readable image: parse its header only.
 
     Returns (shape in (z, y, x) order, affine or None). Raises on an unreadable file. For an
-    uncompressed NIfTI it also checks that the file holds all of its voxels.
+    uncompressed NIfTI it also checks that the file holds all of its voxels. A DICOM series gives
+    no affine (its first file's header alone does not place the slices): ``(slices, rows, columns), None``.
+
+    Example:
+        >>> import tempfile
+        >>> from lungcore.data.io import write_nifti
+        >>> affine = np.diag([0.5, 0.5, 2.0, 1.0]) @ XYZ_TO_ZYX   # (z, y, x) index -> LPS mm, 2 x 0.5 x 0.5 mm
+        >>> path = write_nifti(f"{tempfile.mkdtemp()}/ct.nii", np.zeros((3, 4, 5)), affine)
+        >>> shape, header_affine = read_ct_header(path)
+        >>> shape, bool((header_affine == affine).all())
+        ((3, 4, 5), True)
+        >>> _ = path.write_bytes(path.read_bytes()[:-10])        # a copy cut short
+        >>> read_ct_header(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: truncated: 462 bytes, the header needs 472
     """
     path = Path(path)
     if is_dicom_path(path):

@@ -24,7 +24,22 @@ XYZ_TO_ZYX = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], 
 @dataclass
 class CTImage:
     """A CT volume: ``array`` (z, y, x) HU (float32 unless read with ``dtype=None``), ``affine`` 4x4
-    from (z, y, x, 1) to LPS mm."""
+    from (z, y, x, 1) to LPS mm.
+
+    Example:
+        >>> import numpy as np
+        >>> affine = np.array([[0, 0, 0.7, -100],   # x index -> LPS x (towards the patient's left)
+        ...                    [0, 0.7, 0, -50],    # y index -> LPS y (towards the back)
+        ...                    [2.5, 0, 0, 20],     # z index -> LPS z (towards the head)
+        ...                    [0, 0, 0, 1]])
+        >>> ct = CTImage(np.full((4, 8, 8), -1000, np.float32), affine)
+        >>> ct.shape, ct.spacing
+        ((4, 8, 8), (2.5, 0.7, 0.7))
+        >>> ct.index_to_world([1, 2, 3]).round(3).tolist()   # voxel (z, y, x) -> LPS mm (x, y, z)
+        [-97.9, -48.6, 22.5]
+        >>> ct.world_to_index([-97.9, -48.6, 22.5]).round(3).tolist()
+        [1.0, 2.0, 3.0]
+    """
 
     array: np.ndarray
     affine: np.ndarray
@@ -76,7 +91,24 @@ _STORED_KEPT = (np.dtype(np.float32), np.dtype(np.int16), np.dtype(np.uint16), n
 
 class NativeReaderUnsupported(ValueError):
     """A file the native reader does not handle (multi-frame DICOM, DICOM without geometry tags):
-    ``reader="auto"`` hands it to MONAI when MONAI is installed."""
+    ``reader="auto"`` hands it to MONAI when MONAI is installed; ``reader="native"`` raises it. The
+    message names the file and what it lacks.
+
+    Example:
+        >>> import tempfile
+        >>> import pydicom
+        >>> from pydicom.data import get_testdata_file
+        >>> from lungcore.data.io import read_ct
+        >>> ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        >>> del ds.ImagePositionPatient                      # no slice position: no geometry
+        >>> path = f"{tempfile.mkdtemp()}/slice.dcm"
+        >>> ds.save_as(path)
+        >>> try:
+        ...     read_ct(path, reader="native")
+        ... except NativeReaderUnsupported as exc:
+        ...     print(isinstance(exc, ValueError), exc)
+        True DICOM file .../slice.dcm lacks ImagePositionPatient: no geometry for the native reader
+    """
 
 
 def result_dtype(stored: np.dtype, dtype: Any) -> np.dtype:

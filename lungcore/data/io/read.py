@@ -20,9 +20,9 @@ def read_ct(path: str | Path, *, dtype: type | None = np.float32, contiguous: bo
             reader: str = "auto", int16: bool = False, source_hash: SourceHash | None = None) -> CTImage:
     """Read a NIfTI file or a DICOM series (a folder, or one ``.dcm``) as a :class:`CTImage`.
 
-    Returns the array in (z, y, x) order and the affine from (z, y, x, 1) to LPS mm (see the
-    module docstring). ``dtype=None`` keeps the stored type when it already holds HU (an int16
-    NIfTI without scaling; DICOM with ``RescaleSlope``/``RescaleIntercept`` is always float32):
+    Returns the array in (z, y, x) order and the affine from (z, y, x, 1) to LPS mm (the
+    conventions: :mod:`lungcore.data.io`). ``dtype=None`` keeps the stored type when it already
+    holds HU (an int16 NIfTI without scaling; DICOM with ``RescaleSlope``/``RescaleIntercept`` is always float32):
     half the memory. ``contiguous=False`` may return the (z, y, x) array as a strided view instead
     of copying it (what the preprocessing hot path uses; ``resample_crop`` takes any strides).
 

@@ -21,7 +21,21 @@ import numpy as np
 from lungcore.data.io.image import RAS_TO_LPS, XYZ_TO_ZYX
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtype: type = np.int16) -> Path:
-    """Write a (z, y, x) HU volume with a (z, y, x) -> LPS affine as NIfTI (RAS on disk), atomically."""
+    """Write a (z, y, x) HU volume with a (z, y, x) -> LPS affine as NIfTI (RAS on disk), atomically.
+
+    ``dtype``: the stored type; an integer type rounds and clips the values to its range (int16,
+    the default, holds every HU value). ``.nii.gz`` is compressed, ``.nii`` not. Returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> from lungcore.data.io import read_ct
+        >>> affine = np.diag([0.5, 0.5, 2.0, 1.0]) @ XYZ_TO_ZYX   # (z, y, x) index -> LPS mm, 2 x 0.5 x 0.5 mm
+        >>> volume = np.array([-1000.4, 35.6, 40000.0]).reshape(3, 1, 1)
+        >>> path = write_nifti(f"{tempfile.mkdtemp()}/ct.nii.gz", volume, affine)
+        >>> ct = read_ct(path, dtype=None)                     # the stored type, as stored
+        >>> path.name, ct.array.dtype, ct.array.ravel().tolist(), ct.spacing
+        ('ct.nii.gz', dtype('int16'), [-1000, 36, 32767], (2.0, 0.5, 0.5))
+    """
     import nibabel as nib
 
     path = Path(path)
@@ -49,6 +63,21 @@ def write_dicom_series(folder: str | Path, array: np.ndarray, affine: np.ndarray
     The affine must map (z, y, x) to LPS with in-plane axes along the affine's y and x columns.
     Pixels are stored as uint16 with ``RescaleIntercept`` -1024 and slope 1, as scanners do.
     The folder is written under a temporary name and renamed, so a reader never sees half a series.
+    Returns ``folder`` (an existing one is replaced).
+
+    Example:
+        >>> import tempfile
+        >>> import pydicom
+        >>> affine = np.diag([0.5, 0.5, 2.0, 1.0]) @ XYZ_TO_ZYX   # (z, y, x) index -> LPS mm, 2 x 0.5 x 0.5 mm
+        >>> volume = np.full((2, 3, 4), -1000.0)
+        >>> folder = write_dicom_series(f"{tempfile.mkdtemp()}/series", volume, affine, patient_id="P007")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['slice_0000.dcm', 'slice_0001.dcm']
+        >>> ds = pydicom.dcmread(folder / "slice_0001.dcm")
+        >>> ds.PatientID, int(ds.InstanceNumber), [float(v) for v in ds.ImagePositionPatient], (ds.Rows, ds.Columns)
+        ('P007', 2, [0.0, 0.0, 2.0], (3, 4))
+        >>> int(ds.pixel_array[0, 0]), float(ds.RescaleIntercept)     # stored value + intercept = HU
+        (24, -1024.0)
     """
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset

@@ -39,7 +39,24 @@ CACHE_VERSION = 2
 class PreprocessStats:
     """What a :class:`Preprocessor` did: cache hits, misses, rebuilt entries and where time went
     (wall seconds per stage; ``cpu_s``: the CPU seconds :meth:`Preprocessor.crops` used, so that
-    ``cpu_s`` over a pool's wall time is the cores the run actually got on a shared machine)."""
+    ``cpu_s`` over a pool's wall time is the cores the run actually got on a shared machine).
+    ``problems``: what went wrong with the cache (a corrupt entry that was rebuilt, say).
+
+    Example:
+        >>> import tempfile
+        >>> from lungcore.data.io import write_nifti
+        >>> d = tempfile.mkdtemp()
+        >>> path = write_nifti(f"{d}/ct.nii.gz", np.full((8, 16, 16), -1000.0), np.eye(4))
+        >>> pre = Preprocessor(PreprocessSettings(spacing=2.0, crop=(4, 8, 8)), cache_dir=f"{d}/cache")
+        >>> _ = pre.crop(path), pre.crop(path)        # read and cached, then taken from the cache
+        >>> entry = next(Path(d, "cache").glob("*/*.npz"))
+        >>> _ = entry.write_bytes(entry.read_bytes()[:100])
+        >>> _ = pre.crop(path)                        # an entry cut short: rebuilt
+        >>> {k: v for k, v in pre.stats.as_dict().items() if not k.endswith("_s")}   # the counts, not the timings
+        {'hits': 1, 'misses': 2, 'rebuilt': 1, 'images_read': 2, 'resample_calls': 2, 'boxes_resampled': 2}
+        >>> pre.stats.problems
+        ['cache entry ....npz rebuilt: BadZipFile: File is not a zip file']
+    """
 
     hits: int = 0
     misses: int = 0
@@ -81,6 +98,30 @@ class Preprocessor:
     ``cache_dir`` None disables the cache. ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA
     when available): where :func:`lungcore.ops.resample_crop` runs. ``verify``: ``"stat"``
     (default) memoises content digests by file size and mtime; ``"content"`` rehashes every time.
+    What it did (cache hits and misses, time per stage) accumulates in ``stats``
+    (:class:`PreprocessStats`).
+
+    Example:
+        >>> import tempfile
+        >>> from lungcore.data.io import write_nifti
+        >>> from lungcore.data.io.image import XYZ_TO_ZYX
+        >>> d = tempfile.mkdtemp()
+        >>> volume = np.full((8, 16, 16), -1000.0)   # air around ...
+        >>> volume[3:5, 6:10, 6:10] = 0.0            # ... a 2 x 4 x 4 mm block of soft tissue
+        >>> path = write_nifti(f"{d}/ct.nii.gz", volume, XYZ_TO_ZYX)   # 1 mm voxels at LPS (x, y, z) = (x, y, z) mm
+        >>> settings = PreprocessSettings(spacing=1.0, crop=(4, 8, 8), window=(-1000, 0))
+        >>> pre = Preprocessor(settings, cache_dir=f"{d}/cache")
+        >>> centre = np.array([7.5, 7.5, 3.5])       # the block's middle, (x, y, z) LPS mm
+        >>> crop = pre.crop(path, centre)            # the window [-1000, 0] HU scaled to [0, 1]
+        >>> crop.shape, crop.dtype, crop[:, 4, 4].tolist(), crop[2, 4].tolist()
+        ((4, 8, 8), dtype('float32'), [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+        >>> pre.cached(path, [centre]), pre.crops(path, [centre, None]).shape   # None: the volume's middle
+        (True, (2, 4, 8, 8))
+        >>> pre.crop(path, np.array([100.0, 0.0, 0.0]))
+        Traceback (most recent call last):
+        ...
+        ValueError: centre [100.0, 0.0, 0.0] (world) lies outside the image .../ct.nii.gz
+        (voxel index (z, y, x) [0.0, 0.0, 100.0], shape (8, 16, 16))
     """
 
     def __init__(self, settings: PreprocessSettings | None = None, cache_dir: str | Path | None = None, *,

@@ -19,7 +19,20 @@ from lungcore.data.io import CTImage
 class PreprocessSettings:
     """Target grid and crop. ``spacing`` (sz, sy, sx) mm; ``crop`` (D, H, W) output voxels;
     ``window`` (low, high) HU mapped to [0, 1]; ``order`` 0 nearest / 1 trilinear / 3 cubic; ``fill`` HU
-    outside the scan; ``canonical`` reorients to the canonical axial frame first."""
+    outside the scan; ``canonical`` reorients to the canonical axial frame first. A single number
+    for ``spacing`` or ``crop`` means the same along each axis; invalid values raise ``ValueError``.
+
+    Example:
+        >>> s = PreprocessSettings(spacing=1.5, crop=(8, 32, 32))
+        >>> s.spacing, s.crop, s.window, s.order
+        ((1.5, 1.5, 1.5), (8, 32, 32), (-1200.0, 600.0), 1)
+        >>> PreprocessSettings.for_kind("csfnet") == PreprocessSettings.csfnet()
+        True
+        >>> PreprocessSettings(window=(600, -1200))
+        Traceback (most recent call last):
+        ...
+        ValueError: window must be (low, high) HU with low < high, got (600, -1200)
+    """
 
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     crop: tuple[int, int, int] = (16, 64, 64)
@@ -73,7 +86,25 @@ class PreprocessSettings:
 def canonical_orientation(image: CTImage) -> CTImage:
     """``image`` with array axes permuted/flipped so that depth, height and width run along world
     +z (superior), +y (posterior) and +x (left) as closely as the scan allows. No resampling: the
-    array is a strided view and the affine follows it. Obliquely tilted scans keep their tilt."""
+    array is a strided view and the affine follows it. Obliquely tilted scans keep their tilt.
+
+    Example:
+        >>> from lungcore.data.io import CTImage
+        >>> affine = np.array([[-0.5, 0, 0, 10],   # array axis 0 runs towards the patient's right (-x)
+        ...                    [0, -0.5, 0, 20],   # axis 1 towards the front (-y)
+        ...                    [0, 0, 2.0, -30],   # axis 2 towards the head (+z)
+        ...                    [0, 0, 0, 1]])
+        >>> image = CTImage(np.arange(24.0).reshape(4, 3, 2), affine)   # stored (x, y, z), as in a NIfTI file
+        >>> out = canonical_orientation(image)
+        >>> out.shape, out.spacing
+        ((2, 3, 4), (2.0, 0.5, 0.5))
+        >>> np.sign(out.affine[:3, :3]).astype(int).tolist()   # depth -> +z, height -> +y, width -> +x
+        [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
+        >>> out.index_to_world([1, 0, 0]).tolist(), image.index_to_world([3, 2, 1]).tolist()   # one voxel
+        ([8.5, 19.0, -28.0], [8.5, 19.0, -28.0])
+        >>> float(out.array[1, 0, 0]), float(image.array[3, 2, 1]), np.shares_memory(out.array, image.array)
+        (23.0, 23.0, True)
+    """
     a = image.affine
     world_of_axis = np.argmax(np.abs(a[:3, :3]), axis=0)  # dominant world axis of each array axis
     if sorted(world_of_axis.tolist()) != [0, 1, 2]:
