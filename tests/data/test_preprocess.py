@@ -100,6 +100,13 @@ def test_corrupted_and_stale_entries_are_rebuilt(nodules, tmp_path):
     np.testing.assert_array_equal(pre.crop(path, centre), reference)
     assert pre.stats.rebuilt == 1
 
+    # bytes that are no zip at all (a foreign file): named so, not as pickled data to trust
+    entry.write_bytes(b"not a crop, not a zip")
+    pre = Preprocessor(settings, cache_dir=tmp_path)
+    np.testing.assert_array_equal(pre.crop(path, centre), reference)
+    assert pre.stats.rebuilt == 1 and "not an .npz archive" in pre.stats.problems[0]
+    assert "pickle" not in pre.stats.problems[0]
+
     # an entry whose metadata does not match its name (another scan's crop): stale
     other = Preprocessor(settings, cache_dir=tmp_path)
     other.crop(manifest.images[2][0], manifest.centres[2, 0])

@@ -208,6 +208,8 @@ class Preprocessor:
             return None
         t0 = time.perf_counter()
         try:
+            if not zipfile.is_zipfile(path):  # np.load would read other bytes as a pickle and say so
+                raise ValueError("not an .npz archive (a foreign or corrupt file)")
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 crop = z["crop"]
