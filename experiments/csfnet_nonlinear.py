@@ -20,6 +20,11 @@ bootstrap 95 % intervals, paired differences; writes experiments/results/csfnet_
 
     .venv/bin/python experiments/csfnet_nonlinear.py --workdir /tmp/csfnet_nonlinear   # reuses the cohorts
     .venv/bin/python experiments/csfnet_nonlinear.py --fusions tokens published         # both fusions
+
+``--cohorts interaction --networks-on interaction`` fits the third generator instead: the linear
+cohort's images and records, the clinical record scaling the image effects (growth counts in
+current smokers, size after a positive screen), which an additive model misses and a fusion of the
+two modalities can learn (``experiments/results/csfnet_interaction.md``).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from handcrafted import (learned_table, learned_terms, preset_text, standardise,
                          with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
+from lungcore.data.synth import EFFECTS  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +86,9 @@ def planted_terms(truth: pd.DataFrame, ids, effects: str) -> pd.DataFrame:
         terms.update({"solid grew >= 0.15": t["solid_t1"] - t["solid_t0"] >= 0.15,
                       "spiculated at T1": t["margin_t1"] == "spiculated", "pleural": t["pleural"] == 1,
                       "part-solid x growth": t["solid_t0"].between(0.2, 0.8) * z(t["log_growth"])})
+    if effects == "interaction":
+        terms.update({"size x positive screen": z(t["diameter_t0_mm"]) * t["positive_screen"],
+                      "growth x current smoker": z(t["log_growth"]) * t["current_smoker"]})
     terms["clinical"] = t["logit"] - t["logit_image"]
     return pd.DataFrame(terms).astype(float).reset_index(drop=True)
 
@@ -108,7 +117,7 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
                                                          clinical_design(data, test, cards).join(feats["test"]))}
     truth = pd.read_csv(truth_csv, dtype={"nodule_id": str}).set_index("nodule_id")
     probs["oracle"] = truth.loc[[manifest.ids[i] for i in test], "logit"].to_numpy()
-    if args.train_seeds and (effects == "morphology" or args.networks_on == "both"):
+    if args.train_seeds and (effects in args.networks_on or "both" in args.networks_on):
         for fusion in args.fusions:
             for s in args.train_seeds:
                 name = f"{FUSION_ROWS[fusion]}seed {s}"
@@ -135,7 +144,10 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CSF-Net training seeds ('' = baselines only)")
-    ap.add_argument("--networks-on", choices=("morphology", "both"), default="morphology")
+    ap.add_argument("--cohorts", nargs="+", choices=EFFECTS, default=["linear", "morphology"],
+                    help="which cohorts (the generator's effects) to write and fit (default: linear morphology)")
+    ap.add_argument("--networks-on", nargs="+", choices=(*EFFECTS, "both"), default=["morphology"],
+                    help="the cohorts CSF-Net is trained on ('both': every cohort; default: morphology)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--fusions", nargs="+", choices=FUSION_ROWS, default=["tokens"],
                     help="CSF-Net fusions to train at each seed (default: tokens, the model's default)")
@@ -147,7 +159,7 @@ def main() -> None:
     out, log, t0 = start(args)
 
     rows, cohorts, learned = [], [], []
-    for effects in ("linear", "morphology"):
+    for effects in args.cohorts:
         probs, meta = run_cohort(effects, args, log)
         y, groups = meta["y"], meta["groups"]
         learned += meta["learned"]
@@ -207,17 +219,22 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
            "a model misses is near 0 in its row.", ""]
     md += learned_table(learned, "terms")
     md += ["## Reading", ""]
-    for effects in ("linear", "morphology"):
+    for effects in dict.fromkeys(r["effects"] for r in rows):
         g = next(r for r in rows if r["effects"] == effects and r["model"] == "clinical + handcrafted logistic")
         md.append(f"- **{effects}**: oracle - handcrafted = {g['oracle_minus']:+.3f} "
                   f"[{g['om_low']:+.3f}, {g['om_high']:+.3f}].")
-    for fusion, prefix in FUSION_ROWS.items():
-        nets = [r for r in rows if r["model"].startswith(prefix + "seed") and r["effects"] == "morphology"]
-        if nets:
-            d, g = [r["minus_handcrafted"] for r in nets], [r["oracle_minus"] for r in nets]
-            md.append(f"- **CSF-Net ({fusion} fusion) on morphology** over {len(nets)} training seeds: model - "
-                      f"handcrafted {np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - model "
-                      f"{np.mean(g):+.3f}.")
+    for effects in dict.fromkeys(r["effects"] for r in rows):
+        for fusion, prefix in FUSION_ROWS.items():
+            nets = [r for r in rows if r["model"].startswith(prefix + "seed") and r["effects"] == effects]
+            if nets:
+                d, g = [r["minus_handcrafted"] for r in nets], [r["oracle_minus"] for r in nets]
+                md.append(f"- **CSF-Net ({fusion} fusion) on {effects}** over {len(nets)} training seeds: model - "
+                          f"handcrafted {np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - "
+                          f"model {np.mean(g):+.3f}.")
+        ts = [r["tokens_minus_published"][0] for r in pairs if r["effects"] == effects]
+        if ts:
+            md.append(f"- **token - published fusion on {effects}**, mean over {len(ts)} paired seeds: "
+                      f"{np.mean(ts):+.3f}.")
     for r in pairs:
         t = r["tokens_minus_published"]
         md.append(f"- {r['effects']}, {r['model']}: token fusion - published fusion (same seed, paired) "

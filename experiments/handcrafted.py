@@ -69,7 +69,7 @@ def learned_terms(risk: np.ndarray, terms: pd.DataFrame) -> dict[str, float]:
 def learned_table(learned: list[dict], key: str) -> list[str]:
     """Markdown tables (one per cohort) of :func:`learned_terms` rows ``{"effects", "model", key: terms}``."""
     md: list[str] = []
-    for effects in ("linear", "morphology"):
+    for effects in dict.fromkeys(r["effects"] for r in learned):  # in the order the cohorts ran
         sub = [r for r in learned if r["effects"] == effects]
         if not sub:
             continue

@@ -67,10 +67,11 @@ def synth_args(p: argparse.ArgumentParser) -> None:
                         "1x0.7x0.7 mm; each patient's scan varies it as clinical scans do: slices 1 or 1.25 times "
                         "as thick, in-plane spacing within +-10%% (tiny: 4 or 5 mm by 2.7-3.3 mm; truth.csv "
                         "holds each scan's) (default: tiny)")
-    p.add_argument("--effects", choices=("linear", "morphology"), default="linear",
-                   help="what sets the imaging part of the risk: linear (tumour size and texture) or morphology "
+    p.add_argument("--effects", choices=("linear", "morphology", "interaction"), default="linear",
+                   help="what sets the imaging part of the risk: linear (tumour size and texture), morphology "
                         "(margin, solid core, cavity, pleural contact, an interaction; what a linear model on "
-                        "size/density features misses) (default: linear)")
+                        "size/density features misses) or interaction (the linear images; the clinical record "
+                        "scales their effect: what adding image and clinical evidence misses) (default: linear)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")
     p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none; default: 4)")
     p.add_argument("--overwrite", action="store_true",

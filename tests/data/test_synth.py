@@ -126,6 +126,58 @@ def test_morphology_cohort_on_disk(kind, tmp_path):
         synth_cohort(kind, tmp_path, n=6, effects="quadratic")
 
 
+@pytest.mark.parametrize("kind", ["survival", "nodules"])
+def test_interaction_cohort_is_the_linear_one_with_other_outcomes(kind, tmp_path):
+    """Same images and clinical records as the linear cohort of that seed; only the outcomes and the
+    planted risk differ."""
+    import pandas as pd
+
+    lin = synth_cohort(kind, tmp_path / "linear", n=8, preset="tiny", seed=3, dicom_every=0)
+    inter = synth_cohort(kind, tmp_path / "inter", n=8, preset="tiny", seed=3, dicom_every=0, effects="interaction")
+    assert inter["effects"] == "interaction"
+    a, b = pd.read_csv(lin["manifest"], dtype=str), pd.read_csv(inter["manifest"], dtype=str)
+    outcomes = ["label"] if kind == "nodules" else ["pfs_time", "pfs_event", "os_time", "os_event"]
+    same = [c for c in a.columns if c not in outcomes]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    for rel in a[[c for c in same if c in ("ct", "ct_t0", "ct_t1")]].stack().dropna():
+        assert (tmp_path / "linear" / rel).read_bytes() == (tmp_path / "inter" / rel).read_bytes()
+    risk = "logit" if kind == "nodules" else "eta"
+    ta, tb = (pd.read_csv(tmp_path / d / "truth.csv") for d in ("linear", "inter"))
+    assert not np.allclose(ta[risk], tb[risk])
+
+
+def test_interaction_risk_needs_the_clinical_record():
+    """The planted imaging risk of ``interaction`` is not additive: a least-squares fit on the image
+    and clinical main effects leaves part of it unexplained, which their products explain."""
+    from lungcore.data.synth.nodules import nodule_draw
+    from lungcore.data.synth.survival import survival_patient
+
+    def r2(x, y):
+        x = np.column_stack([np.ones(len(y)), *x])
+        resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        return 1.0 - resid.var() / y.var()
+
+    draws = [survival_patient(np.random.default_rng([4, i]), max_diameter=30.0, min_diameter=8.0,
+                              effects="interaction") for i in range(3000)]
+    y = np.array([d["eta_image"] for d in draws])
+    size, texture = np.log([d["diameter"] for d in draws]), np.array([d["texture"] for d in draws])
+    low = np.array([d["pdl1"] < 50 for d in draws], dtype=float)
+    assert r2([size, texture, low], y) < 0.9
+    assert r2([size, texture, low, size * low], y) == pytest.approx(1.0)
+
+    rng = np.random.default_rng(0)
+    records = [{"age": 62.0, "gender": "F", "smoking": str(rng.choice(["former", "current"])),
+                "screen_result": str(rng.choice(["negative", "positive"])), "isolation": "no"} for _ in range(3000)]
+    nods = [nodule_draw(np.random.default_rng([5, i]), r, d_floor=4.0, max_d=30.0, effects="interaction")
+            for i, r in enumerate(records)]
+    y = np.array([d["logit_image"] for d in nods])
+    d0, growth = np.array([d["d0"] for d in nods]), np.array([d["growth"] for d in nods])
+    smoker = np.array([r["smoking"] == "current" for r in records], dtype=float)
+    positive = np.array([r["screen_result"] == "positive" for r in records], dtype=float)
+    assert r2([d0, growth, smoker, positive], y) < 0.9
+    assert r2([d0, growth, smoker, positive, d0 * positive, growth * smoker], y) == pytest.approx(1.0)
+
+
 def test_a_cohort_written_before_the_effects_option_is_reused(tmp_path):
     import json
 

@@ -94,7 +94,8 @@ def test_csfnet_synthetic(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [
     ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8"]),
-    ("csfnet_nonlinear.py", ["--epochs", "1", "--fusions", "tokens", "published"]),
+    ("csfnet_nonlinear.py", ["--epochs", "1", "--fusions", "tokens", "published",
+                             "--cohorts", "linear", "morphology", "interaction"]),
 ])
 def test_nonlinear_scripts(script, extra, tmp_path):
     _run(script, "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--train-seeds", "0",
@@ -108,6 +109,9 @@ def test_nonlinear_scripts(script, extra, tmp_path):
     if "--fusions" in extra:  # both fusions at the same seed, and their paired difference
         assert "| morphology | CSF-Net published fusion seed 0 |" in md
         assert "morphology, CSF-Net seed 0: token fusion - published fusion (same seed, paired)" in md
+    if "interaction" in extra:  # the third generator: its cohort, baselines and interaction terms
+        assert "**interaction**: oracle - handcrafted" in md
+        assert "| interaction | size | growth | size x positive screen | growth x current smoker | clinical |" in md
 
 
 @pytest.mark.slow

@@ -22,7 +22,11 @@ With ``effects="morphology"`` the imaging part of the risk depends instead on wh
 reads and size/density summaries miss: the lesion's margin (smooth, lobulated, spiculated), the
 solid fraction of a part-solid lesion, a cavity, contact with the pleura and (survival) a size x
 texture interaction, (nodules) a growing solid component and new spiculation between T0 and T1
-(``lesions.py``, ``survival.py``, ``nodules.py`` state every effect and its size).
+(``lesions.py``, ``survival.py``, ``nodules.py`` state every effect and its size). With
+``effects="interaction"`` the images and clinical records are the linear cohort's, and the
+clinical record scales the image effects (survival: tumour size matters in PD-L1-low patients;
+nodules: growth in current smokers, size after a positive screen), which a model adding image
+and clinical evidence misses.
 
 Modules: ``phantom`` (anatomy, the linear lesion, geometry, presets), ``lesions`` (the morphology
 lesion, handcrafted features), ``survival`` and ``nodules`` (the two cohorts), ``writing`` (files),
@@ -43,8 +47,8 @@ Example:
 from lungcore.data.synth.cohort import GENERATOR_VERSION, synth_cohort
 from lungcore.data.synth.lesions import FEATURES, Lesion, lesion_features
 from lungcore.data.synth.nodules import nodules_schema
-from lungcore.data.synth.phantom import PRESETS, Preset, chest_phantom
-from lungcore.data.synth.survival import EFFECTS, survival_schema
+from lungcore.data.synth.phantom import EFFECTS, PRESETS, Preset, chest_phantom
+from lungcore.data.synth.survival import survival_schema
 
 __all__ = ["EFFECTS", "FEATURES", "GENERATOR_VERSION", "Lesion", "PRESETS", "Preset", "chest_phantom",
            "lesion_features", "nodules_schema", "survival_schema", "synth_cohort"]

@@ -7,8 +7,8 @@ from typing import Any
 
 from lungcore.data.schema import canonical_kind
 from lungcore.data.synth.nodules import _synth_nodules
-from lungcore.data.synth.phantom import PRESETS
-from lungcore.data.synth.survival import EFFECTS, _synth_survival
+from lungcore.data.synth.phantom import EFFECTS, PRESETS
+from lungcore.data.synth.survival import _synth_survival
 
 GENERATOR_VERSION = 2  # bump when the same arguments would write a different cohort
 
@@ -25,9 +25,10 @@ def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", se
     writing it again when it was written with the same arguments by the same generator version
     (``synth.json`` says; anything else is rewritten). Returns a summary with the oracle metric
     (C-index of the true log-hazard for PFS and OS, or the AUC of the true logit) and ``reused``.
-    ``effects``: ``linear`` (the cohorts of generator version 2, unchanged) or ``morphology``
-    (lesion margins, solid cores, cavities, pleural contact and an interaction set the risk; see
-    ``survival_patient`` and ``nodule_draw``). ``truth.csv`` also holds each lesion's handcrafted
+    ``effects``: ``linear`` (the cohorts of generator version 2, unchanged), ``morphology``
+    (lesion margins, solid cores, cavities, pleural contact and an interaction set the risk) or
+    ``interaction`` (the linear cohort's images and records; the clinical record scales the image
+    effects); see ``survival_patient`` and ``nodule_draw``. ``truth.csv`` also holds each lesion's handcrafted
     features on its true mask (``feat_*``, :func:`lungcore.data.synth.lesions.lesion_features`).
 
     Example:

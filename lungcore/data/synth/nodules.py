@@ -18,7 +18,8 @@ import numpy as np
 
 from lungcore.data.schema import ClinicalVariable, CohortSchema
 from lungcore.data.synth.lesions import FEATURES, Lesion, lesion_features, pleural_site
-from lungcore.data.synth.phantom import Preset, chest_phantom, lesion_site, lungs, patient_geometry, scan_affine, to_stored
+from lungcore.data.synth.phantom import (EFFECTS, Preset, chest_phantom, lesion_site, lungs, patient_geometry,
+                                         scan_affine, to_stored)
 from lungcore.data.synth.writing import blank, fmt, progress, write_csv, write_ct
 
 
@@ -50,6 +51,20 @@ def nodule_draw(rng: np.random.Generator, clinical: dict[str, Any], *, d_floor: 
     [pleural] + 2.0 [part-solid at T0, 0.2 <= f <= 0.8] growth / 0.35 (weights chosen so that a
     logistic model on 42 true-mask radiomics features of both scans falls >= 0.06 AUC short of the
     oracle; the linear cohort's falls 0.012 short).
+    ``interaction`` makes the same draws as ``linear`` (same images, same clinical records, only
+    the labels differ) and lets the clinical record set how much the images matter: the imaging
+    part is -3.0 + (0.4 + 2.0 [positive screen]) (d0 - 9) / 4 + (0.4 + 3.6 [current smoker])
+    growth / 0.35 (on average about the linear weights): what a model adding image and clinical
+    evidence misses, and a fusion of the two modalities can learn.
+
+    Example:
+        >>> import numpy as np
+        >>> record = {"age": 62.0, "gender": "F", "smoking": "current", "screen_result": "positive",
+        ...           "isolation": "no"}
+        >>> a = nodule_draw(np.random.default_rng(0), record, d_floor=4.0, max_d=30.0)
+        >>> b = nodule_draw(np.random.default_rng(0), record, d_floor=4.0, max_d=30.0, effects="interaction")
+        >>> (a["d0"], a["growth"]) == (b["d0"], b["growth"]), round(b["logit_image"] - a["logit_image"], 3)
+        (True, 0.65)
     """
     d0 = float(np.clip(rng.lognormal(math.log(9.0), 0.4), d_floor, 0.7 * max_d))
     growth = float(rng.normal(0.15, 0.35))  # log volume ratio T1/T0
@@ -60,6 +75,10 @@ def nodule_draw(rng: np.random.Generator, clinical: dict[str, Any], *, d_floor: 
     if effects == "linear":
         # the clinical part (SD about 1.4) is large enough for a model to gain measurably from it
         image = -3.0 + 1.4 * (d0 - 9.0) / 4.0 + 2.2 * growth / 0.35
+    elif effects == "interaction":  # the linear draws; the clinical record scales the image effects
+        positive, smoker = clinical["screen_result"] == "positive", clinical["smoking"] == "current"
+        out.update(positive_screen=bool(positive), current_smoker=bool(smoker))  # true, even where a cell is blank
+        image = -3.0 + (0.4 + 2.0 * positive) * (d0 - 9.0) / 4.0 + (0.4 + 3.6 * smoker) * growth / 0.35
     elif effects == "morphology":
         f0 = float(rng.uniform(0.0, 1.0))
         grows = rng.uniform() < 0.3
@@ -74,7 +93,7 @@ def nodule_draw(rng: np.random.Generator, clinical: dict[str, Any], *, d_floor: 
         image = (-3.4 + 0.4 * (d0 - 9.0) / 4.0 + 0.4 * growth / 0.35 + 1.2 * (f1 - f0 >= 0.15)
                  + 1.0 * (margin1 == "spiculated") + 2.0 * pleural + 2.0 * (0.2 <= f0 <= 0.8) * growth / 0.35)
     else:
-        raise ValueError(f"effects must be 'linear' or 'morphology', got {effects!r}")
+        raise ValueError(f"effects must be one of {EFFECTS}, got {effects!r}")
     logit = image + clin
     out.update(logit=logit, logit_image=image, label=int(rng.uniform() < 1 / (1 + math.exp(-logit))),
                d1=float(np.clip(d0 * math.exp(max(growth, -0.3) / 3), 3.0, max_d)))
@@ -83,7 +102,7 @@ def nodule_draw(rng: np.random.Generator, clinical: dict[str, Any], *, d_floor: 
 
 def _lesion(nod: dict[str, Any], t: int, effects: str) -> Any:
     radius = nod["d0" if t == 0 else "d1"] / 2
-    if effects == "linear":
+    if effects != "morphology":
         return nod["site"], radius, 0.9  # solid nodules
     return Lesion(tuple(nod["site"]), radius, margin=nod[f"margin_t{t}"], solid_fraction=nod[f"solid_t{t}"],
                   ground_glass_hu=nod["ground_glass_hu"], texture=nod["texture"], shape_seed=nod["shape_seed"])
@@ -162,6 +181,9 @@ def _nodule_patient(out: Path, patient: int, remaining: int, n: int, preset: Pre
                  "log_growth": fmt(nod["growth"]),
                  **{f"t{t}_index_{a}": fmt(idx[k][j]) for t in (0, 1) for j, a in enumerate("zyx")},
                  "spacing_z": fmt(sp[0]), "spacing_y": fmt(sp[1]), "spacing_x": fmt(sp[2]), "flip_z": str(int(flip))}
+        if effects == "interaction":
+            truth.update(positive_screen=str(int(nod["positive_screen"])),
+                         current_smoker=str(int(nod["current_smoker"])))
         if effects == "morphology":
             truth.update({key: fmt(nod[key]) if isinstance(nod[key], float) else str(nod[key])
                           for key in ("solid_t0", "solid_t1", "margin_t0", "margin_t1")}, pleural=str(int(nod["pleural"])))

@@ -28,6 +28,8 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset((64, 128, 128), (2.5, 1.8, 1.8)),      # the README's job on 2 CPU cores
     "realistic": Preset((300, 512, 512), (1.0, 0.7, 0.7)),  # clinical size, for benchmarks
 }
+# what sets the imaging part of a cohort's risk (survival.survival_patient, nodules.nodule_draw)
+EFFECTS = ("linear", "morphology", "interaction")
 AIR_HU = -1024.0
 LUNG_HU = -850.0
 SOFT_HU = 40.0

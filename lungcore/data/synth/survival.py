@@ -16,10 +16,9 @@ import numpy as np
 
 from lungcore.data.schema import ClinicalVariable, CohortSchema
 from lungcore.data.synth.lesions import FEATURES, Lesion, lesion_features, pleural_site
-from lungcore.data.synth.phantom import Preset, chest_phantom, lesion_site, lungs, patient_geometry, scan_affine, to_stored
+from lungcore.data.synth.phantom import (EFFECTS, Preset, chest_phantom, lesion_site, lungs, patient_geometry,
+                                         scan_affine, to_stored)
 from lungcore.data.synth.writing import blank, fmt, progress, write_csv, write_ct
-
-EFFECTS = ("linear", "morphology")
 
 
 def survival_schema() -> CohortSchema:
@@ -65,6 +64,12 @@ def survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diame
     the solid core, mattering more in large tumours). Size, density and spread summaries see the
     size term and part of the rest; the margin class, the threshold, the pleura and the
     interaction are what a linear model on them misses.
+
+    ``effects="interaction"`` makes the same draws as ``linear`` (same images and clinical records;
+    only ``eta`` differs) and lets the clinical record set how much the tumour matters:
+    ``eta_image`` = (0.2 + 1.4 [PD-L1 TPS < 50]) z_size + 0.7 z_texture (tumour burden counts
+    little in the PD-L1-high patients who respond to immunotherapy): what a model adding image and
+    clinical evidence misses, and a fusion of the two modalities can learn.
     """
     lo, hi = math.log(min_diameter), math.log(max(max_diameter, min_diameter * 1.5))
     u = float(rng.uniform(-1.0, 1.0))
@@ -87,6 +92,9 @@ def survival_patient(rng: np.random.Generator, *, max_diameter: float, min_diame
            "pdl1": pdl1, "smoking": smoking}
     if effects == "linear":
         eta_image = 1.0 * z_size + 0.7 * z_texture
+    elif effects == "interaction":  # the linear draws; PD-L1 scales the tumour-burden effect
+        out.update(pdl1_low=bool(pdl1 < 50.0))  # true, even where the cell is blank
+        eta_image = (0.2 + 1.4 * (pdl1 < 50.0)) * z_size + 0.7 * z_texture
     elif effects == "morphology":
         margin = str(rng.choice(["smooth", "lobulated", "spiculated"], p=[0.4, 0.3, 0.3]))
         solid = float(rng.uniform(0.0, 1.0))
@@ -154,6 +162,8 @@ def _survival_case(out: Path, i: int, n: int, preset: Preset, seed: int, dicom_e
              "texture": fmt(texture), "centre_index_z": fmt(idx[0]), "centre_index_y": fmt(idx[1]),
              "centre_index_x": fmt(idx[2]), "spacing_z": fmt(sp[0]), "spacing_y": fmt(sp[1]),
              "spacing_x": fmt(sp[2]), "flip_z": str(int(flip)), "pfs_true": fmt(t_pfs), "os_true": fmt(t_os)}
+    if effects == "interaction":
+        truth.update(pdl1_low=str(int(draw["pdl1_low"])))
     if effects == "morphology":
         truth.update(margin=draw["margin"], solid_fraction=fmt(draw["solid_fraction"]),
                      cavity=fmt(draw["cavity"]), pleural=str(int(draw["pleural"])))
