@@ -55,7 +55,7 @@ class PreprocessStats:
         >>> {k: v for k, v in pre.stats.as_dict().items() if not k.endswith("_s")}   # the counts, not the timings
         {'hits': 1, 'misses': 2, 'rebuilt': 1, 'images_read': 2, 'resample_calls': 2, 'boxes_resampled': 2}
         >>> pre.stats.problems
-        ['cache entry ....npz rebuilt: BadZipFile: File is not a zip file']
+        ['cache entry ....npz rebuilt: ValueError: not an .npz archive (a foreign or corrupt file)']
     """
 
     hits: int = 0
