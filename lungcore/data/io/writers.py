@@ -7,7 +7,8 @@ Example:
     >>> from lungcore.data.io import read_ct
     >>> d = tempfile.mkdtemp()
     >>> volume = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 1000
-    >>> affine = np.diag([2.0, 0.5, 0.5, 1.0])
+    >>> from lungcore.data.io.image import XYZ_TO_ZYX
+    >>> affine = np.diag([0.5, 0.5, 2.0, 1.0]) @ XYZ_TO_ZYX    # axial: 0.5 mm in-plane, 2 mm slices
     >>> [bool((read_ct(p).array == volume).all()) for p in (write_nifti(f"{d}/ct.nii.gz", volume, affine),
     ...                                                       write_dicom_series(f"{d}/ct", volume, affine))]
     [True, True]
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lungcore.data.io.image import RAS_TO_LPS, XYZ_TO_ZYX
+
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, dtype: type = np.int16) -> Path:
     """Write a (z, y, x) HU volume with a (z, y, x) -> LPS affine as NIfTI (RAS on disk), atomically.
