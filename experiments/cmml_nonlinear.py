@@ -15,6 +15,10 @@ the oracle (the true log-hazard) and CMML (masked pretraining + Cox fine-tuning,
 intervals and paired differences; writes experiments/results/cmml_nonlinear.{md,csv}.
 
     .venv/bin/python experiments/cmml_nonlinear.py --workdir /tmp/cmml_nonlinear   # reuses the cohorts
+
+``--cohorts interaction --networks-on interaction`` fits the third generator instead: the linear
+cohort's images and records, with tumour size counting in PD-L1-low patients only
+(``experiments/results/cmml_interaction.md``).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finet
 from handcrafted import (cox_fit_predict, learned_table, learned_terms, preset_text, truth_features,  # noqa: E402
                          write_rows_csv)
 
+from lungcore.data.synth import EFFECTS  # noqa: E402
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
 from lungcore.models import create  # noqa: E402
 
@@ -78,6 +83,8 @@ def planted_terms(workdir: Path, ids, effects: str) -> pd.DataFrame:
     terms = {"size": size}
     if effects == "linear":
         terms["texture"] = texture
+    elif effects == "interaction":
+        terms.update({"texture": texture, "size x PD-L1 low": size * t["pdl1_low"]})
     else:
         terms.update({"lobulated": t["margin"] == "lobulated", "spiculated": t["margin"] == "spiculated",
                       "solid >= 0.5": t["solid_fraction"] >= 0.5, "pleural": t["pleural"] == 1,
@@ -116,8 +123,10 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CMML training seeds ('' = baselines only)")
-    ap.add_argument("--networks-on", choices=("morphology", "both"), default="morphology",
-                    help="train CMML on the morphology cohort only, or on both")
+    ap.add_argument("--cohorts", nargs="+", choices=EFFECTS, default=["linear", "morphology"],
+                    help="which cohorts (the generator's effects) to write and fit (default: linear morphology)")
+    ap.add_argument("--networks-on", nargs="+", choices=(*EFFECTS, "both"), default=["morphology"],
+                    help="the cohorts CMML is trained on ('both': every cohort; default: morphology)")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--finetune-epochs", type=int, default=20)
     ap.add_argument("--finetune-batch", type=int, default=64)
@@ -133,13 +142,13 @@ def main() -> None:
 
     seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
     rows, md_cohorts, learned = [], [], []
-    for effects in ("linear", "morphology"):
+    for effects in args.cohorts:
         work = Path(args.workdir) / effects
         cohort = build_cohort(work, args.n, args.seed, spacing=SPACING, crop=CROP, log=log, preset=args.preset,
                               effects=effects)
         test = cohort.splits["test"]
         risks = baselines(cohort, work)
-        if seeds and (effects == "morphology" or args.networks_on == "both"):
+        if seeds and (effects in args.networks_on or "both" in args.networks_on):
             for s in seeds:
                 log(f"{effects}: CMML, training seed {s}")
                 risks[f"CMML seed {s}"] = train_network(cohort, args, s, log)
@@ -203,16 +212,16 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: lis
            "misses is near 0 in its row.", ""]
     md += learned_table(learned, "os")
     md += ["## Reading", ""]
-    for effects in ("linear", "morphology"):
+    for effects in dict.fromkeys(r["effects"] for r in rows):
         gaps = [row(effects, "clinical + handcrafted Cox", e)["oracle_minus"] for e in ENDPOINTS]
         md.append(f"- **{effects}**: oracle - handcrafted = PFS {gaps[0]:+.3f}, OS {gaps[1]:+.3f} "
                   f"({'>=' if min(gaps) >= 0.06 else '<'} 0.06 on {'both endpoints' if min(gaps) >= 0.06 else 'some endpoint'}).")
-    nets = [r for r in rows if r["model"].startswith("CMML") and r["effects"] == "morphology"]
-    if nets:
-        for e in ENDPOINTS:
+    for effects in dict.fromkeys(r["effects"] for r in rows):
+        nets = [r for r in rows if r["model"].startswith("CMML") and r["effects"] == effects]
+        for e in ENDPOINTS if nets else ():
             d = [r["minus_handcrafted"] for r in nets if r["endpoint"] == e]
             g = [r["oracle_minus"] for r in nets if r["endpoint"] == e]
-            md.append(f"- **CMML on morphology, {e.upper()}** over {len(d)} training seeds: model - handcrafted "
+            md.append(f"- **CMML on {effects}, {e.upper()}** over {len(d)} training seeds: model - handcrafted "
                       f"{np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - model "
                       f"{np.mean(g):+.3f}.")
     (out / "cmml_nonlinear.md").write_text("\n".join(md) + "\n")

@@ -93,7 +93,8 @@ def test_csfnet_synthetic(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [
-    ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8"]),
+    ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8",
+                           "--cohorts", "linear", "morphology", "interaction"]),
     ("csfnet_nonlinear.py", ["--epochs", "1", "--fusions", "tokens", "published",
                              "--cohorts", "linear", "morphology", "interaction"]),
 ])
@@ -111,7 +112,8 @@ def test_nonlinear_scripts(script, extra, tmp_path):
         assert "morphology, CSF-Net seed 0: token fusion - published fusion (same seed, paired)" in md
     if "interaction" in extra:  # the third generator: its cohort, baselines and interaction terms
         assert "**interaction**: oracle - handcrafted" in md
-        assert "| interaction | size | growth | size x positive screen | growth x current smoker | clinical |" in md
+        assert ("| interaction | size | growth | size x positive screen | growth x current smoker | clinical |" in md
+                or "| interaction | size | texture | size x PD-L1 low | clinical |" in md)
 
 
 @pytest.mark.slow
