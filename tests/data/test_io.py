@@ -89,3 +89,25 @@ def test_canonical_orientation_is_a_view_with_matching_affine(rng):
     # a transposed (x, y, z)-ordered array is permuted back
     perm = CTImage(array.transpose(2, 1, 0), image.affine[:, [2, 1, 0, 3]])
     np.testing.assert_array_equal(canonical_orientation(perm).array, canon.array)
+
+
+def test_header_errors_name_the_file(tmp_path):
+    import nibabel as nib
+
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5), np.int16), np.eye(4)), str(flat))
+    with pytest.raises(ValueError, match=rf"^CT image {flat} must be a 3-D volume, got shape \(4, 5\)$"):
+        read_ct_header(flat)
+    cut = write_nifti(tmp_path / "cut.nii", np.zeros((3, 4, 5)), np.eye(4))
+    cut.write_bytes(cut.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"^CT image {cut} is truncated: \d+ bytes, the header needs \d+$"):
+        read_ct_header(cut)
+    series = write_dicom_series(tmp_path / "series", np.zeros((2, 4, 5)), np.eye(4))
+    import pydicom
+
+    first = sorted(series.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    del ds.PixelSpacing
+    ds.save_as(first)
+    with pytest.raises(ValueError, match=rf"^CT image {series}: DICOM file {first.name} lacks PixelSpacing$"):
+        read_ct_header(series)
