@@ -34,10 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finetune, model_config,  # noqa: E402
                          paired_difference, predict, pretrain, start)
-from handcrafted import (cox_fit_predict, learned_table, learned_terms, preset_text, truth_features,  # noqa: E402
-                         write_rows_csv)
+from handcrafted import (cohort_arguments, cox_fit_predict, learned_table, learned_terms, preset_text,  # noqa: E402
+                         trains_on, truth_features, write_rows_csv)
 
-from lungcore.data.synth import EFFECTS  # noqa: E402
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
 from lungcore.models import create  # noqa: E402
 
@@ -123,10 +122,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CMML training seeds ('' = baselines only)")
-    ap.add_argument("--cohorts", nargs="+", choices=EFFECTS, default=["linear", "morphology"],
-                    help="which cohorts (the generator's effects) to write and fit (default: linear morphology)")
-    ap.add_argument("--networks-on", nargs="+", choices=(*EFFECTS, "both"), default=["morphology"],
-                    help="the cohorts CMML is trained on ('both': every cohort; default: morphology)")
+    cohort_arguments(ap, "CMML")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--finetune-epochs", type=int, default=20)
     ap.add_argument("--finetune-batch", type=int, default=64)
@@ -148,7 +144,7 @@ def main() -> None:
                               effects=effects)
         test = cohort.splits["test"]
         risks = baselines(cohort, work)
-        if seeds and (effects in args.networks_on or "both" in args.networks_on):
+        if seeds and trains_on(args, effects):
             for s in seeds:
                 log(f"{effects}: CMML, training seed {s}")
                 risks[f"CMML seed {s}"] = train_network(cohort, args, s, log)

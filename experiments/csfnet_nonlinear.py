@@ -40,11 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
 from csfnet_synthetic import REDUCED, load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
-from handcrafted import (learned_table, learned_terms, preset_text, standardise, truth_features,  # noqa: E402
-                         with_changes, write_rows_csv)
+from handcrafted import (cohort_arguments, learned_table, learned_terms, preset_text, standardise,  # noqa: E402
+                         trains_on, truth_features, with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
-from lungcore.data.synth import EFFECTS  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,7 +116,7 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
                                                          clinical_design(data, test, cards).join(feats["test"]))}
     truth = pd.read_csv(truth_csv, dtype={"nodule_id": str}).set_index("nodule_id")
     probs["oracle"] = truth.loc[[manifest.ids[i] for i in test], "logit"].to_numpy()
-    if args.train_seeds and (effects in args.networks_on or "both" in args.networks_on):
+    if args.train_seeds and trains_on(args, effects):
         for fusion in args.fusions:
             for s in args.train_seeds:
                 name = f"{FUSION_ROWS[fusion]}seed {s}"
@@ -144,10 +143,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: 1 mm in-plane, the committed results; tiny: smoke runs)")
     ap.add_argument("--train-seeds", default="0,1,2", help="CSF-Net training seeds ('' = baselines only)")
-    ap.add_argument("--cohorts", nargs="+", choices=EFFECTS, default=["linear", "morphology"],
-                    help="which cohorts (the generator's effects) to write and fit (default: linear morphology)")
-    ap.add_argument("--networks-on", nargs="+", choices=(*EFFECTS, "both"), default=["morphology"],
-                    help="the cohorts CSF-Net is trained on ('both': every cohort; default: morphology)")
+    cohort_arguments(ap, "CSF-Net")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--fusions", nargs="+", choices=FUSION_ROWS, default=["tokens"],
                     help="CSF-Net fusions to train at each seed (default: tokens, the model's default)")

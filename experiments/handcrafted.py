@@ -11,12 +11,13 @@ the standardised features, plus the clinical variables.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lungcore.data.synth import FEATURES
+from lungcore.data.synth import EFFECTS, FEATURES
 
 
 def truth_features(truth_csv: Path, key: str, ids, prefixes=("feat_",)) -> pd.DataFrame:
@@ -64,6 +65,19 @@ def learned_terms(risk: np.ndarray, terms: pd.DataFrame) -> dict[str, float]:
     design = np.c_[np.ones(ok.sum()), x[ok]]
     coef = np.linalg.lstsq(design, y, rcond=None)[0][1:]
     return dict(zip(terms.columns, map(float, coef)))
+
+
+def cohort_arguments(ap: argparse.ArgumentParser, network: str) -> None:
+    """``--cohorts`` (which generators to write and fit) and ``--networks-on`` (where ``network`` trains)."""
+    ap.add_argument("--cohorts", nargs="+", choices=EFFECTS, default=["linear", "morphology"],
+                    help="which cohorts (the generator's effects) to write and fit (default: linear morphology)")
+    ap.add_argument("--networks-on", nargs="+", choices=(*EFFECTS, "both"), default=["morphology"],
+                    help=f"the cohorts {network} is trained on ('both': every cohort; default: morphology)")
+
+
+def trains_on(args: argparse.Namespace, effects: str) -> bool:
+    """Whether the network trains on the ``effects`` cohort (:func:`cohort_arguments`)."""
+    return effects in args.networks_on or "both" in args.networks_on
 
 
 def learned_table(learned: list[dict], key: str) -> list[str]:

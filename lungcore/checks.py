@@ -87,11 +87,7 @@ def same_length(**arrays: Sized) -> int:
     return next(iter(lengths.values()), 0)
 
 
-def _first_bad(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
-
-
-def _first_bad_at(name: str, mask: np.ndarray) -> tuple[tuple[int, ...], str]:
+def _first_bad(name: str, mask: np.ndarray) -> tuple[tuple[int, ...], str]:
     """The index of the first True entry of ``mask`` (any number of axes) and the entry's name: ``x[1, 0]``."""
     at = tuple(int(i) for i in np.argwhere(mask)[0])
     return at, f"{name}[{', '.join(map(str, at))}]" if at else name
@@ -115,7 +111,7 @@ def finite(name: str, array: np.ndarray) -> np.ndarray:
     """
     bad = ~np.isfinite(array)
     if bad.any():
-        at, entry = _first_bad_at(name, bad)
+        at, entry = _first_bad(name, bad)
         raise ValueError(f"{entry} is {array[at]}: {name} must be finite ({int(bad.sum())} bad values)")
     return array
 
@@ -134,7 +130,7 @@ def nonnegative(name: str, array: np.ndarray) -> np.ndarray:
     """
     bad = array < 0
     if bad.any():
-        at, entry = _first_bad_at(name, bad)
+        at, entry = _first_bad(name, bad)
         raise ValueError(f"{entry} is negative ({array[at]}): {name} must be >= 0")
     return array
 
@@ -153,8 +149,8 @@ def binary(name: str, values: ArrayLike) -> np.ndarray:
     array = host_1d(name, values, dtype=np.float64)
     bad = (array != 0) & (array != 1)
     if bad.any():
-        i = _first_bad(bad)
-        raise ValueError(f"{name}[{i}] is {array[i]}: {name} must be 0/1 (or bool)")
+        at, entry = _first_bad(name, bad)
+        raise ValueError(f"{entry} is {array[at]}: {name} must be 0/1 (or bool)")
     return array.astype(bool)
 
 
@@ -336,13 +332,13 @@ def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"{name} must have shape (N, 3) (z, y, x input voxel indices), got {points.shape}")
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
-        i = _first_bad(bad)
-        raise ValueError(f"{name}[{i}] is {points[i].tolist()}: {name} must be finite")
+        at, entry = _first_bad(name, bad)
+        raise ValueError(f"{entry} is {points[at].tolist()}: {name} must be finite")
     n = np.asarray(shape, dtype=np.float64)
     outside = ((points < -0.5) | (points > n - 0.5)).any(axis=1)
     if outside.any():
-        i = _first_bad(outside)
-        raise ValueError(f"{name}[{i}] = {points[i].tolist()} lies outside the volume of shape {tuple(shape)} "
+        at, entry = _first_bad(name, outside)
+        raise ValueError(f"{entry} = {points[at].tolist()} lies outside the volume of shape {tuple(shape)} "
                          f"(valid input indices are [-0.5, n - 0.5] per axis)")
     return points
 

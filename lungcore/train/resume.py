@@ -138,15 +138,16 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     from lungcore.train.checkpoints import TrainerState
     from lungcore.train.config import TrainConfig
 
-    _resume = usage.argument("--resume")
-    resuming = f"--resume {out}" if usage.on_command_line() else f"resume=True, out={out}"
+    cli = usage.on_command_line()
+    resume_arg = usage.argument("--resume")
+    resuming = f"--resume {out}" if cli else f"resume=True, out={out}"
     last = Path(out) / "last.pt"
     if not last.is_file():
-        raise UsageError(f"{_resume}: {last} does not exist (nothing to resume; drop {_resume})")
+        raise UsageError(f"{resume_arg}: {last} does not exist (nothing to resume; drop {resume_arg})")
     trainer, payload = TrainerState.read(last)
     extra = payload.get("extra", {})
     if trainer is None or "train_config" not in extra:
-        raise UsageError(f"{_resume}: {last} holds no training state")
+        raise UsageError(f"{resume_arg}: {last} holds no training state")
     saved = TrainConfig.from_dict(extra["train_config"])
     saved_dict = saved.to_dict()
     fields, where = _config_fields(config)
@@ -156,7 +157,7 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
         may = ", ".join(usage.argument(f) for f in ("--device", "--num-workers", "--no-progress"))
         raise UsageError(f"{resuming}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
                          f"started with (only a longer {usage.argument('--epochs')}, {may} may "
-                         f"differ): drop the {'flag' if usage.argument('--out') == '--out' else 'argument'}, "
+                         f"differ): drop the {'flag' if cli else 'argument'}, "
                          f"or start a new run in another {usage.argument('--out')}")
     d = saved.to_dict()
     for key in ("progress", "device"):
@@ -171,7 +172,7 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
             d["data"][name] = os.path.abspath(overrides[name])
         elif d["data"].get(name) is not None and not Path(d["data"][name]).is_absolute() \
                 and not Path(d["data"][name]).exists():
-            flag = "--" + name.replace("_", "-") if usage.on_command_line() else f"{name}="
+            flag = "--" + name.replace("_", "-") if cli else f"{name}="
             raise UsageError(f"{resuming}: the run saved its {name.replace('_', ' ')} as {d['data'][name]}, "
                              f"relative to the directory it was started in, and it is not found from here: "
                              f"run from that directory, or pass {flag} with its path")
@@ -186,7 +187,7 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     if trainer.finished and si == len(stages) - 1 and stage_done:
         why = (f"stopped early at epoch {trainer.epoch} (patience {saved.patience})" if trainer.done
                else f"trained {trainer.epoch}/{saved.epochs_for(stage)} epochs of its last stage {stage!r}")
-        raise RunFinished(f"{usage.argument('--resume')}: the run in {out} is finished ({why}; best.pt and the test "
+        raise RunFinished(f"{resume_arg}: the run in {out} is finished ({why}; best.pt and the test "
                           f"report are written); nothing to resume. Pass a larger {usage.argument('--epochs')} to "
                           "train its last stage longer")
     return cfg, payload

@@ -18,8 +18,9 @@ def read_ct_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray |
     """Cheap check that ``path`` is a readable image: parse its header only.
 
     Returns (shape in (z, y, x) order, affine or None). Raises on an unreadable file. For an
-    uncompressed NIfTI it also checks that the file holds all of its voxels; every error names the file. A DICOM series gives
-    no affine (its first file's header alone does not place the slices): ``(slices, rows, columns), None``.
+    uncompressed NIfTI it also checks that the file holds all of its voxels; every error names the
+    file. A DICOM series gives no affine (its first file's header alone does not place the slices):
+    ``(slices, rows, columns), None``.
 
     Example:
         >>> import tempfile

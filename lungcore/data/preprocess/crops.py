@@ -208,11 +208,13 @@ class Preprocessor:
             return None
         t0 = time.perf_counter()
         try:
-            if not zipfile.is_zipfile(path):  # np.load would read other bytes as a pickle and say so
-                raise ValueError("not an .npz archive (a foreign or corrupt file)")
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                crop = z["crop"]
+            with open(path, "rb") as f:  # one open for the check and the read
+                if not zipfile.is_zipfile(f):  # np.load would read other bytes as a pickle and say so
+                    raise ValueError("not an .npz archive (a foreign or corrupt file)")
+                f.seek(0)
+                with np.load(f, allow_pickle=False) as z:
+                    meta = json.loads(bytes(z["meta"]).decode())
+                    crop = z["crop"]
             if meta != meta_expected or crop.shape != tuple(self.settings.crop) or crop.dtype != np.float32:
                 raise ValueError("stale entry: metadata does not match")
             return crop
