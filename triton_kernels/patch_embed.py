@@ -423,8 +423,12 @@ def grad_pos(grad_out: torch.Tensor, visible: torch.Tensor | None, num_tokens: i
     g = grad_out.contiguous()
     dpos = _empty((N, E), g.device, dtype)
     if visible is not None:
-        inv = torch.full((B, N), -1, device=g.device, dtype=torch.int32)
-        inv.scatter_(1, visible.long(), torch.arange(T, device=g.device, dtype=torch.int32).expand(B, T))
+        # an index outside [0, N) (only with check_visible=False) lands in a spare column, dropped
+        idx = visible.long()
+        idx = torch.where((idx >= 0) & (idx < N), idx, N)
+        inv = torch.full((B, N + 1), -1, device=g.device, dtype=torch.int32)
+        inv.scatter_(1, idx, torch.arange(T, device=g.device, dtype=torch.int32).expand(B, T))
+        inv = inv[:, :N].contiguous()
     else:
         inv = g
 

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from lungcore import backend, checks
+from lungcore.usage import is_integer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -349,6 +350,8 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, 
     """
     checks.one_of("ties", ties, ("efron", "breslow"))
     checks.one_of("reduction", reduction, ("mean", "sum", "none"))
+    if block is not None and not (is_integer(block, 1) and int(block) & (int(block) - 1) == 0):
+        raise ValueError(f"block must be None or a power of two >= 1 (a Triton program's width), got {block!r}")
     checks.tensor("risk", risk, ndim=(1, 2), dtypes=_FLOAT)
     if risk.dim() == 2:
         checks.shape("risk", risk, (None, 1))

@@ -13,7 +13,8 @@ Decisions:
 * ``visible`` holds token indices in [0, N) and must not repeat an index within a row (a visible
   *set*; MAE masks never repeat). Repeats and out-of-range indices raise ``ValueError`` (the check
   costs one device sync; ``check_visible=False`` skips it when the caller guarantees valid sets;
-  out-of-range indices are then masked in the kernels, never read or written out of bounds).
+  out-of-range indices are then masked in the kernels, never read or written out of bounds: on
+  ``triton`` their rows hold the bias alone and add nothing to any gradient).
   Rows need not be sorted; the output follows the order of ``visible``.
 * A spatial size that is not a multiple of the patch raises ``ValueError`` unless ``pad=True``,
   which zero-pads at the high end of each axis (like ``F.pad(x, (0, pw', 0, ph', 0, pd'))``); the

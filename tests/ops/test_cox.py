@@ -395,6 +395,9 @@ def test_bad_input_names_the_argument():
         cox_ph_loss(r, t, e, ties="exact")
     with pytest.raises(ValueError, match="reduction must be one of"):
         cox_ph_loss(r, t, e, reduction="avg")
+    for block in (3, 100, 0, -4, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="block must be None or a power of two"):
+            cox_ph_loss(r, t, e, block=block)
     with pytest.raises(TypeError, match="strata must hold integer"):
         cox_ph_loss(r, t, e, strata=torch.zeros(4))
     with pytest.raises(TypeError, match="mask must have dtype"):

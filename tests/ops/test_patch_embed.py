@@ -199,11 +199,20 @@ def test_visible_sets_are_checked(rng, device):
                 patch_embed3d(x, w, b, pos, torch.tensor([[0, -1], [2, 3]], device=device))
     with pytest.raises(ValueError, match="only"):
         patch_embed3d(x, w, visible=torch.zeros(2, N + 1, dtype=torch.long, device=device))
-    # unchecked out-of-range indices never touch memory out of bounds (rows stay finite)
+    # unchecked out-of-range indices never touch memory out of bounds, forward or backward: their
+    # rows are the bias alone, and they add nothing to any gradient
+    xs, ws, bs, ps = (t.clone().requires_grad_() for t in (x, w, b, pos))
     with use_backend("triton"):
-        out = patch_embed3d(x, w, b, pos, torch.tensor([[0, 10**6], [2, -5]], device=device),
+        out = patch_embed3d(xs, ws, bs, ps, torch.tensor([[0, 10**6], [2, -5]], device=device),
                             check_visible=False)
-    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 1], b.expand(2, -1))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    out.backward(grad_out)
+    ref = [t.clone().requires_grad_() for t in (x, w, b, pos)]
+    valid = patch_embed3d_reference(*ref, torch.tensor([[0], [2]], device=device))
+    (valid * grad_out[:, :1]).sum().backward()
+    for got, want in zip((xs, ws, bs, ps), ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input(device):
