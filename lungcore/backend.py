@@ -170,6 +170,16 @@ def cupy_available() -> bool:
     return _probed("cupy", _probe_cupy)
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend forced by :func:`use_backend` or ``LUNGCORE_BACKEND`` cannot run where it was asked
+    to (the ``lungcore`` command reports it in one line, exit 2).
+
+    Example:
+        >>> issubclass(BackendUnavailable, RuntimeError)
+        True
+    """
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``LUNGCORE_BACKEND`` (None = automatic).
 
@@ -208,7 +218,7 @@ def _device_type(device: object) -> str:
 def backend_for(op: str, device: object = "cpu") -> str:
     """The backend op ``op`` will use for inputs on ``device`` (a torch.device or its string).
 
-    Raises ``RuntimeError`` when a forced backend cannot run there (Triton on CPU tensors
+    Raises :class:`BackendUnavailable` (a ``RuntimeError``) when a forced backend cannot run there (Triton on CPU tensors
     without ``TRITON_INTERPRET=1``), so a benchmark or test never measures the wrong path;
     ``KeyError`` for an op that was never registered.
 
@@ -229,7 +239,7 @@ def backend_for(op: str, device: object = "cpu") -> str:
     forced = forced_backend()
     if forced is not None and forced in info.backends:
         if not _available(forced, device_type):
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"backend {forced!r} was forced for op {op!r} but cannot run on {device_type} here"
                 + (" (set TRITON_INTERPRET=1 before importing lungcore to run Triton on CPU)"
                    if forced == "triton" else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -60,7 +61,7 @@ def _info(args: argparse.Namespace) -> int:
         "forced_backend": backend.forced_backend(),
         # per op, from the one registry: the backends it implements, then the one chosen per device
         "ops": {op: {"backends": [b for b in backend.BACKENDS if b in info.backends],
-                     **{d: backend.backend_for(op, d) for d in devices}}
+                     **{d: _chosen(op, d) for d in devices}}
                 for op, info in sorted(backend.registered_ops().items())},
     }
     if backend.cpp_available():
@@ -80,6 +81,16 @@ def _info(args: argparse.Namespace) -> int:
         chosen = "  ".join(f"{d}: {entry[d]}" for d in devices)
         print(f"    {op:26s} {', '.join(entry['backends']):35s} {chosen}")
     return 0
+
+
+def _chosen(op: str, device: str) -> str:
+    """The backend ``op`` uses on ``device``, or ``"unavailable (...)"`` where a forced one cannot run."""
+    from lungcore import backend
+
+    try:
+        return backend.backend_for(op, device)
+    except backend.BackendUnavailable:
+        return f"unavailable (LUNGCORE_BACKEND={backend.forced_backend()} cannot run on {device})"
 
 
 def _import_all_ops() -> None:
@@ -297,8 +308,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungcore: error: a command is required: one of {', '.join(sorted(SUBCOMMANDS))} "
               "(lungcore --help describes them)", file=sys.stderr)
         return 2
-    with usage.command_line():  # usage errors name the flags, not the Python arguments
-        return int(args._run(args) or 0)
+    from lungcore import backend
+
+    try:
+        backend.forced_backend()  # an unknown LUNGCORE_BACKEND is a usage error before any work
+    except ValueError as exc:
+        return _usage(args.command, str(exc))
+    try:
+        with usage.command_line():  # usage errors name the flags, not the Python arguments
+            return int(args._run(args) or 0)
+    except backend.BackendUnavailable as exc:
+        return _usage(args.command, f"{exc} (unset LUNGCORE_BACKEND, or set it to auto)")
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        resume = (f"; `lungcore train ... --out {out} --resume` continues from the last saved epoch"
+                  if args.command == "train" and out else "")
+        print(f"\nlungcore {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (`lungcore cindex ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

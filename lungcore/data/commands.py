@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -185,12 +186,20 @@ def preprocess(args: argparse.Namespace) -> int:
     from lungcore.data.manifest import ManifestError, read_manifest
     from lungcore.data.preprocess import (PreprocessSettings, Preprocessor, default_workers, preprocess_manifest,
                                           shard_from_env)
+    from lungcore.data.preprocess.settings import MAX_CROP_VOXELS
 
     try:  # every argument is checked before the first image is read
         usage.positive(args.spacing, "--spacing")
         usage.positive(args.crop, "--crop", integer=True)
-        if args.window is not None and not args.window[0] < args.window[1]:
-            raise usage.UsageError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+        if args.crop is not None and math.prod(args.crop) > MAX_CROP_VOXELS:
+            raise usage.UsageError(f"--crop {' '.join(map(str, args.crop))}: {math.prod(args.crop):,} voxels per crop, "
+                                   f"more than {MAX_CROP_VOXELS:,} (4 GiB in float32)")
+        if args.window is not None:
+            low, high = args.window
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise usage.UsageError(f"--window {low:g} {high:g}: LOW and HIGH must be finite HU")
+            if not low < high:
+                raise usage.UsageError(f"--window {low:g} {high:g}: LOW must be below HIGH")
         if args.workers is not None:
             usage.integer(args.workers, "--workers", 1)
         usage.device(args.device)

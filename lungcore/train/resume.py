@@ -227,7 +227,8 @@ _steps_done = 0
 def kill_point() -> None:
     """Fault-injection hook of the test suite: with ``LUNGCORE_KILL_AT_STEP=N`` in the environment,
     the process sends itself SIGKILL right after its N-th optimiser step (a deterministic
-    ``kill -9``, no timing). Without the variable it does nothing."""
+    ``kill -9``, no timing; ``LUNGCORE_KILL_SIGNAL=INT`` sends SIGINT instead: a Ctrl-C). Without
+    the variable it does nothing."""
     global _steps_done
     at = os.environ.get("LUNGCORE_KILL_AT_STEP")
     if not at:
@@ -236,4 +237,4 @@ def kill_point() -> None:
     if _steps_done >= int(at):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LUNGCORE_KILL_SIGNAL", "KILL")))

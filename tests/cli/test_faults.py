@@ -506,6 +506,9 @@ def test_device_cuda_without_cuda(base, tmp_path, capsys):
 @pytest.mark.parametrize("flag, values, message", [
     ("--crop", ["0", "0", "0"], "--crop 0 0 0: must be positive integers"),
     ("--window", ["5", "1"], "--window 5 1: LOW must be below HIGH"),
+    ("--window", ["0", "inf"], "--window 0 inf: LOW and HIGH must be finite HU"),
+    ("--window", ["nan", "1"], "--window nan 1: LOW and HIGH must be finite HU"),
+    ("--crop", ["100000", "100000", "100000"], "--crop 100000 100000 100000: 1,000,000,000,000,000 voxels per crop"),
     ("--spacing", ["0", "1", "1"], "--spacing 0.0 1.0 1.0: must be positive numbers"),
 ])
 def test_preprocess_refuses_bad_settings(base, tmp_path, capsys, flag, values, message):
@@ -730,6 +733,46 @@ def test_a_manifest_folder_is_named_as_one(tmp_path, capsys, monkeypatch, comman
     rc, out, err = cli(capsys, *args[command])
     assert rc in (1, 2) and "cohort is a folder, not a CSV file; did you mean" in err, err
     assert not (tmp_path / "X").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_ctrl_c_is_one_line_and_resume_continues(base, tmp_path, capsys):
+    """A Ctrl-C (SIGINT after the 3rd optimiser step, LUNGCORE_KILL_SIGNAL=INT: no timing) ends
+    ``train`` with one line naming ``--resume`` and exit 130, no traceback; ``--resume`` then finishes."""
+    run = tmp_path / "interrupted"
+    env = {**os.environ, "LUNGCORE_KILL_AT_STEP": "3", "LUNGCORE_KILL_SIGNAL": "INT",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "lungcore", *map(str, train_args(base, base["surv"], run))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    TALLY["tried"] += 1
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lungcore train: interrupted; `lungcore train ... --out {run} --resume` continues from the last saved epoch")
+    rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--no-progress")
+    assert rc == 0, err
+    TALLY["caught"] += 1
+
+
+def test_a_forced_backend_that_cannot_run_is_one_line(base, tmp_path, capsys, monkeypatch):
+    """LUNGCORE_BACKEND: an unknown value is a usage error before any work; a known one that cannot
+    run here (Triton on CPU without the interpreter) is one line naming it, and ``info`` lists it."""
+    monkeypatch.setenv("LUNGCORE_BACKEND", "bogus")
+    rc, _, err = cli(capsys, "predict", "--checkpoint", base["done"] / "best.pt", "--manifest", base["surv"],
+                     "--out", tmp_path / "p.csv")
+    caught(rc, 2, err, "lungcore predict: LUNGCORE_BACKEND='bogus' is not one of ('auto', 'reference'")
+    assert not (tmp_path / "p.csv").exists()
+    from lungcore import backend
+
+    if torch.cuda.is_available() or backend.interpreting():
+        return
+    monkeypatch.setenv("LUNGCORE_BACKEND", "triton")
+    rc, _, err = cli(capsys, "predict", "--checkpoint", base["done"] / "best.pt", "--manifest", base["surv"],
+                     "--out", tmp_path / "p.csv", "--no-progress")
+    caught(rc, 2, err, "backend 'triton' was forced for op", "cannot run on cpu here",
+           "(unset LUNGCORE_BACKEND, or set it to auto)")
+    rc, out, err = cli(capsys, "info")
+    assert rc == 0, err
+    assert "unavailable (LUNGCORE_BACKEND=triton cannot run on cpu)" in out
 
 
 def test_zz_tally(capsys):

@@ -380,3 +380,17 @@ def test_a_fully_cached_cohort_starts_no_worker_pool(nodules, tmp_path, monkeypa
     started.clear()
     preprocess_manifest(manifest, Preprocessor(settings, cache_dir=tmp_path, verify="content"), workers=2)
     assert started
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": (0.0, float("inf"))}, "window must be finite"),
+    ({"window": (float("nan"), 1.0)}, "window must be finite"),
+    ({"window": (5.0, 1.0)}, "low < high"),
+    ({"crop": (2048, 1024, 1024)}, "more than 1,073,741,824"),
+])
+def test_settings_refuse_what_no_crop_can_hold(kwargs, message):
+    """A window with an infinite bound or a crop of more than 2^30 voxels is refused where it is
+    set, not row by row when the first CT is resampled."""
+    with pytest.raises(ValueError, match=message):
+        PreprocessSettings(**kwargs)
+    assert PreprocessSettings(crop=(1024, 1024, 1024)).crop == (1024, 1024, 1024)

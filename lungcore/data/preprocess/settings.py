@@ -8,12 +8,15 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from lungcore.data.io import CTImage
+
+MAX_CROP_VOXELS = 2 ** 30  # 1024^3: 4 GiB per crop in float32; a larger one is a typo
 
 @dataclass(frozen=True)
 class PreprocessSettings:
@@ -48,9 +51,12 @@ class PreprocessSettings:
             raise ValueError(f"spacing must be 3 positive numbers (sz, sy, sx) in mm, got {self.spacing!r}")
         if len(crop) != 3 or min(crop) < 1:
             raise ValueError(f"crop must be 3 positive integers (D, H, W), got {self.crop!r}")
+        if math.prod(crop) > MAX_CROP_VOXELS:
+            raise ValueError(f"crop {crop} holds {math.prod(crop):,} voxels, more than {MAX_CROP_VOXELS:,} "
+                             "(4 GiB in float32) per crop")
         window = tuple(float(w) for w in self.window)
-        if len(window) != 2 or not window[0] < window[1]:
-            raise ValueError(f"window must be (low, high) HU with low < high, got {self.window!r}")
+        if len(window) != 2 or not all(map(math.isfinite, window)) or not window[0] < window[1]:
+            raise ValueError(f"window must be finite (low, high) HU with low < high, got {self.window!r}")
         if self.order not in (0, 1, 3):
             raise ValueError(f"order must be 0 (nearest), 1 (trilinear) or 3 (cubic B-spline), got {self.order!r}")
         object.__setattr__(self, "spacing", spacing)
