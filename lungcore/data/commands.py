@@ -237,7 +237,7 @@ def preprocess(args: argparse.Namespace) -> int:
         print(f"shard {report['shard']}: {report['images']} CTs, {report['boxes']} crops in {report['seconds']:.2f} s "
               f"= {report['volumes_per_s']} volumes/s with {report['workers']} worker"
               f"{'s' if report['workers'] != 1 else ''}"
-              f"{' (every crop cached: no worker pool)' if report['all_cached'] else ''}"
+              f"{' (every crop had a cache entry: no worker pool)' if report['all_cached'] else ''}"
               f"; cache {report['hits']} hits, {report['misses']} misses, "
               f"{report['rebuilt']} rebuilt; time (summed over workers): {split}")
     for f in report["failed"]:

@@ -47,15 +47,27 @@ def full_check(path: str) -> tuple[tuple[str, str] | None, tuple[tuple[int, ...]
     return check_image(Path(path), "full")
 
 
+def source_index(centre_xyz: np.ndarray, frame: str, affine: np.ndarray) -> np.ndarray:
+    """A manifest centre (x, y, z: voxel indices or LPS millimetres, per ``frame``) as a (z, y, x)
+    voxel index of the image as stored (``affine``: its index -> LPS mm map): the index every
+    "lies outside the image" message reports, from ``validate`` and from ``preprocess`` alike.
+
+    Example:
+        >>> source_index(np.array([10.0, 20.0, 30.0]), "world", np.diag([2.0, 1.0, 1.0, 1.0])).tolist()
+        [15.0, 20.0, 10.0]
+    """
+    centre_xyz = np.asarray(centre_xyz, dtype=np.float64)
+    if frame == "voxel":
+        return centre_xyz[::-1]
+    inv = np.linalg.inv(affine)
+    return inv[:3, :3] @ centre_xyz + inv[:3, 3]
+
+
 def centre_outside(centre_xyz: np.ndarray, frame: str, geometry: tuple[tuple[int, ...], np.ndarray]) -> str | None:
     """Why a centre (x, y, z: voxel indices or LPS millimetres, per ``frame``) lies outside an image of
     ``geometry`` (shape, affine), or None when it lies inside."""
     shape, affine = geometry
-    if frame == "voxel":
-        idx = centre_xyz[::-1]
-    else:
-        inv = np.linalg.inv(affine)
-        idx = inv[:3, :3] @ centre_xyz + inv[:3, 3]
+    idx = source_index(centre_xyz, frame, affine)
     n = np.asarray(shape, dtype=np.float64)
     if np.all(idx >= -0.5) and np.all(idx <= n - 0.5):
         return None

@@ -94,10 +94,17 @@ def test_canonical_orientation_is_a_view_with_matching_affine(rng):
 def test_header_errors_name_the_file(tmp_path):
     import nibabel as nib
 
-    flat = tmp_path / "flat.nii"
-    nib.save(nib.Nifti1Image(np.zeros((4, 5), np.int16), np.eye(4)), str(flat))
-    with pytest.raises(ValueError, match=rf"^CT image {flat} must be a 3-D volume, got shape \(4, 5\)$"):
-        read_ct_header(flat)
+    # the header and the full read agree on which shapes are volumes: one slice is a depth of one,
+    # trailing axes of one are dropped, anything else is refused by both
+    for name, xyz in (("flat.nii", (4, 5)), ("one.nii.gz", (4, 5, 3, 1)), ("rgb.nii", (4, 5, 3, 2))):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(np.zeros(xyz, np.int16), np.eye(4)), str(path))
+        if len(xyz) == 4 and xyz[-1] != 1:
+            for read in (read_ct_header, read_ct):
+                with pytest.raises(ValueError, match=rf"^CT image {path} must be a 3-D volume, got shape \(4, 5, 3, 2\)$"):
+                    read(path)
+            continue
+        assert read_ct_header(path)[0] == read_ct(path).array.shape == (tuple(xyz[:3]) + (1,))[:3][::-1]
     cut = write_nifti(tmp_path / "cut.nii", np.zeros((3, 4, 5)), np.eye(4))
     cut.write_bytes(cut.read_bytes()[:-10])
     with pytest.raises(ValueError, match=rf"^CT image {cut} is truncated: \d+ bytes, the header needs \d+$"):

@@ -313,6 +313,7 @@ def test_keep_going_names_the_failed_row_and_does_the_rest(nodules, tmp_path, wo
     assert [(f["row"], f["column"], f["path"]) for f in report["failed"]] == [(3, "ct_t0", str(bad))]
     assert "truncated" in report["failed"][0]["error"]
     assert report["misses"] == 8 and len(list((tmp_path / "go").glob("??/*.npz"))) == 7
+    assert report["boxes"] == 7  # the crops made, not those of the failed image
 
 
 def test_preprocess_command_workers_and_keep_going(nodules, tmp_path, capsys):
@@ -364,7 +365,7 @@ def test_a_fully_cached_cohort_starts_no_worker_pool(nodules, tmp_path, monkeypa
     assert (again["workers"], again["all_cached"], again["hits"], again["misses"]) == (1, True, 8, 0)
     assert main(["preprocess", "--manifest", str(manifest.path), "--out", str(tmp_path), "--quiet", "--device", "cpu",
                  "--workers", "2"]) == 0
-    assert "with 1 worker (every crop cached: no worker pool)" in capsys.readouterr().out
+    assert "with 1 worker (every crop had a cache entry: no worker pool)" in capsys.readouterr().out
     # one source rewritten (a new modification time): not every crop is known to be cached, the pool runs
     source = manifest.images[0][0]
     stat = source.stat()
@@ -394,3 +395,22 @@ def test_settings_refuse_what_no_crop_can_hold(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PreprocessSettings(**kwargs)
     assert PreprocessSettings(crop=(1024, 1024, 1024)).crop == (1024, 1024, 1024)
+
+
+def test_preprocess_and_validate_report_the_same_voxel_index(tmp_path):
+    """A centre outside an image whose axes are flipped (canonical reorientation moves them): the
+    preprocess error reports the voxel index in the file's own axes, as validate does."""
+    import re
+
+    from lungcore.data import read_ct_header, write_nifti
+    from lungcore.data.image_checks import centre_outside
+
+    affine = np.diag([2.0, -1.0, -1.0, 1.0])  # z, y flipped
+    affine[:3, 3] = (0.0, 15.0, 15.0)
+    path = write_nifti(tmp_path / "flipped.nii.gz", np.zeros((6, 16, 16), np.int16), affine)
+    centre = np.array([-20.0, 40.0, 5.0])  # (x, y, z) LPS mm, outside in x and y
+    why = centre_outside(centre, "world", read_ct_header(path))
+    with pytest.raises(ValueError, match="lies outside the image") as err:
+        Preprocessor(PreprocessSettings(crop=(2, 4, 4))).crop(path, centre)
+    index = re.compile(r"voxel index \(z, y, x\) (\[[^\]]*\])")
+    assert index.search(why).group(1) == index.search(str(err.value)).group(1)

@@ -49,9 +49,14 @@ def read_ct_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray |
     import nibabel as nib
 
     img = nib.load(str(path))
-    shape = tuple(int(s) for s in img.shape[:3])
-    if len(img.shape) < 3:
-        raise ValueError(f"CT image {path} must be a 3-D volume, got shape {img.shape}")
+    # the readers' rule: trailing axes of one are dropped, one slice (2-D) is a depth of one
+    shape = [int(s) for s in img.shape]
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) == 2:
+        shape.append(1)
+    if len(shape) != 3:
+        raise ValueError(f"CT image {path} must be a 3-D volume, got shape {tuple(int(s) for s in img.shape)}")
     if str(path).endswith(".nii"):
         header = img.header
         needed = int(getattr(img.dataobj, "offset", header.get_data_offset())) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize

@@ -347,10 +347,12 @@ class Preprocessor:
             n = np.asarray(image.shape, dtype=np.float64)
             outside = ((idx < -0.5) | (idx > n - 0.5)).any(axis=1)
             if outside.any():
+                from lungcore.data.image_checks import source_index
+
                 b = todo[int(np.flatnonzero(outside)[0])]
+                stored = source_index(centres[b], frame, source.affine)  # validate's index: the file's own axes
                 raise ValueError(f"centre {np.round(centres[b], 3).tolist()} ({frame}) lies outside the image {path} "
-                                 f"(voxel index (z, y, x) {np.round(idx[int(np.flatnonzero(outside)[0])], 2).tolist()},"
-                                 f" shape {image.shape})")
+                                 f"(voxel index (z, y, x) {np.round(stored, 1).tolist()}, shape {source.shape})")
             crops = self._resample(image, idx)
             for k, b in enumerate(todo):
                 out[b] = crops[k]

@@ -206,8 +206,11 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
         bar.close()
     wall = time.perf_counter() - t0
     s = preprocessor.stats
+    failed_paths = {f["path"] for f in failed}
     return {"shard": f"{i}/{n}", "workers": workers, "images": len(images),
-            "boxes": sum(len(jobs[p]) for p in images), "seconds": round(wall, 3),
+            # crops of the images that did not fail (--keep-going lists those in "failed")
+            "boxes": sum(len(jobs[p]) for p in images if str(p) not in failed_paths),
+            "seconds": round(wall, 3),
             "volumes_per_s": round(len(images) / wall, 2) if wall > 0 else None,
             "all_cached": all_cached, **s.as_dict(), "failed": failed}
 
