@@ -190,9 +190,12 @@ def _cindex(args: argparse.Namespace) -> int:
         parsed = {flag: _cindex_column(frame, flag, getattr(args, flag)) for flag in ("risk", "time", "event")}
     except _CsvError as exc:
         return _failed("cindex", f"{args.csv}: {exc}")
+    # a blank line (every cell empty: a trailing newline too many) is no row, as in read_manifest
+    blank = np.array([all(str(c).strip() == "" for c in row) for row in frame.itertuples(index=False)], dtype=bool)
     missing = np.zeros(len(frame), dtype=bool)
     for flag, (_, empty) in parsed.items():
-        missing |= empty
+        missing |= empty & ~blank
+        empty &= ~blank
     if missing.any():
         per_column = ", ".join(f"{getattr(args, f)!r} {int(e.sum())}" for f, (_, e) in parsed.items() if e.any())
         if args.strict:
@@ -200,10 +203,10 @@ def _cindex(args: argparse.Namespace) -> int:
             row = int(np.flatnonzero(parsed[flag][1])[0]) + 2
             return _failed("cindex", f"{args.csv}: --{flag} column {getattr(args, flag)!r}, row {row} is empty "
                                      f"(--strict; empty cells per column: {per_column})")
-        print(f"lungcore cindex: left out {int(missing.sum())} of {len(frame)} rows of {args.csv} with an empty "
+        print(f"lungcore cindex: left out {int(missing.sum())} of {int((~blank).sum())} rows of {args.csv} with an empty "
               f"risk, time or event cell (empty cells per column: {per_column}); --strict refuses them",
               file=sys.stderr)
-    keep = ~missing
+    keep = ~missing & ~blank
     risk, time, event = (parsed[f][0][keep] for f in ("risk", "time", "event"))
     if not keep.any():
         return _failed("cindex", f"{args.csv}: no row has a risk, a time and an event: nothing to score")

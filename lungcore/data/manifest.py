@@ -264,9 +264,8 @@ class _Rows:
     def problem(self, *args: Any) -> None:
         self.problems.append(ManifestProblem(*args))
 
-    def add(self, i: int, record: list[str]) -> None:
-        """Row ``i`` of the body (spreadsheet row ``i + 2``)."""
-        r = i + 2
+    def add(self, i: int, record: list[str], r: int) -> None:
+        """Row ``i`` of the body, spreadsheet row ``r`` (``i + 2`` unless blank lines were skipped)."""
         self.rows.append(r)
         self._cells(r, record)
         self._identifiers(r, record)
@@ -468,14 +467,18 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             return None, [ManifestProblem(1, "", "", "the manifest is empty (no header row)")]
-        body = list(reader)
+        # blank lines (a trailing newline too many, a gap) are skipped, as pandas and spreadsheets
+        # do; the rows keep their numbers in the file
+        numbered = [(r, record) for r, record in enumerate(reader, start=2) if any(c.strip() for c in record)]
+    body = [record for _, record in numbered]
     parsed = _Rows(schema, header, len(body), path.parent, images)
     if images == "full" and workers > 1:
         parsed.checked.update(image_checks.check_all_full(parsed.image_paths(body), int(workers), progress))
     parsed.problems += _header_problems(header, parsed.columns, schema)
     header_ok = not parsed.problems  # a header problem does not hide the problems of the rows: go on
-    for i, record in enumerate(tqdm(body, desc=f"check {path.name}", unit="row", disable=not progress, leave=False)):
-        parsed.add(i, record)
+    for i, (r, record) in enumerate(tqdm(numbered, desc=f"check {path.name}", unit="row", disable=not progress,
+                                         leave=False)):
+        parsed.add(i, record, r)
     if not body:
         parsed.problem(2, schema.id_column, "", "the manifest has no rows")
     if not header_ok:

@@ -97,6 +97,12 @@ def test_cindex_leaves_out_rows_with_empty_cells_and_says_so(tmp_path, capsys):
                           "--strict")
     assert rc == 1 and not out
     assert "--time column 'pfs_time', row 3 is empty (--strict" in err
+    # blank lines (a gap, a trailing newline too many) are no rows: not left out, not refused
+    text = path.read_text().splitlines()
+    path.write_text("\n".join([*text[:2], "", *text[2:], "", ""]) + "\r\n")
+    rc, out, err = cindex(capsys, "--csv", path, "--risk", "os_risk", "--time", "os_time", "--event", "os_event",
+                          "--strict")
+    assert rc == 0 and err == "" and json.loads(out)["rows"] == 5, err
 
 
 @pytest.mark.parametrize("column, cell, message", [

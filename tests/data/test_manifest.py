@@ -67,6 +67,17 @@ def test_each_error_names_row_column_value(cohort, row, column, value, message):
     assert str(p) == f"row 2, column {column!r}, value {value!r}: {message}"
 
 
+def test_blank_lines_are_skipped_and_rows_keep_their_numbers(cohort):
+    """A gap and a trailing newline too many (CRLF) are no rows; a problem after the gap is named
+    by its row in the file."""
+    path = cohort("P1,good.nii.gz,61,former,3.5,1,10,0", "", "  ,  ", "P2,,,,,,7.25,1")
+    path.write_text(path.read_text() + "\r\n")
+    m, problems = check_manifest(path)
+    assert problems == [] and m.ids == ["P1", "P2"] and m.rows == [2, 5]
+    p = _only(cohort("P1,good.nii.gz,61,former,3.5,1,10,0", "", "P2,,,,,,-1,1"))
+    assert (p.row, p.column) == (4, "os_time")
+
+
 def test_duplicate_id(cohort):
     p = _only(cohort("P1,good.nii.gz,61,former,3,1,10,0", "P2,good.nii.gz,61,former,3,1,10,0",
                      "P1,good.nii.gz,70,never,3,1,10,0"))
