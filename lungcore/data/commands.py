@@ -74,7 +74,8 @@ def synth_args(p: argparse.ArgumentParser) -> None:
                         "size/density features misses) or interaction (the linear images; the clinical record "
                         "scales their effect: what adding image and clinical evidence misses) (default: linear)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")
-    p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none; default: 4)")
+    p.add_argument("--dicom-every", type=int, default=4, help="every k-th CT as a DICOM series (0: none; nodules: the follow-up "
+                        "scan of every k-th patient; default: 4)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a cohort in --out (its manifest, schema, truth and images/ are deleted first; "
                         "default: refuse a non-empty --out)")

@@ -94,6 +94,9 @@ class ClinicalVariable:
             if self.kind != "categorical":
                 raise ValueError(f"clinical variable {self.name!r}: categories given for a numeric variable")
             self.categories = [str(c) for c in self.categories]
+            if not self.categories:
+                raise ValueError(f"clinical variable {self.name!r}: categories is empty (list the values, or "
+                                 "leave categories out and the fit collects them)")
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError(f"clinical variable {self.name!r}: categories repeat: {self.categories}")
             if any(c == "" for c in self.categories):

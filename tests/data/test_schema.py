@@ -41,6 +41,8 @@ def test_bad_variables():
         ClinicalVariable("x", "ordinal")
     with pytest.raises(ValueError, match="an empty cell means missing"):
         ClinicalVariable("x", "categorical", ["a", ""])
+    with pytest.raises(ValueError, match="clinical variable 'x': categories is empty"):
+        ClinicalVariable("x", "categorical", [])
     with pytest.raises(ValueError, match="unknown keys"):
         CohortSchema.from_dict({"kind": "survival", "colour": "red"})
 
