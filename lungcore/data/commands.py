@@ -224,6 +224,10 @@ def preprocess(args: argparse.Namespace) -> int:
         report = preprocess_manifest(manifest, pre, shard=shard, progress=not args.quiet,
                                      workers=args.workers or default_workers(), keep_going=args.keep_going)
     except (ValueError, RuntimeError) as exc:
+        from lungcore.backend import BackendUnavailable
+
+        if isinstance(exc, BackendUnavailable):
+            raise  # the command line's one line for it (exit 2)
         print(f"lungcore preprocess: {exc}", file=sys.stderr)
         return 1
     report["settings"] = settings.to_dict()

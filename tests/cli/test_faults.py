@@ -773,6 +773,15 @@ def test_a_forced_backend_that_cannot_run_is_one_line(base, tmp_path, capsys, mo
     rc, out, err = cli(capsys, "info")
     assert rc == 0, err
     assert "unavailable (LUNGCORE_BACKEND=triton cannot run on cpu)" in out
+    # raised inside the per-image preprocessing: still one line, not one problem per manifest row
+    monkeypatch.setenv("LUNGCORE_BACKEND", "cupy")
+    for args in (["predict", "--checkpoint", base["done"] / "best.pt", "--manifest", base["surv"], "--out",
+                  tmp_path / "p.csv", "--no-progress"],
+                 ["preprocess", "--manifest", base["surv"], "--out", tmp_path / "cache", "--quiet"]):
+        rc, _, err = cli(capsys, *args)
+        caught(rc, 2, err, "backend 'cupy' was forced for op 'resample_crop' but cannot run on cpu here")
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_zz_tally(capsys):

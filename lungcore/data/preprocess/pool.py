@@ -71,6 +71,7 @@ def _worker_crops(path: str, centres: list[np.ndarray | None], frame: str) -> tu
         _WORKER.crops(path, centres, frame)
         error = None
     except IMAGE_ERRORS as exc:
+        _not_the_images_fault(exc)
         error = _message(exc)
     return asdict(_WORKER.stats), error
 
@@ -78,6 +79,15 @@ def _worker_crops(path: str, centres: list[np.ndarray | None], frame: str) -> tu
 # What one bad image raises (a bad file, whatever type its reader raises; a bad centre; a full disk):
 # named by its row, the rest go on.
 IMAGE_ERRORS = (Exception,)
+
+
+def _not_the_images_fault(exc: BaseException) -> None:
+    """Re-raise what no image causes (a forced backend this machine cannot run): it is one error
+    of the command, not one problem per manifest row."""
+    from lungcore.backend import BackendUnavailable
+
+    if isinstance(exc, BackendUnavailable):
+        raise exc
 
 
 def _message(exc: BaseException) -> str:
@@ -197,6 +207,7 @@ def preprocess_manifest(manifest: Any, preprocessor: Preprocessor, *, shard: tup
                     try:
                         preprocessor.crops(path, centres_of(path), frame)
                     except IMAGE_ERRORS as exc:
+                        _not_the_images_fault(exc)
                         fail(path, _message(exc))
                     bar.update()
         else:
