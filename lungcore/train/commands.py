@@ -71,12 +71,14 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="run folder: checkpoints, metrics.csv, report/ (must be empty or absent unless --resume "
                         "or --overwrite; a cache/ folder in it is fine)")
-    p.add_argument("--config", type=Path, help="YAML with TrainConfig fields (flags override it; default: none)")
+    p.add_argument("--config", type=Path, help="YAML with TrainConfig fields (a flag given beats the file: --epochs "
+                                               "replaces its epochs and stage_epochs; default: none)")
     p.add_argument("--stage", help="one stage of the model (CMML: pretrain or finetune; CSF-Net: train) or all: "
                                    "every stage in order, each from the previous one's best model (default: the "
                                    f"config's, else {d.stage})")
-    p.add_argument("--epochs", type=int, help=f"epochs per stage (default: {d.epochs}); with --resume a larger "
-                                              "value trains the current stage longer")
+    p.add_argument("--epochs", type=int, help="epochs of every stage: replaces the config's epochs and stage_epochs "
+                                              f"(default: the config's, else {d.epochs} per stage); with --resume a "
+                                              "larger value trains the current stage (and those after it) longer")
     p.add_argument("--batch-size", type=int,
                    help=f"samples per micro-batch per process (default: {d.data.batch_size})")
     p.add_argument("--accumulate", type=int, help=ACCUMULATE_HELP + f" (default: {d.optim.accumulate})")

@@ -3,7 +3,8 @@
 A YAML file holds the fields of :class:`TrainConfig`; its nested sections ``data`` and ``optim``
 hold the fields of :class:`DataConfig` and :class:`OptimConfig`, and ``model_overrides`` is passed
 to ``lungcore.models.create(model, **model_overrides)``. Unknown keys are errors (a typo never
-silently trains with a default). Command-line flags override the file. A field with a value it
+silently trains with a default), in ``data.preprocess``, ``model_overrides`` and ``stage_epochs``
+too. Command-line flags override the file (``--epochs`` its ``epochs`` and ``stage_epochs``). A field with a value it
 cannot take is a :class:`ConfigError` naming the field (``data.batch_size must be an integer >= 1,
 got 0``); ``lungcore train`` names the flag instead when a flag gave the value.
 
@@ -166,13 +167,51 @@ class DataConfig:
         if self.eval_batch_size is not None:
             self.eval_batch_size = _integer("data.eval_batch_size", self.eval_batch_size, 1)
         self.num_workers = _integer("data.num_workers", self.num_workers, 0)
+        _check_preprocess(self.preprocess)
+
+
+def _check_preprocess(preprocess: Any) -> None:
+    """``data.preprocess``: a mapping of ``lungcore.data.PreprocessSettings`` fields, each a value
+    that class takes; else a ``ValueError`` naming the key (``data.preprocess: unknown keys [...]``)
+    or a :class:`ConfigError` naming the field (``data.preprocess.crop must be ...``). Each field is
+    checked alone (over the defaults), so a valid value is never refused for another's sake."""
+    if not isinstance(preprocess, dict):
+        raise ConfigError("data.preprocess", f"must be a mapping of preprocessing settings, got {preprocess!r}")
+    if not preprocess:
+        return
+    from lungcore.data import PreprocessSettings
+
+    names = {f.name for f in dataclasses.fields(PreprocessSettings)}
+    unknown = sorted(set(preprocess) - names, key=str)
+    if unknown:
+        raise ValueError(f"data.preprocess: unknown keys {unknown}; known: {sorted(names)}")
+    for name, value in preprocess.items():
+        try:
+            PreprocessSettings.from_dict({name: value})
+        except (TypeError, ValueError) as exc:
+            problem = str(exc)
+            problem = problem[len(name) + 1:] if problem.startswith(f"{name} ") else f"is invalid ({problem}), got {value!r}"
+            raise ConfigError(f"data.preprocess.{name}", problem) from None
+
+
+def _model_class(model: Any) -> Any:
+    """The registered class of ``model``, or None for a name the registry does not know (the run
+    names that error itself, before any work)."""
+    from lungcore.models.registry import model_class
+
+    try:
+        return model_class(model)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
 class TrainConfig:
     """One training run. ``stage``: which of the model's stages to run (``"all"``: every stage in
     order, e.g. CMML pretrain then finetune); ``epochs`` per stage unless ``stage_epochs`` names
-    one; ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
+    one (a name that is no model's stage is an error, and in a config file one that ``model`` lacks;
+    ``lungcore train --epochs`` / ``fit(epochs=)``
+    replace both: every stage runs that count); ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
     ``monitor``: the validation metric selecting the best model (``"auto"``: the model's C-index
     mean / ROC AUC, validation loss for pretraining); ``patience``: epochs without improvement
     before stopping a stage early (0: never); ``recipe``: ``"lungcore"`` (the ``optim`` section as
@@ -221,8 +260,39 @@ class TrainConfig:
         if not isinstance(self.stage_epochs, dict):
             raise ConfigError("stage_epochs", f"must be a mapping of stage -> epochs, got {self.stage_epochs!r}")
         self.stage_epochs = {k: _integer(f"stage_epochs.{k}", v, 1) for k, v in self.stage_epochs.items()}
+        if not isinstance(self.model_overrides, dict):
+            raise ConfigError("model_overrides", f"must be a mapping of {self.model}'s config fields, "
+                                                 f"got {self.model_overrides!r}")
+        cls = _model_class(self.model) if self.stage_epochs or self.model_overrides else None
+        if cls is not None:
+            self.check_stage_epochs(strict=False)
+            config_class = getattr(cls, "config_class", None)
+            if dataclasses.is_dataclass(config_class):
+                names = {f.name for f in dataclasses.fields(config_class)}
+                unknown = sorted(set(self.model_overrides) - names, key=str)
+                if unknown:
+                    raise ValueError(f"model_overrides: unknown keys {unknown}; known: {sorted(names)}")
         self.seed = _integer("seed", self.seed)
         self.patience = _integer("patience", self.patience, 0)
+
+    def check_stage_epochs(self, strict: bool = True) -> None:
+        """Each ``stage_epochs`` name must be a stage of ``model`` (``strict``; a config file) or, at
+        least, of some registered model (a typo would silently train the default count). Not strict
+        for every config: a mapping may serve several models (``lungcore demo`` gives CMML and
+        CSF-Net one), and a run saved with one must still resume."""
+        cls = _model_class(self.model) if self.stage_epochs else None
+        if cls is None:
+            return
+        stages = list(cls.stages)
+        if strict:
+            known: set[str] = set(stages)
+        else:
+            from lungcore.models.registry import available_models
+
+            known = {s for name in available_models() for s in getattr(_model_class(name), "stages", ())}
+        for name in self.stage_epochs:
+            if name not in stages and name not in known:
+                raise ConfigError(f"stage_epochs.{name}", f"is not a stage of {self.model!r}; its stages: {stages}")
 
     def epochs_for(self, stage: str) -> int:
         return int(self.stage_epochs.get(stage, self.epochs))
@@ -247,7 +317,9 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         data = usage.read_mapping(path, "config file", fmt="yaml", of=" of TrainConfig fields", empty_ok=True)
         try:
-            return cls.from_dict(data)
+            cfg = cls.from_dict(data)
+            cfg.check_stage_epochs()  # a file written for this run: only its model's stages
+            return cfg
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config file {path}: {exc}") from None
 

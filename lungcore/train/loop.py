@@ -51,7 +51,7 @@ from lungcore.train import distributed as dist_utils
 from lungcore.train import schedule
 from lungcore.train.checkpoints import TrainerState
 from lungcore.train.cohort import CohortData, prepare_data, split_datasets
-from lungcore.train.config import TrainConfig
+from lungcore.train.config import ConfigError, TrainConfig
 from lungcore.train.inference import quiet_readers
 from lungcore.train.resume import OVERRIDE_PATHS, PATH_FIELDS, trainer_stages
 from lungcore.train.runlog import log, remove_previous_run, warn
@@ -88,12 +88,20 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
             d[section][name] = value
         elif key in d:
             d[key] = value
+            if key == "epochs":  # epochs of every stage (--epochs): the config's stage_epochs give way
+                d["stage_epochs"] = {}
         else:
             raise ValueError(f"fit(): unknown override {key!r}")
     for name in PATH_FIELDS:  # saved absolute: a run resumes (and is evaluated) from any directory
         if d["data"].get(name) is not None:
             d["data"][name] = os.path.abspath(d["data"][name])
-    return TrainConfig.from_dict(d)
+    resolved = TrainConfig.from_dict(d)
+    if isinstance(config, (str, os.PathLike)):  # the file's stage_epochs, for the model run (--model)
+        try:
+            resolved.check_stage_epochs()
+        except ConfigError as exc:
+            raise ValueError(f"config file {config}: {exc}") from None
+    return resolved
 
 
 def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: str | os.PathLike,
@@ -102,7 +110,9 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
 
     ``config``: a :class:`TrainConfig`, its dict form, or a YAML path; ``overrides``: ``manifest``,
     ``model``, ``epochs``, ``batch_size``, ``lr``, ``accumulate``, ``device``, ``stage``, ``seed``,
-    ``precision``, ``patience``, ``progress``, ``recipe`` ... (None leaves the config's value). Stages of the
+    ``precision``, ``patience``, ``progress``, ``recipe`` ... (None leaves the config's value; an
+    override beats the config: ``epochs`` is the epoch count of every stage, the config's
+    ``stage_epochs`` included). Stages of the
     model run in order (``config.stage`` picks one); each starts from the previous stage's best
     model. Returns the best checkpoint and the test metrics.
 
@@ -126,6 +136,11 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _fit(cfg, Path(out), resume, lr_override=overrides.get("lr"), overwrite=overwrite)
+    except ConfigError as exc:
+        # a config field the network refused (model_overrides, data.preprocess): name the file that gave it
+        if isinstance(config, (str, os.PathLike)) and exc.field.startswith(("model_overrides", "data.")):
+            raise ValueError(f"config file {config}: {exc}") from None
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -138,7 +153,20 @@ def _build_model(cfg: TrainConfig, data: CohortData, device: torch.device, resum
 
     seed_all(cfg.seed)
     cls = model_class(cfg.model)
-    model = create(cfg.model, **cls.config_from_cohort(data.schema, data.settings, cfg.model_overrides)).to(device)
+    try:
+        config = cls.config_from_cohort(data.schema, data.settings, cfg.model_overrides)
+    except ValueError as exc:  # a contradiction names its fields: "model_overrides.img_size = ... contradicts ..."
+        name, _, problem = str(exc).partition(" ")
+        if name.startswith(("model_overrides", "data.preprocess")) and problem:
+            raise ConfigError(name, problem) from None
+        raise
+    try:
+        model = create(cfg.model, **config)
+    except (TypeError, ValueError) as exc:
+        if not cfg.model_overrides:
+            raise
+        raise ConfigError("model_overrides", f"do not make a valid {cfg.model} network: {exc}") from None
+    model = model.to(device)
     if cfg.recipe == "paper" and not resume:
         cfg = schedule.apply_recipe(cfg, model)
         if lr_override is not None:  # an explicit rate (fit(lr=...), --lr) beats the paper's

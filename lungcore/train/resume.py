@@ -6,7 +6,9 @@ config is a :class:`~lungcore.usage.UsageError` naming the flag, raised before a
 run folder changes. The exceptions, documented in the README:
 
 - ``epochs`` may grow: the stage being trained (the last one, when the run finished) continues
-  to the new count, its learning-rate schedule stretched to the new length;
+  to the new count, its learning-rate schedule stretched to the new length, and the stages after
+  it run the new count too (``--epochs`` is the count of every stage still to train: it replaces
+  their ``stage_epochs``, and may not be below any of them);
 - ``progress``, ``num_workers`` and ``device`` may change (they do not change what is learnt,
   except for the last bits of floating point between devices).
 
@@ -151,8 +153,14 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     saved = TrainConfig.from_dict(extra["train_config"])
     saved_dict = saved.to_dict()
     fields, where = _config_fields(config)
+    longer = overrides.get("epochs")
+    if longer is not None:  # --epochs beats the config's epochs and stage_epochs, as when the run started
+        fields = {k: v for k, v in fields.items() if k not in ("epochs", "stage_epochs")}
     problems = contradictions(saved_dict, fields, where=where or "config field ", longer=False)
-    problems += contradictions(saved_dict, overrides)
+    problems += contradictions(saved_dict, {k: v for k, v in overrides.items() if k != "epochs"})
+    remaining = _remaining_stages(saved, int(trainer.stage_index))
+    if longer is not None:
+        problems += _shorter(saved, remaining, longer)
     if problems:
         may = ", ".join(usage.argument(f) for f in ("--device", "--num-workers", "--no-progress"))
         raise UsageError(f"{resuming}: " + "; ".join(problems) + ". A resumed run keeps the config it was "
@@ -176,9 +184,9 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
             raise UsageError(f"{resuming}: the run saved its {name.replace('_', ' ')} as {d['data'][name]}, "
                              f"relative to the directory it was started in, and it is not found from here: "
                              f"run from that directory, or pass {flag} with its path")
-    longer = overrides.get("epochs")
-    if longer is not None:
+    if longer is not None:  # every stage still to train runs the new count (stages done keep theirs)
         d["epochs"] = int(longer)
+        d["stage_epochs"] = {k: v for k, v in d["stage_epochs"].items() if k not in remaining}
     cfg = TrainConfig.from_dict(d)
     stages = trainer_stages(cfg)
     si = int(trainer.stage_index)
@@ -191,6 +199,28 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
                           f"report are written); nothing to resume. Pass a larger {usage.argument('--epochs')} to "
                           "train its last stage longer")
     return cfg, payload
+
+
+def _remaining_stages(cfg: Any, stage_index: int) -> list[str]:
+    """The stages of ``cfg`` from ``stage_index`` (the one being trained; the last one for a finished
+    run) to the end."""
+    stages = trainer_stages(cfg)
+    return stages[min(max(stage_index, 0), len(stages) - 1):]
+
+
+def _shorter(saved: Any, remaining: list[str], epochs: Any) -> list[str]:
+    """``--epochs`` on resume: the epoch count of every stage still to train; a count below one the
+    run was started with (``epochs``, or a ``stage_epochs`` entry) is a contradiction."""
+    counts = {stage: saved.epochs_for(stage) for stage in remaining}
+    stage = max(remaining, key=lambda s: counts[s])
+    try:
+        shorter = int(epochs) < counts[stage]
+    except (TypeError, ValueError):
+        shorter = True
+    if not shorter:
+        return []
+    field = f"stage_epochs.{stage}" if stage in saved.stage_epochs else "epochs"
+    return [f"{usage.argument('--epochs')} {epochs} (the run was started with {field} {counts[stage]})"]
 
 
 def trainer_stages(cfg: Any) -> list[str]:

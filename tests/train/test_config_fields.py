@@ -1,0 +1,177 @@
+"""Config fields the run cannot use are usage errors naming the field and the file, before any image
+is read: a typo or bad value inside ``data.preprocess``, ``model_overrides`` the network refuses,
+``stage_epochs`` naming a stage the model lacks; and ``--epochs`` (a flag) beats ``stage_epochs``
+(the file), on a fresh run and on ``--resume``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from lungcore.cli import main
+from lungcore.train import fit
+from lungcore.train.config import ConfigError, TrainConfig
+
+CMML_TINY = dict(patch_size=[2, 4, 4], embed_dim=16, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
+                 decoder_heads=2, clinical_dim=16, clinical_depth=1, clinical_heads=2, clinical_decoder_depth=1,
+                 fusion_heads=2, img_size=[4, 8, 8])
+
+
+@pytest.fixture
+def no_image_read(monkeypatch):
+    import lungcore.train.preflight as preflight
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was read before the usage error")
+    monkeypatch.setattr(preflight, "read_every_image", refuse)
+
+
+def train(capsys, config, out, *flags) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["train", "--config", str(config), "--out", str(out), "--no-progress", *map(str, flags)])
+    return rc, capsys.readouterr().err
+
+
+def one_line(rc: int, err: str, text: str, code: int = 2) -> None:
+    assert rc == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"lungcore train: error: {text}"), err
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. data.preprocess and model_overrides
+
+
+@pytest.mark.parametrize("preprocess, message", [
+    ({"spacng": [1, 1, 1]}, "data.preprocess: unknown keys ['spacng']; known: ['canonical', 'crop', 'fill', "
+                            "'order', 'spacing', 'window']"),
+    ({"crop": [0, 16, 16]}, "data.preprocess.crop must be 3 positive integers (D, H, W), got (0, 16, 16)"),
+    ({"spacing": [1, -1, 1]}, "data.preprocess.spacing must be 3 positive numbers"),
+    ({"order": 2}, "data.preprocess.order must be 0 (nearest), 1 (trilinear) or 3"),
+    ({"fill": "air"}, "data.preprocess.fill is invalid"),
+])
+def test_data_preprocess_is_checked_like_data_and_optim(tmp_path, preprocess, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": "cmml", "data": {"preprocess": preprocess}}))
+    with pytest.raises(ValueError) as caught:
+        TrainConfig.from_yaml(path)
+    assert str(caught.value).startswith(f"config file {path}: {message}"), caught.value
+    if isinstance(caught.value, ConfigError):  # the bad value, not the typo
+        assert caught.value.field == message.split()[0]
+
+
+def test_preprocess_typo_in_the_cli_is_one_line_exit_2(tmp_path, capsys, survival_cohort, no_image_read):
+    config = tmp_path / "pptypo.yaml"
+    config.write_text("model: cmml\ndata:\n  preprocess:\n    spacng: [1,1,1]\n")
+    rc, err = train(capsys, config, tmp_path / "run", "--manifest", survival_cohort, "--epochs", "1")
+    one_line(rc, err, f"config file {config}: data.preprocess: unknown keys ['spacng']")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"embed_dim": 30, "num_heads": 4}, "model_overrides do not make a valid cmml network: dim (30) must be "
+                                        "divisible by num_heads (4)"),
+    ({"embd_dim": 32}, "model_overrides: unknown keys ['embd_dim']; known: ["),
+    ({"img_size": [4, 8, 16]}, "model_overrides.img_size = (4, 8, 16) contradicts data.preprocess.crop"),
+])
+def test_model_overrides_errors_name_the_field_and_the_file(tmp_path, capsys, survival_cohort, cache_dir,
+                                                           no_image_read, overrides, message):
+    cfg = tiny_config("cmml", survival_cohort, cache_dir, epochs=1, model_overrides={**CMML_TINY, **overrides})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    rc, err = train(capsys, config, tmp_path / "run")
+    one_line(rc, err, f"config file {config}: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. stage_epochs names stages the model has
+
+
+@pytest.mark.parametrize("model, stage, stages", [
+    ("cmml", "prtrain", "['pretrain', 'finetune']"),
+    ("csfnet", "pretrain", "['train']"),
+    ("toy_survival", "train", "['pretrain', 'finetune']"),
+])
+def test_stage_epochs_of_an_unknown_stage_is_an_error(tmp_path, model, stage, stages):
+    path = tmp_path / "se.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "stage_epochs": {stage: 2}}))
+    with pytest.raises(ValueError) as caught:
+        TrainConfig.from_yaml(path)
+    assert str(caught.value) == f"config file {path}: stage_epochs.{stage} is not a stage of {model!r}; its stages: {stages}"
+    assert TrainConfig.from_dict({"model": model, "stage_epochs": {stages[2:].split("'")[0]: 2}})  # a real one
+
+
+def test_stage_epochs_typo_is_an_error_in_a_dict_too_but_a_shared_mapping_is_fine():
+    with pytest.raises(ConfigError, match=r"^stage_epochs.prtrain is not a stage of 'cmml'; its stages: "):
+        TrainConfig.from_dict({"model": "cmml", "stage_epochs": {"prtrain": 2}})
+    # lungcore demo gives CMML and CSF-Net one mapping (and saved runs hold it): every name is some model's stage
+    cfg = TrainConfig.from_dict({"model": "cmml", "stage_epochs": {"pretrain": 1, "finetune": 2, "train": 2}})
+    assert cfg.epochs_for("finetune") == 2
+
+
+def test_stage_epochs_typo_in_the_cli(tmp_path, capsys, survival_cohort, cache_dir, no_image_read):
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1, stage_epochs={"prtrain": 2})
+    config = tmp_path / "se.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    rc, err = train(capsys, config, tmp_path / "run", "--epochs", "1")
+    one_line(rc, err, f"config file {config}: stage_epochs.prtrain is not a stage of 'toy_survival'; "
+                      "its stages: ['pretrain', 'finetune']")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. --epochs (a flag) beats stage_epochs (the file); --resume keeps its rules
+
+
+def test_epochs_flag_replaces_the_config_stage_epochs(tmp_path, capsys, survival_cohort, cache_dir):
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=3, stage_epochs={"pretrain": 2})
+    config = tmp_path / "se2.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    rc, err = train(capsys, config, out, "--epochs", "1")
+    assert rc == 0, err
+    assert [h["stage"] for h in fit_history(out)] == ["pretrain", "finetune"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["stage_epochs"] == {}
+    # resuming with the same command line: the file's stage_epochs is overridden again, not a contradiction
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["extra"]["trainer"]["finished"] = False
+    payload["extra"]["trainer"]["epoch"] = 0
+    torch.save(payload, out / "last.pt")
+    from lungcore.train.resume import resume_config
+
+    resumed, _ = resume_config(out, config, {"epochs": 1})
+    assert resumed.epochs_for("pretrain") == resumed.epochs_for("finetune") == 1
+
+
+def fit_history(out):
+    import pandas as pd
+
+    return pd.read_csv(out / "metrics.csv").to_dict("records")
+
+
+def test_resume_epochs_must_not_shorten_stage_epochs_and_replaces_them(tmp_path, survival_cohort, cache_dir):
+    from lungcore.train.resume import resume_config
+    from lungcore.usage import UsageError
+
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1, stage_epochs={"pretrain": 2})
+    out = tmp_path / "run"
+    fit(cfg, out=out)  # no flag: the config's stage_epochs hold
+    assert [h["stage"] for h in fit_history(out)] == ["pretrain", "pretrain", "finetune"]
+    # as if killed after the first pretrain epoch
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["extra"]["trainer"].update(finished=False, stage_index=0, epoch=1, done=False)
+    torch.save(payload, out / "last.pt")
+    with pytest.raises(UsageError, match=r"epochs 1 \(the run was started with stage_epochs.pretrain 2\)"):
+        resume_config(out, None, {"epochs": 1})           # would cut pretrain short
+    same, _ = resume_config(out, None, {})                # no flag: the saved config
+    assert (same.epochs_for("pretrain"), same.epochs_for("finetune")) == (2, 1)
+    longer, _ = resume_config(out, None, {"epochs": 3})   # every stage still to train runs 3 epochs
+    assert (longer.epochs_for("pretrain"), longer.epochs_for("finetune"), longer.stage_epochs) == (3, 3, {})
+    # in finetune, pretrain's count is done and stays on record; --epochs 1 does not shorten finetune (1)
+    payload["extra"]["trainer"].update(stage_index=1, epoch=0)
+    torch.save(payload, out / "last.pt")
+    cfg2, _ = resume_config(out, None, {"epochs": 1})
+    assert (cfg2.stage_epochs, cfg2.epochs_for("finetune")) == ({"pretrain": 2}, 1)
