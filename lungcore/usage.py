@@ -50,6 +50,8 @@ class UsageError(ValueError):
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("lungcore_command_line", default=False)
+# flags whose Python keyword is not the flag's name
+_KEYWORDS = {"--cache": "cache_dir"}
 _SWITCHES = ("overwrite", "resume")  # flags without a value: keyword arguments set to True
 
 
@@ -93,6 +95,8 @@ def argument(flag: str) -> str:
     """
     if _COMMAND_LINE.get() or not flag.startswith("--"):
         return flag
+    if flag in _KEYWORDS:
+        return _KEYWORDS[flag]
     name = flag[2:].replace("-", "_")
     if name.startswith("no_"):
         return f"{name[3:]}=False"

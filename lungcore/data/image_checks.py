@@ -53,7 +53,8 @@ def source_index(centre_xyz: np.ndarray, frame: str, affine: np.ndarray) -> np.n
     "lies outside the image" message reports, from ``validate`` and from ``preprocess`` alike.
 
     Example:
-        >>> source_index(np.array([10.0, 20.0, 30.0]), "world", np.diag([2.0, 1.0, 1.0, 1.0])).tolist()
+        >>> axial = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])  # 2 x 1 x 1 mm
+        >>> source_index(np.array([10.0, 20.0, 30.0]), "world", axial).tolist()
         [15.0, 20.0, 10.0]
     """
     centre_xyz = np.asarray(centre_xyz, dtype=np.float64)

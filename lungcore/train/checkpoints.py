@@ -101,3 +101,25 @@ def mark_finished(last: str | os.PathLike) -> None:
     state.finished = True
     payload.setdefault("extra", {})["trainer"] = state.to_dict()
     write_checkpoint(payload, last)
+
+
+def stage_problem(payload: dict[str, Any], model: nn.Module) -> str | None:
+    """Why a checkpoint cannot predict, or None: one saved during a stage before the model's last
+    (CMML's ``pretrain``: self-supervised reconstruction; its risk heads were never trained). The
+    stage is ``extra["stage"]`` (:func:`checkpoint_extra`); a checkpoint without it (saved outside
+    ``lungcore train``) is not judged.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cmml = SimpleNamespace(stages=("pretrain", "finetune"))
+        >>> stage_problem({"model": "cmml", "extra": {"stage": "finetune"}}, cmml) is None
+        True
+        >>> print(stage_problem({"model": "cmml", "extra": {"stage": "pretrain"}}, cmml))
+        it is from the 'pretrain' stage of cmml (stages: pretrain, finetune): its prediction heads were never trained
+    """
+    stage = payload.get("extra", {}).get("stage")
+    stages = tuple(getattr(model, "stages", ()) or ())
+    if stage is None or stage not in stages or stage == stages[-1]:
+        return None
+    return (f"it is from the {stage!r} stage of {payload.get('model', type(model).__name__)} "
+            f"(stages: {', '.join(stages)}): its prediction heads were never trained")

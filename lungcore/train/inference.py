@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,8 +133,17 @@ def report_test_split(model, task, data: CohortData, datasets, cfg, device, out:
     patients = {i: p for i, p in zip(data.manifest.ids, data.manifest.patient_ids)}
     test["patient_id"] = [patients[i] for i in test["id"]]
     write_predictions(test, task, out / "predictions_test.csv")
-    return write_report(out / "report", task, test, reference=reference, history=history,
-                        title=f"{cfg.model} — test split ({len(test['id'])} samples)", warnings=warnings)
+    notes: list[str] = []
+    flat = write_report(out / "report", task, test, reference=reference, history=history,
+                        title=f"{cfg.model} — test split ({len(test['id'])} samples)", warnings=warnings,
+                        reference_name="the training split", notes=notes)
+    if notes and dist_utils.is_main():  # why a test metric is null: stderr and train.log
+        from lungcore.train.runlog import log
+
+        for line in notes:
+            log(out, f"test split: {line}", echo=False)
+            _say("train", f"test split: {line}")
+    return flat
 
 
 def _checkpoint_settings(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], Any, Any, Any]:
@@ -175,13 +185,153 @@ def _check_kind(checkpoint: Any, payload: dict[str, Any], schema: Any, manifest:
                          f"cohorts but {argument(flag)} {manifest} is a {kind!r} cohort ({own.name})")
 
 
+def _check_stage(checkpoint: str | os.PathLike, payload: dict[str, Any], model: Any) -> None:
+    """A checkpoint of a stage before the model's last (CMML's ``best_pretrain.pt``) is refused,
+    pointing at the run's ``best.pt`` when that one is of the last stage."""
+    from lungcore.models.registry import read_checkpoint
+    from lungcore.train.checkpoints import stage_problem
+    from lungcore.usage import UsageError, argument
+
+    problem = stage_problem(payload, model)
+    if problem is None:
+        return
+    last = tuple(model.stages)[-1]
+    best = Path(checkpoint).parent / "best.pt"
+    way = (f"train the {last!r} stage (lungcore train --stage all, or --resume a run that stopped after "
+           f"{payload['extra']['stage']!r})")
+    try:
+        if best.is_file() and not best.samefile(checkpoint) and \
+                stage_problem(read_checkpoint(best), model) is None:
+            way = f"use {best} (the run's final model) instead"
+    except (ValueError, OSError):
+        pass
+    raise UsageError(f"{argument('--checkpoint')} {checkpoint}: {problem}, so its risks / probabilities would mean "
+                     f"nothing; evaluate and predict need a checkpoint of the {last!r} stage: {way}")
+
+
 def _load(checkpoint: str | os.PathLike, device: str | None) -> tuple[dict[str, Any], Any, Any, Any]:
-    """``(payload, schema, settings, model)`` of ``checkpoint``, ``device`` checked (no image read)."""
+    """``(payload, schema, settings, model)`` of ``checkpoint``, ``device`` and the checkpoint's
+    stage checked (no image read)."""
     from lungcore.usage import device as check_device
 
     quiet_readers()
     check_device(device)
-    return _checkpoint_settings(checkpoint)
+    loaded = _checkpoint_settings(checkpoint)
+    _check_stage(checkpoint, loaded[0], loaded[3])
+    return loaded
+
+
+def _say(command: str, message: str) -> None:
+    """A note on stderr (rows left out, undefined metrics, outputs that are not finite)."""
+    print(f"lungcore {command}: {message}", file=sys.stderr, flush=True)
+
+
+def _left_out(m: Any, model: Any, manifest: str | os.PathLike) -> list[str]:
+    """What ``evaluate`` does not score: the rows of ``m`` without a label (nodules) or, per endpoint
+    of the model, without that endpoint (survival), worded as ``lungcore cindex`` says it."""
+    n = len(m)
+    if m.schema.kind == "nodules":
+        missing = n if m.label_mask is None else int((~m.label_mask.astype(bool)).sum())
+        if not missing:
+            return []
+        return [f"left out {missing} of {n} rows of {manifest} without a label (an empty "
+                f"{m.schema.label_column!r} cell); predict gives their probabilities"]
+    lines = []
+    for e in getattr(model, "endpoints", None) or m.schema.endpoints:
+        mask = m.endpoints.get(f"{e}_mask")
+        missing = n if mask is None else int((~mask.astype(bool)).sum())
+        if missing == n:
+            lines.append(f"no row of {manifest} has the {e} endpoint (a {e}_time and a {e}_event): its metrics "
+                         "are null")
+        elif missing:
+            lines.append(f"left out {missing} of {n} rows of {manifest} without the {e} endpoint (an empty "
+                         f"{e}_time or {e}_event cell) from the {e} metrics")
+    return lines
+
+
+def _output_columns(pred: dict[str, Any], task: str) -> list[str]:
+    """The model outputs that ``predict`` writes: the risk per endpoint, or the probability."""
+    return [e for e in ("pfs", "os") if e in pred] if task == "survival" else \
+        [k for k in ("probability",) if k in pred]
+
+
+def not_finite_rows(pred: dict[str, Any], task: str, m: Any, schema: Any = None) -> list[dict[str, Any]]:
+    """The rows of ``m`` whose output is not finite: ``row`` (as a spreadsheet numbers it), ``id``,
+    ``outputs`` (the CSV columns) and, when one is far out, the numeric clinical ``column`` / ``value``
+    farthest from the training mean in ``sd`` standard deviations (e.g. an age of 1e25 makes
+    CMML's risk NaN). ``schema``: the fitted schema whose means and SDs measure "far" (default: ``m``'s)."""
+    schema = schema if schema is not None else m.schema
+    columns = _output_columns(pred, task)
+    bad = np.zeros(len(pred["id"]), bool)
+    for k in columns:
+        bad |= ~np.isfinite(np.asarray(pred[k], dtype=np.float64))
+    index = {i: j for j, i in enumerate(m.ids)}
+    names = {"pfs": "pfs_risk", "os": "os_risk"}
+    found = []
+    for k in np.flatnonzero(bad):
+        rid = pred["id"][k]
+        j = index.get(rid)
+        item: dict[str, Any] = {"row": None if j is None else m.rows[j], "id": rid,
+                                "outputs": [names.get(c, c) for c in columns if not np.isfinite(float(pred[c][k]))]}
+        worst, far = None, 0.0
+        for v in schema.clinical if j is not None else ():
+            if v.kind != "numeric" or not v.std:
+                continue
+            try:
+                z = abs((float(m.clinical_raw[v.name][j]) - (v.mean or 0.0)) / v.std)
+            except (ValueError, KeyError, IndexError):
+                continue
+            if z > far or not math.isfinite(z):
+                worst, far = v.name, z
+                if not math.isfinite(z):
+                    break
+        if worst is not None and far > 20:
+            item.update(column=worst, value=m.clinical_raw[worst][j], sd=far)
+        found.append(item)
+    return found
+
+
+def not_finite_line(item: dict[str, Any]) -> str:
+    """``row R (id I): pfs_risk is not finite (its 'age' value ... standard deviations ...)``."""
+    outputs = item["outputs"]
+    line = (f"row {item['row']} (id {item['id']})" if item["row"] is not None else f"id {item['id']}") + \
+        f": {', '.join(outputs)} {'is' if len(outputs) == 1 else 'are'} not finite"
+    if "column" in item:
+        line += f" ({_far(item)})"
+    return line
+
+
+def _far(item: dict[str, Any]) -> str:
+    sd = "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
+    return f"its {item['column']!r} value {item['value']} is {sd} standard deviations from the training cohort's mean"
+
+
+def _refuse_not_finite(pred: dict[str, Any], task: str, m: Any, manifest: str | os.PathLike) -> None:
+    """evaluate: a scored row (one with a label / an endpoint) whose output is not finite makes the
+    metrics undefined: a :class:`ManifestError` naming each such row, its id and (when one is far
+    out) the clinical value behind it (exit 1)."""
+    from lungcore.data import ManifestError
+    from lungcore.data.manifest import ManifestProblem
+
+    masks = [pred[k] for k in pred if k == "label_mask" or (k.endswith("_mask") and k[:-5] in ("pfs", "os")
+                                                            and k[:-5] in pred)]
+    scored = {i for j, i in enumerate(pred["id"]) if not masks or any(bool(mk[j]) for mk in masks)}
+    found = [item for item in not_finite_rows(pred, task, m) if item["id"] in scored]
+    if not found:
+        return
+    problems = []
+    for item in found:
+        message = (f"the model's {' and '.join(item['outputs'])} for {item['id']} "
+                   f"{'is' if len(item['outputs']) == 1 else 'are'} not finite, so no metric can be computed")
+        if "column" in item:
+            sd = "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
+            problems.append(ManifestProblem(item["row"], item["column"], item["value"],
+                                            f"{message}: this value is {sd} standard deviations from the "
+                                            "training cohort's mean"))
+        else:
+            problems.append(ManifestProblem(item["row"] or 0, m.schema.id_column, str(item["id"]),
+                                            f"{message} (predict writes the other rows)"))
+    raise ManifestError(manifest, problems)
 
 
 def _coded_manifest(checkpoint: Any, loaded: tuple, manifest: str | os.PathLike, targets: bool = False,
@@ -229,6 +379,10 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
     (also written to ``out`` as CSV when given: an existing file only with ``overwrite``; checked
     before any work). The manifest is coded with the checkpoint's schema. Each CT is read once,
     by ``workers`` processes, into ``cache_dir`` (crops kept for the next call) or a temporary folder.
+    A row whose output is not finite (a clinical value far outside the training cohort's range can
+    make it NaN) gets empty cells, and stderr names it by row and id; the other rows are written.
+    A checkpoint of a stage before the model's last (CMML's ``best_pretrain.pt``: its risk heads
+    were never trained) is refused before any work.
 
     The whole path (``fit`` on a tiny synthetic cohort, then ``predict`` and ``evaluate`` on it) is
     the example of :mod:`lungcore.train.loop`: ``predict("runs/cmml/best.pt", "new/manifest.csv",
@@ -248,17 +402,25 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
         train?)
     """
     from lungcore.train.report import predictions_frame
-    from lungcore.usage import integer, out_file
+    from lungcore.usage import integer, out_file, out_folder
 
     batch_size = integer(batch_size, "--batch-size", 1)
     if out is not None:
         out_file(out, "--out", overwrite=overwrite)
+    if cache_dir is not None:  # a shared cache: only that it is a folder it can write to matters
+        out_folder(cache_dir, "--cache", overwrite=True)
     loaded = _load(checkpoint, device)
     m = _coded_manifest(checkpoint, loaded, manifest)
     with _batches(loaded, m, batch_size, device, cache_dir, workers, progress) as (batches, dev):
         pred = run_predictions(loaded[3], batches, dev, progress=progress)
     patients = dict(zip(m.ids, m.patient_ids))
     pred["patient_id"] = [patients[i] for i in pred["id"]]
+    found = not_finite_rows(pred, _task(loaded), m)
+    if found:  # written as empty cells; the other rows are fine
+        shown = [not_finite_line(item) for item in found[:10]]
+        shown += [f"... and {len(found) - 10} more"] if len(found) > 10 else []
+        _say("predict", f"WARNING: the output of {len(found)} of {len(pred['id'])} rows of {manifest} is not finite "
+                        "(left as empty cells; the other rows are written):\n  " + "\n  ".join(shown))
     frame = predictions_frame(pred, _task(loaded))
     if out is not None:
         out = Path(out)
@@ -278,6 +440,12 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
 
     For survival models the Breslow baseline and the censoring distribution come from
     ``reference_manifest`` (the training cohort) when given, else from the evaluated cohort.
+
+    Rows without a label (nodules) or without an endpoint (per survival endpoint) are left out of
+    the metrics and stderr says how many. Every metric is returned: one undefined on these rows
+    is NaN (``null`` in JSON and ``metrics.json``) and stderr says why (e.g. a C-index needs one
+    comparable pair). A scored row whose output is not finite is a
+    :class:`~lungcore.data.ManifestError` naming its row and id.
 
     The whole path (``fit`` on a tiny synthetic cohort, then ``predict`` and ``evaluate`` on it) is
     the example of :mod:`lungcore.train.loop`: ``evaluate("runs/csf/best.pt", "external/manifest.csv",
@@ -300,6 +468,8 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     batch_size = integer(batch_size, "--batch-size", 1)
     if out is not None:  # checked before any work: an existing report is replaced only with overwrite
         out_folder(out, "--out", overwrite=overwrite)
+    if cache_dir is not None:
+        out_folder(cache_dir, "--cache", overwrite=True)
     loaded = _load(checkpoint, device)
     task, model = _task(loaded), loaded[3]
     # both manifests are read and checked (labels / endpoints present) before any image is
@@ -307,14 +477,25 @@ def evaluate(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: st
     ref = None
     if task == "survival" and reference_manifest is not None:
         ref = _coded_manifest(checkpoint, loaded, reference_manifest, targets=True, flag="--reference-manifest")
+    for line in _left_out(m, model, manifest):  # scored: the rows with a label / the endpoint
+        _say("evaluate", line)
     with _batches(loaded, m, batch_size, device, cache_dir, workers, progress) as (batches, dev):
         pred = run_predictions(model, batches, dev, progress=progress)
+    _refuse_not_finite(pred, task, m, manifest)
     pred["patient_id"] = list(m.patient_ids)
     reference = None
     if ref is not None:
         with _batches(loaded, ref, batch_size, device, cache_dir, workers, progress) as (batches, dev):
             reference = run_predictions(model, batches, dev)
+        _refuse_not_finite(reference, task, ref, reference_manifest)
+    source = None if ref is None else f"the reference cohort ({reference_manifest})"
+    notes: list[str] = []
     if out is not None:  # replaces the report files an earlier report left there (report.REPORT_FILES)
-        return write_report(Path(out), task, pred, reference=reference, history=None,
-                            title=f"{Path(checkpoint).name} on {Path(manifest).name}")
-    return summary_metrics(task, pred, reference)
+        flat = write_report(Path(out), task, pred, reference=reference, history=None, reference_name=source,
+                            title=f"{Path(checkpoint).name} on {Path(manifest).name}", notes=notes)
+    else:
+        flat = summary_metrics(task, pred, reference, notes=notes,
+                               reference_name=source or "the reference cohort")
+    for line in notes:
+        _say("evaluate", line)
+    return flat

@@ -26,7 +26,8 @@ from lungcore.train import schedule
 from lungcore.train.checkpoints import TrainerState, checkpoint_extra, mark_finished, plain, save
 from lungcore.train.cohort import CohortData, loader
 from lungcore.train.config import TrainConfig
-from lungcore.train.inference import autocast, report_test_split, run_predictions, to_device, validation_metrics
+from lungcore.train.inference import (autocast, not_finite_line, not_finite_rows, report_test_split,
+                                      run_predictions, to_device, validation_metrics)
 from lungcore.train.resume import kill_point
 from lungcore.train.runlog import log, write_metrics_csv
 
@@ -96,16 +97,20 @@ def _broadcast(value: float, device: torch.device) -> float:
 # one epoch
 
 
+def _then(last_pt: Path) -> str:
+    """What to do after a non-finite loss: the last good checkpoint, or that there is none yet."""
+    return (f"The last good checkpoint is {last_pt}: lower the learning rate (optim.lr) or check the "
+            f"inputs, then rerun with {usage.argument('--resume')}" if last_pt.is_file() else
+            "No checkpoint was written yet (none is before the first epoch ends), so there is "
+            "nothing to resume: lower the learning rate (optim.lr) or check the inputs, then start "
+            f"again with {usage.argument('--overwrite')}")
+
+
 def _non_finite(loss: torch.Tensor, batch: dict[str, Any], stage: str, epoch: int, batch_no: str,
                 last_pt: Path) -> NonFiniteLossError:
     ids = batch.get("id", [])
-    then = (f"The last good checkpoint is {last_pt}: lower the learning rate (optim.lr) or check the "
-            f"inputs, then rerun with {usage.argument('--resume')}" if last_pt.is_file() else
-            "No checkpoint was written yet (this was before the end of the first epoch), so there is "
-            "nothing to resume: lower the learning rate (optim.lr) or check the inputs, then start "
-            f"again with {usage.argument('--overwrite')}")
     return NonFiniteLossError(f"the {stage} loss became {loss.detach().float().item()} at epoch {epoch}, batch "
-                              f"{batch_no} (ids {list(ids)[:4]}...); stopped. {then}")
+                              f"{batch_no} (ids {list(ids)[:4]}...); stopped. {_then(last_pt)}")
 
 
 # logs of model.loss that count samples (CSF-Net's "n": the labelled nodules of the batch): summed over the
@@ -194,6 +199,7 @@ class Trainer:
     distributed: bool
     history: list[dict[str, Any]]
     writer: Any = None  # tensorboard SummaryWriter (main rank, when installed)
+    val_failure: str | None = None  # this epoch's non-finite validation (main rank): the run stops on it
 
     @property
     def last(self) -> Path:
@@ -299,15 +305,54 @@ class Trainer:
             row = train_epoch(wrapped, self.model, batches, stage, optimizer, lr_at, state, cfg, self.device,
                               desc=f"{stage} {state.epoch + 1}/{epochs}", last_pt=self.last)
         row = {"stage": stage, "epoch": state.epoch + 1, "lr": optimizer.param_groups[0]["lr"], **row}
+        self.val_failure = None
         if rank == 0 and len(self.datasets["val"]):
-            pred = run_predictions(self.model, val_batches, self.device, cfg.precision, stage=stage)
+            try:
+                pred = run_predictions(self.model, val_batches, self.device, cfg.precision, stage=stage)
+            except ValueError as exc:  # a loss that refuses non-finite outputs (Cox: "risk must be finite")
+                self.val_failure = self._validation_failure(stage, state.epoch + 1, val_batches, None, exc)
+                row["val_loss"] = math.nan
+                return row
             row["val_loss"] = pred["loss"]
+            if not math.isfinite(pred["loss"]) or not_finite_rows(pred, self.task, self.data.manifest, self.data.schema):
+                self.val_failure = self._validation_failure(stage, state.epoch + 1, val_batches, pred, None)
+                return row
             if stage != "pretrain":
                 row.update({f"val_{k}": v for k, v in validation_metrics(self.task, pred).items()})
+            monitor = self.monitor(stage)
+            if monitor in row and not math.isfinite(row[monitor]):
+                self.val_failure = (f"the {stage} validation {monitor} became {row[monitor]} at epoch "
+                                    f"{state.epoch + 1} although its loss and outputs are finite; stopped. "
+                                    f"{_then(self.last)}")
         return row
+
+    def _validation_failure(self, stage: str, epoch: int, val_batches, pred: dict[str, Any] | None,
+                            exc: BaseException | None) -> str:
+        """The message of a non-finite validation loss or output: which validation rows gave one (by
+        row, id and the clinical value far out behind it, as ``predict`` names them), and the last
+        good checkpoint. ``pred`` is None when the loss refused the outputs (``exc``): they are
+        predicted once more, without the loss, to name the rows."""
+        if pred is None:
+            what = f"loss could not be computed ({exc})"
+            pred = run_predictions(self.model, val_batches, self.device, self.cfg.precision)
+        else:
+            what = f"loss became {pred['loss']}" if not math.isfinite(pred["loss"]) else "outputs became non-finite"
+        found = not_finite_rows(pred, self.task, self.data.manifest, self.data.schema)
+        if not found and exc is not None:
+            raise exc  # not a non-finite output: the error as it was
+        where = ""
+        if found:
+            shown = "; ".join(not_finite_line(item) for item in found[:4])
+            more = f"; and {len(found) - 4} more" if len(found) > 4 else ""
+            where = f" (validation {shown}{more}: check their clinical values and images)"
+        return f"the {stage} validation {what} at epoch {epoch}{where}; stopped. {_then(self.last)}"
 
     def _select(self, state: TrainerState, row: dict[str, Any], monitor: str) -> bool:
         """Model selection and early stopping after an epoch; appends ``row`` to the history."""
+        failed = _broadcast(1.0 if self.val_failure else 0.0, self.device)  # the main rank validates
+        if failed:  # a non-finite validation is never "best": the run stops, as for a non-finite loss
+            raise NonFiniteLossError(self.val_failure or "the validation on rank 0 became non-finite; stopped "
+                                     f"(its error says which rows). {_then(self.last)}")
         value = _broadcast(row.get(monitor, math.nan), self.device)
         lower_is_better = monitor.endswith("loss")
         improved = math.isfinite(value) and (state.best is None or (

@@ -471,6 +471,14 @@ def test_python_callers_read_their_argument_names(base, tmp_path, capsys, comman
         getattr(lungcore.train, command)(ckpt, base["nod"], out, overwrite=True, batch_size=0)
     with pytest.raises(ValueError, match=rf"^checkpoint {ckpt} is a cmml model of 'survival' cohorts but manifest "):
         getattr(lungcore.train, command)(ckpt, base["nod"], out, overwrite=True)
+    # a --cache that is a file: one line naming it, before any image is read
+    cache = tmp_path / "cache.txt"
+    cache.write_text("not a folder")
+    rc, _, err = cli(capsys, command, "--checkpoint", ckpt, "--manifest", base["surv"], "--out", out, "--overwrite",
+                     "--cache", cache)
+    caught(rc, 2, err, f"--cache {cache}: {cache} is a file, not a folder")
+    with pytest.raises(ValueError, match=rf"^cache_dir {cache}: {cache} is a file, not a folder$"):
+        getattr(lungcore.train, command)(ckpt, base["surv"], out, overwrite=True, cache_dir=cache)
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_work(base, tmp_path, capsys):

@@ -34,7 +34,7 @@ class PreprocessSettings:
         >>> PreprocessSettings(window=(600, -1200))
         Traceback (most recent call last):
         ...
-        ValueError: window must be (low, high) HU with low < high, got (600, -1200)
+        ValueError: window must be finite (low, high) HU with low < high, got (600, -1200)
     """
 
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
