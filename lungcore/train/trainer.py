@@ -391,7 +391,7 @@ class Trainer:
 
     def finish(self, warnings: list[str]) -> FitResult:
         """best.pt (the last stage's best), the test split's predictions and report, last.pt marked finished."""
-        from lungcore.models.registry import load_model
+        from lungcore.models.registry import load_model, model_class
 
         rank, _ = dist_utils.world()
         best = self.out / "best.pt"
@@ -401,12 +401,19 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         test_metrics: dict[str, float] = {}
-        if rank == 0 and len(self.datasets["test"]):
+        last_stage = tuple(model_class(self.cfg.model).stages)[-1]
+        if rank == 0 and len(self.datasets["test"]) and self.stages[-1] != last_stage:
+            # e.g. CMML --stage pretrain: the risk heads were never trained, their test metrics would mean nothing
+            log(self.out, f"test: not scored: stage {self.stages[-1]!r} trains no prediction head (train the "
+                          f"{last_stage!r} stage for test metrics: --stage {last_stage} from this run's best.pt, "
+                          "or --stage all)")
+        elif rank == 0 and len(self.datasets["test"]):
             best_model, _ = load_model(best)
             best_model.to(self.device)
             test_metrics = report_test_split(best_model, self.task, self.data, self.datasets, self.cfg, self.device,
                                              self.out, self.history, warnings)
-            log(self.out, "test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()
+            log(self.out, "test: " + ", ".join(f"{k} {v:.4f}" if math.isfinite(v) else f"{k} null"
+                                               for k, v in test_metrics.items()
                                                if isinstance(v, float) and not k.endswith(("_low", "_high"))))
         if rank == 0:
             mark_finished(self.last)  # a later --resume says the run is finished

@@ -125,7 +125,10 @@ def test_a_pretraining_checkpoint_is_refused(tmp_path, capsys, survival_run, sur
 
 def test_a_pretrain_only_run_says_to_train_the_last_stage(tmp_path, capsys, survival_cohort, cache_dir):
     out = tmp_path / "pre"
-    fit(tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1, stage="pretrain"), out=out)
+    result = fit(tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1, stage="pretrain"), out=out)
+    # the run itself scores no test split with heads it never trained, and says so
+    assert result.test_metrics == {} and not (out / "report").exists()
+    assert "test: not scored: stage 'pretrain' trains no prediction head" in (out / "train.log").read_text()
     rc, _, err = run(capsys, "evaluate", "--checkpoint", out / "best.pt", "--manifest", survival_cohort)
     assert rc == 2 and "'pretrain' stage" in err and "train the 'finetune' stage" in err, err
 
