@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
+import math
+
 import numpy as np
 import torch
 
@@ -265,7 +267,7 @@ def finite_number(name: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a number, got {value!r}") from exc
-    if not np.isfinite(number):
+    if not math.isfinite(number):  # math, not numpy: plain Python that torch.compile traces as a constant
         raise ValueError(f"{name} must be finite, got {value!r}")
     return number
 

@@ -89,7 +89,8 @@ def cumulative_dynamic_auc(risk: ArrayLike, time: ArrayLike, event: ArrayLike, t
     At time tau, cases are subjects with an event at or before tau (weighted 1 / G(t_i), G the
     censoring survival of the training data), controls are subjects still event-free after tau;
     AUC(tau) = P(risk_case > risk_control), ties (within ``tied_tol``) counting one half. ``risk`` is (n,) or
-    (n, len(times)) (a time-dependent risk). ``times`` are sorted and de-duplicated and must lie
+    (n, len(times)) (a time-dependent risk: column k scores ``times[k]``, and follows it when the
+    times are sorted; then no time may repeat). ``times`` are sorted and de-duplicated and must lie
     in [min(time), max(time)). The mean is the integral of AUC over the Kaplan-Meier estimate of
     the test data, as scikit-survival's ``cumulative_dynamic_auc`` computes it.
 
@@ -103,8 +104,9 @@ def cumulative_dynamic_auc(risk: ArrayLike, time: ArrayLike, event: ArrayLike, t
     """
     t = checks.nonnegative("time", checks.finite("time", checks.host_1d("time", time)))
     e = checks.binary("event", event)
-    tau = np.unique(checks.finite("times", checks.host_1d("times", np.atleast_1d(
-        times.detach().cpu().numpy() if hasattr(times, "detach") else times))))
+    given = checks.finite("times", checks.host_1d("times", np.atleast_1d(
+        times.detach().cpu().numpy() if hasattr(times, "detach") else times)))
+    tau = np.unique(given)
     if tau.size == 0:
         raise ValueError("times is empty")
     if tau.max() >= t.max() or tau.min() < t.min():
@@ -114,8 +116,12 @@ def cumulative_dynamic_auc(risk: ArrayLike, time: ArrayLike, event: ArrayLike, t
     risk_arr = np.asarray(risk, dtype=np.float64)
     if risk_arr.ndim == 1:
         risk_arr = np.broadcast_to(risk_arr[:, None], (risk_arr.size, tau.size))
-    elif risk_arr.ndim != 2 or risk_arr.shape[1] != tau.size:
-        raise ValueError(f"risk must be (n,) or (n, {tau.size}) for {tau.size} unique times; got {risk_arr.shape}")
+    elif risk_arr.ndim != 2 or risk_arr.shape[1] != given.size:
+        raise ValueError(f"risk must be (n,) or (n, {given.size}), one column per entry of times; got {risk_arr.shape}")
+    elif tau.size != given.size:
+        raise ValueError("times repeats a value; with a risk per time (n, len(times)) give each time once")
+    else:  # column k scores times[k]: the columns follow the times into sorted order
+        risk_arr = risk_arr[:, np.argsort(given, kind="stable")]
     checks.same_length(risk=risk_arr, time=t, event=e)
     checks.finite("risk", risk_arr.ravel())
     w = _ipcw(t, e, train_time, train_event)

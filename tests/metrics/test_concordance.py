@@ -237,6 +237,20 @@ def test_uno_and_auc_bad_input():
         cumulative_dynamic_auc([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1, 1, 0], [5.0])
     with pytest.raises(ValueError, match=r"risk must be \(n,\) or"):
         cumulative_dynamic_auc(np.zeros((3, 2)), [1.0, 2.0, 3.0], [1, 1, 0], [1.5])
+    with pytest.raises(ValueError, match="times repeats a value"):
+        cumulative_dynamic_auc(np.zeros((3, 2)), [1.0, 2.0, 3.0], [1, 1, 0], [1.5, 1.5])
+
+
+def test_time_dependent_risk_columns_follow_their_times():
+    """Column k of a (n, len(times)) risk scores times[k], in whatever order the times are given
+    (the AUCs come back at the sorted times), as brier_score pairs them."""
+    time, event = np.array([1.0, 2, 3, 4, 5, 6]), np.array([1, 1, 0, 1, 1, 1])
+    risk = np.array([[.1, .9], [.2, .8], [.3, .7], [.4, .6], [.5, .5], [.6, .4]])  # scores for times 4.0, 2.0
+    auc, mean = cumulative_dynamic_auc(risk, time, event, [4.0, 2.0])
+    sorted_auc, sorted_mean = cumulative_dynamic_auc(risk[:, ::-1], time, event, [2.0, 4.0])
+    np.testing.assert_array_equal(auc, sorted_auc)
+    assert mean == sorted_mean
+    assert [cumulative_dynamic_auc(risk[:, k], time, event, [t])[0][0] for k, t in ((1, 2.0), (0, 4.0))] == list(auc)
 
 
 @pytest.mark.parametrize("tol", [0.0, 1e-8, 0.05, 0.5])
