@@ -134,8 +134,12 @@ class Manifest:
         return len(self.ids)
 
     def subset(self, indices: Sequence[int]) -> Manifest:
-        """The rows ``indices`` (in that order) as a new manifest."""
+        """The rows ``indices`` (in that order; positions 0 .. len - 1, not spreadsheet rows) as a new manifest."""
         idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self.ids)]
+        if bad:
+            raise IndexError(f"indices must be positions in 0..{len(self.ids) - 1} of this manifest's "
+                             f"{len(self.ids)} rows, got {bad[:5]}")
         return Manifest(
             path=self.path, schema=self.schema, rows=[self.rows[i] for i in idx], ids=[self.ids[i] for i in idx],
             patient_ids=[self.patient_ids[i] for i in idx], images=[self.images[i] for i in idx],
@@ -151,6 +155,8 @@ class Manifest:
         Besides the clinical coding, the fitted schema keeps only the endpoints that have data in
         these rows (an OS-only cohort whose schema declares PFS too fits to ``["os"]``).
         """
+        if not self.ids:
+            raise ValueError(f"cannot fit a schema on no rows (an empty split of {self.path})")
         fitted = self.schema.fit(self.clinical_raw)
         fitted.endpoints = [e for e in fitted.endpoints if self.endpoints[f"{e}_mask"].any()]
         return fitted

@@ -155,8 +155,10 @@ def _checkpoint_settings(checkpoint: str | os.PathLike) -> tuple[dict[str, Any],
     payload = read_checkpoint(checkpoint)
     extra = payload.get("extra", {})
     if "schema" not in extra or "preprocess" not in extra:
-        raise ValueError(f"checkpoint {checkpoint} lacks the cohort schema / preprocessing settings "
-                         "(was it written by lungcore train?)")
+        lacking = " and ".join(f"extra[{k!r}]" for k in ("schema", "preprocess") if k not in extra)
+        raise ValueError(f"checkpoint {checkpoint} lacks the cohort schema / preprocessing settings ({lacking}; "
+                         "lungcore train writes both; a checkpoint of your own: save_model(model, path, "
+                         "extra={'schema': schema.to_dict(), 'preprocess': settings.to_dict()}))")
     try:
         schema = CohortSchema.from_dict(extra["schema"])
         settings = PreprocessSettings.from_dict(extra["preprocess"])
@@ -398,8 +400,8 @@ def predict(checkpoint: str | os.PathLike, manifest: str | os.PathLike, out: str
         >>> predict(bare, "new_cohort/manifest.csv")
         Traceback (most recent call last):
         ...
-        ValueError: checkpoint .../net.pt lacks the cohort schema / preprocessing settings (was it written by lungcore
-        train?)
+        ValueError: checkpoint .../net.pt lacks the cohort schema / preprocessing settings (extra['schema'] and
+        extra['preprocess']; lungcore train writes both; ...)
     """
     from lungcore.train.report import predictions_frame
     from lungcore.usage import integer, out_file, out_folder

@@ -218,8 +218,8 @@ def _fit(cfg: TrainConfig, out: Path, resume: bool, lr_override: float | None = 
     if not resume:
         if (out / "last.pt").is_file() and not overwrite:
             arg = usage.argument
-            raise FileExistsError(f"{out} already holds a run (last.pt): pass {arg('--resume')} to continue it, "
-                                  f"{arg('--overwrite')} to replace it, or use a fresh {arg('--out')}")
+            raise usage.UsageError(f"{out} already holds a run (last.pt): pass {arg('--resume')} to continue it, "
+                                   f"{arg('--overwrite')} to replace it, or use a fresh {arg('--out')}")
         out_folder(out, "--out", overwrite=overwrite, ignore=("cache",))
     device_name = _device(cfg)
     distributed = dist_utils.init_from_env(device_name)

@@ -78,6 +78,14 @@ def test_blank_lines_are_skipped_and_rows_keep_their_numbers(cohort):
     assert (p.row, p.column) == (4, "os_time")
 
 
+def test_subset_and_fit_schema_refuse_what_has_no_rows(cohort):
+    m = read_manifest(cohort("P1,good.nii.gz,61,former,3.5,1,10,0", "P2,,,,,,7.25,1"))
+    with pytest.raises(IndexError, match=r"indices must be positions in 0..1 of this manifest's 2 rows, got \[2, -1\]"):
+        m.subset([0, 2, -1])
+    with pytest.raises(ValueError, match="cannot fit a schema on no rows"):
+        m.subset([]).fit_schema()
+
+
 def test_duplicate_id(cohort):
     p = _only(cohort("P1,good.nii.gz,61,former,3,1,10,0", "P2,good.nii.gz,61,former,3,1,10,0",
                      "P1,good.nii.gz,70,never,3,1,10,0"))

@@ -62,7 +62,7 @@ def test_resume_without_checkpoint_and_rerun_into_used_folder(tmp_path, nodule_c
     with pytest.raises(UsageError, match="nothing to resume"):
         fit(cfg, out=tmp_path / "fresh", resume=True)
     fit(cfg, out=tmp_path / "run")
-    with pytest.raises(FileExistsError, match="pass resume=True to continue it, overwrite=True to replace it"):
+    with pytest.raises(UsageError, match="pass resume=True to continue it, overwrite=True to replace it"):
         fit(cfg, out=tmp_path / "run")
 
 
