@@ -21,27 +21,6 @@ ACCUMULATE_HELP = ("micro-batches per optimiser step (effective batch = batch si
                    "risk sets; more GPUs do (their risk sets are gathered across ranks)")
 
 
-# TrainConfig field -> the flag of `lungcore train` that sets it: a ConfigError (lungcore.train.config) on a
-# field whose value a flag gave names the flag, not the field (a config file's bad field is named by the file)
-TRAIN_FLAGS = {"model": "--model", "data.manifest": "--manifest", "stage": "--stage", "epochs": "--epochs",
-               "data.batch_size": "--batch-size", "optim.accumulate": "--accumulate", "optim.lr": "--lr",
-               "device": "--device", "precision": "--precision", "seed": "--seed", "patience": "--patience",
-               "data.num_workers": "--num-workers", "data.verify": "--verify", "recipe": "--recipe"}
-
-
-def _flag_error(exc: BaseException, args: argparse.Namespace) -> BaseException:
-    """``exc`` naming the flag instead of the config field when a flag of ``args`` gave the bad value."""
-    from lungcore.train.config import ConfigError
-    from lungcore.usage import UsageError
-
-    flag = TRAIN_FLAGS.get(exc.field) if isinstance(exc, ConfigError) else None
-    if flag is None or getattr(args, flag[2:].replace("-", "_"), None) is None:
-        return exc
-    error = UsageError(f"{flag} {exc.problem}")
-    error.__cause__ = exc
-    return error
-
-
 def _errors():
     from lungcore.data import ManifestError
     from lungcore.train.trainer import NonFiniteLossError
@@ -121,7 +100,7 @@ def train(args: argparse.Namespace) -> int:
                      num_workers=args.num_workers, progress=False if args.no_progress else None,
                      recipe=args.recipe, verify=args.verify)
     except _errors() as exc:
-        return _fail("train", _flag_error(exc, args))
+        return _fail("train", exc)
     from lungcore.usage import json_safe
 
     if result.test_metrics:

@@ -104,6 +104,14 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
     return resolved
 
 
+# TrainConfig field -> the flag of `lungcore train` that sets it (and, spelt as a keyword, the override of
+# fit): a ConfigError on a field whose value the caller gave names what the caller wrote (usage.argument)
+OVERRIDE_FLAGS = {"model": "--model", "data.manifest": "--manifest", "stage": "--stage", "epochs": "--epochs",
+                  "data.batch_size": "--batch-size", "optim.accumulate": "--accumulate", "optim.lr": "--lr",
+                  "device": "--device", "precision": "--precision", "seed": "--seed", "patience": "--patience",
+                  "data.num_workers": "--num-workers", "data.verify": "--verify", "recipe": "--recipe"}
+
+
 def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: str | os.PathLike,
         resume: bool = False, overwrite: bool = False, **overrides: Any) -> FitResult:
     """Train ``config.model`` on ``config.data.manifest``; select on validation; test the best model.
@@ -126,17 +134,21 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
 
         result = fit(model="cmml", manifest="cohort/manifest.csv", out="runs/cmml", epochs=20)
     """
-    if resume:
-        from lungcore.train.resume import resume_config
-
-        cfg, _ = resume_config(out, config, overrides)
-    else:
-        cfg = _resolve_config(config, overrides)
-    quiet_readers()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        if resume:
+            from lungcore.train.resume import resume_config
+
+            cfg, _ = resume_config(out, config, overrides)
+        else:
+            cfg = _resolve_config(config, overrides)
+        quiet_readers()
         return _fit(cfg, Path(out), resume, lr_override=overrides.get("lr"), overwrite=overwrite)
     except ConfigError as exc:
+        flag = OVERRIDE_FLAGS.get(exc.field)
+        if flag is not None and overrides.get(flag[2:].replace("-", "_")) is not None:
+            # the caller gave the bad value: name what they wrote (--batch-size / batch_size), not the field
+            raise usage.UsageError(f"{usage.argument(flag)} {exc.problem}") from exc
         # a config field the network refused (model_overrides, data.preprocess): name the file that gave it
         if isinstance(config, (str, os.PathLike)) and exc.field.startswith(("model_overrides", "data.")):
             raise ValueError(f"config file {config}: {exc}") from None

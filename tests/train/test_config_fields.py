@@ -175,3 +175,26 @@ def test_resume_epochs_must_not_shorten_stage_epochs_and_replaces_them(tmp_path,
     torch.save(payload, out / "last.pt")
     cfg2, _ = resume_config(out, None, {"epochs": 1})
     assert (cfg2.stage_epochs, cfg2.epochs_for("finetune")) == ({"pretrain": 2}, 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+    ({"accumulate": 0}, "accumulate must be an integer >= 1, got 0"),
+])
+def test_fit_names_the_keyword_the_caller_wrote(tmp_path, capsys, survival_cohort, cache_dir, override, message):
+    """A bad value given to fit() is named by its keyword (as evaluate/predict do); the same value
+    given on the command line is named by its flag; one from the config file by its field."""
+    from lungcore.usage import UsageError
+
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1)
+    with pytest.raises(UsageError, match=f"^{message}"):
+        fit(cfg, out=tmp_path / "run", **override)
+    assert not (tmp_path / "run").exists()
+    (key, value), = override.items()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["train", "--config", str(config), "--out", str(tmp_path / "run"), f"--{key.replace('_', '-')}",
+               str(value), "--no-progress"])
+    assert rc == 2 and capsys.readouterr().err.startswith(f"lungcore train: error: --{key.replace('_', '-')} "), rc
