@@ -104,6 +104,7 @@ class ClinicalVariable:
                                  "it cannot be a category")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (what a schema file holds for one variable)."""
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
         for key in ("categories", "mean", "std"):
             if getattr(self, key) is not None:
@@ -112,6 +113,7 @@ class ClinicalVariable:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClinicalVariable:
+        """A variable from :meth:`to_dict`'s form; unknown keys are errors."""
         unknown = set(d) - {"name", "kind", "categories", "mean", "std"}
         if unknown:
             raise ValueError(f"clinical variable {d.get('name')!r}: unknown keys {sorted(unknown)}")
@@ -191,6 +193,7 @@ class CohortSchema:
 
     # -- columns ---------------------------------------------------------------------------------
     def reserved_columns(self) -> set[str]:
+        """Columns that are not clinical variables: ids, images, centres, endpoints, label."""
         cols = {self.id_column, self.patient_column, *self.image_columns}
         for c in self.centre_columns.values():
             cols.update(c)
@@ -202,9 +205,11 @@ class CohortSchema:
 
     @property
     def clinical_names(self) -> list[str]:
+        """The clinical variables' names, in coding order."""
         return [v.name for v in self.clinical]
 
     def variable(self, name: str) -> ClinicalVariable:
+        """The clinical variable ``name``; ``KeyError(name)`` when there is none."""
         for v in self.clinical:
             if v.name == name:
                 return v
@@ -229,6 +234,7 @@ class CohortSchema:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CohortSchema:
+        """A schema from :meth:`to_dict`'s form (a schema file, a checkpoint); unknown keys are errors."""
         d = dict(d)
         version = d.pop("version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:

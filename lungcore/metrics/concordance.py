@@ -53,6 +53,7 @@ class Concordance:
         return self.cindex
 
     def as_dict(self) -> dict[str, float | int]:
+        """The fields as a dict (what ``lungcore cindex`` prints as JSON)."""
         return asdict(self)
 
 

@@ -545,6 +545,7 @@ class CMML(nn.Module):
         raise ValueError(f"stage must be one of {self.stages}, got {stage!r}")
 
     def finetune_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Cox fine-tuning loss of a batch (the sum over endpoints) and its logs; ``loss(batch, "finetune")``."""
         ct, clinical = batch["ct"], batch["clinical"]
         clinical_mask = batch["clinical_mask"].to(torch.bool)
         ct_mask = self._ct_present(ct, batch.get("ct_mask"))

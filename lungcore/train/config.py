@@ -295,10 +295,12 @@ class TrainConfig:
                 raise ConfigError(f"stage_epochs.{name}", f"is not a stage of {self.model!r}; its stages: {stages}")
 
     def epochs_for(self, stage: str) -> int:
+        """Epochs of ``stage``: its ``stage_epochs`` entry, else ``epochs``."""
         return int(self.stage_epochs.get(stage, self.epochs))
 
     # -- plain data ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain-YAML form (tuples as lists): what ``save_yaml`` writes and a checkpoint stores."""
         def plain(x: Any) -> Any:
             if isinstance(x, tuple):
                 return [plain(v) for v in x]
@@ -311,10 +313,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from its dict form (nested ``data`` / ``optim``); unknown keys are errors."""
         return _build(cls, d, "config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """A config from a YAML file; every error names the file (and the field)."""
         data = usage.read_mapping(path, "config file", fmt="yaml", of=" of TrainConfig fields", empty_ok=True)
         try:
             cfg = cls.from_dict(data)
@@ -324,6 +328,7 @@ class TrainConfig:
             raise ValueError(f"config file {path}: {exc}") from None
 
     def save_yaml(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as YAML to ``path``; returns it."""
         import yaml
 
         path = Path(path)

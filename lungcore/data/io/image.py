@@ -51,6 +51,7 @@ class CTImage:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(D, H, W) of the array."""
         return tuple(int(s) for s in self.array.shape)
 
     def world_to_index(self, xyz: np.ndarray) -> np.ndarray:

@@ -72,6 +72,7 @@ class PreprocessStats:
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """The counts and times (rounded), without ``problems``: what the preprocess report holds."""
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "problems"}
 
 
@@ -193,11 +194,13 @@ class Preprocessor:
         return record if record.get("signature") == (sig if sig is not None else _stat_signature(path)) else None
 
     def key(self, digest: str, centre: np.ndarray | None, frame: str) -> str:
+        """The cache key of one crop: the source's digest, the centre and its frame, the settings."""
         c = "none" if centre is None else ",".join(f"{v:.4f}" for v in np.asarray(centre, dtype=np.float64))
         text = f"v{CACHE_VERSION}|{digest}|{frame}:{c}|{self._settings_json}"
         return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
     def entry_path(self, key: str) -> Path:
+        """Where the cache entry of ``key`` lives (``CACHE/<2 hex>/<key>.npz``)."""
         assert self.cache_dir is not None
         return self.cache_dir / key[:2] / f"{key}.npz"
 

@@ -77,15 +77,18 @@ class PreprocessSettings:
 
     @classmethod
     def for_kind(cls, kind: str) -> PreprocessSettings:
+        """The network's settings for a cohort ``kind``: :meth:`csfnet` for nodules, else :meth:`cmml`."""
         from lungcore.data.schema import canonical_kind
 
         return cls.csfnet() if canonical_kind(kind) == "nodules" else cls.cmml()
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples as lists): what a checkpoint stores."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSettings:
+        """Settings from :meth:`to_dict`'s form (lists back to tuples), checked as the constructor checks them."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
