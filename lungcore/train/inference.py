@@ -303,9 +303,14 @@ def not_finite_line(item: dict[str, Any]) -> str:
     return line
 
 
+def _sd_text(item: dict[str, Any]) -> str:
+    """How far out a row's clinical value is: ``1.14e+24`` (or ``infinitely many``) standard deviations."""
+    return "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
+
+
 def _far(item: dict[str, Any]) -> str:
-    sd = "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
-    return f"its {item['column']!r} value {item['value']} is {sd} standard deviations from the training cohort's mean"
+    return (f"its {item['column']!r} value {item['value']} is {_sd_text(item)} standard deviations from the "
+            "training cohort's mean")
 
 
 def _refuse_not_finite(pred: dict[str, Any], task: str, m: Any, manifest: str | os.PathLike) -> None:
@@ -326,9 +331,8 @@ def _refuse_not_finite(pred: dict[str, Any], task: str, m: Any, manifest: str | 
         message = (f"the model's {' and '.join(item['outputs'])} for {item['id']} "
                    f"{'is' if len(item['outputs']) == 1 else 'are'} not finite, so no metric can be computed")
         if "column" in item:
-            sd = "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
             problems.append(ManifestProblem(item["row"], item["column"], item["value"],
-                                            f"{message}: this value is {sd} standard deviations from the "
+                                            f"{message}: this value is {_sd_text(item)} standard deviations from the "
                                             "training cohort's mean"))
         else:
             problems.append(ManifestProblem(item["row"] or 0, m.schema.id_column, str(item["id"]),
