@@ -39,7 +39,7 @@ from lungcore.data.schema import CohortSchema
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Train-time augmentation of the windowed crops (torch RNG, so DataLoader workers differ).
+    """Train-time augmentation of the windowed crops, drawn from ``generator`` (torch's RNG if None).
 
     ``flip``: probability of mirroring each spatial axis; ``rotate_deg``: in-plane rotation drawn
     from [-rotate_deg, rotate_deg] (trilinear, border values extended); ``scale``/``shift``:
@@ -83,6 +83,24 @@ class Augmentation:
         return x.contiguous()
 
 
+def sample_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """A generator of its own for sample ``index`` under ``seed`` (None: None, torch's RNG).
+
+    The pair is mixed by numpy's ``SeedSequence``, so nearby seeds and indices give unrelated streams.
+
+    Example:
+        >>> a, b = sample_generator(3, 10), sample_generator(3, 10)
+        >>> torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b)), sample_generator(None, 10)
+        (True, None)
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"augment_seed must be None or an integer >= 0, got {seed!r}")
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def _rotate_inplane(x: torch.Tensor, angle: float) -> torch.Tensor:
     shape = x.shape
     d, h, w = shape[-3:]
@@ -102,12 +120,29 @@ class CohortDataset(torch.utils.data.Dataset):
     ``preprocessor``: a :class:`Preprocessor` (or ``settings`` + ``cache_dir`` to build one);
     ``augment``: an :class:`Augmentation` for training, None for evaluation.
 
-    Example: see the module docstring.
+    ``augment_seed``: None draws each sample's augmentation from torch's RNG (of the process that
+    loads it: a DataLoader worker's differs from the main process's). An integer makes sample ``i``'s
+    augmentation a function of ``(augment_seed, i)`` alone: the same whatever ``num_workers``, the
+    worker that loads it or the order, and another one for another seed. Set it per epoch (the
+    trainer sets it to the epoch's seed) so that epochs differ, like ``DistributedSampler.set_epoch``.
+    It never touches torch's global RNG, so a model's dropout and masking draw the same numbers with
+    any worker count.
+
+    Example:
+        >>> import tempfile
+        >>> from lungcore.data import read_manifest, synth_cohort
+        >>> m = read_manifest(synth_cohort("nodules", tempfile.mkdtemp(), n=2, preset="tiny")["manifest"])
+        >>> ds = CohortDataset(m, m.fit_schema(), augment=Augmentation(), augment_seed=7)
+        >>> torch.equal(ds[1]["ct"], ds[1]["ct"])           # seeded: sample 1 repeats
+        True
+        >>> first = ds[1]["ct"]; ds.augment_seed = 8        # next epoch: another transform
+        >>> torch.equal(ds[1]["ct"], first)
+        False
     """
 
     def __init__(self, manifest: Manifest, schema: CohortSchema, settings: PreprocessSettings | None = None, *,
                  cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None,
-                 augment: Augmentation | None = None):
+                 augment: Augmentation | None = None, augment_seed: int | None = None):
         if not schema.fitted:
             raise ValueError("schema must be fitted (schema.fit on the training split) before coding a dataset")
         if schema.kind != manifest.schema.kind:
@@ -119,6 +154,8 @@ class CohortDataset(torch.utils.data.Dataset):
                                                          cache_dir=cache_dir)
         self.settings = self.preprocessor.settings
         self.augment = augment
+        sample_generator(augment_seed, 0)  # checks it
+        self.augment_seed = augment_seed
         values, mask = schema.encode(manifest.clinical_raw)
         self.clinical = torch.from_numpy(values)
         self.clinical_mask = torch.from_numpy(mask)
@@ -144,7 +181,7 @@ class CohortDataset(torch.utils.data.Dataset):
             ct[t, 0] = torch.from_numpy(crop)
         if self.augment is not None and any(present):
             # one transform for every time point (T0/T1 stay aligned); a missing scan stays zeros
-            ct = self.augment(ct)
+            ct = self.augment(ct, sample_generator(self.augment_seed, i))
             if not all(present):
                 ct[~torch.tensor(present)] = 0.0
         return ct, torch.tensor(present)

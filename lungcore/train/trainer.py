@@ -297,6 +297,8 @@ class Trainer:
         seed = _epoch_seed(cfg.seed, state.stage_index, state.epoch)
         seed_all(seed + rank)
         log(self.out, f"stage {stage} epoch {state.epoch + 1}/{epochs} start", echo=False)
+        # augmentation keyed by (epoch seed, sample): the same with any --num-workers and on resume
+        self.datasets["train"].augment_seed = seed
         batches = loader(self.datasets["train"], cfg.data.batch_size, shuffle=True, seed=seed,
                          num_workers=cfg.data.num_workers, drop_last=drop_last, distributed=self.distributed)
         if self.distributed:

@@ -104,6 +104,37 @@ def test_augmentation_reaches_the_batch(nodules, tmp_path):
     assert rot.shape == x.shape and torch.equal(rot[0], rot[1]) and not torch.allclose(rot, x)
 
 
+def test_seeded_augmentation_is_the_same_in_any_worker(nodules, tmp_path):
+    """With ``augment_seed`` a sample's augmentation depends on (seed, index) alone: DataLoader
+    workers (0 or 2, shuffled or not) give the same tensors, another seed others, and torch's global
+    RNG is left untouched (the model's dropout draws the same numbers with any worker count)."""
+    ds = CohortDataset(nodules, nodules.fit_schema(), PreprocessSettings.csfnet(), cache_dir=tmp_path,
+                       augment=Augmentation(), augment_seed=11)
+    n = len(ds)
+
+    def by_id(workers, shuffle=False):
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers, shuffle=shuffle,
+                                             generator=torch.Generator().manual_seed(0))
+        return {i: ct for b in loader for i, ct in zip(b["id"], b["ct"])}
+
+    torch.manual_seed(123)
+    main = by_id(0)
+    after = torch.rand(())
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(()))  # the global RNG drew nothing
+    for workers, shuffle in ((2, False), (2, True), (0, True)):
+        other = by_id(workers, shuffle)
+        assert sorted(other) == sorted(main) and all(torch.equal(other[k], main[k]) for k in main)
+    ds.augment_seed = 12
+    assert not any(torch.equal(ct, main[k]) for k, ct in by_id(0).items())
+    plain = CohortDataset(nodules, nodules.fit_schema(), PreprocessSettings.csfnet(), cache_dir=tmp_path)
+    assert not torch.equal(plain[0]["ct"], main[nodules.ids[0]])
+    for bad in (-1, 1.5, "7", True):
+        with pytest.raises(ValueError, match=f"augment_seed must be None or an integer >= 0, got {bad!r}"):
+            CohortDataset(nodules, nodules.fit_schema(), PreprocessSettings.csfnet(), cache_dir=tmp_path,
+                          augment=Augmentation(), augment_seed=bad)
+
+
 def test_augmentation_leaves_missing_scans_alone(nodules, tmp_path):
     """A missing scan stays exactly zeros (no noise, no intensity jitter), and a sample without any
     scan is not augmented at all (a clinical-only cohort pays nothing for augmentation)."""

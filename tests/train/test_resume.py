@@ -100,3 +100,32 @@ def test_resume_from_another_directory(tmp_path, nodule_cohort, cache_dir, monke
         fit(None, out=out, resume=True, epochs=3, manifest=str(tmp_path / "other.csv"))
     fit(None, out=out, resume=True, epochs=3, manifest=str(nodule_cohort))    # the same file, named in full
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["manifest"] == str(nodule_cohort)
+
+
+def test_augmented_run_is_the_same_with_any_num_workers_and_across_a_kill(tmp_path, nodule_cohort, cache_dir):
+    """Augmentation (on by default) is keyed by (epoch seed, sample), not by the process that loads
+    the sample: a seeded run with 2 DataLoader workers, SIGKILLed in epoch 3 and resumed with none,
+    ends bit for bit as an uninterrupted run with none."""
+    cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=4, data={"batch_size": 4, "augment": True})
+    reference = fit(cfg, out=tmp_path / "reference")
+    n_train = len(json.loads((tmp_path / "reference" / "splits.json").read_text())["train"])
+    steps_per_epoch = n_train // 4 if n_train > 4 else 1
+
+    workers = {**cfg, "data": {**cfg["data"], "num_workers": 2}}
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(workers))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "LUNGCORE_KILL_AT_STEP": str(2 * steps_per_epoch + 2)}  # mid epoch 3
+    proc = subprocess.run([sys.executable, str(HERE / "_run_fit.py"), str(cfg_file), str(out)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    resumed = fit(cfg, out=out, resume=True)  # num_workers 0 now
+    keys = ["train_loss", "val_loss", "val_roc_auc", "lr"]
+    assert [{k: h[k] for k in keys} for h in reference.history] == [{k: h[k] for k in keys} for h in resumed.history]
+    w_ref = read_checkpoint(reference.best_checkpoint)["state_dict"]
+    w_res = read_checkpoint(resumed.best_checkpoint)["state_dict"]
+    assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
+    # and augmentation is on: without it the run differs
+    plain = fit({**cfg, "data": {**cfg["data"], "augment": False}}, out=tmp_path / "plain")
+    assert [h["train_loss"] for h in plain.history] != [h["train_loss"] for h in reference.history]
