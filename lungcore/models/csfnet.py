@@ -578,7 +578,9 @@ class CSFNet(nn.Module):
             logits = self(*self._inputs(batch))["logits"]
         finally:
             self.train(was_training)
-        return {"logits": logits, "probability": torch.softmax(logits.float(), dim=-1)[:, 1]}
+        # at least fp32 (bf16/fp16 logits are widened), a float64 model keeps float64
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return {"logits": logits, "probability": torch.softmax(wide, dim=-1)[:, 1]}
 
     def paper_recipe(self) -> dict[str, Any]:
         """The authors' optimiser as ``lungcore.train`` settings (``recipe: paper``): Adam with this

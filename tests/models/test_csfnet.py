@@ -206,6 +206,17 @@ def test_output_shapes(device, variant):
     assert loss.dim() == 0 and torch.isfinite(loss) and {"loss", "accuracy"} <= set(logs)
 
 
+def test_probability_is_at_least_float32_and_keeps_float64(device):
+    net, batch = _model(device).double().eval(), _batch(2, device)
+    batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
+    pred = net.predict(batch)
+    assert pred["logits"].dtype == pred["probability"].dtype == torch.float64
+    torch.testing.assert_close(pred["probability"], torch.softmax(pred["logits"], -1)[:, 1], rtol=0, atol=0)
+    half = _model(device).to(torch.bfloat16).eval()
+    low = {k: v.to(torch.bfloat16) if torch.is_floating_point(v) else v for k, v in _batch(2, device).items()}
+    assert half.predict(low)["probability"].dtype == torch.float32
+
+
 # the published fusion attends over one key per patient: its query path cannot get a gradient
 DEAD_QUERY_PATH = ("cross_fusion.image_query.", "cross_fusion.clinical_query.", "cross_fusion.clinical_to_image.q_proj.",
                    "cross_fusion.image_to_clinical.q_proj.")
