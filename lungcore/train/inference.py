@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungcore.data.outliers import sd_text
 from lungcore.train import distributed as dist_utils
 from lungcore.train.cohort import CohortData, dataset, load_manifest, loader, require_targets
 
@@ -303,13 +304,8 @@ def not_finite_line(item: dict[str, Any]) -> str:
     return line
 
 
-def _sd_text(item: dict[str, Any]) -> str:
-    """How far out a row's clinical value is: ``1.14e+24`` (or ``infinitely many``) standard deviations."""
-    return "infinitely many" if not math.isfinite(item["sd"]) else f"{item['sd']:.3g}"
-
-
 def _far(item: dict[str, Any]) -> str:
-    return (f"its {item['column']!r} value {item['value']} is {_sd_text(item)} standard deviations from the "
+    return (f"its {item['column']!r} value {item['value']} is {sd_text(item['sd'])} standard deviations from the "
             "training cohort's mean")
 
 
@@ -332,8 +328,8 @@ def _refuse_not_finite(pred: dict[str, Any], task: str, m: Any, manifest: str | 
                    f"{'is' if len(item['outputs']) == 1 else 'are'} not finite, so no metric can be computed")
         if "column" in item:
             problems.append(ManifestProblem(item["row"], item["column"], item["value"],
-                                            f"{message}: this value is {_sd_text(item)} standard deviations from the "
-                                            "training cohort's mean"))
+                                            f"{message}: this value is {sd_text(item['sd'])} standard deviations "
+                                            "from the training cohort's mean"))
         else:
             problems.append(ManifestProblem(item["row"] or 0, m.schema.id_column, str(item["id"]),
                                             f"{message} (predict writes the other rows)"))
