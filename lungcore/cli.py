@@ -261,8 +261,8 @@ def lazy_subcommand(name: str, help: str, module: str) -> None:
     subcommand(name, help, add)(run)
 
 
-lazy_subcommand("validate", "check a cohort manifest: report every problem (row, column, value), exit 1 if any",
-                "lungcore.data.commands")
+lazy_subcommand("validate", "check a cohort manifest: report every problem (row, column, value), exit 1 if any; "
+                "warn of clinical values far outside the cohort", "lungcore.data.commands")
 lazy_subcommand("synth", "write a synthetic cohort (NIfTI + DICOM series + manifest + schema)",
                 "lungcore.data.commands")
 lazy_subcommand("preprocess", "resample, window and crop every CT of a manifest into the cache (shardable)",

@@ -12,6 +12,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lungcore.data.manifest import Manifest, ManifestProblem
 
 
 def validate_args(p: argparse.ArgumentParser) -> None:
@@ -48,13 +52,36 @@ def validate(args: argparse.Namespace) -> int:
         print(f"{args.manifest}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
+    warnings = _warn_far_out(args.manifest, manifest) if manifest is not None else []
+    if problems:
         return 1
     assert manifest is not None
     s = manifest.schema
     images = sum(p is not None for row in manifest.images for p in row)
+    noted = f"; {len(warnings)} warning{'s' if len(warnings) != 1 else ''} (stderr)" if warnings else ""
     print(f"{args.manifest}: OK, {len(manifest)} rows ({len(set(manifest.patient_ids))} patients), "
-          f"{images} images, kind {s.kind}, {len(s.clinical)} clinical variables, centres in {s.centre_frame} frame")
+          f"{images} images, kind {s.kind}, {len(s.clinical)} clinical variables, centres in {s.centre_frame} frame"
+          f"{noted}")
     return 0
+
+
+def _warn_far_out(path: Path, manifest: Manifest) -> list[ManifestProblem]:
+    """Warn on stderr (``lungcore validate: WARNING: ...``, as predict and train warn) of the numeric
+    clinical values far outside their column (``Manifest.far_out_values``): valid, so the exit
+    status stays, but such a value can make the network's output NaN, and training then stops at
+    its first validation epoch naming the row."""
+    from lungcore.data.outliers import FAR_OUT_SD
+
+    warnings = manifest.far_out_values()
+    if warnings:
+        n = len(warnings)
+        print(f"lungcore validate: WARNING: {n} clinical value{'s' if n != 1 else ''} of {path} "
+              f"{'lie' if n != 1 else 'lies'} more than {FAR_OUT_SD:g} standard deviations (robust: median and "
+              "1.4826 x MAD of the column) from the rest of the cohort; a value this far out (a typo, another "
+              "unit?) can make the network's output NaN, and training stops at such a row:", file=sys.stderr)
+        for w in warnings:
+            print(f"  {w}", file=sys.stderr)
+    return warnings
 
 
 def synth_args(p: argparse.ArgumentParser) -> None:

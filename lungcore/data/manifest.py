@@ -5,6 +5,8 @@ endpoint) and becomes a mask; anything else that is not valid is a problem namin
 column and the value. Rows are numbered as a spreadsheet shows them: the header is row 1, the
 first patient row 2. :func:`check_manifest` collects *every* problem of a manifest at once
 (``lungcore validate``); :func:`read_manifest` raises :class:`ManifestError` listing them all.
+A numeric clinical value far outside the rest of its column is no problem but a warning
+(:meth:`Manifest.far_out_values`, which ``lungcore validate`` prints).
 
 Example:
     >>> import tempfile, pathlib
@@ -29,13 +31,15 @@ import numpy as np
 
 from lungcore.data import image_checks
 from lungcore.data.image_checks import IMAGE_CHECKS
+from lungcore.data.outliers import FAR_OUT_SD, far_out, robust_centre_scale, sd_text
 from lungcore.data.schema import CohortSchema, schema_beside
 from lungcore.usage import is_integer
 
 
 @dataclass(frozen=True)
 class ManifestProblem:
-    """One invalid cell (or header entry): ``row`` as a spreadsheet numbers it (header = 1).
+    """One invalid cell (or header entry): ``row`` as a spreadsheet numbers it (header = 1). Also the
+    form of a warning about a valid cell (:meth:`Manifest.far_out_values`).
 
     ``value`` is the cell's text, ``message`` what is wrong with it, ``detail`` (may be empty) the
     underlying error; ``str()`` gives the line ``lungcore validate`` prints.
@@ -165,6 +169,38 @@ class Manifest:
         """``(values (N, V) float32, mask (N, V) bool)`` coded with a fitted ``schema``."""
         return schema.encode(self.clinical_raw)
 
+    def far_out_values(self, limit: float = FAR_OUT_SD) -> list[ManifestProblem]:
+        """Numeric clinical values more than ``limit`` standard deviations from their column's median
+        in these rows (robust SDs: :mod:`lungcore.data.outliers`), by row: warnings, not problems. Such
+        a value (an age of 1e25 fits float32, so it is no problem) can make a network's output NaN,
+        and training then stops at its first validation; ``lungcore validate`` warns of them.
+        Cells that are a problem already (not a number, beyond float32) are left out.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> from lungcore.data import ClinicalVariable
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "manifest.csv"
+            >>> _ = path.write_text("patient_id,ct,age,os_time,os_event\\n"
+            ...                     "P1,,61,10,1\\nP2,,70,5,0\\nP3,,1e25,8,1\\nP4,,58,3,1\\n")
+            >>> m = read_manifest(path, CohortSchema(clinical=[ClinicalVariable("age")]))
+            >>> [str(w) for w in m.far_out_values()]
+            ["row 4, column 'age', value '1e25': far outside the cohort (id P3): 1.12e+24 standard deviations
+            from the column's median 65.5 (robust SD 8.9)"]
+        """
+        found: list[tuple[int, int, ManifestProblem]] = []
+        for k, v in enumerate(self.schema.clinical):
+            if v.kind != "numeric" or v.name not in self.clinical_raw:
+                continue
+            cells = self.clinical_raw[v.name]
+            values = np.array([_clinical_number(text) for text in cells], dtype=np.float64)
+            centre, scale = robust_centre_scale(values)
+            for i, sd in far_out(values, limit):
+                found.append((i, k, ManifestProblem(
+                    self.rows[i], v.name, cells[i],
+                    f"far outside the cohort (id {self.ids[i]}): {sd_text(sd)} standard deviations from the "
+                    f"column's median {centre:.4g} (robust SD {scale:.3g})")))
+        return [problem for _, _, problem in sorted(found, key=lambda item: item[:2])]
+
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -189,6 +225,12 @@ def _parse_float(cell: str) -> float | None:
         return float(cell)
     except ValueError:
         return None
+
+
+def _clinical_number(text: str) -> float:
+    """A numeric clinical cell as a number: NaN when empty or a problem (not finite, beyond float32)."""
+    x = _parse_float(text) if text != "" else None
+    return x if x is not None and math.isfinite(x) and abs(x) <= FLOAT32_MAX else math.nan
 
 
 def _time_problem(text: str) -> str | None:
@@ -442,7 +484,9 @@ def check_manifest(path: str | Path, schema: CohortSchema | str | Path | None = 
     same, in the same order. ``progress``: a progress bar (on stderr).
 
     The manifest is None when the header has a problem (a required column is missing, say); rows
-    with problems are still in it (their bad cells read as absent).
+    with problems are still in it (their bad cells read as absent). Its
+    :meth:`~Manifest.far_out_values` are the warnings ``lungcore validate`` adds: numeric clinical
+    values that are valid but far outside the rest of their column.
 
     Example:
         >>> import tempfile, pathlib

@@ -248,3 +248,122 @@ def test_a_manifest_that_is_a_folder_is_named_as_one(cohort, tmp_path, capsys, c
     with pytest.raises(FileNotFoundError, match="missing.csv does not exist"):
         read_manifest(tmp_path / "missing.csv")
     assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# clinical values far outside the cohort: valid (they fit float32), so a warning, not a problem
+
+
+def _synth(kind: str, folder, n: int = 12):
+    from lungcore.data import synth_cohort
+
+    return synth_cohort(kind, folder, n=n, preset="tiny", dicom_every=0)["manifest"]
+
+
+def _edit(manifest, row: int, column: str, value: str) -> str:
+    """Set the cell (spreadsheet ``row``) of ``manifest``; returns that row's id."""
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    frame.loc[row - 2, column] = value
+    frame.to_csv(manifest, index=False)
+    return frame.loc[row - 2, "patient_id"]
+
+
+def _validate(capsys, manifest, *flags: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["validate", "--manifest", str(manifest), "--images", "header", "--quiet", *flags])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_a_far_out_clinical_value_warns_naming_row_column_id_and_value(tmp_path, capsys):
+    manifest = _synth("survival", tmp_path / "cohort")
+    ident = _edit(manifest, 4, "age", "1e25")
+    rc, out, err = _validate(capsys, manifest)
+    assert rc == 0, err  # a warning: the exit status is that of a valid manifest
+    assert "OK, 12 rows" in out and out.rstrip().endswith("; 1 warning (stderr)")
+    lines = err.splitlines()
+    assert lines[0].startswith(f"lungcore validate: WARNING: 1 clinical value of {manifest} lies more than 1000 "
+                               "standard deviations"), err
+    assert len(lines) == 2 and lines[1].startswith(f"  row 4, column 'age', value '1e25': far outside the cohort "
+                                                   f"(id {ident}): "), err
+    assert "e+23 standard deviations from the column's median" in lines[1] or \
+        "e+24 standard deviations from the column's median" in lines[1], err
+    # the Python API: the manifest is valid, its far_out_values name the same cell
+    m, problems = check_manifest(manifest, images="header")
+    assert problems == []
+    (w,) = m.far_out_values()
+    assert (w.row, w.column, w.value) == (4, "age", "1e25") and f"(id {ident})" in w.message
+    assert str(w) == lines[1].strip()
+    # the same rule train's message uses: an age 1e25 from a median of ~65 is sd = |1e25 - median| / scale
+    from lungcore.data.outliers import robust_centre_scale, sd_text
+
+    centre, scale = robust_centre_scale([float(a) for a in m.clinical_raw["age"] if a])
+    assert f"{sd_text(abs(1e25 - centre) / scale)} standard deviations" in w.message
+    # with a problem too: both are said, and the problem sets the exit status
+    _edit(manifest, 6, "os_time", "-1")
+    rc, out, err = _validate(capsys, manifest)
+    assert rc == 1 and out == ""
+    assert "1 problem\n  row 6, column 'os_time', value '-1': time must be >= 0" in err
+    assert "WARNING: 1 clinical value" in err and "row 4, column 'age', value '1e25'" in err
+
+
+def test_several_far_out_values_are_listed_by_row(tmp_path, capsys):
+    manifest = _synth("survival", tmp_path / "cohort")
+    _edit(manifest, 7, "pdl1_tps", "-3e30")
+    _edit(manifest, 3, "age", "6.5e6")           # a typo-sized slip, not only an overflow
+    _edit(manifest, 5, "age", "inf")            # not finite: a problem, never a warning too
+    rc, _, err = _validate(capsys, manifest)
+    assert rc == 1
+    warned = [line.strip() for line in err.split("WARNING:", 1)[1].splitlines()[1:]]
+    assert [w.split(":")[0] for w in warned] == ["row 3, column 'age', value '6.5e6'",
+                                                 "row 7, column 'pdl1_tps', value '-3e30'"], err
+
+
+@pytest.mark.parametrize("kind", ["survival", "nodules"])
+def test_the_bundled_synthetic_cohorts_do_not_warn(tmp_path, capsys, kind):
+    manifest = _synth(kind, tmp_path / kind, n=40)
+    rc, out, err = _validate(capsys, manifest)
+    assert rc == 0 and err == "" and "warning" not in out, (out, err)
+    assert check_manifest(manifest, images="exists")[0].far_out_values() == []
+
+
+def test_a_constant_column_or_a_rare_flag_does_not_warn_nor_divide_by_zero(tmp_path, capsys):
+    import warnings
+
+    manifest = _synth("survival", tmp_path / "cohort")
+    for row in range(2, 14):
+        _edit(manifest, row, "age", "60")        # constant: no scale, nothing is far from it
+        _edit(manifest, row, "pdl1_tps", "0")    # a flag: zero but for one row
+    _edit(manifest, 9, "pdl1_tps", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # no numpy division warning either
+        rc, out, err = _validate(capsys, manifest)
+        assert rc == 0 and err == "", err
+        assert check_manifest(manifest, images="header")[0].far_out_values() == []
+    from lungcore.data.outliers import far_out
+
+    assert far_out([0.0] * 4999 + [1.0]) == [] and far_out([]) == [] and far_out([float("nan")] * 3) == []
+    assert far_out([0.0] * 50 + [2.0, 3.0, 5.0, 1e9]) == [(53, pytest.approx(1e9 / (1.4826 * 4.0)))]  # MAD of 2, 3, 5, 1e9
+
+
+def test_real_heavy_tailed_clinical_values_do_not_warn(tmp_path):
+    """lifelines' GBSG2 (686 real breast-cancer patients): hormone receptor levels run to about 50
+    robust SDs from their medians; the 1e3 rule leaves them alone, an age of 1e25 does not."""
+    datasets = pytest.importorskip("lifelines.datasets")
+    frame = datasets.load_gbsg2()
+    columns = ["age", "tsize", "pnodes", "progrec", "estrec"]
+    out = frame[columns].astype(str)
+    out.insert(0, "patient_id", [f"G{i}" for i in range(len(frame))])
+    out.insert(1, "ct", "")
+    out["os_time"], out["os_event"] = frame["time"].astype(str), frame["cens"].astype(str)
+    path = tmp_path / "gbsg2.csv"
+    out.to_csv(path, index=False)
+    schema = CohortSchema(kind="survival", endpoints=["os"], clinical=[ClinicalVariable(c) for c in columns])
+    m = read_manifest(path, schema, images="none")
+    assert m.far_out_values() == []
+    assert len(m.far_out_values(limit=20)) > 0  # the tail is there: a tighter rule would warn on real data
+    out.loc[10, "age"] = "1e25"
+    out.to_csv(path, index=False)
+    assert [(w.row, w.column) for w in read_manifest(path, schema, images="none").far_out_values()] == [(12, "age")]
