@@ -124,6 +124,8 @@ def report(rows: list[dict[str, Any]], seeds: list[int], demo: Path, minutes: fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lungcore.train.demo import stage_epochs
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `lungcore demo --out` folder")
     p.add_argument("--seeds", type=int, default=5, help="training seeds 0 .. N-1 (default: 5)")
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 2:
         p.error(f"--seeds must be >= 2, got {args.seeds}")
     base = yaml.safe_load(config.read_text())
+    # a demo folder written before the demo filtered its epochs per model holds CSF-Net's 'train' too
+    base["stage_epochs"] = stage_epochs("cmml", base.get("stage_epochs") or {})
     base["data"]["cache_dir"] = str(args.demo / "cmml" / "cache")
     base["data"]["manifest"] = str(args.demo / "data" / "survival" / "manifest.csv")  # the config's is cwd-relative
     seeds = list(range(args.seeds))

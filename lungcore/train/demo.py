@@ -45,6 +45,20 @@ def plan(quick: bool) -> dict[str, Any]:
             "csf_crop": (8, 24, 24), "csf_spacing": (2.5, 1.5, 1.5), "batch_size": 32}
 
 
+def stage_epochs(model: str, epochs: dict[str, int]) -> dict[str, int]:
+    """The entries of the plan's ``epochs`` (every network's stages) that are stages of ``model``:
+    a config's ``stage_epochs`` may name only its own model's stages.
+
+    Example:
+        >>> stage_epochs("csfnet", plan(quick=True)["epochs"]), stage_epochs("cmml", plan(quick=True)["epochs"])
+        ({'train': 2}, {'pretrain': 1, 'finetune': 2})
+    """
+    from lungcore.models.registry import model_class
+
+    stages = model_class(model).stages
+    return {stage: n for stage, n in epochs.items() if stage in stages}
+
+
 def _cohort(kind: str, folder: Path, n: int, preset: str, seed: int) -> Path:
     from lungcore.data import synth_cohort
 
@@ -90,7 +104,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, device: str 
     start = time.perf_counter()
     surv = _cohort("survival", out / "data" / "survival", p["n_survival"], p["preset"], seed)
     nod = _cohort("nodules", out / "data" / "nodules", p["n_nodules"], p["preset"], seed)
-    common = {"seed": seed, "device": device, "stage_epochs": p["epochs"], "epochs": 1,
+    common = {"seed": seed, "device": device, "epochs": 1,
               "optim": {"lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0, "min_lr_ratio": 0.05},
               "data": {"batch_size": p["batch_size"], "eval_batch_size": 64, "split": [0.7, 0.15, 0.15]}}
     runs = [
@@ -103,6 +117,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, device: str 
     table: list[dict[str, Any]] = []
     for name, manifest, specific in runs:
         cfg = {**common, "model": name, "model_overrides": specific["model_overrides"],
+               "stage_epochs": stage_epochs(name, p["epochs"]),
                "data": {**common["data"], **specific["data"], "manifest": str(manifest)}}
         run = out / name
         t0 = time.perf_counter()
