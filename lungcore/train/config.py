@@ -4,9 +4,11 @@ A YAML file holds the fields of :class:`TrainConfig`; its nested sections ``data
 hold the fields of :class:`DataConfig` and :class:`OptimConfig`, and ``model_overrides`` is passed
 to ``lungcore.models.create(model, **model_overrides)``. Unknown keys are errors (a typo never
 silently trains with a default), in ``data.preprocess``, ``model_overrides`` and ``stage_epochs``
-too. Command-line flags override the file (``--epochs`` its ``epochs`` and ``stage_epochs``). A field with a value it
-cannot take is a :class:`ConfigError` naming the field (``data.batch_size must be an integer >= 1,
-got 0``); ``lungcore train`` names the flag instead when a flag gave the value.
+too (a ``stage_epochs`` name must be a stage of ``model``, whether the config is a file, a dict or
+a :class:`TrainConfig`). Command-line flags override the file (``--epochs`` its ``epochs`` and
+``stage_epochs``, ``--model`` its ``model``). A field with a value it cannot take is a
+:class:`ConfigError` naming the field (``data.batch_size must be an integer >= 1, got 0``);
+``lungcore train`` names the flag instead when a flag gave the value.
 
 Example:
     >>> from lungcore.train.config import TrainConfig
@@ -209,9 +211,9 @@ def _model_class(model: Any) -> Any:
 class TrainConfig:
     """One training run. ``stage``: which of the model's stages to run (``"all"``: every stage in
     order, e.g. CMML pretrain then finetune); ``epochs`` per stage unless ``stage_epochs`` names
-    one (a name that is no model's stage is an error, and in a config file one that ``model`` lacks;
-    ``lungcore train --epochs`` / ``fit(epochs=)``
-    replace both: every stage runs that count); ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
+    one (a name that is no stage of ``model`` is a :class:`ConfigError` naming it and the model's
+    stages; ``lungcore train --epochs`` / ``fit(epochs=)`` replace both: every stage runs that
+    count); ``precision``: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``;
     ``monitor``: the validation metric selecting the best model (``"auto"``: the model's C-index
     mean / ROC AUC, validation loss for pretraining); ``patience``: epochs without improvement
     before stopping a stage early (0: never); ``recipe``: ``"lungcore"`` (the ``optim`` section as
@@ -227,6 +229,10 @@ class TrainConfig:
         Traceback (most recent call last):
         ...
         ValueError: optim: unknown keys ['learning_rate']; known: ['accumulate', 'betas', ...]
+        >>> TrainConfig(model="csfnet", stage_epochs={"pretrain": 20})       # CMML's stage, not CSF-Net's
+        Traceback (most recent call last):
+        ...
+        lungcore.train.config.ConfigError: stage_epochs.pretrain is not a stage of 'csfnet'; its stages: ['train']
     """
 
     model: str = "cmml"
@@ -265,7 +271,7 @@ class TrainConfig:
                                                  f"got {self.model_overrides!r}")
         cls = _model_class(self.model) if self.stage_epochs or self.model_overrides else None
         if cls is not None:
-            self.check_stage_epochs(strict=False)
+            self.check_stage_epochs()
             config_class = getattr(cls, "config_class", None)
             if dataclasses.is_dataclass(config_class):
                 names = {f.name for f in dataclasses.fields(config_class)}
@@ -275,23 +281,27 @@ class TrainConfig:
         self.seed = _integer("seed", self.seed)
         self.patience = _integer("patience", self.patience, 0)
 
-    def check_stage_epochs(self, strict: bool = True) -> None:
-        """Each ``stage_epochs`` name must be a stage of ``model`` (``strict``; a config file) or, at
-        least, of some registered model (a typo would silently train the default count). Not strict
-        for every config: a mapping may serve several models (``lungcore demo`` gives CMML and
-        CSF-Net one), and a run saved with one must still resume."""
+    def check_stage_epochs(self) -> None:
+        """Each ``stage_epochs`` name must be a stage of ``model``, else a :class:`ConfigError` naming
+        the entry and the model's stages: a typo (or another model's stage) would silently train the
+        default count. Every config is checked so on creation, wherever it comes from (a file, a
+        dict, ``fit`` keywords); call it again after changing ``model`` or ``stage_epochs``. A model
+        name the registry does not know is not checked here (the run names that error itself).
+
+        Example:
+            >>> cfg = TrainConfig(model="cmml", stage_epochs={"pretrain": 20})
+            >>> cfg.model = "csfnet"
+            >>> cfg.check_stage_epochs()
+            Traceback (most recent call last):
+            ...
+            lungcore.train.config.ConfigError: stage_epochs.pretrain is not a stage of 'csfnet'; its stages: ['train']
+        """
         cls = _model_class(self.model) if self.stage_epochs else None
         if cls is None:
             return
         stages = list(cls.stages)
-        if strict:
-            known: set[str] = set(stages)
-        else:
-            from lungcore.models.registry import available_models
-
-            known = {s for name in available_models() for s in getattr(_model_class(name), "stages", ())}
         for name in self.stage_epochs:
-            if name not in stages and name not in known:
+            if name not in stages:
                 raise ConfigError(f"stage_epochs.{name}", f"is not a stage of {self.model!r}; its stages: {stages}")
 
     def epochs_for(self, stage: str) -> int:
@@ -317,13 +327,15 @@ class TrainConfig:
         return _build(cls, d, "config")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """A config from a YAML file; every error names the file (and the field)."""
+    def from_yaml(cls, path: str | Path, **fields: Any) -> TrainConfig:
+        """A config from a YAML file; every error names the file (and the field). ``fields``
+        (top-level fields, ``model="csfnet"``) replace the file's before it is checked, as
+        ``lungcore train``'s flags beat the file: the file's ``stage_epochs`` and ``model_overrides``
+        are then checked against the network that runs."""
         data = usage.read_mapping(path, "config file", fmt="yaml", of=" of TrainConfig fields", empty_ok=True)
+        data = {**data, **fields}
         try:
-            cfg = cls.from_dict(data)
-            cfg.check_stage_epochs()  # a file written for this run: only its model's stages
-            return cfg
+            return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config file {path}: {exc}") from None
 

@@ -71,14 +71,18 @@ def _device(cfg: TrainConfig) -> str:
 
 
 def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+    # the model override first: the config's stage_epochs / model_overrides are checked against the
+    # network that runs (a config without `model` may be written for --model csfnet); a stage_epochs
+    # name it lacks is an error even where --epochs replaces them (a typo stays one)
+    model = {"model": overrides["model"]} if overrides.get("model") is not None else {}
     if config is None:
-        cfg = TrainConfig()
+        cfg = TrainConfig(**model)
     elif isinstance(config, TrainConfig):
-        cfg = TrainConfig.from_dict(config.to_dict())
+        cfg = TrainConfig.from_dict({**config.to_dict(), **model})
     elif isinstance(config, dict):
-        cfg = TrainConfig.from_dict(config)
+        cfg = TrainConfig.from_dict({**config, **model})
     else:
-        cfg = TrainConfig.from_yaml(config)
+        cfg = TrainConfig.from_yaml(config, **model)
     d = cfg.to_dict()
     for key, value in overrides.items():
         if value is None:
@@ -95,13 +99,7 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
     for name in PATH_FIELDS:  # saved absolute: a run resumes (and is evaluated) from any directory
         if d["data"].get(name) is not None:
             d["data"][name] = os.path.abspath(d["data"][name])
-    resolved = TrainConfig.from_dict(d)
-    if isinstance(config, (str, os.PathLike)):  # the file's stage_epochs, for the model run (--model)
-        try:
-            resolved.check_stage_epochs()
-        except ConfigError as exc:
-            raise ValueError(f"config file {config}: {exc}") from None
-    return resolved
+    return TrainConfig.from_dict(d)
 
 
 # TrainConfig field -> the flag of `lungcore train` that sets it (and, spelt as a keyword, the override of

@@ -12,6 +12,10 @@ run folder changes. The exceptions, documented in the README:
 - ``progress``, ``num_workers`` and ``device`` may change (they do not change what is learnt,
   except for the last bits of floating point between devices).
 
+A saved ``stage_epochs`` entry that is no stage of the run's model (a run saved before dicts
+were checked per model: ``lungcore demo`` gave CMML and CSF-Net one mapping) never counted and is
+dropped; a config given on resume is checked as on a fresh run.
+
 A run whose every stage is done and whose test report was written is *finished*: resuming it is a
 :class:`RunFinished` error unless ``epochs`` grows.
 
@@ -114,8 +118,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _config_fields(config: Any) -> tuple[dict[str, Any], str]:
-    """The fields a config (TrainConfig, dict, YAML path) states explicitly, and how to name them."""
+def _config_fields(config: Any, model: str) -> tuple[dict[str, Any], str]:
+    """The fields a config (TrainConfig, dict, YAML path) states explicitly, and how to name them.
+    The config is checked first, one that names no model as one for ``model`` (the run's)."""
     from lungcore.train.config import TrainConfig
 
     if config is None:
@@ -123,12 +128,27 @@ def _config_fields(config: Any) -> tuple[dict[str, Any], str]:
     if isinstance(config, TrainConfig):
         return _flatten(config.to_dict()), "config field "
     if isinstance(config, dict):
-        TrainConfig.from_dict(config)  # typos are errors here too
+        TrainConfig.from_dict({"model": model, **config})  # typos are errors here too
         return _flatten(config), "config field "
     path = Path(config)
-    TrainConfig.from_yaml(path)  # a malformed file is named before the comparison
-    raw = usage.read_mapping(path, "config file", fmt="yaml", empty_ok=True)
+    raw = usage.read_mapping(path, "config file", fmt="yaml", of=" of TrainConfig fields", empty_ok=True)
+    TrainConfig.from_yaml(path, **({} if "model" in raw else {"model": model}))  # a malformed file is named first
     return _flatten(raw), f"--config {path}: "
+
+
+def _saved_config(d: dict[str, Any]) -> Any:
+    """The TrainConfig a run saved in ``last.pt``. Runs saved before ``stage_epochs`` was checked
+    against the model in a dict may hold names that are no stage of it (``lungcore demo`` gave CMML
+    and CSF-Net one mapping, so CMML's run saved CSF-Net's ``train``): such an entry never counted
+    (``epochs_for`` looks up the model's own stages), so it is dropped and the run resumes as it
+    would have."""
+    from lungcore.train.config import TrainConfig, _model_class
+
+    stage_epochs = d.get("stage_epochs")
+    cls = _model_class(d.get("model", TrainConfig.model))
+    if cls is not None and isinstance(stage_epochs, dict):
+        d = {**d, "stage_epochs": {k: v for k, v in stage_epochs.items() if k in cls.stages}}
+    return TrainConfig.from_dict(d)
 
 
 def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -150,9 +170,9 @@ def resume_config(out: str | os.PathLike, config: Any, overrides: dict[str, Any]
     extra = payload.get("extra", {})
     if trainer is None or "train_config" not in extra:
         raise UsageError(f"{resume_arg}: {last} holds no training state")
-    saved = TrainConfig.from_dict(extra["train_config"])
+    saved = _saved_config(extra["train_config"])
     saved_dict = saved.to_dict()
-    fields, where = _config_fields(config)
+    fields, where = _config_fields(config, overrides.get("model") or saved.model)
     longer = overrides.get("epochs")
     if longer is not None:  # --epochs beats the config's epochs and stage_epochs, as when the run started
         fields = {k: v for k, v in fields.items() if k not in ("epochs", "stage_epochs")}

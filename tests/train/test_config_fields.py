@@ -1,7 +1,7 @@
 """Config fields the run cannot use are usage errors naming the field and the file, before any image
 is read: a typo or bad value inside ``data.preprocess``, ``model_overrides`` the network refuses,
-``stage_epochs`` naming a stage the model lacks; and ``--epochs`` (a flag) beats ``stage_epochs``
-(the file), on a fresh run and on ``--resume``."""
+``stage_epochs`` naming a stage the model lacks (a file, a dict or a fit() keyword alike); and
+``--epochs`` (a flag) beats ``stage_epochs`` (the file), on a fresh run and on ``--resume``."""
 from __future__ import annotations
 
 import pytest
@@ -103,12 +103,93 @@ def test_stage_epochs_of_an_unknown_stage_is_an_error(tmp_path, model, stage, st
     assert TrainConfig.from_dict({"model": model, "stage_epochs": {stages[2:].split("'")[0]: 2}})  # a real one
 
 
-def test_stage_epochs_typo_is_an_error_in_a_dict_too_but_a_shared_mapping_is_fine():
+CMML_STAGES = "stage_epochs.train is not a stage of 'cmml'; its stages: ['pretrain', 'finetune']"
+
+
+def test_stage_epochs_is_one_rule_for_a_dict_a_config_and_fit_keywords(tmp_path, survival_cohort, cache_dir,
+                                                                      no_image_read):
+    """A name that is no stage of the model is an error however the config is given, also another
+    model's stage (the mapping the demo used to give both networks)."""
     with pytest.raises(ConfigError, match=r"^stage_epochs.prtrain is not a stage of 'cmml'; its stages: "):
         TrainConfig.from_dict({"model": "cmml", "stage_epochs": {"prtrain": 2}})
-    # lungcore demo gives CMML and CSF-Net one mapping (and saved runs hold it): every name is some model's stage
-    cfg = TrainConfig.from_dict({"model": "cmml", "stage_epochs": {"pretrain": 1, "finetune": 2, "train": 2}})
-    assert cfg.epochs_for("finetune") == 2
+    shared = {"pretrain": 1, "finetune": 2, "train": 2}
+    for make in (lambda: TrainConfig(model="cmml", stage_epochs=shared),
+                 lambda: TrainConfig.from_dict({"model": "cmml", "stage_epochs": shared})):
+        with pytest.raises(ConfigError) as caught:
+            make()
+        assert str(caught.value) == CMML_STAGES and caught.value.field == "stage_epochs.train"
+    assert TrainConfig(model="cmml", stage_epochs={"pretrain": 1, "finetune": 2}).epochs_for("finetune") == 2
+    # fit(): in the config dict, as its keyword, and a config written for the --model that runs
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1)
+    with pytest.raises(ConfigError, match=r"^stage_epochs.train is not a stage of 'toy_survival'; its stages: "
+                                          r"\['pretrain', 'finetune'\]$"):
+        fit({**cfg, "stage_epochs": {"train": 2}}, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"^stage_epochs.prtrain is not a stage of 'toy_survival'"):
+        fit(cfg, out=tmp_path / "b", stage_epochs={"prtrain": 2})
+    with pytest.raises(ConfigError, match=r"^stage_epochs.pretrain is not a stage of 'toy_classifier'; its "
+                                          r"stages: \['train'\]$"):
+        fit({**cfg, "stage_epochs": {"pretrain": 2}}, out=tmp_path / "c", model="toy_classifier")
+    assert not any((tmp_path / name).exists() for name in "abc")
+    from lungcore.train.loop import _resolve_config
+
+    no_model = {k: v for k, v in cfg.items() if k != "model"}
+    resolved = _resolve_config({**no_model, "stage_epochs": {"train": 3}}, {"model": "toy_classifier"})
+    assert (resolved.model, resolved.epochs_for("train")) == ("toy_classifier", 3)
+    path = tmp_path / "no_model.yaml"
+    path.write_text(yaml.safe_dump({**no_model, "stage_epochs": {"train": 3}}))
+    assert _resolve_config(path, {"model": "toy_classifier"}).epochs_for("train") == 3
+    with pytest.raises(ValueError, match=rf"^config file {path}: stage_epochs.train is not a stage of 'cmml'"):
+        _resolve_config(path, {})  # without --model it is a CMML config
+    # --epochs / fit(epochs=) replaces stage_epochs, yet a name the model lacks stays an error (a typo
+    # in the file would bite on the next run without the flag)
+    with pytest.raises(ValueError, match=rf"^config file {path}: stage_epochs.train is not a stage of 'cmml'"):
+        _resolve_config(path, {"epochs": 2})
+    assert _resolve_config(path, {"epochs": 2, "model": "toy_classifier"}).stage_epochs == {}
+
+
+def test_the_demo_gives_each_network_its_own_stages():
+    from lungcore.train.demo import plan, stage_epochs
+
+    for quick in (True, False):
+        epochs = plan(quick)["epochs"]
+        cmml, csfnet = stage_epochs("cmml", epochs), stage_epochs("csfnet", epochs)
+        assert set(cmml) == {"pretrain", "finetune"} and set(csfnet) == {"train"}
+        assert {**cmml, **csfnet} == epochs
+        TrainConfig(model="cmml", stage_epochs=cmml)
+        TrainConfig(model="csfnet", stage_epochs=csfnet)
+
+
+def test_a_run_saved_with_other_models_stages_still_resumes(tmp_path, survival_cohort, cache_dir):
+    """A run started before the rule (the demo's CMML run saved CSF-Net's 'train' too; a dict was
+    not checked per model) resumes: those entries never counted (epochs_for reads the model's own
+    stages) and are dropped from the config it resumes with. Passing such a mapping again is an
+    error, as on a fresh run."""
+    import warnings
+
+    from lungcore.train.resume import resume_config
+
+    cfg = tiny_config("toy_survival", survival_cohort, cache_dir, epochs=1, stage_epochs={"pretrain": 2})
+    out = tmp_path / "run"
+    fit(cfg, out=out)
+    # as an old run saved it: another model's stage and an old typo, killed after the first pretrain epoch
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["extra"]["train_config"]["stage_epochs"] = {"pretrain": 2, "train": 5, "prtrain": 9}
+    payload["extra"]["trainer"].update(finished=False, stage_index=0, epoch=1, done=False)
+    torch.save(payload, out / "last.pt")
+    resumed, _ = resume_config(out, None, {})
+    assert resumed.stage_epochs == {"pretrain": 2}
+    assert (resumed.epochs_for("pretrain"), resumed.epochs_for("finetune")) == (2, 1)
+    same, _ = resume_config(out, cfg, {})  # the config the run was started with agrees with it
+    assert same == resumed
+    with pytest.raises(ConfigError, match=r"^stage_epochs.train is not a stage of 'toy_survival'"):
+        resume_config(out, {**cfg, "stage_epochs": {"pretrain": 2, "train": 5}}, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fit(None, out=out, resume=True)  # and it runs to the end: pretrain's 2nd epoch, finetune
+    assert [(h["stage"], h["epoch"]) for h in fit_history(out)][-2:] == [("pretrain", 2), ("finetune", 1)]
+    assert result.best_checkpoint.is_file()
+    saved = torch.load(out / "last.pt", weights_only=True)["extra"]["train_config"]
+    assert saved["stage_epochs"] == {"pretrain": 2}
 
 
 def test_stage_epochs_typo_in_the_cli(tmp_path, capsys, survival_cohort, cache_dir, no_image_read):
@@ -198,3 +279,24 @@ def test_fit_names_the_keyword_the_caller_wrote(tmp_path, capsys, survival_cohor
     rc = main(["train", "--config", str(config), "--out", str(tmp_path / "run"), f"--{key.replace('_', '-')}",
                str(value), "--no-progress"])
     assert rc == 2 and capsys.readouterr().err.startswith(f"lungcore train: error: --{key.replace('_', '-')} "), rc
+
+
+def test_resume_checks_a_config_without_model_as_one_for_the_runs_model(tmp_path, nodule_cohort, cache_dir):
+    """A config naming no model, given on resume (as on the run's start with --model), is checked
+    against the run's model: its stage_epochs may name that model's stages, and only those."""
+    from lungcore.train.resume import resume_config
+
+    cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=1, stage_epochs={"train": 2})
+    no_model = {k: v for k, v in cfg.items() if k != "model"}
+    out = tmp_path / "run"
+    fit(no_model, out=out, model="toy_classifier")
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["extra"]["trainer"].update(finished=False, stage_index=0, epoch=1, done=False)
+    torch.save(payload, out / "last.pt")
+    resumed, _ = resume_config(out, no_model, {})
+    assert (resumed.model, resumed.epochs_for("train")) == ("toy_classifier", 2)
+    path = tmp_path / "no_model.yaml"
+    path.write_text(yaml.safe_dump(no_model))
+    assert resume_config(out, path, {})[0] == resumed
+    with pytest.raises(ConfigError, match=r"^stage_epochs.pretrain is not a stage of 'toy_classifier'"):
+        resume_config(out, {**no_model, "stage_epochs": {"train": 2, "pretrain": 1}}, {})
