@@ -275,8 +275,24 @@ def finite_number(name: str, value: Any) -> float:
 # ----------------------------------------------------------------------------------------------
 # volumes and grids (resample_volume, resample_crop, the data layer)
 
+def _plain_floats(value: Any) -> float | tuple[float, ...] | None:
+    """``value`` as Python floats when it is a plain ``int``/``float`` or a flat list/tuple of them
+    (bools excluded), else ``None``: the numpy-free form of the checks below, which torch.compile
+    traces without a graph break (numpy calls there become tensors and data-dependent branches)."""
+    try:
+        if type(value) in (int, float):
+            return float(value)
+        if type(value) in (list, tuple) and all(type(v) in (int, float) for v in value):
+            return tuple(float(v) for v in value)
+    except OverflowError:  # an int beyond float64: the numpy path words the error
+        pass
+    return None
+
+
 def spacing3(name: str, value: Any, allow_scalar: bool = False) -> tuple[float, float, float]:
     """Voxel spacing (z, y, x) in mm: 3 finite numbers > 0 (or one number when ``allow_scalar``).
+
+    Plain Python numbers are checked without numpy (torch.compile traces the check).
 
     Example:
         >>> spacing3("new_spacing", 1.0, allow_scalar=True)
@@ -284,16 +300,21 @@ def spacing3(name: str, value: Any, allow_scalar: bool = False) -> tuple[float, 
     """
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be 3 numbers (z, y, x) in mm, got {value!r}")
-    arr = to_host(name, value, dtype=np.float64)
-    if arr.ndim == 0:
+    plain = _plain_floats(value)
+    if plain is None:
+        arr = to_host(name, value, dtype=np.float64)
+        plain = float(arr) if arr.ndim == 0 else arr
+    if isinstance(plain, float):
         if not allow_scalar:
             raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got a scalar {value!r}")
-        arr = np.full(3, float(arr))
-    if arr.shape != (3,):
-        raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be finite and > 0 on every axis, got {tuple(arr.tolist())}")
-    return (float(arr[0]), float(arr[1]), float(arr[2]))
+        plain = (plain, plain, plain)
+    shape = plain.shape if isinstance(plain, np.ndarray) else (len(plain),)
+    if shape != (3,):
+        raise ValueError(f"{name} must be 3 numbers (z, y, x) in mm, got shape {shape}")
+    values = tuple(float(v) for v in plain)
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name} must be finite and > 0 on every axis, got {values}")
+    return values  # type: ignore[return-value]
 
 
 def size3(name: str, value: Any) -> tuple[int, int, int]:
@@ -315,6 +336,40 @@ def size3(name: str, value: Any) -> tuple[int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
+def point_rows(name: str, value: Any, shape: Sequence[int]) -> list[tuple[float, float, float]]:
+    """:func:`points_in_volume` as a list of (z, y, x) float tuples; a list of plain Python numbers
+    is checked without numpy (torch.compile traces the check).
+
+    Example:
+        >>> point_rows("centers", [2, 2, 3], (4, 5, 6))
+        [(2.0, 2.0, 3.0)]
+    """
+    rows = None
+    if type(value) in (list, tuple) and value:
+        flat = _plain_floats(value)
+        if flat is not None and len(flat) == 3:
+            rows = [flat]
+        elif flat is None:
+            rows = [_plain_floats(row) if type(row) in (list, tuple) else None for row in value]
+            if not all(row is not None and len(row) == 3 for row in rows):
+                rows = None
+    if rows is None:
+        points = to_host(name, value, dtype=np.float64)
+        if points.ndim == 1 and points.shape[0] == 3:
+            points = points[None]
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"{name} must have shape (N, 3) (z, y, x input voxel indices), got {points.shape}")
+        rows = [tuple(row) for row in points.tolist()]
+    for i, row in enumerate(rows):
+        if not all(math.isfinite(c) for c in row):
+            raise ValueError(f"{name}[{i}] is {list(row)}: {name} must be finite")
+    for i, row in enumerate(rows):
+        if any(c < -0.5 or c > float(n) - 0.5 for c, n in zip(row, shape)):
+            raise ValueError(f"{name}[{i}] = {list(row)} lies outside the volume of shape {tuple(shape)} "
+                             f"(valid input indices are [-0.5, n - 0.5] per axis)")
+    return rows  # type: ignore[return-value]
+
+
 def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
     """(N, 3) float64 voxel indices (z, y, x) inside a volume of ``shape`` ([-0.5, n - 0.5] per axis);
     a single point (3,) becomes (1, 3). The error names the first bad row.
@@ -327,22 +382,7 @@ def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
         ...
         ValueError: centers[1] = [4.0, 0.0, 0.0] lies outside the volume of shape (4, 5, 6) (valid input ...)
     """
-    points = to_host(name, value, dtype=np.float64)
-    if points.ndim == 1 and points.shape[0] == 3:
-        points = points[None]
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (N, 3) (z, y, x input voxel indices), got {points.shape}")
-    bad = ~np.isfinite(points).all(axis=1)
-    if bad.any():
-        at, entry = _first_bad(name, bad)
-        raise ValueError(f"{entry} is {points[at].tolist()}: {name} must be finite")
-    n = np.asarray(shape, dtype=np.float64)
-    outside = ((points < -0.5) | (points > n - 0.5)).any(axis=1)
-    if outside.any():
-        at, entry = _first_bad(name, outside)
-        raise ValueError(f"{entry} = {points[at].tolist()} lies outside the volume of shape {tuple(shape)} "
-                         f"(valid input indices are [-0.5, n - 0.5] per axis)")
-    return points
+    return np.asarray(point_rows(name, value, shape), dtype=np.float64).reshape(-1, 3)
 
 
 def hu_window(name: str, value: Any) -> tuple[float, float] | None:
@@ -364,7 +404,7 @@ def hu_window(name: str, value: Any) -> tuple[float, float] | None:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be (low, high) in HU, got {value!r}") from exc
-    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"{name} must be finite (low, high) with low < high, got {value!r}")
     return lo, hi
 
@@ -410,6 +450,35 @@ def volume_dtype(name: str, dtype: Any) -> np.dtype:
         raise TypeError(f"{name} dtype must be one of int8, uint8, int16, uint16, int32, float16, bfloat16, "
                         f"float32, float64 or bool, got {dtype}")
     return dt
+
+
+def volume_torch_dtype(name: str, dtype: Any) -> torch.dtype:
+    """:func:`volume_dtype` as a torch dtype; for a torch ``dtype`` a plain table lookup without numpy
+    (torch.compile traces it), the same ``TypeError`` otherwise.
+
+    Example:
+        >>> volume_torch_dtype("volume", torch.bool), volume_torch_dtype("volume", torch.float16)
+        (torch.uint8, torch.float32)
+    """
+    if isinstance(dtype, torch.dtype) and dtype in _VOLUME_TORCH:
+        return _VOLUME_TORCH[dtype]
+    return torch_dtype(volume_dtype(name, dtype))
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch twin of a numpy dtype (``TypeError`` where torch has none).
+
+    Example:
+        >>> import numpy as np
+        >>> torch_dtype(np.dtype(np.int16))
+        torch.int16
+    """
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+# volume_dtype for torch dtypes, as a table (every accepted torch dtype; the rest go through numpy)
+_VOLUME_TORCH = {torch_dtype(d): torch_dtype(d) for d in VOLUME_DTYPES}
+_VOLUME_TORCH.update({torch.bool: torch.uint8, torch.float16: torch.float32, torch.bfloat16: torch.float32})
 
 
 def numpy_dtype(name: str, dtype: Any) -> np.dtype:

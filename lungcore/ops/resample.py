@@ -35,7 +35,16 @@ Backends (``lungcore.backend``): ``cpu`` = the OpenMP C++ core ``lungcore._C`` (
 CuPy NVRTC, ``reference`` = the float64 PyTorch oracles below. Every input kind (numpy, torch CPU or
 CUDA, CuPy) goes through the one registered op ``lungcore::resample_boxes`` (numpy by sharing
 memory, CuPy through DLPack: no copies) and its registered backward op, which runs the forward's
-transpose as a kernel on each backend (C++ without atomics, CUDA with atomicAdd).
+transpose as a kernel on each backend (C++ without atomics, CUDA with atomicAdd). The public
+functions choose the backend and pass it to the op, so the backward runs on the forward's backend.
+
+torch.compile: for a torch tensor ``volume`` whose other arguments are Python numbers, lists or
+tuples and torch dtypes (or None), :func:`resample_volume` and :func:`resample_crop` trace with
+``fullgraph=True`` (results and gradients equal eager's bit for bit; tested on CPU): the checks
+are plain Python, the backend choice is traced (dynamo guards on it: forcing another backend
+recompiles) and the op is one opaque node, forward and backward. numpy or CuPy volumes, and
+spacings, centres, sizes or dtypes given as numpy values, tensors or strings, are checked with
+numpy: they compile only with graph breaks (``fullgraph=False``).
 
 Example:
     >>> import numpy as np
@@ -141,38 +150,47 @@ def crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: A
         >>> crop_starts([[80.0, 256.0, 256.0]], (160, 512, 512), (2.5, 0.7, 0.7), 1.0, (16, 64, 64))
         array([[193, 147, 147]])
     """
+    return np.asarray(_crop_starts(centers, shape, spacing, new_spacing, size), dtype=np.int64).reshape(-1, 3)
+
+
+def _crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: Any, size: Any) -> list[int]:
+    """:func:`crop_starts` flattened (z0, y0, x0, z1, ...), in plain Python floats (the float64 steps
+    numpy took, so the same starts) that torch.compile traces for centres given as Python numbers."""
     spacing = checks.spacing3("spacing", spacing)
     new_spacing = checks.spacing3("new_spacing", new_spacing, allow_scalar=True)
-    c = checks.points_in_volume("centers", centers, shape)
+    rows = checks.point_rows("centers", centers, shape)
     size = checks.size3("size", size)
     scale, _ = _scale_offset(spacing, new_spacing)
-    u = (c + 0.5) / np.asarray(scale) - 0.5
-    return (np.floor(u + 0.5).astype(np.int64) - np.asarray(size, dtype=np.int64) // 2)
+    return [math.floor((c + 0.5) / s - 0.5 + 0.5) - n // 2 for row in rows for c, s, n in zip(row, scale, size)]
 
 
 # ----------------------------------------------------------------------------- dtypes
 def _out_dtype(out_dtype: Any, in_dtype: Any, order: int, window: Any, kind: str) -> torch.dtype:
     """The output torch dtype: default the input's for order 0 without a window, else float32
-    (float64 for float64 input); float16/bfloat16 are computed in float32 and rounded once."""
-    read = checks.volume_dtype("volume", in_dtype)
+    (float64 for float64 input); float16/bfloat16 are computed in float32 and rounded once.
+    Torch dtypes (and None) are decided without numpy, so torch.compile traces this; numpy
+    spells other dtypes and words the errors."""
+    read = checks.volume_torch_dtype("volume", in_dtype)
     if out_dtype is None:
         if order == 0 and window is None:
-            return _torch_dtype(read)
-        return torch.float64 if read == np.float64 else torch.float32
+            return read
+        return torch.float64 if read == torch.float64 else torch.float32
     if out_dtype in (torch.bfloat16, "bfloat16"):
         if kind != "torch":
             raise TypeError(f"out_dtype=bfloat16 needs a torch tensor volume ({kind} arrays have no bfloat16)")
         return torch.bfloat16
-    dt = checks.numpy_dtype("out_dtype", out_dtype)
-    if dt not in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), read):
-        raise TypeError(f"out_dtype must be float16, bfloat16, float32, float64 or the volume's dtype ({read}), got {dt}")
-    if window is not None and not np.issubdtype(dt, np.floating):
-        raise TypeError(f"out_dtype must be floating when a window is given (values in [0, 1]), got {dt}")
-    return _torch_dtype(dt)
-
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    if isinstance(out_dtype, torch.dtype) and out_dtype in (torch.float16, torch.float32, torch.float64, read):
+        dt = out_dtype
+    else:
+        np_dt, np_read = checks.numpy_dtype("out_dtype", out_dtype), checks.numpy_dtype("volume", read)
+        if np_dt not in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np_read):
+            raise TypeError(f"out_dtype must be float16, bfloat16, float32, float64 or the volume's dtype ({np_read}), "
+                            f"got {np_dt}")
+        dt = checks.torch_dtype(np_dt)
+    if window is not None and not dt.is_floating_point:
+        raise TypeError(f"out_dtype must be floating when a window is given (values in [0, 1]), "
+                        f"got {checks.numpy_dtype('out_dtype', dt)}")
+    return dt
 
 
 _KERNEL_OUT = (torch.float16, torch.bfloat16)  # computed in float32 by the kernels, then rounded
@@ -417,13 +435,14 @@ def _checked(out: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("lungcore::resample_boxes", mutates_args=())
 def _resample_boxes_op(volume: torch.Tensor, starts: list[int], size: list[int], grid: list[int],
                        scale: list[float], offset: list[float], order: int, fill: float,
-                       window: Optional[list[float]], out_dtype: torch.dtype, op: str,
+                       window: Optional[list[float]], out_dtype: torch.dtype, op: str, which: str,
                        flips: list[int]) -> torch.Tensor:
-    """``flips``: axes along which ``volume`` is read mirrored (numpy/CuPy views with negative
-    strides arrive as their positive-stride base plus these axes; never set for autograd inputs)."""
+    """``which``: the backend, chosen by the caller (so torch.compile guards on the choice and the
+    backward runs on the forward's backend). ``flips``: axes along which ``volume`` is read
+    mirrored (numpy/CuPy views with negative strides arrive as their positive-stride base plus
+    these axes; never set for autograd inputs)."""
     st = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
     win = None if window is None else (float(window[0]), float(window[1]))
-    which = backend.backend_for(op, volume.device)
     if which == "reference":
         volume = volume.flip(flips) if flips else volume
         return _checked(_boxes_reference(volume, st, size, grid, scale, offset, order, fill, win, out_dtype),
@@ -434,19 +453,18 @@ def _resample_boxes_op(volume: torch.Tensor, starts: list[int], size: list[int],
 
 
 @_resample_boxes_op.register_fake
-def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, flips):
+def _(volume, starts, size, grid, scale, offset, order, fill, window, out_dtype, op, which, flips):
     return volume.new_empty((len(starts) // 3, *size), dtype=out_dtype)
 
 
 @torch.library.custom_op("lungcore::resample_boxes_backward", mutates_args=())
 def _resample_boxes_backward_op(grad: torch.Tensor, volume: torch.Tensor, starts: list[int], grid: list[int],
                                 scale: list[float], offset: list[float], order: int,
-                                window: Optional[list[float]], op: str) -> torch.Tensor:
-    """d(volume) of lungcore::resample_boxes from the kernels (``volume`` is read only with a
-    window: its values decide where the window clamps)."""
+                                window: Optional[list[float]], op: str, which: str) -> torch.Tensor:
+    """d(volume) of lungcore::resample_boxes from the kernels of backend ``which`` (``volume`` is
+    read only with a window: its values decide where the window clamps)."""
     st = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
     win = None if window is None else (float(window[0]), float(window[1]))
-    which = backend.backend_for(op, grad.device)
     dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32
     device = grad.device if which == "cupy" else torch.device("cpu")  # "cpu" forced on a CUDA tensor
     g = _backward(which, grad.to(device), volume.detach().to(device), tuple(volume.shape), dtype, st, grid, scale,
@@ -455,31 +473,31 @@ def _resample_boxes_backward_op(grad: torch.Tensor, volume: torch.Tensor, starts
 
 
 @_resample_boxes_backward_op.register_fake
-def _(grad, volume, starts, grid, scale, offset, order, window, op):
+def _(grad, volume, starts, grid, scale, offset, order, window, op, which):
     return volume.new_empty(volume.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    volume, starts, size, grid, scale, offset, order, fill, window, _, op, flips = inputs
+    volume, starts, size, grid, scale, offset, order, fill, window, _, op, which, flips = inputs
     if flips and volume.requires_grad:
         raise RuntimeError("resample: flipped views are numpy/CuPy inputs only (not differentiable)")
-    ctx.params = (starts, grid, scale, offset, order, window, op)
+    ctx.params = (starts, grid, scale, offset, order, window, op, which)
     ctx.save_for_backward(volume)  # shape/dtype always; its values only with a window
 
 
 def _backward_rule(ctx, grad):
     (volume,) = ctx.saved_tensors
     if not volume.dtype.is_floating_point:
-        return (None,) * 12
-    starts, grid, scale, offset, order, window, op = ctx.params
-    if backend.backend_for(op, grad.device) == "reference":  # the oracle's own autograd, in float64
+        return (None,) * 13
+    starts, grid, scale, offset, order, window, op, which = ctx.params
+    if which == "reference":  # the forward's backend: the oracle's own autograd, in float64
         with torch.enable_grad():
             probe = volume.detach().to(torch.float64).requires_grad_(True)
             out = _boxes_reference(probe, np.asarray(starts, np.int64).reshape(-1, 3), grad.shape[1:], grid, scale,
                                    offset, order, 0.0, None if window is None else tuple(window), torch.float64)
             (g,) = torch.autograd.grad(out, probe, grad.to(torch.float64))
-        return (g.to(volume.dtype),) + (None,) * 11
-    return (_resample_boxes_backward_op(grad, volume, *ctx.params),) + (None,) * 11
+        return (g.to(volume.dtype),) + (None,) * 12
+    return (_resample_boxes_backward_op(grad, volume, *ctx.params),) + (None,) * 12
 
 
 _resample_boxes_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -504,10 +522,10 @@ def _as_tensor(volume: Any) -> tuple[torch.Tensor, str, list[int]]:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(volume.shape)}")
     if min(volume.shape) < 1:
         raise ValueError(f"volume must not be empty, got shape {tuple(volume.shape)}")
-    read = checks.volume_dtype("volume", volume.dtype)
-    if kind == "torch":
-        target = _torch_dtype(read)
+    if kind == "torch":  # no numpy on this path: torch.compile traces it
+        target = checks.volume_torch_dtype("volume", volume.dtype)
         return (volume if volume.dtype == target else volume.to(target)), kind, []
+    read = checks.volume_dtype("volume", volume.dtype)
     if volume.dtype != read:
         volume = volume.astype(read)
     if any(s % volume.itemsize for s in volume.strides):
@@ -539,13 +557,14 @@ def _run(volume: Any, centers: Any, size: Any, spacing: Any, new_spacing: Any, o
     if centers is None:  # the whole volume: one box covering the full grid
         if math.prod(grid) > _MAX_OUTPUT_VOXELS:
             raise ValueError(f"new_spacing {new_spacing} gives an output of shape {grid}: too large")
-        size, starts = grid, np.zeros((1, 3), np.int64)
+        size, starts = grid, [0, 0, 0]
     else:
         size = checks.size3("size", size)
-        starts = crop_starts(centers, vol.shape, spacing, new_spacing, size)
-    out = torch.ops.lungcore.resample_boxes(vol, starts.reshape(-1).tolist(), list(size), list(grid), list(scale),
+        starts = _crop_starts(centers, vol.shape, spacing, new_spacing, size)
+    which = backend.backend_for(op, vol.device)  # here, not in the op: torch.compile guards on the choice
+    out = torch.ops.lungcore.resample_boxes(vol, starts, list(size), list(grid), list(scale),
                                             list(offset), order, fill, None if window is None else list(window),
-                                            odt, op, flips)
+                                            odt, op, which, flips)
     return _from_tensor(out, kind)
 
 
@@ -572,6 +591,9 @@ def resample_volume(volume: Any, spacing: Any, new_spacing: Any, *, order: int =
     Returns:
         The volume on the grid of shape :func:`resampled_shape`; its affine is
         :func:`resampled_affine`.
+
+    Under ``torch.compile(fullgraph=True)`` it traces for a torch ``volume`` with the other
+    arguments as Python numbers/sequences and torch dtypes (module docstring, "torch.compile").
 
     Example:
         >>> import torch
@@ -600,6 +622,9 @@ def resample_crop(volume: Any, spacing: Any, new_spacing: Any, centers: Any, siz
 
     Returns:
         (N, D, H, W), same kind and device as ``volume``.
+
+    Under ``torch.compile(fullgraph=True)`` it traces for a torch ``volume`` with ``centers``,
+    ``size`` and the rest as Python numbers/sequences (module docstring, "torch.compile").
 
     Example:
         >>> import numpy as np
