@@ -45,3 +45,55 @@ def test_the_first_bad_entry_is_named_on_every_axis(check, array, message):
 def test_strings_are_not_numbers(check, value, message):
     with pytest.raises(TypeError, match=message):
         check("fill", value)
+
+
+def _outcome(check, *args):
+    try:
+        return "ok", check(*args)
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize("value", [
+    (2.5, 0.7, 0.7), [1, 2, 3], 1.0, 2, (1, 2), [], (1, 0, 1), (1, float("nan"), 1), (1, float("inf"), 2),
+    (1, -0.0, 1), [[1, 2, 3]], (10**400, 1, 1), [1.0, 2.5, "2"],
+])
+def test_spacing_in_plain_python_matches_the_numpy_path(value):
+    """Plain numbers take the numpy-free path (torch.compile traces it); a numpy array or a tensor of
+    the same values gives the same spacing or the same error (which quotes the value as given)."""
+    for allow_scalar in (False, True):
+        plain = _outcome(checks.spacing3, "spacing", value, allow_scalar)
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):  # numpy refuses it too
+            assert plain[0] == "TypeError" and "array-like" in plain[1]
+            continue
+        for other in (array, torch.from_numpy(array)):
+            kind, result = _outcome(checks.spacing3, "spacing", other, allow_scalar)
+            if kind != "ok":
+                result = result.replace(repr(other), repr(value))
+            assert (kind, result) == plain, other
+
+
+@pytest.mark.parametrize("value", [
+    [2, 2, 3], [[2, 2, 3]], [[2, 2, 3], [4, 0, 0]], [[1, 1, float("nan")], [9, 9, 9]], [[1, 1, 1], [1, 9, 1]],
+    [[1, 1]], [1, 2, 3, 4], [-0.5, -0.5, -0.5], [3.5, 4.5, 5.5], [3.5000001, 4.5, 5.5],
+    ((0.3, 1.7, 2.2), [3.9, 0.1, 5.4]),
+])
+def test_points_in_plain_python_match_the_numpy_path(value):
+    plain = _outcome(checks.point_rows, "centers", value, (4, 5, 6))
+    for other in (np.asarray(value, dtype=np.float64), torch.tensor(value, dtype=torch.float64)):
+        assert _outcome(checks.point_rows, "centers", other, (4, 5, 6)) == plain
+    if plain[0] == "ok":
+        assert np.array_equal(checks.points_in_volume("centers", value, (4, 5, 6)), np.asarray(plain[1]).reshape(-1, 3))
+
+
+def test_volume_torch_dtype_agrees_with_volume_dtype_for_every_torch_dtype():
+    """The numpy-free table for torch dtypes (what torch.compile traces) reads what volume_dtype reads,
+    and refuses what it refuses with its message."""
+    dtypes = [d for d in vars(torch).values() if isinstance(d, torch.dtype)]
+    for dtype in dtypes:
+        expected = _outcome(checks.volume_dtype, "volume", dtype)
+        if expected[0] == "ok":
+            expected = ("ok", checks.torch_dtype(expected[1]))
+        assert _outcome(checks.volume_torch_dtype, "volume", dtype) == expected, dtype
