@@ -2,12 +2,15 @@
 a docstring with a short ``>>>`` example (run by ``tests/test_doctests.py``) and type hints on
 every parameter and return value. Where an example needs a cohort on disk (``fit``), the function's
 docstring may say "Example: see the module docstring." if that module's example calls it.
+The public methods and properties of the exported classes (their own or a lungcore base's; not
+what torch.nn.Module, dataclasses or object add) have a docstring and the same type hints.
 
 The public API is what the packages export (``__all__``, or the names their ``__init__`` imports)
 and the two top-level helper modules the package exports (``lungcore.backend``, ``lungcore.checks``).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 
@@ -30,12 +33,31 @@ def _public() -> list[tuple[str, object]]:
 
 
 PUBLIC = _public()
+CLASSES = [(n, obj) for n, obj in PUBLIC if inspect.isclass(obj)]
 
 
 def _methods(cls: type) -> list:
-    """The class's own public methods (and ``__init__``/``forward``), where its signature is read."""
-    return [f for k, f in vars(cls).items()
-            if inspect.isfunction(f) and (not k.startswith("_") or k in ("__init__", "forward"))]
+    """The functions behind the class's public methods and properties (and ``__init__``/``forward``),
+    where their signatures and docstrings are read: plain, static and class methods, property
+    getters and setters, defined by the class or a lungcore base (not torch.nn.Module, dataclass
+    machinery or object); a name the class overrides is read once, from the class."""
+    seen, out = set(), []
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("lungcore"):
+            continue
+        for k, attr in vars(klass).items():
+            if k in seen or (k.startswith("_") and k not in ("__init__", "forward")):
+                continue
+            seen.add(k)
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if isinstance(attr, property):
+                out += [f for f in (attr.fget, attr.fset) if f is not None]
+            elif isinstance(attr, functools.cached_property):
+                out.append(attr.func)
+            elif inspect.isfunction(attr):
+                out.append(attr)
+    return out
 
 
 def test_the_api_is_found():
@@ -73,3 +95,14 @@ def test_public_signature_is_typed(name, obj):
         assert not untyped, f"{f.__qualname__}: parameters without a type hint: {untyped}"
         if f.__name__ != "__init__":
             assert sig.return_annotation is not inspect.Signature.empty, f"{f.__qualname__}: no return type"
+
+
+@pytest.mark.parametrize("name, cls", CLASSES, ids=[n for n, _ in CLASSES])
+def test_public_methods_have_docstrings(name, cls):
+    # the function's own docstring: inspect.getdoc would lend an override the docstring of the
+    # method it overrides (nn.Module.forward's); __init__ is documented by the class, a property by
+    # its getter
+    setters = {id(attr.fset) for klass in cls.__mro__ for attr in vars(klass).values() if isinstance(attr, property)}
+    bare = [f.__qualname__ for f in _methods(cls)
+            if f.__name__ != "__init__" and id(f) not in setters and not (f.__doc__ or "").strip()]
+    assert not bare, f"{name}: public methods or properties without a docstring: {bare}"

@@ -520,6 +520,12 @@ class CSFNet(nn.Module):
 
     def forward(self, ct: Tensor, clinical: Tensor, clinical_mask: Tensor,
                 ct_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Malignancy logits ``{"logits": (B, 2)}`` (class 1 = malignant).
+
+        ``ct`` (B, 2, C, D, H, W) float, T0 then T1; ``clinical`` (B, V) float codes;
+        ``clinical_mask`` (B, V) bool, False = missing; ``ct_mask`` (B, 2) bool, a missing T0 is
+        replaced by T1. :meth:`loss` and :meth:`predict` (the class example) call it on a batch dict.
+        """
         self._check(ct, clinical, clinical_mask, ct_mask)
         cfg = self.config
         fused = self.image_features(ct, ct_mask)

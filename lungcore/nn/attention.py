@@ -72,6 +72,13 @@ class MaskedCrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
                 query_mask: Optional[Tensor] = None) -> Tensor:
+        """Attend from ``x`` (*batch, Lq, dim) over ``context`` (*batch, Lk, context_dim), or over ``x``
+        itself when it is None; returns (*batch, Lq, dim).
+
+        ``key_mask`` (broadcastable to (*batch, Lk)) and ``query_mask`` (to (*batch, Lq)) are bool,
+        True = take part; a masked query row, or one with no key to attend to, outputs exact zeros.
+        The class docstring's example calls it.
+        """
         checks.tensor("x", x, ndim=range(2, 64))
         if context is None:
             context = x

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -137,6 +138,7 @@ class PatchEmbed3d(nn.Module):
         return tokens + pos.to(tokens.dtype)
 
     def extra_repr(self) -> str:
+        """The settings shown in ``repr(module)``."""
         return (f"in_channels={self.in_channels}, embed_dim={self.embed_dim}, patch_size={self.patch_size}, "
                 f"img_size={self.img_size}, pos_embed={self.pos_embed_kind!r}, pad={self.pad}")
 
@@ -145,7 +147,7 @@ class PatchEmbed3d(nn.Module):
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_conv3d(cls, conv: nn.Conv3d, img_size: int | Sequence[int],
-                    pos_embed: torch.Tensor | None = None, **kwargs) -> PatchEmbed3d:
+                    pos_embed: torch.Tensor | None = None, **kwargs: Any) -> PatchEmbed3d:
         """A PatchEmbed3d computing ``conv(x).flatten(2).transpose(1, 2) (+ pos_embed)``.
 
         ``conv`` must have stride == kernel_size, no padding, dilation 1 and groups 1.
@@ -180,7 +182,7 @@ class PatchEmbed3d(nn.Module):
         return conv
 
     @classmethod
-    def from_monai(cls, block: nn.Module, img_size: int | Sequence[int], **kwargs) -> PatchEmbed3d:
+    def from_monai(cls, block: nn.Module, img_size: int | Sequence[int], **kwargs: Any) -> PatchEmbed3d:
         """Port a MONAI ``PatchEmbeddingBlock`` (spatial_dims=3, proj_type "conv").
 
         ``img_size`` is the one the block was built with (MONAI does not store it). The block's

@@ -45,9 +45,14 @@ class CoxPHLoss(nn.Module):
     def forward(self, risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
                 weights: torch.Tensor | None = None, strata: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of :func:`lungcore.ops.cox_ph_loss` with this module's ties, reduction and
+        distribution: ``risk`` (N,) or (N, 1) log-hazards, ``time`` (N,), ``event`` (N,) 0/1 or bool,
+        optional per-row ``weights``, ``strata`` codes and ``mask`` (False = row left out). The class
+        docstring's example calls it."""
         return cox_ph_loss(risk, time, event, ties=self.ties, reduction=self.reduction, weights=weights,
                            strata=strata, mask=mask, distributed=self.distributed,
                            process_group=self.process_group)
 
     def extra_repr(self) -> str:
+        """The settings shown in ``repr(module)``."""
         return f"ties={self.ties!r}, reduction={self.reduction!r}, distributed={self.distributed}"
