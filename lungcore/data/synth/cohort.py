@@ -10,7 +10,8 @@ from lungcore.data.synth.nodules import _synth_nodules
 from lungcore.data.synth.phantom import EFFECTS, PRESETS
 from lungcore.data.synth.survival import _synth_survival
 
-GENERATOR_VERSION = 2  # bump when the same arguments would write a different cohort
+GENERATOR_VERSION = 3  # bump when the same arguments would write a different cohort
+# 3: pleural lesions (effects="morphology") lie whole inside the scan (2 put about 1 in 1,500 outside)
 
 
 def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", seed: int = 0,
@@ -25,7 +26,7 @@ def synth_cohort(kind: str, out: str | Path, n: int, *, preset: str = "tiny", se
     writing it again when it was written with the same arguments by the same generator version
     (``synth.json`` says; anything else is rewritten). Returns a summary with the oracle metric
     (C-index of the true log-hazard for PFS and OS, or the AUC of the true logit) and ``reused``.
-    ``effects``: ``linear`` (the cohorts of generator version 2, unchanged), ``morphology``
+    ``effects``: ``linear`` (the cohorts of generator version 2, unchanged since), ``morphology``
     (lesion margins, solid cores, cavities, pleural contact and an interaction set the risk) or
     ``interaction`` (the linear cohort's images and records; the clinical record scales the image
     effects); see ``survival_patient`` and ``nodule_draw``. ``truth.csv`` also holds each lesion's handcrafted
