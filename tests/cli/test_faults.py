@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -749,8 +750,11 @@ def test_ctrl_c_is_one_line_and_resume_continues(base, tmp_path, capsys):
     run = tmp_path / "interrupted"
     env = {**os.environ, "LUNGCORE_KILL_AT_STEP": "3", "LUNGCORE_KILL_SIGNAL": "INT",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # a terminal's Ctrl-C reaches a process whose SIGINT is at its default; a test suite started in
+    # the background (`make test &`) inherits SIGINT ignored, and Python then never raises it
     proc = subprocess.run([sys.executable, "-m", "lungcore", *map(str, train_args(base, base["surv"], run))],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     TALLY["tried"] += 1
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
