@@ -70,6 +70,11 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, help="early stopping: a stage stops after this many epochs without "
                                                 f"validation improvement (>= 0; default: {d.patience} = never)")
     p.add_argument("--num-workers", type=int, help=f"DataLoader worker processes (default: {d.data.num_workers})")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="train-time augmentation of the training split: flips, in-plane rotation, intensity "
+                        "jitter, noise; each sample's transform is seeded by the epoch and the sample, so a run "
+                        "is the same with any --num-workers (default: the config's data.augment, else "
+                        f"{'on' if d.data.augment else 'off'})")
     p.add_argument("--verify", choices=["stat", "content"],
                    help="how the cache recognises a source image: stat (size + modification time, fast) or "
                         f"content (hash every file: catches a rewrite with the same size and time; default: "
@@ -98,7 +103,7 @@ def train(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, device=args.device,
                      precision=args.precision, seed=args.seed, patience=args.patience,
                      num_workers=args.num_workers, progress=False if args.no_progress else None,
-                     recipe=args.recipe, verify=args.verify)
+                     recipe=args.recipe, verify=args.verify, augment=args.augment)
     except _errors() as exc:
         return _fail("train", exc)
     from lungcore.usage import json_safe

@@ -45,6 +45,14 @@ def _integer(field: str, value: Any, minimum: int | None = None) -> int:
     return int(value)
 
 
+def _boolean(field: str, value: Any) -> bool:
+    """``value`` if it is a bool (YAML's ``true`` / ``false``); else a :class:`ConfigError`: a
+    string such as ``"false"`` or ``"off"`` is truthy in Python and would silently mean on."""
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false, got {value!r}")
+    return value
+
+
 def _number(field: str, value: Any, rule: str) -> float:
     """``value`` as a finite float obeying ``rule`` (``"> 0"``, ``">= 0"``, ``"in [0, 1]"``,
     ``"in [0, 1)"``); else a :class:`ConfigError` saying the rule. A string that reads as a number
@@ -169,6 +177,7 @@ class DataConfig:
         if self.eval_batch_size is not None:
             self.eval_batch_size = _integer("data.eval_batch_size", self.eval_batch_size, 1)
         self.num_workers = _integer("data.num_workers", self.num_workers, 0)
+        self.augment = _boolean("data.augment", self.augment)
         _check_preprocess(self.preprocess)
 
 
@@ -279,6 +288,8 @@ class TrainConfig:
                 if unknown:
                     raise ValueError(f"model_overrides: unknown keys {unknown}; known: {sorted(names)}")
         self.seed = _integer("seed", self.seed)
+        self.deterministic = _boolean("deterministic", self.deterministic)
+        self.progress = _boolean("progress", self.progress)
         self.patience = _integer("patience", self.patience, 0)
 
     def check_stage_epochs(self) -> None:

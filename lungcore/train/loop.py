@@ -107,7 +107,8 @@ def _resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overr
 OVERRIDE_FLAGS = {"model": "--model", "data.manifest": "--manifest", "stage": "--stage", "epochs": "--epochs",
                   "data.batch_size": "--batch-size", "optim.accumulate": "--accumulate", "optim.lr": "--lr",
                   "device": "--device", "precision": "--precision", "seed": "--seed", "patience": "--patience",
-                  "data.num_workers": "--num-workers", "data.verify": "--verify", "recipe": "--recipe"}
+                  "data.num_workers": "--num-workers", "data.verify": "--verify", "recipe": "--recipe",
+                  "data.augment": "--augment"}
 
 
 def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: str | os.PathLike,
@@ -116,7 +117,7 @@ def fit(config: TrainConfig | dict | str | os.PathLike | None = None, *, out: st
 
     ``config``: a :class:`TrainConfig`, its dict form, or a YAML path; ``overrides``: ``manifest``,
     ``model``, ``epochs``, ``batch_size``, ``lr``, ``accumulate``, ``device``, ``stage``, ``seed``,
-    ``precision``, ``patience``, ``progress``, ``recipe`` ... (None leaves the config's value; an
+    ``precision``, ``patience``, ``progress``, ``recipe``, ``augment`` ... (None leaves the config's value; an
     override beats the config: ``epochs`` is the epoch count of every stage, the config's
     ``stage_epochs`` included). Stages of the
     model run in order (``config.stage`` picks one); each starts from the previous stage's best

@@ -42,7 +42,7 @@ from lungcore.usage import UsageError
 # keyword of fit() (a command-line flag with - for _) -> its place in TrainConfig.to_dict()
 OVERRIDE_PATHS = {"manifest": "data.manifest", "schema": "data.schema", "batch_size": "data.batch_size",
                   "num_workers": "data.num_workers", "cache_dir": "data.cache_dir", "verify": "data.verify",
-                  "lr": "optim.lr", "accumulate": "optim.accumulate"}
+                  "lr": "optim.lr", "accumulate": "optim.accumulate", "augment": "data.augment"}
 MAY_CHANGE = {"progress", "num_workers", "device", "data.num_workers"}
 # the data paths a run saves absolute (fit); one saved relative (a run started before they were) was
 # relative to the directory the run was started in, which resume cannot know

@@ -84,6 +84,35 @@ def test_train_names_the_config_field_when_the_file_gave_it(tmp_path, capsys, no
     assert not out.exists()
 
 
+@pytest.mark.parametrize("field, value", [("augment", "off"), ("augment", 1)])
+def test_a_boolean_that_is_not_one_is_named(tmp_path, capsys, nodule_cohort, cache_dir, no_image_read, field, value):
+    """``augment: "off"`` (quoted) is a truthy string: refused by name, not taken as on."""
+    config = _config(tmp_path, nodule_cohort, cache_dir, **{field: value})
+    rc, _, err = run(capsys, "train", "--config", config, "--out", tmp_path / "run", "--no-progress")
+    usage_error(rc, err, "train", f"config file {config}: data.{field} must be true or false, got {value!r}")
+    from lungcore.train.config import ConfigError, TrainConfig
+    from lungcore.usage import UsageError
+
+    for bad in ({"progress": "no"}, {"deterministic": 0}):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} must be true or false"):
+            TrainConfig.from_dict(bad)
+    with pytest.raises(UsageError, match="augment must be true or false, got 'yes'"):
+        fit(tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=1), out=tmp_path / "api", augment="yes")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "api").exists()
+
+
+def test_no_augment_flag_reaches_the_run_and_resume_holds_it(tmp_path, capsys, nodule_cohort, cache_dir):
+    """``--no-augment`` turns the config's augmentation off (saved in the run's config.yaml); a
+    resume that contradicts it is refused by name, as for any flag that changes what is learnt."""
+    config = _config(tmp_path, nodule_cohort, cache_dir, augment=True)
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--config", config, "--out", out, "--no-augment", "--no-progress")
+    assert rc == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["augment"] is False
+    rc, _, err = run(capsys, "train", "--out", out, "--resume", "--augment", "--epochs", "2", "--no-progress")
+    assert rc == 2 and "--augment" in err and "Traceback" not in err, err
+
+
 def test_patience_zero_never_stops_early(tmp_path, nodule_cohort, cache_dir):
     cfg = tiny_config("toy_classifier", nodule_cohort, cache_dir, epochs=3, patience=0, monitor="val_loss",
                       optim={"lr": 1e-12, "warmup_epochs": 0})
