@@ -249,6 +249,23 @@ def one_of(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     return value
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ``ValueError``: a string such as ``"false"`` (a quoted YAML
+    value) is truthy in Python and would silently mean true.
+
+    Example:
+        >>> boolean("t1_only", False)
+        False
+        >>> boolean("t1_only", "false")
+        Traceback (most recent call last):
+        ...
+        ValueError: t1_only must be true or false, got 'false'
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def finite_number(name: str, value: Any) -> float:
     """``value`` as a finite float; ``TypeError``/``ValueError`` naming ``name`` otherwise (bools and
     strings, even ``"3"``, are not numbers).

@@ -97,3 +97,17 @@ def test_volume_torch_dtype_agrees_with_volume_dtype_for_every_torch_dtype():
         if expected[0] == "ok":
             expected = ("ok", checks.torch_dtype(expected[1]))
         assert _outcome(checks.volume_torch_dtype, "volume", dtype) == expected, dtype
+
+
+@pytest.mark.parametrize("model, field", [("csfnet", "t1_only"), ("csfnet", "use_clinical"),
+                                          ("cmml", "norm_pix_loss")])
+def test_model_booleans_refuse_strings(model, field):
+    """A quoted YAML ``"false"`` in model_overrides is a truthy string: refused by name, not taken as true."""
+    from lungcore.models.cmml import CMMLConfig
+    from lungcore.models.csfnet import CSFNetConfig
+
+    config = {"csfnet": CSFNetConfig, "cmml": CMMLConfig}[model]
+    for bad in ("false", "no", 1, None):
+        with pytest.raises(ValueError, match=f"{field} must be true or false, got {bad!r}"):
+            config(**{field: bad})
+    assert getattr(config(**{field: np.bool_(True)}), field) is True

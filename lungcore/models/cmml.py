@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lungcore import checks
 from lungcore.models.clinical_graph import GRAPHS, ClinicalGraphTransformer, graph_blocks
 from lungcore.models.registry import register_model
 from lungcore.models.slice_depth import SliceDepthBlock, SliceDepthTransformer
@@ -163,6 +164,7 @@ class CMMLConfig:
     graph_column_lr: Optional[float] = 1e-2
 
     def __post_init__(self) -> None:
+        self.norm_pix_loss = checks.boolean("norm_pix_loss", self.norm_pix_loss)
         self.img_size = tuple(int(s) for s in self.img_size)
         self.patch_size = tuple(int(s) for s in self.patch_size)
         self.clinical_cardinalities = tuple(int(c) for c in self.clinical_cardinalities)

@@ -168,6 +168,8 @@ class CSFNetConfig:
     num_classes: int = 2
 
     def __post_init__(self) -> None:
+        self.t1_only = checks.boolean("t1_only", self.t1_only)
+        self.use_clinical = checks.boolean("use_clinical", self.use_clinical)
         for name in ("clinical_cardinalities", "fusion_init", "betas"):
             setattr(self, name, tuple(getattr(self, name)))
         if self.stage_widths is not None or self.stage_blocks is not None:
