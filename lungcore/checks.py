@@ -11,13 +11,14 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
-import math
-
 import numpy as np
 import torch
+
+from lungcore import usage
 
 ArrayLike = Any  # numpy array, torch tensor (CPU or CUDA), CuPy array, or a sequence
 
@@ -261,7 +262,7 @@ def boolean(name: str, value: Any) -> bool:
         ...
         ValueError: t1_only must be true or false, got 'false'
     """
-    if not isinstance(value, (bool, np.bool_)):
+    if not usage.is_boolean(value):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return bool(value)
 

@@ -185,6 +185,21 @@ def is_integer(value: Any, minimum: int | None = None) -> bool:
             and float(value).is_integer() and (minimum is None or value >= minimum))
 
 
+def is_boolean(value: Any) -> bool:
+    """``value`` is a bool (Python's or numpy's), not a truthy stand-in such as ``"false"`` or ``1``.
+
+    The one rule behind every boolean config field (``lungcore.train.config``) and network
+    option (``lungcore.checks.boolean``).
+
+    Example:
+        >>> import numpy as np
+        >>> is_boolean(False), is_boolean(np.bool_(True)), is_boolean("false"), is_boolean(1)
+        (True, True, False, False)
+    """
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
 def integer(value: Any, flag: str, minimum: int | None = None, *, note: str = "") -> int:
     """``value`` of integer flag ``flag`` as an int.
 

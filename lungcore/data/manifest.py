@@ -194,7 +194,7 @@ class Manifest:
             cells = self.clinical_raw[v.name]
             values = np.array([_clinical_number(text) for text in cells], dtype=np.float64)
             centre, scale = robust_centre_scale(values)
-            for i, sd in far_out(values, limit):
+            for i, sd in far_out(values, limit, (centre, scale)):
                 found.append((i, k, ManifestProblem(
                     self.rows[i], v.name, cells[i],
                     f"far outside the cohort (id {self.ids[i]}): {sd_text(sd)} standard deviations from the "

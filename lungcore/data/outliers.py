@@ -54,11 +54,13 @@ def robust_centre_scale(values: Sequence[float] | np.ndarray) -> tuple[float, fl
     return centre, MAD_TO_SD * mad
 
 
-def far_out(values: Sequence[float] | np.ndarray, limit: float = FAR_OUT_SD) -> list[tuple[int, float]]:
+def far_out(values: Sequence[float] | np.ndarray, limit: float = FAR_OUT_SD,
+            centre_scale: tuple[float, float] | None = None) -> list[tuple[int, float]]:
     """``(position, standard deviations)`` of each finite value more than ``limit`` robust SDs
-    (:func:`robust_centre_scale`) from the median of ``values``, in order; none when the scale is 0."""
+    (:func:`robust_centre_scale`, or ``centre_scale`` when the caller has it already) from the
+    median of ``values``, in order; none when the scale is 0."""
     x = np.asarray(values, dtype=np.float64)
-    centre, scale = robust_centre_scale(x)
+    centre, scale = robust_centre_scale(x) if centre_scale is None else centre_scale
     if not scale > 0:
         return []
     with np.errstate(over="ignore"):

@@ -46,11 +46,12 @@ def _integer(field: str, value: Any, minimum: int | None = None) -> int:
 
 
 def _boolean(field: str, value: Any) -> bool:
-    """``value`` if it is a bool (YAML's ``true`` / ``false``); else a :class:`ConfigError`: a
-    string such as ``"false"`` or ``"off"`` is truthy in Python and would silently mean on."""
-    if not isinstance(value, bool):
+    """``value`` if it is a bool (YAML's ``true`` / ``false``; :func:`lungcore.usage.is_boolean`); else a
+    :class:`ConfigError`: a string such as ``"false"`` or ``"off"`` is truthy in Python and would
+    silently mean on."""
+    if not usage.is_boolean(value):
         raise ConfigError(field, f"must be true or false, got {value!r}")
-    return value
+    return bool(value)
 
 
 def _number(field: str, value: Any, rule: str) -> float:
