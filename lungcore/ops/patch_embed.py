@@ -33,6 +33,7 @@ else the gather-first path, plain autograd: Conv3d's CPU backward is the slow on
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -85,20 +86,42 @@ def patch_embed3d_reference(volume: torch.Tensor, weight: torch.Tensor, bias: to
                             pad: bool = False) -> torch.Tensor:
     """Gather-first patch embedding in plain PyTorch (reshape/permute, gather, linear, add).
 
+    Precision follows :func:`patch_embed3d` and its kernels: the output dtype is the autocast dtype
+    when ``torch.autocast`` is on for the volume's device (every input is rounded to it first, as the
+    op casts its inputs), else the volume's dtype (the other inputs are cast to it); the GEMM, bias
+    and position add run in fp32 (float64 for float64) and the sum is rounded once to the output
+    dtype, as the forward kernel's fp32 accumulator and epilogue do.
+
     Example:
         >>> x = torch.randn(2, 1, 8, 8, 8); w = torch.randn(16, 1, 4, 4, 4)
         >>> patch_embed3d_reference(x, w).shape
         torch.Size([2, 8, 16])
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     patch_embed3d_reference(x, w, pos_embed=torch.randn(8, 16)).dtype
+        torch.bfloat16
     """
+    device_type = volume.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    out_dtype = torch.get_autocast_dtype(device_type) if autocast else volume.dtype
+    acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+
+    def rounded(t: torch.Tensor | None) -> torch.Tensor | None:
+        # rounded to the output dtype as the op's inputs are, then widened (no copy for fp32 / fp64)
+        return None if t is None else t.to(out_dtype).to(acc_dtype)
+
     E = weight.shape[0]
     pd, ph, pw = (int(s) for s in weight.shape[2:])
     patches = _patches(volume, (pd, ph, pw), pad)
     if visible is not None:
         patches = torch.gather(patches, 1, visible.long()[:, :, None].expand(-1, -1, patches.shape[2]))
-    out = F.linear(patches, weight.reshape(E, -1), bias)
-    if pos_embed is not None:
-        out = out + (pos_embed if visible is None else pos_embed[visible.long()])
-    return out
+    if pos_embed is not None and visible is not None:
+        pos_embed = pos_embed[visible.long()]
+    # autocast off inside: it would otherwise round the widened GEMM operands back to its dtype
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        out = F.linear(rounded(patches), rounded(weight).reshape(E, -1), rounded(bias))
+        if pos_embed is not None:
+            out = out + rounded(pos_embed)
+    return out.to(out_dtype)
 
 
 def _patches(volume: torch.Tensor, patch: tuple[int, int, int], pad: bool) -> torch.Tensor:

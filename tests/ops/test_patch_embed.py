@@ -1,6 +1,8 @@
 """patch_embed3d: Triton kernels (forced; interpreter on CPU) vs Conv3d and gather-first references."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,47 @@ def test_half_precision(rng, device, dtype):
     inputs, N = _inputs(rng, 2, 1, (4, 16, 16), (2, 8, 8), 32, device)
     _check_forward_backward(inputs, _visible(rng, 2, N, 5, device), device, dtype)
     _check_forward_backward(inputs, None, device, dtype)
+
+
+def _check_reference_dtype_under_autocast(rng, device, amp_dtype, input_dtype, with_pos, with_visible):
+    inputs, N = _inputs(rng, 2, 2, (4, 8, 12), (2, 4, 4), 20, device)
+    x, w, b, pos = (t.to(input_dtype) for t in inputs)
+    pos = pos if with_pos else None
+    visible = _visible(rng, 2, N, 7, device) if with_visible else None
+    backends = ["torch", "reference"]
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")
+    with torch.autocast(device, dtype=amp_dtype):
+        ref = patch_embed3d_reference(x, w, b, pos, visible)
+        outs = {}
+        for name in backends:
+            with use_backend(name), count_launches() as launches:
+                outs[name] = patch_embed3d(x, w, b, pos, visible)
+            assert (launches["patch_embed3d.forward"] == 1) == (name == "triton")
+    # the op's inputs are rounded to the autocast dtype; a float64 Conv3d on those is the oracle
+    exact = conv3d_reference(*(None if t is None else t.to(amp_dtype).double() for t in (x, w, b, pos)), visible)
+    assert ref.dtype == amp_dtype, (ref.dtype, amp_dtype)
+    assert _rel(ref, exact) < _tol(amp_dtype, device)
+    for name, out in outs.items():
+        assert out.dtype == ref.dtype, (name, out.dtype, ref.dtype)
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < _tol(amp_dtype, device), (name, _rel(out, ref))
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("with_pos,with_visible", [(True, True), (True, False), (False, True), (False, False)])
+def test_reference_returns_the_op_dtype_under_cpu_autocast(rng, input_dtype, with_pos, with_visible):
+    """Under CPU autocast (bf16) the reference returns bf16 like the op on every backend (it returned
+    float32 for fp32/fp16 inputs: F.linear autocast to bf16, then the position add promoted back, and
+    float64 for float64 inputs, which autocast does not cast), with values within the bf16 tolerance."""
+    _check_reference_dtype_under_autocast(rng, "cpu", torch.bfloat16, input_dtype, with_pos, with_visible)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_reference_returns_the_op_dtype_under_cuda_autocast(rng, amp_dtype, input_dtype):
+    _check_reference_dtype_under_autocast(rng, "cuda", amp_dtype, input_dtype, True, True)
 
 
 def test_odd_sizes_and_padding(rng, device):
