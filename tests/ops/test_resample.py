@@ -8,6 +8,8 @@ kernel on CUDA tensors.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -218,6 +220,111 @@ def test_crop_geometry():
     np.testing.assert_array_equal(starts + np.array([8, 32, 32]), np.floor(u + 0.5))
     assert resampled_shape((160, 512, 512), old, new) == (400, 358, 358)
     assert resampled_shape((5, 5, 5), (1, 1, 1), 2.0) == (3, 3, 3)  # 2.5 rounds half up
+
+
+def _crop_starts_both_paths(monkeypatch, *args):
+    """crop_starts and the op's flattened starts (_crop_starts) with the plain-Python loop forced,
+    then the numpy path forced (the box-count threshold moved): [(kind, value or error message)] per
+    path, and whether the numpy path ran (it hands inputs it cannot finish in int64 to the loop)."""
+    import lungcore.ops.resample as module
+
+    real, ran = module._crop_starts_array, []
+    monkeypatch.setattr(module, "_crop_starts_array", lambda *a: ran.append(1) or real(*a))
+    paths = []
+    for threshold in (10**9, 0):
+        monkeypatch.setattr(module, "_VECTORISE_FROM", threshold)
+        got = []
+        for fn in (crop_starts, module._crop_starts):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # the numpy path warns of nothing either
+                    got.append(("ok", fn(*args)))
+            except Exception as exc:  # noqa: BLE001 - ZeroDivisionError, OverflowError too: the same on both
+                got.append((type(exc).__name__, str(exc)))
+        paths.append(got)
+        assert bool(ran) == (threshold == 0) or isinstance(args[0], (int, float)), (threshold, ran)
+    return paths
+
+
+def _assert_same_starts(python, vectorised, case):
+    for (kind_p, p), (kind_v, v) in zip(python, vectorised):
+        assert kind_p == kind_v, (case, p, v)
+        if kind_p != "ok":
+            assert p == v, case                                   # the same error message
+        elif isinstance(p, np.ndarray):                          # crop_starts
+            assert type(v) is np.ndarray and v.dtype == p.dtype == np.int64 and v.shape == p.shape, case
+            assert v.flags.c_contiguous and v.flags.writeable, case
+            assert np.array_equal(p, v), case
+        else:                                                    # _crop_starts: Python ints for the op
+            assert type(v) is list and v == p and all(type(x) is int for x in v), case
+
+
+def test_crop_starts_numpy_path_equals_python_path(monkeypatch, rng):
+    """The numpy path (eager, from _VECTORISE_FROM boxes) and the plain-Python loop (torch.compile,
+    few boxes) give the same starts (values, dtype, type) and the same errors: random centres,
+    centres on the edges (-0.5, n - 0.5) and on rounding ties (the output index exactly k + 0.5
+    rounds up), odd and even sizes, every input kind, bad input of every sort."""
+    cases = []
+    for old, new in [*SPACINGS, ((1.0, 2.0, 4.0), 1.0), ((1.0, 1.0, 1.0), (2.0, 0.5, 0.25)), ((0.7, 0.7, 0.7), 0.7)]:
+        for _ in range(6):
+            shape = tuple(int(v) for v in rng.integers(1, 40, size=3))
+            n = np.asarray(shape, dtype=np.float64)
+            size = tuple(int(v) for v in rng.integers(1, 10, size=3))
+            centres = [rng.uniform(-0.5, n - 0.5, size=(int(rng.integers(1, 40)), 3)),
+                       np.array([-0.5 + 0 * n, n - 0.5, n - 1, 0 * n, (n - 1) / 2])]
+            s = np.asarray(new, dtype=np.float64) / np.asarray(old, dtype=np.float64)
+            k = np.arange(-1, int(n.max() / s.min()) + 1)[:, None]
+            ties = (k + 1) * s - 0.5                                   # u = k + 0.5 exactly (s a power of 2)
+            centres.append(np.where((ties >= -0.5) & (ties <= n - 0.5), ties, 0.0))
+            centres.append(np.round(rng.uniform(-0.5, n - 0.5, size=(20, 3)) * 2) / 2)   # half indices
+            cases += [(c, shape, old, new, size) for c in centres]
+    c = rng.uniform(0, 6.5, size=(15, 3))
+    kinds = [c.astype(np.float32), c.astype(np.int64), c.tolist(), tuple(map(tuple, c.tolist())), torch.from_numpy(c),
+             torch.from_numpy(c).float(), c[0], c[0].tolist(), c[:0], [c[0].tolist(), np.float32(1.0)]]
+    cases += [(k, (7, 8, 9), (2.5, 0.7, 0.7), 1.0, (5, 6, 7)) for k in kinds]
+    bad_rows = [np.nan, np.inf, -np.inf]
+    for value in bad_rows + [-0.5000001, 6.5000001, 7.0]:
+        worse = c.copy()
+        worse[7, 1], worse[11, 2] = value, np.nan
+        cases.append((worse, (7, 8, 9), (2.5, 0.7, 0.7), 1.0, 3))
+        worse = c.copy()
+        worse[4, 0] = value
+        cases.append((worse, (7, 8, 9), (2.5, 0.7, 0.7), 1.0, 3))
+    cases += [(c[:, :2], (7, 8, 9), 1.0, 1.0, 3) for _ in [0]] + [
+        (c[None], (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3), ([[1, 2, 3], [1, 2]] * 8, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3),
+        ([["1", "2", "3"]] * 20, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3), ([], (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3),
+        ("centres", (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3), (3.0, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, 3),
+        (c, (7, 8, 9), (0.0, 1.0, 1.0), 1.0, 3), (c, (7, 8, 9), (1.0, 1.0, 1.0), -1.0, 3),
+        (c, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, (0, 2, 2)), (c, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, (2.5, 2, 2)),
+        (c, (7, 8, 9), (1e200,) * 3, 1e-200, 3),                 # scale underflows to 0: ZeroDivisionError
+        (c, (7, 8, 9), (1e150,) * 3, 1e-150, 3),                 # starts beyond int64: the loop's OverflowError
+        (c, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, (2**63, 3, 3)),     # size // 2 at the edge of int64
+        (c, (7, 8, 9), (1.0, 1.0, 1.0), 1.0, (2**65, 3, 3)),     # beyond it
+    ]
+    for case in cases:
+        python, vectorised = _crop_starts_both_paths(monkeypatch, *case)
+        _assert_same_starts(python, vectorised, case)
+    kinds_seen = {python[0][0] for python, _ in [_crop_starts_both_paths(monkeypatch, *x) for x in cases[-22:]]}
+    assert {"ok", "ValueError", "TypeError", "ZeroDivisionError", "OverflowError"} <= kinds_seen
+
+
+def test_crop_starts_of_many_boxes_is_vectorised(monkeypatch, rng):
+    """Eager crop_starts and resample_crop check and place 10,000 boxes with numpy, not box by box
+    in Python (~3 us a box: 30 ms here); a couple of boxes keep the Python loop, faster there."""
+    import lungcore.checks as checks_module
+
+    calls = []
+    real = checks_module.point_rows
+    monkeypatch.setattr(checks_module, "point_rows", lambda *a: calls.append(len(a[1])) or real(*a))
+    shape, old, new, size = (160, 512, 512), (2.5, 0.7, 0.7), 1.0, (16, 64, 64)
+    centres = rng.uniform(-0.5, np.asarray(shape) - 0.5, size=(10_000, 3))
+    starts = crop_starts(centres, shape, old, new, size)
+    u = (centres + 0.5) / (np.asarray(new) / np.asarray(old)) - 0.5
+    np.testing.assert_array_equal(starts, np.floor(u + 0.5).astype(np.int64) - np.asarray(size) // 2)
+    resample_crop(np.zeros((9, 10, 11), np.int16), old, new, rng.uniform(-0.5, 8.5, size=(64, 3)), (2, 3, 4))
+    assert calls == []
+    crop_starts(centres[:2], shape, old, new, size)
+    assert calls == [2]
 
 
 def test_many_boxes_and_poisoned_output(rng):
@@ -454,6 +561,30 @@ def test_fullgraph_compile_equals_eager(rng):
                 out, grad = _kernel_grad(compiled, volume, weights, which, op)
                 ref_out, ref_grad = _kernel_grad(fn, volume, weights, which, op)
                 assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad), (op, shape, which)
+
+
+def test_fullgraph_compile_with_many_boxes_equals_eager(monkeypatch, rng):
+    """Enough boxes for the eager numpy path (_VECTORISE_FROM): eager takes it, the traced function
+    takes the plain-Python loop (numpy would break the graph) and traces whole; same output and
+    gradient bit for bit."""
+    import lungcore.ops.resample as module
+
+    real, ran = module._crop_starts_array, []
+    monkeypatch.setattr(module, "_crop_starts_array", lambda *a: ran.append(1) or real(*a))
+    centres = [tuple(float(v) for v in row) for row in rng.uniform(-0.5, 4.5, size=(module._VECTORISE_FROM + 3, 3))]
+    centres[0] = (-0.5, 4.5, 2.5)                                 # the edges and a rounding tie
+
+    def fn(v):
+        return resample_crop(v, (2.0, 1.0, 0.5), 1.0, centres, (3, 4, 5), window=(-1.0, 1.0), fill=0.5)
+
+    volume = torch.from_numpy(rng.normal(size=(5, 5, 5)).astype(np.float32))
+    weights = torch.from_numpy(rng.normal(size=(len(centres), 3, 4, 5)))
+    ref_out, ref_grad = _kernel_grad(fn, volume, weights, "cpu")
+    assert ran, "eager did not take the numpy path"
+    ran.clear()
+    out, grad = _kernel_grad(torch.compile(fn, fullgraph=True, backend="aot_eager"), volume, weights, "cpu")
+    assert not ran, "the traced function took the numpy path"
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
 
 
 # ----------------------------------------------------------------------------- CUDA only
