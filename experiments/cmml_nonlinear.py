@@ -34,23 +34,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finetune, model_config,  # noqa: E402
                          paired_difference, predict, pretrain, start)
-from handcrafted import (cohort_arguments, cox_fit_predict, learned_table, learned_terms, preset_text,  # noqa: E402
-                         trains_on, truth_features, write_rows_csv)
+from handcrafted import (boosted_fit_predict, cohort_arguments, cox_fit_predict, learned_table,  # noqa: E402
+                         learned_terms, baseline_arguments, preset_text, saved_predictions, trains_on,
+                         truth_features, write_rows_csv)
 
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
 from lungcore.models import create  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPACING, CROP = (2.0, 1.0, 1.0), (16, 32, 32)
+BOOSTED = "clinical + handcrafted boosted trees"
 
 
 def _merge(*splits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([s[k] for s in splits]) for k in splits[0]}
 
 
-def baselines(cohort, workdir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Test-split risks per model and endpoint: clinical-only Cox, clinical + handcrafted Cox, oracle.
-    The linear models are fitted on train + validation (the networks select their epoch on validation)."""
+def baselines(cohort, workdir: Path, log=print, max_trees: int = 1000) -> dict[str, dict[str, np.ndarray]]:
+    """Test-split risks per model and endpoint: clinical-only Cox, clinical + handcrafted Cox, the same
+    columns in boosted trees (``handcrafted.boosted_fit_predict``), oracle. The linear models are fitted
+    on train + validation (the networks select their epoch on validation)."""
     fit = _merge(cohort.splits["train"], cohort.splits["val"])
     test = cohort.splits["test"]
     truth = workdir / "truth.csv"
@@ -66,6 +69,19 @@ def baselines(cohort, workdir: Path) -> dict[str, dict[str, np.ndarray]]:
             m = fit[f"{e}_mask"].numpy().astype(bool)
             out[name][e] = cox_fit_predict(x_fit[m].reset_index(drop=True), fit[f"{e}_time"].numpy()[m],
                                            fit[f"{e}_event"].numpy()[m], x_test)
+    train, val = cohort.splits["train"], cohort.splits["val"]
+    n_train = len(cohort.ids["train"])
+    x_all = clin_fit.join(feats_fit)
+    out[BOOSTED] = {}
+    for e in ENDPOINTS:
+        parts = []
+        for split, rows in ((train, slice(0, n_train)), (val, slice(n_train, None))):
+            m = split[f"{e}_mask"].numpy().astype(bool)
+            parts.append((x_all.iloc[rows][m].reset_index(drop=True), split[f"{e}_time"].numpy()[m],
+                          split[f"{e}_event"].numpy()[m]))
+        out[BOOSTED][e], choice = boosted_fit_predict(parts[0], parts[1], clin_test.join(feats_test),
+                                                      max_trees=max_trees)
+        log(f"{BOOSTED} {e}: {choice}")
     out["oracle"] = {e: cohort.eta["test"] for e in ENDPOINTS}
     return out
 
@@ -132,6 +148,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, nargs=3, default=(4, 4, 4), help="CT patch size (D H W) in crop voxels")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    baseline_arguments(ap, "CMML", "test_risks.csv")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     out, log, t0 = start(args)
@@ -143,8 +160,12 @@ def main() -> None:
         cohort = build_cohort(work, args.n, args.seed, spacing=SPACING, crop=CROP, log=log, preset=args.preset,
                               effects=effects)
         test = cohort.splits["test"]
-        risks = baselines(cohort, work)
-        if seeds and trains_on(args, effects):
+        risks = baselines(cohort, work, log, args.boosted_trees)
+        if args.networks_from and trains_on(args, effects):
+            for col, r in saved_predictions(args.networks_from, "patient_id", cohort.ids["test"], "CMML").items():
+                name, e = col.rsplit(" ", 1)
+                risks.setdefault(name, {})[e] = r
+        elif seeds and trains_on(args, effects):
             for s in seeds:
                 log(f"{effects}: CMML, training seed {s}")
                 risks[f"CMML seed {s}"] = train_network(cohort, args, s, log)
@@ -160,11 +181,14 @@ def main() -> None:
             for e in ENDPOINTS:
                 ci = cindex_ci(r[e], test, e, args.n_boot)
                 vs_hand = paired_difference({e: r[e] for e in ENDPOINTS}, hand, test, n_boot=args.n_boot)[e]
+                vs_boosted = paired_difference({e: r[e] for e in ENDPOINTS}, risks[BOOSTED], test,
+                                               n_boot=args.n_boot)[e]
                 to_oracle = paired_difference(risks["oracle"], {e: r[e] for e in ENDPOINTS}, test,
                                               n_boot=args.n_boot)[e]
                 rows.append({"effects": effects, "model": name, "endpoint": e, "cindex": ci[0], "low": ci[1],
                              "high": ci[2], "minus_handcrafted": vs_hand[0], "mh_low": vs_hand[1],
-                             "mh_high": vs_hand[2], "oracle_minus": to_oracle[0], "om_low": to_oracle[1],
+                             "mh_high": vs_hand[2], "minus_boosted": vs_boosted[0], "mb_low": vs_boosted[1],
+                             "mb_high": vs_boosted[2], "oracle_minus": to_oracle[0], "om_low": to_oracle[1],
                              "om_high": to_oracle[2]})
                 log(f"{effects} {name} {e}: {fmt_ci(ci)}; - handcrafted {fmt_ci(vs_hand, True)}; "
                     f"oracle - it {fmt_ci(to_oracle, True)}")
@@ -187,8 +211,11 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: lis
           f"{CROP[0]} x {CROP[1]} x {CROP[2]} at {SPACING[0]:g} x {SPACING[1]:g} x {SPACING[2]:g} mm; CMML width "
           f"{args.width}, depth {args.depth}, patches {tuple(args.patch)}, pretraining {args.pretrain_epochs} and "
           f"fine-tuning {args.finetune_epochs} epochs. Split 50/10/40 % by patient; the linear models are fitted "
-          "on train + validation. Bootstrap 95 % intervals "
-          f"({args.n_boot} resamples, paired for differences).", "",
+          "on train + validation; the boosted trees choose their setting and number of trees on validation and "
+          "are refitted on train + validation. Bootstrap 95 % intervals "
+          f"({args.n_boot} resamples, paired for differences)."
+          + (f" CMML's test risks are those of an earlier run (`--networks-from {args.networks_from.name}`), "
+             "not trained here." if args.networks_from else ""), "",
           "| cohort | patients | test patients | test PFS events | test OS events |", "|---|---|---|---|---|",
           *md_cohorts, "",
           "| cohort | model | PFS C-index | OS C-index | PFS: model - handcrafted | OS: model - handcrafted "
@@ -217,9 +244,12 @@ def write(out: Path, args, rows: list[dict], md_cohorts: list[str], learned: lis
         for e in ENDPOINTS if nets else ():
             d = [r["minus_handcrafted"] for r in nets if r["endpoint"] == e]
             g = [r["oracle_minus"] for r in nets if r["endpoint"] == e]
+            b = [r for r in nets if r["endpoint"] == e]
             md.append(f"- **CMML on {effects}, {e.upper()}** over {len(d)} training seeds: model - handcrafted "
-                      f"{np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - model "
-                      f"{np.mean(g):+.3f}.")
+                      f"{np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), model - boosted trees "
+                      f"{np.mean([r['minus_boosted'] for r in b]):+.3f} (seeds "
+                      + ", ".join(fmt_ci((r["minus_boosted"], r["mb_low"], r["mb_high"]), True) for r in b)
+                      + f"), oracle - model {np.mean(g):+.3f}.")
     (out / "cmml_nonlinear.md").write_text("\n".join(md) + "\n")
 
 

@@ -40,14 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
 from csfnet_synthetic import REDUCED, load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
-from handcrafted import (cohort_arguments, learned_table, learned_terms, preset_text, standardise,  # noqa: E402
-                         trains_on, truth_features, with_changes, write_rows_csv)
+from handcrafted import (boosted_fit_predict, cohort_arguments, learned_table, learned_terms,  # noqa: E402
+                         baseline_arguments, preset_text, saved_predictions, standardise, trains_on,
+                         truth_features, with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPACING, CROP = (2.0, 2.0, 2.0), (8, 16, 16)  # reduced for a CPU (16 x 32 x 32 at 1 mm: ~8 min an epoch here)
+BOOSTED = "clinical + handcrafted boosted trees"
 
 
 def clinical_design(data: dict[str, torch.Tensor], rows: np.ndarray, cardinalities) -> pd.DataFrame:
@@ -114,9 +116,19 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
                                            clinical_design(data, test, cards)),
              "clinical + handcrafted logistic": logistic(clinical_design(data, fit, cards).join(feats["fit"]), y[fit],
                                                          clinical_design(data, test, cards).join(feats["test"]))}
+    n_train = len(splits["train"])  # fit = train, then val
+    train_feats, val_feats = (feats["fit"].iloc[rows].reset_index(drop=True) for rows in
+                              (slice(0, n_train), slice(n_train, None)))
+    probs[BOOSTED], choice = boosted_fit_predict(
+        (clinical_design(data, splits["train"], cards).join(train_feats), y[splits["train"]], None),
+        (clinical_design(data, splits["val"], cards).join(val_feats), y[splits["val"]], None),
+        clinical_design(data, test, cards).join(feats["test"]), max_trees=args.boosted_trees)
+    log(f"{effects}: {BOOSTED}: {choice}")
     truth = pd.read_csv(truth_csv, dtype={"nodule_id": str}).set_index("nodule_id")
     probs["oracle"] = truth.loc[[manifest.ids[i] for i in test], "logit"].to_numpy()
-    if args.train_seeds and trains_on(args, effects):
+    if args.networks_from and trains_on(args, effects):
+        probs.update(saved_predictions(args.networks_from, "nodule_id", [manifest.ids[i] for i in test], "CSF-Net"))
+    elif args.train_seeds and trains_on(args, effects):
         for fusion in args.fusions:
             for s in args.train_seeds:
                 name = f"{FUSION_ROWS[fusion]}seed {s}"
@@ -149,6 +161,7 @@ def main() -> None:
                     help="CSF-Net fusions to train at each seed (default: tokens, the model's default)")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    baseline_arguments(ap, "CSF-Net", "test_probabilities.csv")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
@@ -167,9 +180,10 @@ def main() -> None:
 
         for name, p in probs.items():
             auc = bootstrap_ci(roc_auc, y, p, n_boot=args.n_boot, seed=1, groups=groups)
-            mh, om = diff(p, hand), diff(probs["oracle"], p)
+            mh, mb, om = diff(p, hand), diff(p, probs[BOOSTED]), diff(probs["oracle"], p)
             row = {"effects": effects, "model": name, "auc": auc[0], "low": auc[1], "high": auc[2],
                    "minus_handcrafted": mh[0], "mh_low": mh[1], "mh_high": mh[2],
+                   "minus_boosted": mb[0], "mb_low": mb[1], "mb_high": mb[2],
                    "oracle_minus": om[0], "om_low": om[1], "om_high": om[2]}
             published = name.replace(FUSION_ROWS["tokens"], FUSION_ROWS["published"], 1)
             if name.startswith(FUSION_ROWS["tokens"] + "seed") and published in probs:  # paired, same seed
@@ -199,8 +213,11 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
           f"{CROP[0]} x {CROP[1]} x {CROP[2]} at {SPACING[0]:g} x {SPACING[1]:g} x {SPACING[2]:g} mm. CSF-Net: the "
           f"published layer layout at reduced widths ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), "
           f"{args.epochs} epochs, epoch selected on validation AUC. Split 55/15/30 % by patient; the logistic "
-          f"models are fitted on train + validation. Patient-grouped bootstrap 95 % intervals ({args.n_boot} "
-          "resamples, paired for differences).", "",
+          "models are fitted on train + validation; the boosted trees choose their setting and number of trees "
+          f"on validation and are refitted on train + validation. Patient-grouped bootstrap 95 % intervals "
+          f"({args.n_boot} resamples, paired for differences)."
+          + (f" CSF-Net's test probabilities are those of an earlier run (`--networks-from "
+             f"{args.networks_from.name}`), not trained here." if args.networks_from else ""), "",
           "| cohort | nodules | patients | malignant | test nodules | test malignant |", "|---|---|---|---|---|---|",
           *cohorts, "",
           "| cohort | model | AUC | model - handcrafted | oracle - model |", "|---|---|---|---|---|"]
@@ -225,8 +242,10 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
             if nets:
                 d, g = [r["minus_handcrafted"] for r in nets], [r["oracle_minus"] for r in nets]
                 md.append(f"- **CSF-Net ({fusion} fusion) on {effects}** over {len(nets)} training seeds: model - "
-                          f"handcrafted {np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), oracle - "
-                          f"model {np.mean(g):+.3f}.")
+                          f"handcrafted {np.mean(d):+.3f} (seeds {', '.join(f'{x:+.3f}' for x in d)}), model - "
+                          f"boosted trees {np.mean([r['minus_boosted'] for r in nets]):+.3f} (seeds "
+                          + ", ".join(ci(r, "minus_boosted", "mb_low", "mb_high", True) for r in nets)
+                          + f"), oracle - model {np.mean(g):+.3f}.")
         ts = [r["tokens_minus_published"][0] for r in pairs if r["effects"] == effects]
         if ts:
             md.append(f"- **token - published fusion on {effects}**, mean over {len(ts)} paired seeds: "

@@ -99,14 +99,32 @@ def test_csfnet_synthetic(tmp_path):
                              "--cohorts", "linear", "morphology", "interaction"]),
 ])
 def test_nonlinear_scripts(script, extra, tmp_path):
-    _run(script, "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--train-seeds", "0",
-         "--n-boot", "20", "--out", str(tmp_path), *extra)
+    common = ["--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--n-boot", "20",
+              "--boosted-trees", "20"]
+    _run(script, *common, "--train-seeds", "0", "--out", str(tmp_path), *extra)
     stem = script.removesuffix(".py")
     md = (tmp_path / f"{stem}.md").read_text()
     for cohort in ("linear", "morphology"):
         assert f"| {cohort} |" in md and f"**{cohort}**: oracle - handcrafted" in md
-    assert "seed 0" in md and "handcrafted" in md
+        assert f"| {cohort} | clinical + handcrafted boosted trees |" in md
+    assert "seed 0" in md and "handcrafted" in md and "model - boosted trees" in md
     assert (tmp_path / f"{stem}.csv").read_text().count("\n") > 6
+
+    # the networks' test predictions of that run, reused instead of training: the same network rows
+    import csv
+
+    saved = {"cmml_nonlinear.py": "test_risks.csv", "csfnet_nonlinear.py": "test_probabilities.csv"}[script]
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_bytes((tmp_path / "cohorts" / "morphology" / saved).read_bytes())
+    _run(script, *common, "--cohorts", "morphology", "--networks-from", str(earlier), "--out", str(tmp_path / "again"))
+
+    def network_rows(path):
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f) if r["model"].startswith(("CMML", "CSF-Net"))]
+
+    first = [r for r in network_rows(tmp_path / f"{stem}.csv") if r["effects"] == "morphology"]
+    assert first and network_rows(tmp_path / "again" / f"{stem}.csv") == first
+    assert "not trained here" in (tmp_path / "again" / f"{stem}.md").read_text()
     if "--fusions" in extra:  # both fusions at the same seed, and their paired difference
         assert "| morphology | CSF-Net published fusion seed 0 |" in md
         assert "morphology, CSF-Net seed 0: token fusion - published fusion (same seed, paired)" in md
