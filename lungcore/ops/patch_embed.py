@@ -90,7 +90,9 @@ def patch_embed3d_reference(volume: torch.Tensor, weight: torch.Tensor, bias: to
     when ``torch.autocast`` is on for the volume's device (every input is rounded to it first, as the
     op casts its inputs), else the volume's dtype (the other inputs are cast to it); the GEMM, bias
     and position add run in fp32 (float64 for float64) and the sum is rounded once to the output
-    dtype, as the forward kernel's fp32 accumulator and epilogue do.
+    dtype, as the forward kernel's fp32 accumulator and epilogue do. On a GPU a bf16 / fp16 GEMM
+    stays in that dtype (tensor cores, fp32 accumulation inside; an fp32 GEMM there would be several
+    times slower for the ``torch`` backend): its product is rounded once more before the fp32 add.
 
     Example:
         >>> x = torch.randn(2, 1, 8, 8, 8); w = torch.randn(16, 1, 4, 4, 4)
@@ -118,7 +120,11 @@ def patch_embed3d_reference(volume: torch.Tensor, weight: torch.Tensor, bias: to
         pos_embed = pos_embed[visible.long()]
     # autocast off inside: it would otherwise round the widened GEMM operands back to its dtype
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        out = F.linear(rounded(patches), rounded(weight).reshape(E, -1), rounded(bias))
+        if device_type == "cpu" or out_dtype in (torch.float32, torch.float64):
+            out = F.linear(rounded(patches), rounded(weight).reshape(E, -1), rounded(bias))
+        else:
+            out = F.linear(patches.to(out_dtype), weight.to(out_dtype).reshape(E, -1)).to(acc_dtype)
+            out = out if bias is None else out + rounded(bias)
         if pos_embed is not None:
             out = out + rounded(pos_embed)
     return out.to(out_dtype)
