@@ -121,9 +121,17 @@ def main() -> None:
         f0 = t["solid_t0"].to_numpy()
         part_solid = (f0 >= 0.2) & (f0 <= 0.8)
         read = feats["t0_solid_fraction"].between(0.2, 0.8).to_numpy()
+        inner = (t["pleural"] == 0).to_numpy()
+
+        def spearman(a, b):
+            return float(pd.Series(np.asarray(a, dtype=float)).corr(pd.Series(np.asarray(b, dtype=float)),
+                                                                     method="spearman"))
+
         agreement.append({
-            "crops": name, "solid_fraction_spearman": float(pd.Series(f0).corr(feats["t0_solid_fraction"],
-                                                                                 method="spearman")),
+            "crops": name, "solid_fraction_spearman": spearman(f0, feats["t0_solid_fraction"]),
+            "solid_fraction_spearman_inner": spearman(f0[inner], feats["t0_solid_fraction"][inner]),
+            "median_volume_inner": float(np.median(feats["t0_volume_mm3"][inner])),
+            "true_median_volume_inner": float(np.median(np.pi / 6 * t["diameter_t0_mm"].to_numpy()[inner] ** 3)),
             "growth_spearman": float(t["log_growth"].reset_index(drop=True).corr(feats["log_ratio_volume_mm3"],
                                                                                  method="spearman")),
             "part_solid_accuracy": float((read == part_solid).mean()),
@@ -178,10 +186,13 @@ def write(out: Path, args, info: dict, n_test: int, agreement: list[dict], rows:
           "`handcrafted.boosted_fit_predict` (setting and tree count chosen on validation, refitted on train + "
           f"validation). Patient-grouped bootstrap 95 % intervals ({args.n_boot} resamples, paired).", "",
           "## How well the crop measurements track the truth", "",
-          "| crops | lesion found at T0 | solid fraction at T0 vs truth (Spearman) | log volume ratio vs true "
-          "growth (Spearman) | part-solid at T0 read right |", "|---|---|---|---|---|"]
-    md += [f"| {a['crops']} | {a['lesion_found']:.3f} | {a['solid_fraction_spearman']:.3f} | "
-           f"{a['growth_spearman']:.3f} | {a['part_solid_accuracy']:.3f} |" for a in agreement]
+          "| crops | lesion found at T0 | solid fraction at T0 vs truth (Spearman; away from the pleura) | "
+          "median lesion volume at T0 away from the pleura, mm3 (true) | log volume ratio vs true "
+          "growth (Spearman) | part-solid at T0 read right |", "|---|---|---|---|---|---|"]
+    md += [f"| {a['crops']} | {a['lesion_found']:.3f} | {a['solid_fraction_spearman']:.3f} "
+           f"({a['solid_fraction_spearman_inner']:.3f}) | {a['median_volume_inner']:.0f} "
+           f"({a['true_median_volume_inner']:.0f}) | {a['growth_spearman']:.3f} | {a['part_solid_accuracy']:.3f} |"
+           for a in agreement]
     md += ["", "## Boosted trees on clinical + crop features vs clinical + true-mask features", "",
            "| model | AUC | model - true-mask trees | setting (rate, depth, trees) |", "|---|---|---|---|"]
     for r in rows:
