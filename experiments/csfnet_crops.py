@@ -16,7 +16,12 @@ resolutions, 2 mm (CSF-Net's CPU crops) and 1 mm (16 x 32 x 32 voxels; the publi
   "part-solid at T0" read from the crop);
 - the same boosted trees as ``handcrafted.boosted_fit_predict`` on clinical + crop features at each
   resolution, next to clinical + true-mask features: AUC on the same test nodules, paired
-  differences, and what each responds to (``handcrafted.learned_terms``).
+  differences, and what each responds to (``handcrafted.learned_terms``);
+- a supervised probe, not bound to a threshold: CSF-Net's own image encoder (``SpatialEncoder`` at the
+  CPU widths of ``csfnet_synthetic.REDUCED``, global average pooling, a linear output) trained on the
+  T0 crops of the training nodules to regress the *true* solid fraction at T0 (``--probe-epochs``, Adam,
+  epoch chosen on validation), scored on the test nodules: what the crops carry of the interaction's
+  ingredient when a network is told what to read.
 
     .venv/bin/python experiments/csfnet_crops.py --workdir /tmp/csf_big --n 6400   # the cohort of csfnet_nonlinear_n6400.md
 
@@ -36,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
 from csfnet_nonlinear import clinical_design, planted_terms  # noqa: E402
-from csfnet_synthetic import load_tensors  # noqa: E402
+from csfnet_synthetic import REDUCED, load_tensors  # noqa: E402
 from handcrafted import (BOOSTED_MAX_TREES, boosted_fit_predict, learned_table, learned_terms, preset_text,  # noqa: E402
                          truth_features, with_changes, write_rows_csv)
 
@@ -86,6 +91,47 @@ def crop_features(ct: torch.Tensor, spacing) -> pd.DataFrame:
     return out
 
 
+def solid_fraction_probe(t0: torch.Tensor, target: np.ndarray, splits: dict[str, np.ndarray], epochs: int,
+                         seed: int = 0, batch_size: int = 64) -> tuple[np.ndarray, int]:
+    """CSF-Net's image encoder (CPU widths) + global average pooling + a linear output, trained with Adam
+    (lr 1e-3) on ``t0[splits["train"]]`` (N, 1, D, H, W) to regress ``target`` (MSE), the epoch with the
+    best validation Spearman kept; returns its test predictions and that epoch."""
+    from lungcore.models.csfnet import CSFNetConfig, SpatialEncoder
+
+    torch.manual_seed(seed)
+    cfg = CSFNetConfig(**{k: REDUCED[k] for k in ("stem_width", "stages", "cbam_reduction")})
+    net = torch.nn.Sequential(SpatialEncoder(cfg), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(cfg.stages[-1][-1], 1))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    y = torch.as_tensor(target, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            return torch.cat([net(t0[torch.as_tensor(rows[i:i + 256])])[:, 0]
+                              for i in range(0, len(rows), 256)]).numpy()
+
+    best, best_epoch, best_state = -np.inf, 0, None
+    train = torch.as_tensor(splits["train"])
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = train[torch.randperm(len(train), generator=gen)]
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            loss = torch.nn.functional.mse_loss(net(t0[rows])[:, 0], y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        score = float(pd.Series(predict(splits["val"])).corr(pd.Series(target[splits["val"]]), method="spearman"))
+        if score > best:
+            best, best_epoch = score, epoch
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    if best_state is not None:  # None: no validation score (a smoke-test cohort); the last epoch stays
+        net.load_state_dict(best_state)
+    return predict(splits["test"]), best_epoch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/csfnet_nonlinear", help="where the cohorts are written (reused)")
@@ -94,6 +140,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: the committed results; tiny: smoke runs)")
     ap.add_argument("--boosted-trees", type=int, default=BOOSTED_MAX_TREES)
+    ap.add_argument("--probe-epochs", type=int, default=8, help="epochs of the solid-fraction probe (0: none)")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -136,6 +183,14 @@ def main() -> None:
                                                                                  method="spearman")),
             "part_solid_accuracy": float((read == part_solid).mean()),
             "lesion_found": float((feats["t0_volume_mm3"] > 0).mean())})
+        if args.probe_epochs:
+            pred, epoch = solid_fraction_probe(data["ct"][:, 0], f0, splits, args.probe_epochs)
+            te_f0 = f0[splits["test"]]
+            agreement[-1].update(probe_spearman=spearman(te_f0, pred), probe_epoch=epoch,
+                                 probe_part_solid_accuracy=float((((pred >= 0.2) & (pred <= 0.8))
+                                                                  == ((te_f0 >= 0.2) & (te_f0 <= 0.8))).mean()),
+                                 threshold_spearman_test=spearman(te_f0, feats["t0_solid_fraction"].to_numpy()
+                                                                  [splits["test"]]))
         log(f"{name}: {agreement[-1]}")
     designs["true mask"] = with_changes(truth_features(truth_csv, "nodule_id", ids, prefixes=("feat_t0_", "feat_t1_")))
 
@@ -193,6 +248,13 @@ def write(out: Path, args, info: dict, n_test: int, agreement: list[dict], rows:
            f"({a['solid_fraction_spearman_inner']:.3f}) | {a['median_volume_inner']:.0f} "
            f"({a['true_median_volume_inner']:.0f}) | {a['growth_spearman']:.3f} | {a['part_solid_accuracy']:.3f} |"
            for a in agreement]
+    if "probe_spearman" in agreement[0]:
+        md += ["", f"Supervised probe (CSF-Net's encoder at the CPU widths regressing the true solid fraction at T0 "
+               f"from the T0 crop; {args.probe_epochs} epochs, epoch chosen on validation), on the test nodules:", "",
+               "| crops | probe: solid fraction vs truth (Spearman) | threshold segmentation, same nodules | probe: "
+               "part-solid read right | epoch |", "|---|---|---|---|---|"]
+        md += [f"| {a['crops']} | {a['probe_spearman']:.3f} | {a['threshold_spearman_test']:.3f} | "
+               f"{a['probe_part_solid_accuracy']:.3f} | {a['probe_epoch']} |" for a in agreement]
     md += ["", "## Boosted trees on clinical + crop features vs clinical + true-mask features", "",
            "| model | AUC | model - true-mask trees | setting (rate, depth, trees) |", "|---|---|---|---|"]
     for r in rows:

@@ -149,9 +149,9 @@ def test_csfnet_crops(tmp_path):
     """The crop diagnostic: both resolutions measured and compared with the truth, the three boosted-tree
     rows and the oracle in its table (smoke run: the numbers mean nothing at this size)."""
     _run("csfnet_crops.py", "--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--n-boot", "20",
-         "--boosted-trees", "20", "--out", str(tmp_path))
+         "--boosted-trees", "20", "--probe-epochs", "1", "--out", str(tmp_path))
     md = (tmp_path / "csfnet_crops.md").read_text()
-    for row in ("\n| 2 mm | ", "\n| 1 mm | ", "| boosted trees, 2 mm features |",
+    for row in ("| crops | probe: solid fraction vs truth (Spearman) |", "\n| 2 mm | ", "\n| 1 mm | ", "| boosted trees, 2 mm features |",
                 "| boosted trees, 1 mm features |", "| boosted trees, true mask features |", "| oracle |",
                 "| morphology | size | growth | solid grew >= 0.15 |"):
         assert row in md, row
