@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--preset", choices=("fine", "tiny"), default="fine",
                     help="synthetic volume preset (fine: the committed results; tiny: smoke runs)")
     ap.add_argument("--boosted-trees", type=int, default=BOOSTED_MAX_TREES)
+    ap.add_argument("--resolutions", nargs="+", choices=tuple(RESOLUTIONS), default=list(RESOLUTIONS),
+                    help="which crops to measure (default: both)")
     ap.add_argument("--probe-epochs", type=int, default=8, help="epochs of the solid-fraction probe (0: none)")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
@@ -160,7 +162,7 @@ def main() -> None:
     designs: dict[str, pd.DataFrame] = {}
     agreement = []
     data = None
-    for name, (spacing, crop) in RESOLUTIONS.items():
+    for name, (spacing, crop) in ((k, RESOLUTIONS[k]) for k in args.resolutions):
         data = load_tensors(CohortDataset(manifest, schema, PreprocessSettings(spacing=spacing, crop=crop),
                                           cache_dir=work / "cache"))
         designs[name] = feats = crop_features(data["ct"], spacing)
@@ -230,12 +232,13 @@ def write(out: Path, args, info: dict, n_test: int, agreement: list[dict], rows:
         f = "{:+.3f}" if signed else "{:.3f}"
         return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"
 
-    md = ["# What CSF-Net's input crops carry of the morphology effects, at 2 mm and at 1 mm", "",
+    md = [f"# What CSF-Net's input crops carry of the morphology effects, at {' and at '.join(args.resolutions)}", "",
           f"`{command_line('csfnet_crops.py')}` ({minutes:.0f} min on {args.threads} shared CPU thread(s), torch "
           f"{torch.__version__}). Morphology cohort, preset `{args.preset}` ({preset_text(args.preset)}), "
           f"{info['n']} nodules of {info['patients']} patients, {n_test} test nodules; split 55/15/30 % by "
           "patient as `csfnet_nonlinear.py`. Crops: "
-          + "; ".join(f"{k} = {' x '.join(map(str, c))} voxels at {s[0]:g} mm" for k, (s, c) in RESOLUTIONS.items())
+          + "; ".join(f"{k} = {' x '.join(map(str, RESOLUTIONS[k][1]))} voxels at {RESOLUTIONS[k][0][0]:g} mm"
+                      for k in args.resolutions)
           + f" (the same 16 x 32 x 32 mm). Crop lesion = the part denser than {LESION_HU:g} HU connected to the "
           f"centre (or nearest to it); solid = denser than {SOLID_HU:g} HU. Boosted trees: "
           "`handcrafted.boosted_fit_predict` (setting and tree count chosen on validation, refitted on train + "
