@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import (ENDPOINTS, _features, build_cohort, command_line, finetune, model_config,  # noqa: E402
                          paired_difference, predict, pretrain, start)
-from handcrafted import (boosted_fit_predict, cohort_arguments, cox_fit_predict, learned_table,  # noqa: E402
-                         learned_terms, baseline_arguments, preset_text, saved_predictions, trains_on,
+from handcrafted import (BOOSTED_MAX_TREES, baseline_arguments, boosted_fit_predict, cohort_arguments,  # noqa: E402
+                         cox_fit_predict, learned_table, learned_terms, preset_text, saved_predictions, trains_on,
                          truth_features, write_rows_csv)
 
 from lungcore.metrics import bootstrap_ci, concordance_index  # noqa: E402
@@ -50,7 +50,7 @@ def _merge(*splits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([s[k] for s in splits]) for k in splits[0]}
 
 
-def baselines(cohort, workdir: Path, log=print, max_trees: int = 1000) -> dict[str, dict[str, np.ndarray]]:
+def baselines(cohort, workdir: Path, log=print, max_trees: int = BOOSTED_MAX_TREES) -> dict[str, dict[str, np.ndarray]]:
     """Test-split risks per model and endpoint: clinical-only Cox, clinical + handcrafted Cox, the same
     columns in boosted trees (``handcrafted.boosted_fit_predict``), oracle. The linear models are fitted
     on train + validation (the networks select their epoch on validation)."""

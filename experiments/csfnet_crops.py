@@ -23,7 +23,7 @@ resolutions, 2 mm (CSF-Net's CPU crops) and 1 mm (16 x 32 x 32 voxels; the publi
   epoch chosen on validation), scored on the test nodules: what the crops carry of the interaction's
   ingredient when a network is told what to read.
 
-    .venv/bin/python experiments/csfnet_crops.py --workdir /tmp/csf_big --n 6400   # the cohort of csfnet_nonlinear_n6400.md
+    .venv/bin/python experiments/csfnet_crops.py --workdir /tmp/csf_big --n 6400  # csfnet_nonlinear_n6400.md's cohort
 
 Writes experiments/results/csfnet_crops.{md,csv}.
 """
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
 from csfnet_nonlinear import clinical_design, planted_terms  # noqa: E402
 from csfnet_synthetic import REDUCED, load_tensors  # noqa: E402
-from handcrafted import (BOOSTED_MAX_TREES, boosted_fit_predict, learned_table, learned_terms, preset_text,  # noqa: E402
-                         truth_features, with_changes, write_rows_csv)
+from handcrafted import (BOOSTED_MAX_TREES, boosted_fit_predict, learned_table, learned_terms,  # noqa: E402
+                         preset_text, truth_features, with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
@@ -54,6 +54,11 @@ LESION_HU, SOLID_HU = -800.0, -300.0  # lung ~ -850 HU; ground glass -750 to -45
 RESOLUTIONS = {"2 mm": ((2.0, 2.0, 2.0), (8, 16, 16)),    # CSF-Net's CPU crops (csfnet_nonlinear.py)
                "1 mm": ((1.0, 1.0, 1.0), (16, 32, 32))}   # the same field of view at 1 mm
 MEASURES = ("volume_mm3", "solid_mm3", "solid_fraction", "mean_hu", "sd_hu")
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two equal-length sequences."""
+    return float(pd.Series(np.asarray(a, dtype=float)).corr(pd.Series(np.asarray(b, dtype=float)), method="spearman"))
 
 
 def crop_measures(crops: np.ndarray, spacing: tuple[float, float, float]) -> pd.DataFrame:
@@ -123,7 +128,7 @@ def solid_fraction_probe(t0: torch.Tensor, target: np.ndarray, splits: dict[str,
             opt.zero_grad()
             loss.backward()
             opt.step()
-        score = float(pd.Series(predict(splits["val"])).corr(pd.Series(target[splits["val"]]), method="spearman"))
+        score = spearman(predict(splits["val"]), target[splits["val"]])
         if score > best:
             best, best_epoch = score, epoch
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -162,27 +167,21 @@ def main() -> None:
     designs: dict[str, pd.DataFrame] = {}
     agreement = []
     data = None
+    t = truth.loc[ids]
+    f0 = t["solid_t0"].to_numpy()
+    part_solid = (f0 >= 0.2) & (f0 <= 0.8)
+    inner = (t["pleural"] == 0).to_numpy()
     for name, (spacing, crop) in ((k, RESOLUTIONS[k]) for k in args.resolutions):
         data = load_tensors(CohortDataset(manifest, schema, PreprocessSettings(spacing=spacing, crop=crop),
                                           cache_dir=work / "cache"))
         designs[name] = feats = crop_features(data["ct"], spacing)
-        t = truth.loc[ids]
-        f0 = t["solid_t0"].to_numpy()
-        part_solid = (f0 >= 0.2) & (f0 <= 0.8)
         read = feats["t0_solid_fraction"].between(0.2, 0.8).to_numpy()
-        inner = (t["pleural"] == 0).to_numpy()
-
-        def spearman(a, b):
-            return float(pd.Series(np.asarray(a, dtype=float)).corr(pd.Series(np.asarray(b, dtype=float)),
-                                                                     method="spearman"))
-
         agreement.append({
             "crops": name, "solid_fraction_spearman": spearman(f0, feats["t0_solid_fraction"]),
             "solid_fraction_spearman_inner": spearman(f0[inner], feats["t0_solid_fraction"][inner]),
             "median_volume_inner": float(np.median(feats["t0_volume_mm3"][inner])),
             "true_median_volume_inner": float(np.median(np.pi / 6 * t["diameter_t0_mm"].to_numpy()[inner] ** 3)),
-            "growth_spearman": float(t["log_growth"].reset_index(drop=True).corr(feats["log_ratio_volume_mm3"],
-                                                                                 method="spearman")),
+            "growth_spearman": spearman(t["log_growth"], feats["log_ratio_volume_mm3"]),
             "part_solid_accuracy": float((read == part_solid).mean()),
             "lesion_found": float((feats["t0_volume_mm3"] > 0).mean())})
         if args.probe_epochs:

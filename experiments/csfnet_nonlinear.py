@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
 from csfnet_synthetic import REDUCED, load_tensors, logistic_fit_predict, predict, train_variant  # noqa: E402
-from handcrafted import (boosted_fit_predict, cohort_arguments, learned_table, learned_terms,  # noqa: E402
-                         baseline_arguments, preset_text, saved_predictions, standardise, trains_on,
-                         truth_features, with_changes, write_rows_csv)
+from handcrafted import (baseline_arguments, boosted_fit_predict, cohort_arguments, learned_table,  # noqa: E402
+                         learned_terms, preset_text, saved_predictions, standardise, trains_on, truth_features,
+                         with_changes, write_rows_csv)
 
 from lungcore.data import CohortDataset, PreprocessSettings, read_manifest, split_by_patient, synth_cohort  # noqa: E402
 from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
