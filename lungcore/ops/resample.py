@@ -152,11 +152,7 @@ def crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: A
         >>> crop_starts([[80.0, 256.0, 256.0]], (160, 512, 512), (2.5, 0.7, 0.7), 1.0, (16, 64, 64))
         array([[193, 147, 147]])
     """
-    if _vectorised(centers):
-        starts = _crop_starts_array(centers, shape, spacing, new_spacing, size)
-        if starts is not None:
-            return starts
-    return np.asarray(_crop_starts_rows(centers, shape, spacing, new_spacing, size), dtype=np.int64).reshape(-1, 3)
+    return np.asarray(_starts(centers, shape, spacing, new_spacing, size), dtype=np.int64).reshape(-1, 3)
 
 
 # From this many boxes on, eager calls check and place the boxes with numpy (~40 us fixed, ~0.05 us
@@ -181,10 +177,18 @@ def _vectorised(centers: Any) -> bool:
 
 def _crop_starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: Any, size: Any) -> list[int]:
     """:func:`crop_starts` flattened (z0, y0, x0, z1, ...) as Python ints (what the op takes)."""
+    starts = _starts(centers, shape, spacing, new_spacing, size)
+    return starts.reshape(-1).tolist() if isinstance(starts, np.ndarray) else starts
+
+
+def _starts(centers: Any, shape: Sequence[int], spacing: Any, new_spacing: Any,
+            size: Any) -> np.ndarray | list[int]:
+    """The starts by the path that fits (:func:`_vectorised`): (N, 3) int64 from numpy, or the loop's
+    flat list of Python ints."""
     if _vectorised(centers):
         starts = _crop_starts_array(centers, shape, spacing, new_spacing, size)
         if starts is not None:
-            return starts.reshape(-1).tolist()
+            return starts
     return _crop_starts_rows(centers, shape, spacing, new_spacing, size)
 
 
