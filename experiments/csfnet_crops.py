@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmml_common import command_line, start  # noqa: E402
-from csfnet_nonlinear import clinical_design, planted_terms  # noqa: E402
+from csfnet_nonlinear import RESOLUTIONS, clinical_design, planted_terms  # noqa: E402
 from csfnet_synthetic import REDUCED, load_tensors  # noqa: E402
 from handcrafted import (BOOSTED_MAX_TREES, boosted_fit_predict, learned_table, learned_terms,  # noqa: E402
                          preset_text, truth_features, with_changes, write_rows_csv)
@@ -51,8 +51,6 @@ from lungcore.metrics import bootstrap_ci, roc_auc  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = (-1200.0, 600.0)            # the preprocessing window (PreprocessSettings' default)
 LESION_HU, SOLID_HU = -800.0, -300.0  # lung ~ -850 HU; ground glass -750 to -450; solid above -300
-RESOLUTIONS = {"2 mm": ((2.0, 2.0, 2.0), (8, 16, 16)),    # CSF-Net's CPU crops (csfnet_nonlinear.py)
-               "1 mm": ((1.0, 1.0, 1.0), (16, 32, 32))}   # the same field of view at 1 mm
 MEASURES = ("volume_mm3", "solid_mm3", "solid_fraction", "mean_hu", "sd_hu")
 
 
