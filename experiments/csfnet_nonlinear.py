@@ -14,8 +14,8 @@ On the same test nodules: a clinical-only logistic regression, a logistic regres
 clinical variables plus 14 radiomics-style features at T0, at T1 and their T1 - T0 changes (42
 features measured on each nodule's *true* mask, ``experiments/handcrafted.py``), the oracle (the
 true logit) and CSF-Net (the published layer layout at the reduced widths of
-``csfnet_synthetic.REDUCED``; token fusion, and with ``--fusions tokens published`` the published vector
-fusion too, paired per seed) with several training seeds. AUC with patient-grouped
+``csfnet_synthetic.REDUCED``, or ``--width-scale`` times them; token fusion, and with ``--fusions tokens
+published`` the published vector fusion too, paired per seed) with several training seeds. AUC with patient-grouped
 bootstrap 95 % intervals, paired differences; writes experiments/results/csfnet_nonlinear.{md,csv}.
 
     .venv/bin/python experiments/csfnet_nonlinear.py --workdir /tmp/csfnet_nonlinear   # reuses the cohorts
@@ -53,6 +53,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESOLUTIONS = {"2 mm": ((2.0, 2.0, 2.0), (8, 16, 16)),
                "1 mm": ((1.0, 1.0, 1.0), (16, 32, 32))}
 BOOSTED = "clinical + handcrafted boosted trees"
+WIDTHS = ("stem_width", "clinical_embed_dim", "dim", "global_hidden", "head_hidden")  # and every stage width
+
+
+def network_config(scale: int) -> dict:
+    """``csfnet_synthetic.REDUCED`` with every width multiplied by ``scale`` (heads, depth and optimiser
+    unchanged; ``scale`` 2 is about 4x the convolutions' work).
+
+        >>> network_config(2)["stages"], network_config(2)["dim"], network_config(1) == REDUCED
+        (((16,), (32,), (64,)), 64, True)
+    """
+    if scale < 1:
+        raise ValueError(f"--width-scale must be >= 1, got {scale}")
+    return {**REDUCED, **{k: REDUCED[k] * scale for k in WIDTHS},
+            "stages": tuple(tuple(w * scale for w in stage) for stage in REDUCED["stages"])}
 
 
 def clinical_design(data: dict[str, torch.Tensor], rows: np.ndarray, cardinalities) -> pd.DataFrame:
@@ -136,7 +150,8 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
         for fusion in args.fusions:
             for s in args.train_seeds:
                 name = f"{FUSION_ROWS[fusion]}seed {s}"
-                net, epoch, val_auc, _ = train_variant(name, {"fusion": fusion}, cards, data, splits, args.epochs, s)
+                overrides = {**network_config(args.width_scale), "fusion": fusion}
+                net, epoch, val_auc, _ = train_variant(name, overrides, cards, data, splits, args.epochs, s)
                 log(f"{effects}: {name}: best epoch {epoch}, validation AUC {val_auc:.4f}")
                 probs[name] = predict(net, data, test)
     groups = np.asarray([manifest.patient_ids[i] for i in test])
@@ -164,6 +179,9 @@ def main() -> None:
     ap.add_argument("--crops", choices=tuple(RESOLUTIONS), default="2 mm",
                     help="CSF-Net's T0 / T1 crops: 8 x 16 x 16 at 2 mm (default, the committed results) or "
                          "16 x 32 x 32 at 1 mm (the same field of view, ~8x the work)")
+    ap.add_argument("--width-scale", type=int, default=1,
+                    help="multiply CSF-Net's reduced widths (csfnet_synthetic.REDUCED) by this (default 1; 2: about "
+                         "4x the work)")
     ap.add_argument("--fusions", nargs="+", choices=FUSION_ROWS, default=["tokens"],
                     help="CSF-Net fusions to train at each seed (default: tokens, the model's default)")
     ap.add_argument("--n-boot", type=int, default=500)
@@ -172,6 +190,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
+    if args.width_scale < 1:
+        ap.error(f"--width-scale must be >= 1, got {args.width_scale}")
     out, log, t0 = start(args)
 
     rows, cohorts, learned = [], [], []
@@ -219,7 +239,8 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
           f"`{command_line('csfnet_nonlinear.py')}` ({minutes:.0f} min on {args.threads} shared CPU thread(s), "
           f"torch {torch.__version__}). Preset `{args.preset}` ({preset_text(args.preset)}), T0 and T1 crops "
           f"{' x '.join(map(str, crop))} at {' x '.join(f'{v:g}' for v in spacing)} mm. CSF-Net: the "
-          f"published layer layout at reduced widths ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), "
+          f"published layer layout at reduced widths "
+          f"({', '.join(f'{k}={v}' for k, v in network_config(args.width_scale).items())}), "
           f"{args.epochs} epochs, epoch selected on validation AUC. Split 55/15/30 % by patient; the logistic "
           "models are fitted on train + validation; the boosted trees choose their setting and number of trees "
           f"on validation and are refitted on train + validation. Patient-grouped bootstrap 95 % intervals "

@@ -96,7 +96,7 @@ def test_csfnet_synthetic(tmp_path):
     ("cmml_nonlinear.py", ["--pretrain-epochs", "1", "--finetune-epochs", "1", "--patch", "4", "8", "8",
                            "--cohorts", "linear", "morphology", "interaction"]),
     ("csfnet_nonlinear.py", ["--epochs", "1", "--fusions", "tokens", "published", "--crops", "1 mm",
-                             "--cohorts", "linear", "morphology", "interaction"]),
+                             "--width-scale", "2", "--cohorts", "linear", "morphology", "interaction"]),
 ])
 def test_nonlinear_scripts(script, extra, tmp_path):
     common = ["--workdir", str(tmp_path / "cohorts"), "--n", "60", "--preset", "tiny", "--n-boot", "20",
@@ -127,6 +127,7 @@ def test_nonlinear_scripts(script, extra, tmp_path):
     assert "not trained here" in (tmp_path / "again" / f"{stem}.md").read_text()
     if "--crops" in extra:  # CSF-Net trained on the 1 mm crops, and the report says so
         assert "crops 16 x 32 x 32 at 1 x 1 x 1 mm" in md
+        assert "stem_width=8, stages=((16,), (32,), (64,))" in md  # --width-scale 2
         assert "crops 8 x 16 x 16 at 2 x 2 x 2 mm" in (tmp_path / "again" / f"{stem}.md").read_text()
     if "--fusions" in extra:  # both fusions at the same seed, and their paired difference
         assert "| morphology | CSF-Net published fusion seed 0 |" in md
