@@ -150,7 +150,7 @@ def run_cohort(effects: str, args, log) -> tuple[dict, dict]:
         for fusion in args.fusions:
             for s in args.train_seeds:
                 name = f"{FUSION_ROWS[fusion]}seed {s}"
-                overrides = {**network_config(args.width_scale), "fusion": fusion}
+                overrides = {**args.network, "fusion": fusion}
                 net, epoch, val_auc, _ = train_variant(name, overrides, cards, data, splits, args.epochs, s)
                 log(f"{effects}: {name}: best epoch {epoch}, validation AUC {val_auc:.4f}")
                 probs[name] = predict(net, data, test)
@@ -190,8 +190,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
-    if args.width_scale < 1:
-        ap.error(f"--width-scale must be >= 1, got {args.width_scale}")
+    try:
+        args.network = network_config(args.width_scale)  # CSF-Net's configuration, checked once
+    except ValueError as e:
+        ap.error(str(e))
     out, log, t0 = start(args)
 
     rows, cohorts, learned = [], [], []
@@ -240,7 +242,7 @@ def write(out: Path, args, rows: list[dict], cohorts: list[str], learned: list[d
           f"torch {torch.__version__}). Preset `{args.preset}` ({preset_text(args.preset)}), T0 and T1 crops "
           f"{' x '.join(map(str, crop))} at {' x '.join(f'{v:g}' for v in spacing)} mm. CSF-Net: the "
           f"published layer layout at reduced widths "
-          f"({', '.join(f'{k}={v}' for k, v in network_config(args.width_scale).items())}), "
+          f"({', '.join(f'{k}={v}' for k, v in args.network.items())}), "
           f"{args.epochs} epochs, epoch selected on validation AUC. Split 55/15/30 % by patient; the logistic "
           "models are fitted on train + validation; the boosted trees choose their setting and number of trees "
           f"on validation and are refitted on train + validation. Patient-grouped bootstrap 95 % intervals "
